@@ -1,0 +1,546 @@
+"""Length-prefixed msgpack RPC: the frame codec, a trio server and client, a blocking client.
+
+A frame is a 4-byte big-endian length followed by that many bytes of msgpack. Messages:
+
+    [REQUEST, id, method, args]          client -> server
+    [REPLY, id, None, result]            server -> client, success
+    [REPLY, id, [code, message], None]   server -> client, a PxfsError (see pxfs.errors)
+    [CHALLENGE, nonce]                   server -> client, first frame on an authenticated socket
+    [RESPONSE, hmac]                     client -> server, HMAC-SHA256 of the nonce with the secret
+    [WELCOME, True]                      server -> client, the handshake succeeded
+
+The codec (encode_frame, FrameDecoder) does no I/O, so the trio classes here and the asyncio
+client of the sidecar share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import hmac
+import inspect
+import itertools
+import logging
+import os
+import secrets
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import msgpack
+import trio
+
+from pxfs import errors
+
+log = logging.getLogger(__name__)
+
+REQUEST, REPLY, CHALLENGE, RESPONSE, WELCOME = range(5)
+
+#: The largest frame either side accepts: a 4 MiB batch of blocks plus its envelope fits easily.
+MAX_FRAME = 16 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+#: Requests one connection may have running on the server at once; more wait for a slot.
+MAX_IN_FLIGHT = 64
+_LENGTH = struct.Struct(">I")
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def encode_frame(message: Any) -> bytes:
+    """Pack `message` into one length-prefixed frame."""
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise errors.InvalidArgument(f"RPC message of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Split a byte stream into decoded messages; raises ProtocolError on a broken stream."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buffer = bytearray()
+        self._max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Add received bytes and return the messages that are now complete."""
+        self._buffer += data
+        messages = []
+        while len(self._buffer) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buffer)
+            if length > self._max_frame:
+                raise errors.ProtocolError(f"frame of {length} bytes exceeds {self._max_frame}")
+            end = _LENGTH.size + length
+            if len(self._buffer) < end:
+                break
+            body = bytes(self._buffer[_LENGTH.size : end])
+            del self._buffer[:end]
+            messages.append(_unpack(body))
+        return messages
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a whole frame."""
+        return len(self._buffer)
+
+
+def _unpack(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise errors.ProtocolError(f"undecodable frame: {exc}") from None
+
+
+def error_payload(exc: errors.PxfsError) -> list[str]:
+    """The wire form of a PxfsError."""
+    return [exc.code, exc.message]
+
+
+def error_from_payload(payload: Any) -> errors.PxfsError:
+    """Rebuild the PxfsError that a reply carried."""
+    if isinstance(payload, list) and len(payload) == 2:
+        return errors.from_code(str(payload[0]), str(payload[1]))
+    return errors.ProtocolError(f"malformed error in reply: {payload!r}")
+
+
+def handshake_digest(secret: bytes, nonce: bytes) -> bytes:
+    """The client's proof that it holds `secret`, for the server's `nonce`."""
+    return hmac.new(secret, b"pxfs-rpc-v1" + nonce, hashlib.sha256).digest()
+
+
+def read_secret(path: str | os.PathLike[str]) -> bytes:
+    """Read a cluster secret file; raises PermissionDenied or NotFound with the path."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except FileNotFoundError:
+        raise errors.NotFound(f"secret file {path} does not exist") from None
+    except PermissionError:
+        raise errors.PermissionDenied(f"secret file {path} is not readable") from None
+    if not secret:
+        raise errors.InvalidArgument(f"secret file {path} is empty")
+    return secret
+
+
+def parse_request(message: Any) -> tuple[int, str, list[Any]]:
+    """Validate a request message and return (id, method, args)."""
+    if not (isinstance(message, list) and len(message) == 4 and message[0] == REQUEST):
+        raise errors.ProtocolError("expected a request frame")
+    _, request_id, method, args = message
+    if not isinstance(request_id, int) or not isinstance(method, str):
+        raise errors.ProtocolError("request id must be an integer and method a string")
+    if not isinstance(args, list):
+        raise errors.ProtocolError("request arguments must be a list")
+    return request_id, method, args
+
+
+class _Stream:
+    """A trio stream with a frame decoder in front of it."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder()
+        self.ready: list[Any] = []
+
+    async def receive(self) -> Any:
+        """Return the next message; raises Unavailable at end of stream."""
+        while not self.ready:
+            data = await self.stream.receive_some(1024 * 1024)
+            if not data:
+                raise errors.Unavailable("connection closed by peer")
+            self.ready.extend(self.decoder.feed(data))
+        return self.ready.pop(0)
+
+
+class RpcServer:
+    """Serve a table of async handlers on unix or TCP sockets, one task per request."""
+
+    def __init__(
+        self, handlers: Mapping[str, Handler], *, secret: bytes | None = None, name: str = "rpc"
+    ) -> None:
+        self.handlers = dict(handlers)
+        self.secret = secret
+        self.name = name
+        self.connections = 0
+
+    async def serve_unix(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mode: int = 0o600,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on a unix socket at `path` (replacing a stale one) until cancelled."""
+        path = os.fspath(path)
+        _remove_stale_socket(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(128)
+        listener = trio.SocketListener(sock)
+        log.info("%s listening on %s", self.name, path)
+        try:
+            await trio.serve_listeners(self._serve_connection, [listener], task_status=task_status)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def serve_tcp(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on TCP `host`:`port` until cancelled."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        log.info("%s listening on %s:%d", self.name, host, port)
+        await trio.serve_listeners(self._serve_connection, listeners, task_status=task_status)
+
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        conn = _Stream(stream)
+        try:
+            if self.secret is not None and not await self._authenticate(conn):
+                return
+            await self._serve_requests(conn)
+        except (errors.Unavailable, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except errors.ProtocolError as exc:
+            log.warning("%s: dropping connection: %s", self.name, exc.message)
+        finally:
+            self.connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _authenticate(self, conn: _Stream) -> bool:
+        assert self.secret is not None
+        nonce = secrets.token_bytes(32)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            await conn.stream.send_all(encode_frame([CHALLENGE, nonce]))
+            message = await conn.receive()
+            expected = handshake_digest(self.secret, nonce)
+            if (
+                isinstance(message, list)
+                and len(message) == 2
+                and message[0] == RESPONSE
+                and isinstance(message[1], bytes)
+                and hmac.compare_digest(message[1], expected)
+            ):
+                await conn.stream.send_all(encode_frame([WELCOME, True]))
+                return True
+            log.warning("%s: rejected a connection that failed the handshake", self.name)
+            return False
+        log.warning("%s: rejected a connection that did not finish the handshake", self.name)
+        return False
+
+    async def _serve_requests(self, conn: _Stream) -> None:
+        send_lock = trio.Lock()
+        limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            # Errors of the connection itself end the loop here, inside the nursery, so that
+            # they do not reach the caller wrapped in an ExceptionGroup. Handlers that are
+            # still running are cancelled: their peer is gone.
+            try:
+                while True:
+                    request_id, method, args = parse_request(await conn.receive())
+                    token = object()
+                    await limiter.acquire_on_behalf_of(token)
+                    nursery.start_soon(
+                        self._answer, conn, send_lock, limiter, token, request_id, method, args
+                    )
+            except (errors.Unavailable, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except errors.ProtocolError as exc:
+                log.warning("%s: dropping connection: %s", self.name, exc.message)
+            nursery.cancel_scope.cancel()
+
+    async def _answer(
+        self,
+        conn: _Stream,
+        send_lock: trio.Lock,
+        limiter: trio.CapacityLimiter,
+        token: object,
+        request_id: int,
+        method: str,
+        args: list[Any],
+    ) -> None:
+        try:
+            reply = [REPLY, request_id, None, await self._call(method, args)]
+        except errors.PxfsError as exc:
+            reply = [REPLY, request_id, error_payload(exc), None]
+        finally:
+            limiter.release_on_behalf_of(token)
+        try:
+            frame = encode_frame(reply)
+        except (errors.PxfsError, TypeError) as exc:
+            log.exception("%s: reply to %s could not be encoded", self.name, method)
+            failure = errors.InternalError(f"reply to {method} could not be encoded: {exc}")
+            frame = encode_frame([REPLY, request_id, error_payload(failure), None])
+        async with send_lock:
+            try:
+                await conn.stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _call(self, method: str, args: list[Any]) -> Any:
+        handler = self.handlers.get(method)
+        if handler is None:
+            raise errors.NotSupported(f"unknown method {method!r}")
+        try:
+            inspect.signature(handler).bind(*args)
+        except TypeError as exc:
+            raise errors.InvalidArgument(f"bad arguments for {method}: {exc}") from None
+        try:
+            return await handler(*args)
+        except errors.PxfsError:
+            raise
+        except Exception as exc:
+            log.exception("%s: %s failed", self.name, method)
+            raise errors.InternalError(f"{method} failed: {exc}") from None
+
+
+class RpcClient:
+    """A multiplexed trio client: many calls may be in flight on one connection.
+
+    There is no reader task. Whichever caller is waiting takes the receive lock, reads one
+    message and hands it to its owner, so the client needs no nursery. trio's receive_some
+    consumes nothing when cancelled and the decoder keeps partial frames, so a cancelled
+    reader leaves the stream intact.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, description: str) -> None:
+        self._conn = _Stream(stream)
+        self.description = description
+        self._ids = itertools.count(1)
+        self._replies: dict[int, Any] = {}
+        self._waiting: set[int] = set()
+        self._send_lock = trio.Lock()
+        self._receive_lock = trio.Lock()
+        self._broken: errors.PxfsError | None = None
+        self._arrived = trio.Event()
+
+    @classmethod
+    async def connect_unix(
+        cls, path: str | os.PathLike[str], secret: bytes | None = None
+    ) -> RpcClient:
+        """Connect to a unix socket server and pass its handshake when `secret` is given."""
+        try:
+            stream = await trio.open_unix_socket(os.fspath(path))
+        except FileNotFoundError:
+            raise errors.Unavailable(f"no server is listening on {path}") from None
+        except PermissionError:
+            raise errors.PermissionDenied(f"permission denied on socket {path}") from None
+        except OSError as exc:
+            raise errors.Unavailable(f"cannot connect to {path}: {exc.strerror}") from None
+        return await cls._start(stream, os.fspath(path), secret)
+
+    @classmethod
+    async def connect_tcp(cls, host: str, port: int, secret: bytes | None = None) -> RpcClient:
+        """Connect to a TCP server and pass its handshake when `secret` is given."""
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise errors.Unavailable(f"cannot connect to {host}:{port}: {exc}") from None
+        return await cls._start(stream, f"{host}:{port}", secret)
+
+    @classmethod
+    async def _start(
+        cls, stream: trio.abc.Stream, description: str, secret: bytes | None
+    ) -> RpcClient:
+        client = cls(stream, description)
+        if secret is not None:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await client._handshake(secret)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        return client
+
+    async def _handshake(self, secret: bytes) -> None:
+        try:
+            challenge = await self._conn.receive()
+            if not (
+                isinstance(challenge, list) and len(challenge) == 2 and challenge[0] == CHALLENGE
+            ):
+                raise errors.ProtocolError(f"{self.description} sent no handshake challenge")
+            digest = handshake_digest(secret, bytes(challenge[1]))
+            await self._conn.stream.send_all(encode_frame([RESPONSE, digest]))
+            welcome = await self._conn.receive()
+        except (trio.BrokenResourceError, errors.Unavailable):
+            raise errors.AuthenticationFailed(
+                f"{self.description} rejected the handshake"
+            ) from None
+        if welcome != [WELCOME, True]:
+            raise errors.AuthenticationFailed(f"{self.description} rejected the handshake")
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Call `method` on the server and return its result, or raise the error it sent."""
+        if self._broken is not None:
+            raise self._broken
+        request_id = next(self._ids)
+        frame = encode_frame([REQUEST, request_id, method, list(args)])
+        self._waiting.add(request_id)
+        try:
+            await self._send(frame)
+            reply = await self._wait_for(request_id)
+        finally:
+            self._waiting.discard(request_id)
+            self._replies.pop(request_id, None)
+        error, result = reply[2], reply[3]
+        if error is not None:
+            raise error_from_payload(error)
+        return result
+
+    async def _send(self, frame: bytes) -> None:
+        async with self._send_lock:
+            # A send cut off half-way would leave a partial frame on the stream, so it is
+            # shielded from cancellation, with a timeout of its own against a stalled peer.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(60) as scope:
+                    try:
+                        await self._conn.stream.send_all(frame)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self._fail(errors.Unavailable(f"connection to {self.description} lost"))
+                if scope.cancelled_caught:
+                    self._fail(errors.Unavailable(f"sending to {self.description} timed out"))
+            if self._broken is not None:
+                raise self._broken
+
+    async def _wait_for(self, request_id: int) -> Any:
+        while request_id not in self._replies:
+            if self._broken is not None:
+                raise self._broken
+            if self._receive_lock.locked():
+                arrived = self._arrived
+                await arrived.wait()
+                continue
+            async with self._receive_lock:
+                await self._receive_one()
+        return self._replies[request_id]
+
+    async def _receive_one(self) -> None:
+        try:
+            message = await self._conn.receive()
+        except (errors.Unavailable, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._fail(errors.Unavailable(f"connection to {self.description} lost"))
+            return
+        except errors.ProtocolError as exc:
+            self._fail(exc)
+            return
+        finally:
+            # Wake every waiter so one of them takes over reading.
+            self._arrived.set()
+            self._arrived = trio.Event()
+        if (
+            isinstance(message, list)
+            and len(message) == 4
+            and message[0] == REPLY
+            and message[1] in self._waiting
+        ):
+            self._replies[message[1]] = message
+        else:
+            # Usually the reply to a call whose caller was cancelled.
+            log.debug("%s sent a reply nobody waits for; ignored", self.description)
+
+    def _fail(self, error: errors.PxfsError) -> None:
+        if self._broken is None:
+            self._broken = error
+        self._arrived.set()
+
+    @property
+    def broken(self) -> bool:
+        """True once the connection is lost; every later call raises Unavailable."""
+        return self._broken is not None
+
+    async def aclose(self) -> None:
+        """Close the connection; pending calls fail with Unavailable."""
+        self._fail(errors.Unavailable(f"connection to {self.description} closed"))
+        await trio.aclose_forcefully(self._conn.stream)
+
+
+class BlockingClient:
+    """A one-call-at-a-time client for the control socket, for pxctl and tests."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float = 120.0) -> None:
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._decoder = FrameDecoder()
+        self._ids = itertools.count(1)
+
+    def _connect(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except FileNotFoundError:
+            sock.close()
+            raise errors.Unavailable(f"pxd is not running: no socket at {self.path}") from None
+        except PermissionError:
+            sock.close()
+            raise errors.PermissionDenied(
+                f"permission denied on {self.path}: run as root or as a member of its group"
+            ) from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise errors.Unavailable(
+                f"pxd is not running: {self.path} refuses connections"
+            ) from None
+        self._sock = sock
+        return sock
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Call `method` and return its result, or raise the PxfsError it sent."""
+        sock = self._connect()
+        request_id = next(self._ids)
+        try:
+            sock.sendall(encode_frame([REQUEST, request_id, method, list(args)]))
+            reply = self._receive(sock)
+        except TimeoutError:
+            self.close()
+            raise errors.Unavailable(
+                f"pxd did not answer {method} within {self.timeout:g} s"
+            ) from None
+        except OSError as exc:
+            self.close()
+            raise errors.Unavailable(f"connection to pxd at {self.path} failed: {exc}") from None
+        if not (isinstance(reply, list) and len(reply) == 4 and reply[1] == request_id):
+            self.close()
+            raise errors.ProtocolError(f"unexpected reply from {self.path}")
+        if reply[2] is not None:
+            raise error_from_payload(reply[2])
+        return reply[3]
+
+    def _receive(self, sock: socket.socket) -> Any:
+        # One call at a time, so exactly one message is expected.
+        while True:
+            data = sock.recv(1024 * 1024)
+            if not data:
+                raise ConnectionResetError(errno.ECONNRESET, "connection closed by pxd")
+            messages = self._decoder.feed(data)
+            if messages:
+                return messages[0]
+
+    def close(self) -> None:
+        """Close the connection; the next call reconnects."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._decoder = FrameDecoder()
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise errors.AlreadyExists(f"{path} exists and is not a socket")
+    os.unlink(path)

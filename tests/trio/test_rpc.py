@@ -1,0 +1,161 @@
+import os
+import struct
+
+import msgpack
+import pytest
+import trio
+
+from pxfs import errors, rpc
+
+SECRET = b"s3cret"
+
+
+async def _echo(*args):
+    return list(args)
+
+
+async def _fail_not_found(name):
+    raise errors.NotFound(f"volume {name} not found")
+
+
+async def _crash():
+    raise RuntimeError("boom")
+
+
+async def _slow(seconds):
+    await trio.sleep(seconds)
+    return seconds
+
+
+HANDLERS = {"echo": _echo, "missing": _fail_not_found, "crash": _crash, "slow": _slow}
+
+
+@pytest.fixture
+async def server_path(nursery, tmp_path):
+    path = tmp_path / "rpc.sock"
+    server = rpc.RpcServer(HANDLERS, secret=SECRET, name="test")
+    await nursery.start(server.serve_unix, path)
+    return path
+
+
+def test_decoder_splits_and_joins_frames():
+    stream = rpc.encode_frame([1, 2]) + rpc.encode_frame({"a": b"x"})
+    decoder = rpc.FrameDecoder()
+    first = decoder.feed(stream[:3])
+    rest = decoder.feed(stream[3:])
+    assert first == []
+    assert rest == [[1, 2], {"a": b"x"}]
+    assert decoder.pending == 0
+
+
+def test_decoder_rejects_oversized_length():
+    decoder = rpc.FrameDecoder(max_frame=100)
+    with pytest.raises(errors.ProtocolError, match="exceeds"):
+        decoder.feed(struct.pack(">I", 101))
+
+
+def test_decoder_rejects_garbage_body():
+    decoder = rpc.FrameDecoder()
+    with pytest.raises(errors.ProtocolError, match="undecodable"):
+        decoder.feed(struct.pack(">I", 1) + b"\xc1")
+
+
+async def test_call_round_trip(server_path):
+    client = await rpc.RpcClient.connect_unix(server_path, SECRET)
+    assert await client.call("echo", 1, b"\x00" * 10, "x") == [1, b"\x00" * 10, "x"]
+    await client.aclose()
+
+
+async def test_error_keeps_its_class(server_path):
+    client = await rpc.RpcClient.connect_unix(server_path, SECRET)
+    with pytest.raises(errors.NotFound, match="volume v1 not found"):
+        await client.call("missing", "v1")
+    with pytest.raises(errors.NotSupported, match="unknown method"):
+        await client.call("nope")
+    with pytest.raises(errors.InvalidArgument, match="bad arguments"):
+        await client.call("missing")
+    await client.aclose()
+
+
+async def test_unexpected_exception_is_internal(server_path, caplog):
+    client = await rpc.RpcClient.connect_unix(server_path, SECRET)
+    with pytest.raises(errors.InternalError, match="boom"):
+        await client.call("crash")
+    assert "crash failed" in caplog.text
+    caplog.clear()
+    await client.aclose()
+
+
+async def test_calls_run_concurrently(server_path):
+    client = await rpc.RpcClient.connect_unix(server_path, SECRET)
+    results = []
+
+    async def one(seconds):
+        results.append(await client.call("slow", seconds))
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(one, 0.2)
+    assert len(results) == 20
+    assert trio.current_time() - start < 2
+    await client.aclose()
+
+
+async def test_wrong_secret_rejected(server_path, caplog):
+    with pytest.raises(errors.AuthenticationFailed):
+        await rpc.RpcClient.connect_unix(server_path, b"wrong")
+    await trio.sleep(0.05)
+    assert "failed the handshake" in caplog.text
+    caplog.clear()
+
+
+async def test_request_before_handshake_rejected(server_path, caplog):
+    stream = await trio.open_unix_socket(os.fspath(server_path))
+    await stream.send_all(rpc.encode_frame([rpc.REQUEST, 1, "echo", []]))
+    received = b""
+    with trio.fail_after(5):
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            received += data
+    challenge = msgpack.unpackb(received[4:])
+    assert challenge[0] == rpc.CHALLENGE
+    assert len(received) == 4 + len(msgpack.packb(challenge))
+    await stream.aclose()
+    caplog.clear()
+
+
+async def test_server_survives_truncated_frame(server_path, caplog):
+    raw = await trio.open_unix_socket(os.fspath(server_path))
+    await raw.send_all(struct.pack(">I", 1000) + b"abc")
+    await raw.aclose()
+    client = await rpc.RpcClient.connect_unix(server_path, SECRET)
+    assert await client.call("echo", "still") == ["still"]
+    await client.aclose()
+    caplog.clear()
+
+
+async def test_lost_connection_fails_pending_calls(nursery, tmp_path):
+    path = tmp_path / "plain.sock"
+    cancel = trio.CancelScope()
+
+    async def serve(task_status=trio.TASK_STATUS_IGNORED):
+        with cancel:
+            await rpc.RpcServer(HANDLERS).serve_unix(path, task_status=task_status)
+
+    await nursery.start(serve)
+    client = await rpc.RpcClient.connect_unix(path)
+    assert await client.call("echo", 1) == [1]
+    cancel.cancel()
+    with pytest.raises(errors.Unavailable):
+        with trio.fail_after(5):
+            await client.call("slow", 10)
+    await client.aclose()
+
+
+def test_blocking_client_reports_missing_socket(tmp_path):
+    client = rpc.BlockingClient(tmp_path / "absent.sock")
+    with pytest.raises(errors.Unavailable, match="pxd is not running"):
+        client.call("node.status")
