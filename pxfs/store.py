@@ -1,0 +1,672 @@
+"""The replica store: the blocks of every volume replica that this node hosts.
+
+A replica lives in ROOT/<vol_id>/ as three files: `data`, a sparse file of nblocks * BLOCK_SIZE
+bytes; `table`, one 16-byte record per block with the version that last wrote it and the crc32 of
+its data; and `meta`, a msgpack map with the volume id, nblocks and the highest epoch seen.
+docs/store-format.md describes the layout and what a crash or a full disk leaves behind.
+
+All file I/O runs in worker threads. Each replica has one trio lock that every operation on its
+files holds, so one volume's operations run one at a time, in the order they took the lock.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from pxfs.errors import (
+    AlreadyExists,
+    ChecksumMismatch,
+    Corrupted,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    StaleEpoch,
+)
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 65536
+FORMAT_VERSION = 1
+#: 2**32 blocks of 64 KiB is 256 TiB, and keeps a block table below 64 GiB.
+MAX_NBLOCKS = 2**32
+#: The version of a write is (epoch << 32) | counter, so an epoch must fit in 32 bits.
+MAX_EPOCH = 2**32 - 1
+MAX_VERSION = 2**64 - 1
+
+# One table record: version (u64), crc32 (u32) and 4 bytes of zero padding, little-endian. The
+# padding makes each version an aligned u64, which _count_unwritten relies on.
+_RECORD = struct.Struct("<QI4x")
+RECORD_SIZE = _RECORD.size
+_VOL_ID = re.compile(r"[0-9]{1,20}")
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_SCAN_BLOCKS = 65536
+_VERIFY_BLOCKS = 1024
+
+_DATA = "data"
+_TABLE = "table"
+_META = "meta"
+_CREATING = ".creating-"
+_DELETING = ".deleting-"
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", _libc.fallocate)
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free a byte range of `fd`, or return False if the filesystem cannot punch holes."""
+    # os.posix_fallocate has no mode argument, so the hole is punched through libc directly.
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(code, os.strerror(code))
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, f"pwrite stored nothing at offset {offset}")
+        view = view[written:]
+        offset += written
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _count_unwritten(records: bytes) -> int:
+    """Count the records of `records` whose version is 0."""
+    words = array.array("Q")
+    words.frombytes(records)
+    if sys.byteorder == "big":
+        words.byteswap()
+    # Each record is two u64 words, and the version is the first. array.count runs in C,
+    # which keeps the scan of a large table at load time fast.
+    return words[0::2].count(0)
+
+
+def _runs(blocknos: Sequence[int]) -> list[tuple[int, int]]:
+    """Split sorted, distinct block numbers into (first, count) runs of consecutive blocks.
+
+    A run has at most _SCAN_BLOCKS blocks, which bounds the table bytes handled at once.
+    """
+    runs: list[tuple[int, int]] = []
+    for blockno in blocknos:
+        if runs and runs[-1][0] + runs[-1][1] == blockno and runs[-1][1] < _SCAN_BLOCKS:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((blockno, 1))
+    return runs
+
+
+def _no_space(exc: OSError) -> bool:
+    return exc.errno in _NO_SPACE_ERRNOS
+
+
+def _write_meta(directory: Path, vol_id: str, nblocks: int, epoch: int) -> None:
+    """Replace the meta file of a replica atomically: temporary file, fsync, rename."""
+    meta = {"format": FORMAT_VERSION, "vol_id": vol_id, "nblocks": nblocks, "epoch": epoch}
+    payload = msgpack.packb(meta, use_bin_type=True)
+    temporary = directory / (_META + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _pwrite_all(fd, payload, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, directory / _META)
+    _fsync_dir(directory)
+
+
+def _parse_meta(raw: bytes, vol_id: str, path: Path) -> tuple[int, int]:
+    """Parse a meta file into (nblocks, epoch), or raise Corrupted naming the file."""
+    try:
+        meta = msgpack.unpackb(raw, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise Corrupted(f"replica metadata {path} cannot be decoded: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise Corrupted(f"replica metadata {path} is not format {FORMAT_VERSION}")
+    if meta.get("vol_id") != vol_id:
+        raise Corrupted(f"replica metadata {path} names volume {meta.get('vol_id')!r}")
+    nblocks, epoch = meta.get("nblocks"), meta.get("epoch")
+    if not isinstance(nblocks, int) or not 0 < nblocks <= MAX_NBLOCKS:
+        raise Corrupted(f"replica metadata {path} has an invalid nblocks {nblocks!r}")
+    if not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
+        raise Corrupted(f"replica metadata {path} has an invalid epoch {epoch!r}")
+    return nblocks, epoch
+
+
+class _Replica:
+    """The open files and the counters of one volume replica.
+
+    The methods do blocking I/O. They run in worker threads, and the caller holds `lock`, so no
+    two of them run at once.
+    """
+
+    def __init__(
+        self, vol_id: str, directory: Path, nblocks: int, epoch: int, data_fd: int, table_fd: int
+    ) -> None:
+        self.vol_id = vol_id
+        self.directory = directory
+        self.nblocks = nblocks
+        self.epoch = epoch
+        self.data_fd = data_fd
+        self.table_fd = table_fd
+        self.used_blocks = 0
+        self.closed = False
+        self.lock = trio.Lock()
+        self._warned_no_punch = False
+
+    def count_used(self, first: int, stop: int) -> int:
+        """Count the written blocks in [first, stop) by scanning the table."""
+        used = 0
+        for start in range(first, stop, _SCAN_BLOCKS):
+            count = min(_SCAN_BLOCKS, stop - start)
+            records = self._read_records(start, count)
+            used += count - _count_unwritten(records)
+        return used
+
+    def _read_records(self, first: int, count: int) -> bytes:
+        records = os.pread(self.table_fd, count * RECORD_SIZE, first * RECORD_SIZE)
+        if len(records) != count * RECORD_SIZE:
+            raise Corrupted(
+                f"block table of volume {self.vol_id} ends before block {first + count}"
+            )
+        return records
+
+    def _read_record(self, blockno: int) -> tuple[int, int]:
+        version, crc = _RECORD.unpack(self._read_records(blockno, 1))
+        return version, crc
+
+    def save_meta(self, nblocks: int, epoch: int) -> None:
+        """Write the meta file, raising NoSpace when the disk is full."""
+        try:
+            _write_meta(self.directory, self.vol_id, nblocks, epoch)
+        except OSError as exc:
+            if not _no_space(exc):
+                raise
+            raise NoSpace(f"no space left to update the metadata of volume {self.vol_id}") from None
+
+    def read_blocks(self, blocknos: Sequence[int]) -> list[bytes | None]:
+        """Read blocks (None for a never-written one), raising ChecksumMismatch on a bad one."""
+        result: list[bytes | None] = []
+        for blockno in blocknos:
+            version, crc = self._read_record(blockno)
+            if version == 0:
+                result.append(None)
+                continue
+            data = os.pread(self.data_fd, BLOCK_SIZE, blockno * BLOCK_SIZE)
+            self._check_block(blockno, data, crc)
+            result.append(data)
+        return result
+
+    def _check_block(self, blockno: int, data: bytes, crc: int) -> None:
+        if len(data) != BLOCK_SIZE:
+            message = f"volume {self.vol_id} block {blockno}: data file ends inside the block"
+        else:
+            actual = zlib.crc32(data)
+            if actual == crc:
+                return
+            message = (
+                f"volume {self.vol_id} block {blockno}: checksum mismatch "
+                f"(table has {crc:08x}, data has {actual:08x})"
+            )
+        log.error("%s", message)
+        raise ChecksumMismatch(message)
+
+    def write_blocks(self, version: int, blocks: Sequence[tuple[int, bytes]]) -> None:
+        """Write blocks in order, each data first and then its table record.
+
+        Raises NoSpace when the disk fills. The blocks before the failing one are stored, and
+        the failing block keeps its old content.
+        """
+        for index, (blockno, data) in enumerate(blocks):
+            old_version, _ = self._read_record(blockno)
+            try:
+                _pwrite_all(self.data_fd, data, blockno * BLOCK_SIZE)
+            except OSError as exc:
+                if not _no_space(exc):
+                    raise
+                self._release_failed_block(blockno, old_version)
+                raise NoSpace(
+                    f"no space left on this node for block {blockno} of volume {self.vol_id} "
+                    f"({index} of the {len(blocks)} blocks of the write were stored)"
+                ) from None
+            # NOTE: an overwrite cut short here (kill -9 inside the pwrite, or a power loss
+            # before the next flush) leaves new data under the old record. The block then reads
+            # as ChecksumMismatch rather than as its old content.
+            record = _RECORD.pack(version, zlib.crc32(data))
+            _pwrite_all(self.table_fd, record, blockno * RECORD_SIZE)
+            if old_version == 0:
+                self.used_blocks += 1
+
+    def _release_failed_block(self, blockno: int, old_version: int) -> None:
+        # A failed write into a never-written block may have allocated part of it. The table
+        # still marks the block unwritten, so that space is given back. On filesystems that
+        # overwrite in place, a written block is fully allocated and cannot fail this way.
+        if old_version == 0:
+            self._punch(blockno, 1)
+
+    def trim_blocks(self, blocknos: Sequence[int]) -> None:
+        """Mark blocks unwritten and free their space."""
+        for first, count in _runs(sorted(set(blocknos))):
+            records = self._read_records(first, count)
+            written = count - _count_unwritten(records)
+            # The table is cleared before the hole is punched. A crash in between then leaves
+            # an unwritten block with stale bytes, never a written block whose data is gone.
+            _pwrite_all(self.table_fd, bytes(count * RECORD_SIZE), first * RECORD_SIZE)
+            self.used_blocks -= written
+            self._punch(first, count)
+
+    def _punch(self, first: int, count: int) -> None:
+        if _punch_hole(self.data_fd, first * BLOCK_SIZE, count * BLOCK_SIZE):
+            return
+        if not self._warned_no_punch:
+            self._warned_no_punch = True
+            log.warning(
+                "filesystem under %s cannot punch holes: trimmed blocks of volume %s keep "
+                "their disk space",
+                self.directory,
+                self.vol_id,
+            )
+
+    def flush(self) -> None:
+        """Make every completed write durable."""
+        os.fdatasync(self.data_fd)
+        os.fdatasync(self.table_fd)
+
+    def resize(self, nblocks: int) -> None:
+        """Grow or shrink the replica to `nblocks` blocks."""
+        if nblocks > self.nblocks:
+            self._grow(nblocks)
+        elif nblocks < self.nblocks:
+            self._shrink(nblocks)
+
+    def _grow(self, nblocks: int) -> None:
+        old = self.nblocks
+        # A crash during an earlier shrink can leave bytes past the old end. They are dropped,
+        # so that the new blocks start unwritten.
+        os.ftruncate(self.table_fd, old * RECORD_SIZE)
+        os.ftruncate(self.data_fd, old * BLOCK_SIZE)
+        try:
+            os.posix_fallocate(self.table_fd, old * RECORD_SIZE, (nblocks - old) * RECORD_SIZE)
+        except OSError as exc:
+            os.ftruncate(self.table_fd, old * RECORD_SIZE)
+            if not _no_space(exc):
+                raise
+            raise NoSpace(
+                f"no space left on this node to grow the block table of volume {self.vol_id}"
+            ) from None
+        os.ftruncate(self.data_fd, nblocks * BLOCK_SIZE)
+        os.fsync(self.table_fd)
+        os.fsync(self.data_fd)
+        # The meta file is the authority on nblocks, so it changes only once the files fit.
+        self.save_meta(nblocks, self.epoch)
+        self.nblocks = nblocks
+
+    def _shrink(self, nblocks: int) -> None:
+        dropped = self.count_used(nblocks, self.nblocks)
+        self.save_meta(nblocks, self.epoch)
+        self.nblocks = nblocks
+        self.used_blocks -= dropped
+        os.ftruncate(self.table_fd, nblocks * RECORD_SIZE)
+        os.ftruncate(self.data_fd, nblocks * BLOCK_SIZE)
+
+    def verify(self, first: int, stop: int) -> list[int]:
+        """Return the written blocks in [first, stop) whose data fails its checksum."""
+        bad = []
+        records = self._read_records(first, stop - first)
+        for index, (version, crc) in enumerate(_RECORD.iter_unpack(records)):
+            if version == 0:
+                continue
+            blockno = first + index
+            data = os.pread(self.data_fd, BLOCK_SIZE, blockno * BLOCK_SIZE)
+            if len(data) != BLOCK_SIZE or zlib.crc32(data) != crc:
+                bad.append(blockno)
+        return bad
+
+    def close(self) -> None:
+        """Close the files, so that later operations raise NotFound."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.data_fd)
+            os.close(self.table_fd)
+
+
+def _open_replica(root: Path, vol_id: str) -> _Replica | None:
+    """Open the replica of `vol_id` under `root`, or return None when there is none."""
+    directory = root / vol_id
+    meta_path = directory / _META
+    try:
+        raw = meta_path.read_bytes()
+    except FileNotFoundError:
+        if directory.exists():
+            raise Corrupted(f"replica directory {directory} has no meta file") from None
+        return None
+    nblocks, epoch = _parse_meta(raw, vol_id, meta_path)
+    data_fd = os.open(directory / _DATA, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        table_fd = os.open(directory / _TABLE, os.O_RDWR | os.O_CLOEXEC)
+    except BaseException:
+        os.close(data_fd)
+        raise
+    replica = _Replica(vol_id, directory, nblocks, epoch, data_fd, table_fd)
+    try:
+        _check_file_sizes(replica)
+        replica.used_blocks = replica.count_used(0, nblocks)
+    except BaseException:
+        replica.close()
+        raise
+    return replica
+
+
+def _check_file_sizes(replica: _Replica) -> None:
+    # Files longer than nblocks are what a crash during a resize leaves, and are harmless.
+    if os.fstat(replica.data_fd).st_size < replica.nblocks * BLOCK_SIZE:
+        raise Corrupted(f"data file of volume {replica.vol_id} is shorter than its nblocks")
+    if os.fstat(replica.table_fd).st_size < replica.nblocks * RECORD_SIZE:
+        raise Corrupted(f"block table of volume {replica.vol_id} is shorter than its nblocks")
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Remove what a crash during a create or a delete left under `root`."""
+    for entry in root.iterdir():
+        if entry.name.startswith((_CREATING, _DELETING)):
+            log.info("removing %s, left by an interrupted create or delete", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _create_replica(root: Path, vol_id: str, nblocks: int) -> None:
+    """Create the files of a new replica in a staging directory, then rename it into place."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / vol_id
+    if final.exists():
+        raise AlreadyExists(f"volume {vol_id} already has a replica on this node")
+    _remove_leftovers(root)
+    staging = root / (_CREATING + vol_id)
+    staging.mkdir(mode=0o700)
+    try:
+        _create_files(staging, vol_id, nblocks)
+        os.rename(staging, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _create_files(directory: Path, vol_id: str, nblocks: int) -> None:
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    data_fd = os.open(directory / _DATA, flags, 0o600)
+    try:
+        os.ftruncate(data_fd, nblocks * BLOCK_SIZE)
+        os.fsync(data_fd)
+    except OSError as exc:
+        if exc.errno != errno.EFBIG:
+            raise
+        raise InvalidArgument(
+            f"volume {vol_id} of {nblocks} blocks is larger than a file under {directory.parent} "
+            "can be"
+        ) from None
+    finally:
+        os.close(data_fd)
+    table_fd = os.open(directory / _TABLE, flags, 0o600)
+    try:
+        # The table is allocated up front so that updating a record never needs new space.
+        os.posix_fallocate(table_fd, 0, nblocks * RECORD_SIZE)
+        os.fsync(table_fd)
+    except OSError as exc:
+        if not _no_space(exc):
+            raise
+        raise NoSpace(
+            f"no space left on this node for the {nblocks * RECORD_SIZE} byte block table "
+            f"of volume {vol_id}"
+        ) from None
+    finally:
+        os.close(table_fd)
+    try:
+        _write_meta(directory, vol_id, nblocks, 0)
+    except OSError as exc:
+        if not _no_space(exc):
+            raise
+        raise NoSpace(f"no space left on this node for the metadata of volume {vol_id}") from None
+
+
+def _delete_replica(root: Path, vol_id: str) -> bool:
+    """Remove the replica directory and return whether there was one."""
+    doomed = root / (_DELETING + vol_id)
+    shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        # Renamed first, so that a crash half-way through the removal cannot leave a replica
+        # directory with some of its files gone.
+        os.rename(root / vol_id, doomed)
+    except FileNotFoundError:
+        return False
+    _fsync_dir(root)
+    shutil.rmtree(doomed)
+    return True
+
+
+def _check_vol_id(vol_id: object) -> str:
+    if not isinstance(vol_id, str) or not _VOL_ID.fullmatch(vol_id):
+        raise InvalidArgument(f"invalid volume id {vol_id!r}: expected a decimal string")
+    return vol_id
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"invalid {name} {value!r}: expected an integer")
+    if not low <= value <= high:
+        raise InvalidArgument(f"invalid {name} {value}: expected {low} to {high}")
+    return value
+
+
+def _check_list(name: str, value: object) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidArgument(f"invalid {name}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _check_blocknos(replica: _Replica, blocknos: object) -> list[int]:
+    checked = []
+    for blockno in _check_list("block numbers", blocknos):
+        checked.append(_check_int("block number", blockno, 0, replica.nblocks - 1))
+    return checked
+
+
+def _check_blocks(replica: _Replica, blocks: object) -> list[tuple[int, bytes]]:
+    checked = []
+    for entry in _check_list("blocks", blocks):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise InvalidArgument("invalid block entry: expected [block number, data]")
+        blockno = _check_int("block number", entry[0], 0, replica.nblocks - 1)
+        data = entry[1]
+        if not isinstance(data, (bytes, bytearray)):
+            raise InvalidArgument(f"invalid data for block {blockno}: expected bytes")
+        if len(data) != BLOCK_SIZE:
+            raise InvalidArgument(
+                f"invalid data for block {blockno}: {len(data)} bytes, expected {BLOCK_SIZE}"
+            )
+        checked.append((blockno, bytes(data)))
+    return checked
+
+
+class ReplicaStore:
+    """The replicas of every volume that this node hosts, under one root directory."""
+
+    def __init__(self, root_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(root_dir)
+        self._replicas: dict[str, _Replica] = {}
+        # Guards opening, creating and deleting replicas, so a volume is never open twice.
+        self._lock = trio.Lock()
+
+    def handlers(self) -> dict[str, Callable[..., Awaitable[Any]]]:
+        """Return the RPC handlers of the store, by method name, for the peer server."""
+        return {
+            "store.create": self.create,
+            "store.delete": self.delete,
+            "store.open": self.open,
+            "store.read": self.read,
+            "store.write": self.write,
+            "store.trim": self.trim,
+            "store.flush": self.flush,
+            "store.info": self.info,
+            "store.resize": self.resize,
+            "store.verify": self.verify,
+        }
+
+    async def _replica(self, vol_id: str) -> _Replica:
+        replica = self._replicas.get(vol_id)
+        if replica is not None:
+            return replica
+        async with self._lock:
+            replica = self._replicas.get(vol_id)
+            if replica is None:
+                replica = await trio.to_thread.run_sync(_open_replica, self.root, vol_id)
+                if replica is None:
+                    raise NotFound(f"volume {vol_id} has no replica on this node")
+                self._replicas[vol_id] = replica
+            return replica
+
+    @asynccontextmanager
+    async def _locked(self, vol_id: object) -> AsyncIterator[_Replica]:
+        replica = await self._replica(_check_vol_id(vol_id))
+        async with replica.lock:
+            if replica.closed:
+                raise NotFound(f"volume {replica.vol_id} has no replica on this node")
+            yield replica
+
+    async def _accept_epoch(self, replica: _Replica, epoch: object) -> None:
+        """Raise StaleEpoch for an epoch below the highest seen, and persist a higher one."""
+        epoch = _check_int("epoch", epoch, 0, MAX_EPOCH)
+        if epoch < replica.epoch:
+            raise StaleEpoch(
+                f"volume {replica.vol_id}: epoch {epoch} is older than epoch {replica.epoch} "
+                "seen by this replica; the volume was attached again since"
+            )
+        if epoch > replica.epoch:
+            await trio.to_thread.run_sync(replica.save_meta, replica.nblocks, epoch)
+            replica.epoch = epoch
+
+    async def create(self, vol_id: str, nblocks: int) -> None:
+        """Create an empty replica of `nblocks` blocks, or raise AlreadyExists."""
+        vol_id = _check_vol_id(vol_id)
+        nblocks = _check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
+        async with self._lock:
+            await trio.to_thread.run_sync(_create_replica, self.root, vol_id, nblocks)
+        log.info("created replica of volume %s with %d blocks", vol_id, nblocks)
+
+    async def delete(self, vol_id: str) -> None:
+        """Delete the replica of `vol_id`, if there is one."""
+        vol_id = _check_vol_id(vol_id)
+        async with self._lock:
+            replica = self._replicas.pop(vol_id, None)
+            if replica is not None:
+                async with replica.lock:
+                    replica.close()
+            removed = await trio.to_thread.run_sync(_delete_replica, self.root, vol_id)
+        if removed:
+            log.info("deleted replica of volume %s", vol_id)
+
+    async def open(self, vol_id: str, epoch: int) -> int:
+        """Accept `epoch` for the replica and return the highest epoch it has seen."""
+        async with self._locked(vol_id) as replica:
+            await self._accept_epoch(replica, epoch)
+            return replica.epoch
+
+    async def read(self, vol_id: str, blocknos: list[int]) -> list[bytes | None]:
+        """Read blocks, with None for each block never written."""
+        async with self._locked(vol_id) as replica:
+            checked = _check_blocknos(replica, blocknos)
+            return await trio.to_thread.run_sync(replica.read_blocks, checked)
+
+    async def write(
+        self, vol_id: str, epoch: int, version: int, blocks: list[tuple[int, bytes]]
+    ) -> None:
+        """Write [blockno, data] pairs, in order, under `epoch` and `version`."""
+        async with self._locked(vol_id) as replica:
+            version = _check_int("version", version, 1, MAX_VERSION)
+            checked = _check_blocks(replica, blocks)
+            await self._accept_epoch(replica, epoch)
+            await trio.to_thread.run_sync(replica.write_blocks, version, checked)
+        log.debug("volume %s: wrote %d blocks at version %x", vol_id, len(checked), version)
+
+    async def trim(self, vol_id: str, epoch: int, blocknos: list[int]) -> None:
+        """Mark blocks unwritten and free their space, so that later reads return None."""
+        async with self._locked(vol_id) as replica:
+            checked = _check_blocknos(replica, blocknos)
+            await self._accept_epoch(replica, epoch)
+            await trio.to_thread.run_sync(replica.trim_blocks, checked)
+
+    async def flush(self, vol_id: str) -> None:
+        """Return once every write completed before the call is durable (fdatasync)."""
+        async with self._locked(vol_id) as replica:
+            await trio.to_thread.run_sync(replica.flush)
+
+    async def info(self, vol_id: str) -> dict[str, int]:
+        """Return nblocks, used_blocks and the highest epoch seen."""
+        async with self._locked(vol_id) as replica:
+            return {
+                "nblocks": replica.nblocks,
+                "used_blocks": replica.used_blocks,
+                "epoch": replica.epoch,
+            }
+
+    async def resize(self, vol_id: str, nblocks: int) -> None:
+        """Grow or shrink the replica, dropping the blocks past a smaller end."""
+        nblocks = _check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
+        async with self._locked(vol_id) as replica:
+            old = replica.nblocks
+            await trio.to_thread.run_sync(replica.resize, nblocks)
+        log.info("resized replica of volume %s from %d to %d blocks", vol_id, old, nblocks)
+
+    async def verify(self, vol_id: str) -> list[int]:
+        """Return the block numbers whose stored data fails its checksum."""
+        bad: list[int] = []
+        first = 0
+        while True:
+            # The lock is taken per slice, so that a scan of a large replica does not hold up
+            # the volume's I/O for its whole length.
+            async with self._locked(vol_id) as replica:
+                stop = min(first + _VERIFY_BLOCKS, replica.nblocks)
+                if first >= stop:
+                    break
+                bad += await trio.to_thread.run_sync(replica.verify, first, stop)
+            first = stop
+        if bad:
+            log.error("volume %s: %d blocks fail their checksum: %s", vol_id, len(bad), bad[:20])
+        return bad
+
+    async def aclose(self) -> None:
+        """Close the files of every open replica."""
+        async with self._lock:
+            for replica in self._replicas.values():
+                async with replica.lock:
+                    replica.close()
+            self._replicas.clear()

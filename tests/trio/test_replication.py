@@ -1,0 +1,350 @@
+import collections
+import functools
+import os
+import struct
+import subprocess
+
+import pytest
+import trio
+import trio.testing
+
+from pxfs import errors
+from pxfs.replication import BLOCKS_PER_FRAME, ZERO_BLOCK, ReplicationClient
+from pxfs.rpc import RpcClient, RpcServer
+from pxfs.store import BLOCK_SIZE, RECORD_SIZE, ReplicaStore
+
+SECRET = b"replication-test-secret"
+VOL = "7340029183746"
+NBLOCKS = 1024
+
+
+def block(seed: int) -> bytes:
+    """A block whose content depends on `seed`."""
+    pattern = seed.to_bytes(4, "little") + b"replica!"
+    return pattern * (BLOCK_SIZE // len(pattern)) + bytes(BLOCK_SIZE % len(pattern))
+
+
+class Node:
+    """A replica store served over a unix socket, counting the calls of each method."""
+
+    def __init__(self, root, socket_path) -> None:
+        self.store = ReplicaStore(root)
+        self.socket_path = socket_path
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.active_writes = 0
+        self.peak_writes = 0
+        self.write_gate: trio.Event | None = None
+        self.scope = trio.CancelScope()
+        handlers = self.store.handlers()
+        self.server = RpcServer(
+            {name: self._counting(name, handler) for name, handler in handlers.items()},
+            secret=SECRET,
+            name=f"store {root.name}",
+        )
+
+    def _counting(self, name, handler):
+        @functools.wraps(handler)
+        async def counted(*args):
+            self.calls[name] += 1
+            if name != "store.write":
+                return await handler(*args)
+            self.active_writes += 1
+            self.peak_writes = max(self.peak_writes, self.active_writes)
+            try:
+                if self.write_gate is not None:
+                    await self.write_gate.wait()
+                return await handler(*args)
+            finally:
+                self.active_writes -= 1
+
+        return counted
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with self.scope:
+            await self.server.serve_unix(self.socket_path, task_status=task_status)
+
+    def data_path(self):
+        return self.store.root / VOL / "data"
+
+    def flip_byte(self, blockno: int) -> None:
+        with open(self.data_path(), "r+b") as f:
+            f.seek(blockno * BLOCK_SIZE + 1234)
+            byte = f.read(1)
+            f.seek(blockno * BLOCK_SIZE + 1234)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+
+class Cluster:
+    """Replica nodes and the client connections a test opened to them."""
+
+    def __init__(self, nursery, root) -> None:
+        self.nursery = nursery
+        self.root = root
+        self.nodes: list[Node] = []
+        self.clients: list[RpcClient] = []
+
+    async def start_node(self, name: str, root=None) -> Node:
+        root = root or self.root
+        node = Node(root / name, root / f"{name}.sock")
+        await self.nursery.start(node.serve)
+        self.nodes.append(node)
+        return node
+
+    async def connect(self, node: Node, create: bool = True) -> RpcClient:
+        client = await RpcClient.connect_unix(node.socket_path, SECRET)
+        self.clients.append(client)
+        if create:
+            await client.call("store.create", VOL, NBLOCKS)
+        return client
+
+    async def device(self, nodes, epoch: int = 1, write_quorum: int = 1) -> ReplicationClient:
+        clients = [await self.connect(node) for node in nodes]
+        device = ReplicationClient(VOL, epoch, NBLOCKS, clients, write_quorum)
+        await device.open()
+        return device
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+        for node in self.nodes:
+            node.scope.cancel()
+            await node.store.aclose()
+
+
+@pytest.fixture
+async def cluster(nursery, tmp_path):
+    cluster = Cluster(nursery, tmp_path)
+    yield cluster
+    await cluster.close()
+
+
+@pytest.fixture
+async def nodes(cluster):
+    return [await cluster.start_node(name) for name in ("a", "b")]
+
+
+def table_version(node: Node, blockno: int) -> int:
+    with open(node.store.root / VOL / "table", "rb") as f:
+        f.seek(blockno * RECORD_SIZE)
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+async def test_write_read_round_trip(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(3, block(3)), (4, block(4))])
+    assert await device.read_blocks([4, 3, 5]) == [block(4), block(3), ZERO_BLOCK]
+    for node in nodes:
+        assert await node.store.read(VOL, [3, 4]) == [block(3), block(4)]
+
+
+async def test_trim_reads_zeros_everywhere(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(n, block(n)) for n in range(8)])
+    await device.trim_blocks([2, 3])
+    assert await device.read_blocks([1, 2, 3, 4]) == [block(1), ZERO_BLOCK, ZERO_BLOCK, block(4)]
+    for node in nodes:
+        info = await node.store.info(VOL)
+        assert info["used_blocks"] == 6
+
+
+async def test_flush_reaches_every_replica(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(0, block(0))])
+    await device.flush()
+    assert [node.calls["store.flush"] for node in nodes] == [1, 1]
+
+
+async def test_open_raises_epoch_on_replicas(cluster, nodes):
+    await cluster.device(nodes, epoch=6)
+    for node in nodes:
+        assert (await node.store.info(VOL))["epoch"] == 6
+
+
+async def test_one_mib_write_is_one_rpc(cluster, nodes):
+    device = await cluster.device(nodes)
+    blocks = [(n, block(n)) for n in range(16)]
+    await device.write_blocks(blocks)
+    assert [node.calls["store.write"] for node in nodes] == [1, 1]
+    assert await device.read_blocks(list(range(16))) == [data for _, data in blocks]
+    assert nodes[0].calls["store.read"] == 1
+    assert nodes[1].calls["store.read"] == 0
+
+
+async def test_large_write_split_into_frames(cluster, nodes):
+    device = await cluster.device(nodes)
+    count = 4 * BLOCKS_PER_FRAME + 10
+    await device.write_blocks([(n, block(n)) for n in range(count)])
+    assert [node.calls["store.write"] for node in nodes] == [5, 5]
+    assert await device.read_blocks(list(range(count))) == [block(n) for n in range(count)]
+    assert nodes[0].calls["store.read"] == 5
+
+
+async def test_frames_in_flight_capped_at_four(cluster, nodes):
+    device = await cluster.device(nodes[:1])
+    node = nodes[0]
+    node.write_gate = trio.Event()
+    count = 6 * BLOCKS_PER_FRAME
+
+    async def open_gate_once_all_wait() -> None:
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        node.write_gate.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_gate_once_all_wait)
+            await device.write_blocks([(n, block(n)) for n in range(count)])
+    assert node.peak_writes == 4
+    assert node.calls["store.write"] == 6
+
+
+async def test_versions_carry_epoch_and_counter(cluster, nodes):
+    device = await cluster.device(nodes, epoch=3)
+    await device.write_blocks([(10, block(1))])
+    await device.write_blocks([(11, block(2))])
+    await device.flush()
+    for node in nodes:
+        assert table_version(node, 10) == (3 << 32) | 1
+        assert table_version(node, 11) == (3 << 32) | 2
+
+
+async def test_corrupt_copy_read_from_other_replica(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(7, block(7)), (8, block(8))])
+    nodes[0].flip_byte(8)
+    assert await device.read_blocks([7, 8]) == [block(7), block(8)]
+    assert nodes[1].calls["store.read"] == 1
+
+
+async def test_both_copies_corrupt_raises(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(8, block(8))])
+    for node in nodes:
+        node.flip_byte(8)
+    with pytest.raises(errors.ChecksumMismatch, match="no good copy left"):
+        await device.read_blocks([8])
+
+
+async def test_read_falls_back_when_replica_down(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(1, block(1))])
+    nodes[0].scope.cancel()
+    assert await device.read_blocks([1]) == [block(1)]
+
+
+async def test_write_with_replica_down_degrades(cluster, nodes):
+    device = await cluster.device(nodes, write_quorum=1)
+    nodes[0].scope.cancel()
+    await device.write_blocks([(2, block(2))])
+    remaining = [client.description for client in device.in_sync_replicas]
+    assert remaining == [str(nodes[1].socket_path)]
+    assert await device.read_blocks([2]) == [block(2)]
+    assert nodes[1].calls["store.read"] == 1
+
+
+async def test_write_below_quorum_raises(cluster, nodes):
+    device = await cluster.device(nodes, write_quorum=2)
+    nodes[1].scope.cancel()
+    with pytest.raises(errors.Unavailable, match="reached 1 replicas, 2 needed"):
+        await device.write_blocks([(2, block(2))])
+    with pytest.raises(errors.Unavailable, match="reached 1 replicas, 2 needed"):
+        await device.flush()
+
+
+async def test_all_replicas_down_raises_unavailable(cluster, nodes):
+    device = await cluster.device(nodes)
+    for node in nodes:
+        node.scope.cancel()
+    with pytest.raises(errors.Unavailable):
+        await device.write_blocks([(0, block(0))])
+    with pytest.raises(errors.Unavailable, match="no replica could serve"):
+        await device.read_blocks([0])
+    assert len(device.in_sync_replicas) == 2
+
+
+async def test_stale_epoch_after_newer_open(cluster, nodes):
+    old = await cluster.device(nodes, epoch=1)
+    clients = [await cluster.connect(node, create=False) for node in nodes]
+    new = ReplicationClient(VOL, 2, NBLOCKS, clients)
+    await new.open()
+    with pytest.raises(errors.StaleEpoch):
+        await old.write_blocks([(0, block(0))])
+    with pytest.raises(errors.StaleEpoch):
+        await old.trim_blocks([0])
+    with pytest.raises(errors.StaleEpoch):
+        await old.open()
+    await new.write_blocks([(0, block(5))])
+    assert await new.read_blocks([0]) == [block(5)]
+
+
+@pytest.mark.parametrize(
+    ("blocks", "message"),
+    [
+        ([(NBLOCKS, block(0))], "outside 0 to 1023"),
+        ([(-1, block(0))], "outside"),
+        ([("1", block(0))], "invalid block number"),
+        ([(0, b"tiny")], "4 bytes, expected 65536"),
+        ([(0, "text")], "not bytes"),
+    ],
+)
+async def test_bad_write_rejected_before_rpc(cluster, nodes, blocks, message):
+    device = await cluster.device(nodes)
+    with pytest.raises(errors.InvalidArgument, match=message):
+        await device.write_blocks(blocks)
+    assert nodes[0].calls["store.write"] == 0
+
+
+async def test_bad_read_rejected_before_rpc(cluster, nodes):
+    device = await cluster.device(nodes)
+    with pytest.raises(errors.InvalidArgument, match="outside"):
+        await device.read_blocks([0, NBLOCKS])
+    assert nodes[0].calls["store.read"] == 0
+
+
+def test_constructor_rejects_no_replicas():
+    with pytest.raises(errors.InvalidArgument, match="needs a replica"):
+        ReplicationClient(VOL, 1, NBLOCKS, [])
+
+
+async def test_quorum_above_replica_count_rejected(cluster, nodes):
+    client = await cluster.connect(nodes[0])
+    with pytest.raises(errors.InvalidArgument, match="write quorum 2"):
+        ReplicationClient(VOL, 1, NBLOCKS, [client], write_quorum=2)
+
+
+async def test_empty_calls_send_nothing(cluster, nodes):
+    device = await cluster.device(nodes)
+    assert await device.read_blocks([]) == []
+    await device.write_blocks([])
+    await device.trim_blocks([])
+    assert nodes[0].calls["store.read"] == 0
+    assert nodes[0].calls["store.write"] == 0
+    assert nodes[0].calls["store.trim"] == 0
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 1 MiB tmpfs under tmp_path, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "pxfs-test", str(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    yield mountpoint
+    if subprocess.run(["umount", str(mountpoint)]).returncode != 0:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+async def test_full_single_replica_raises_no_space_and_recovers(tiny_fs, cluster):
+    node = await cluster.start_node("full", root=tiny_fs)
+    device = await cluster.device([node])
+    with pytest.raises(errors.NoSpace, match="no space left"):
+        await device.write_blocks([(n, block(n)) for n in range(32)])
+    assert len(device.in_sync_replicas) == 1
+    used = (await node.store.info(VOL))["used_blocks"]
+    assert 0 < used < 32
+    await device.trim_blocks(list(range(used)))
+    await device.write_blocks([(n, block(n + 100)) for n in range(4)])
+    assert await device.read_blocks(list(range(4))) == [block(n + 100) for n in range(4)]

@@ -1,0 +1,380 @@
+import os
+import subprocess
+
+import msgpack
+import pytest
+import trio
+
+from pxfs import errors
+from pxfs.store import BLOCK_SIZE, RECORD_SIZE, ReplicaStore
+
+VOL = "4817263540921"
+
+
+def block(seed: int) -> bytes:
+    """A block whose content depends on `seed`, so that blocks differ from each other."""
+    return (seed.to_bytes(4, "little") + b"pxfs-block") * (BLOCK_SIZE // 14) + bytes(
+        BLOCK_SIZE % 14
+    )
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = ReplicaStore(tmp_path / "replicas")
+    yield store
+    await store.aclose()
+
+
+@pytest.fixture
+async def volume(store):
+    await store.create(VOL, 1024)
+    return store
+
+
+def data_path(store: ReplicaStore, vol_id: str = VOL):
+    return store.root / vol_id / "data"
+
+
+async def test_create_starts_empty(volume):
+    info = await volume.info(VOL)
+    assert info == {"nblocks": 1024, "used_blocks": 0, "epoch": 0}
+    assert await volume.read(VOL, [0, 1023]) == [None, None]
+
+
+async def test_write_read_round_trip(volume):
+    await volume.write(VOL, 0, 1, [[5, block(5)], [6, block(6)]])
+    assert await volume.read(VOL, [6, 5, 7]) == [block(6), block(5), None]
+
+
+async def test_write_same_block_twice_counts_once(volume):
+    await volume.write(VOL, 0, 1, [[9, block(1)]])
+    await volume.write(VOL, 0, 2, [[9, block(2)], [9, block(3)]])
+    info = await volume.info(VOL)
+    assert info["used_blocks"] == 1
+    assert await volume.read(VOL, [9]) == [block(3)]
+
+
+async def test_usage_decreases_after_trim(volume):
+    await volume.write(VOL, 0, 1, [[n, block(n)] for n in range(10, 20)])
+    assert (await volume.info(VOL))["used_blocks"] == 10
+    await volume.trim(VOL, 0, [12, 13, 14, 500])
+    assert (await volume.info(VOL))["used_blocks"] == 7
+    assert await volume.read(VOL, [11, 12, 14, 15]) == [block(11), None, None, block(15)]
+
+
+async def test_data_file_is_sparse(volume):
+    path = data_path(volume)
+    assert os.stat(path).st_size == 1024 * BLOCK_SIZE
+    await volume.write(VOL, 0, 1, [[100, block(1)], [700, block(2)]])
+    await volume.flush(VOL)
+    allocated = os.stat(path).st_blocks * 512
+    assert allocated <= 4 * BLOCK_SIZE
+
+
+async def test_trim_frees_space(volume):
+    path = data_path(volume)
+    await volume.write(VOL, 0, 1, [[n, block(n)] for n in range(32)])
+    await volume.flush(VOL)
+    before = os.stat(path).st_blocks * 512
+    await volume.trim(VOL, 0, list(range(32)))
+    after = os.stat(path).st_blocks * 512
+    assert before >= 32 * BLOCK_SIZE
+    assert after <= BLOCK_SIZE
+
+
+async def test_flipped_byte_raises_checksum_mismatch(volume):
+    await volume.write(VOL, 0, 1, [[2, block(2)], [3, block(3)]])
+    with open(data_path(volume), "r+b") as f:
+        f.seek(3 * BLOCK_SIZE + 777)
+        original = f.read(1)
+        f.seek(3 * BLOCK_SIZE + 777)
+        f.write(bytes([original[0] ^ 0x01]))
+    with pytest.raises(errors.ChecksumMismatch, match=f"volume {VOL} block 3"):
+        await volume.read(VOL, [2, 3])
+    assert await volume.read(VOL, [2]) == [block(2)]
+    assert await volume.verify(VOL) == [3]
+
+
+async def test_verify_clean_volume(volume):
+    await volume.write(VOL, 0, 1, [[n, block(n)] for n in range(0, 1024, 100)])
+    assert await volume.verify(VOL) == []
+
+
+async def test_stale_epoch_rejected(volume):
+    assert await volume.open(VOL, 5) == 5
+    with pytest.raises(errors.StaleEpoch, match="epoch 3 is older than epoch 5"):
+        await volume.open(VOL, 3)
+    with pytest.raises(errors.StaleEpoch):
+        await volume.write(VOL, 4, 1, [[0, block(0)]])
+    with pytest.raises(errors.StaleEpoch):
+        await volume.trim(VOL, 4, [0])
+    assert await volume.read(VOL, [0]) == [None]
+    await volume.write(VOL, 5, (5 << 32) | 1, [[0, block(0)]])
+    assert await volume.read(VOL, [0]) == [block(0)]
+
+
+async def test_higher_epoch_in_write_is_remembered(volume):
+    await volume.open(VOL, 2)
+    await volume.write(VOL, 7, (7 << 32) | 1, [[0, block(0)]])
+    assert (await volume.info(VOL))["epoch"] == 7
+    with pytest.raises(errors.StaleEpoch):
+        await volume.write(VOL, 2, (2 << 32) | 2, [[0, block(1)]])
+
+
+async def test_state_survives_reopen(tmp_path):
+    first = ReplicaStore(tmp_path / "replicas")
+    await first.create(VOL, 64)
+    await first.open(VOL, 9)
+    await first.write(VOL, 9, 1, [[1, block(1)], [63, block(63)]])
+    await first.flush(VOL)
+    await first.aclose()
+
+    second = ReplicaStore(tmp_path / "replicas")
+    info = await second.info(VOL)
+    assert info == {"nblocks": 64, "used_blocks": 2, "epoch": 9}
+    assert await second.read(VOL, [1, 2, 63]) == [block(1), None, block(63)]
+    with pytest.raises(errors.StaleEpoch):
+        await second.open(VOL, 8)
+    await second.aclose()
+
+
+async def test_create_twice_raises_already_exists(volume):
+    with pytest.raises(errors.AlreadyExists, match=VOL):
+        await volume.create(VOL, 10)
+    assert (await volume.info(VOL))["nblocks"] == 1024
+
+
+async def test_delete_removes_replica(volume):
+    await volume.write(VOL, 0, 1, [[0, block(0)]])
+    await volume.delete(VOL)
+    assert not (volume.root / VOL).exists()
+    with pytest.raises(errors.NotFound, match=f"volume {VOL} has no replica"):
+        await volume.read(VOL, [0])
+    await volume.delete(VOL)
+    await volume.create(VOL, 8)
+    assert await volume.read(VOL, [0]) == [None]
+
+
+async def test_unknown_volume_not_found(store):
+    with pytest.raises(errors.NotFound):
+        await store.info("42")
+    with pytest.raises(errors.NotFound):
+        await store.open("42", 1)
+
+
+async def test_create_removes_leftover_staging(store):
+    await store.create("1", 4)
+    leftover = store.root / ".creating-77"
+    leftover.mkdir()
+    (leftover / "data").write_bytes(b"x")
+    await store.create("2", 4)
+    assert not leftover.exists()
+    assert sorted(p.name for p in store.root.iterdir()) == ["1", "2"]
+
+
+async def test_resize_grow_and_shrink(volume):
+    await volume.write(VOL, 0, 1, [[10, block(10)], [1000, block(1000)], [1023, block(1)]])
+    await volume.resize(VOL, 2048)
+    await volume.write(VOL, 0, 2, [[2047, block(2047)]])
+    assert await volume.read(VOL, [1000, 2047, 2000]) == [block(1000), block(2047), None]
+    assert (await volume.info(VOL))["used_blocks"] == 4
+
+    await volume.resize(VOL, 512)
+    info = await volume.info(VOL)
+    assert info["nblocks"] == 512
+    assert info["used_blocks"] == 1
+    assert os.stat(data_path(volume)).st_size == 512 * BLOCK_SIZE
+    with pytest.raises(errors.InvalidArgument, match="block number"):
+        await volume.read(VOL, [512])
+
+    await volume.resize(VOL, 1024)
+    assert await volume.read(VOL, [1000, 1023]) == [None, None]
+    assert (await volume.info(VOL))["used_blocks"] == 1
+
+
+async def test_corrupted_meta_raises(store):
+    await store.create(VOL, 4)
+    await store.aclose()
+    (store.root / VOL / "meta").write_bytes(msgpack.packb({"format": 1, "vol_id": "9"}))
+    with pytest.raises(errors.Corrupted, match="names volume"):
+        await store.info(VOL)
+
+
+async def test_short_table_raises_corrupted(store):
+    await store.create(VOL, 4)
+    await store.aclose()
+    os.truncate(store.root / VOL / "table", 3 * RECORD_SIZE)
+    with pytest.raises(errors.Corrupted, match="shorter"):
+        await store.info(VOL)
+
+
+async def test_concurrent_writes_count_exactly(volume):
+    async with trio.open_nursery() as nursery:
+        for n in range(40):
+            nursery.start_soon(volume.write, VOL, 0, n + 1, [[n % 20, block(n)]])
+    assert (await volume.info(VOL))["used_blocks"] == 20
+
+
+BAD_VOLUME_IDS = ["../etc", "", "12a", " 12", "1" * 21, 12, None, b"12"]
+
+
+@pytest.mark.parametrize("vol_id", BAD_VOLUME_IDS)
+async def test_bad_volume_id_rejected(store, vol_id):
+    with pytest.raises(errors.InvalidArgument, match="volume id"):
+        await store.create(vol_id, 4)
+    with pytest.raises(errors.InvalidArgument, match="volume id"):
+        await store.read(vol_id, [0])
+
+
+@pytest.mark.parametrize("nblocks", [0, -1, True, "4", 4.0, 2**32 + 1])
+async def test_bad_nblocks_rejected(store, nblocks):
+    with pytest.raises(errors.InvalidArgument, match="nblocks"):
+        await store.create(VOL, nblocks)
+
+
+BAD_WRITES = [
+    ([[1024, block(0)]], "block number 1024"),
+    ([[-1, block(0)]], "block number -1"),
+    ([["1", block(0)]], "block number"),
+    ([[0, b"short"]], "5 bytes, expected 65536"),
+    ([[0, block(0) + b"x"]], "65537 bytes"),
+    ([[0, "text" * 16384]], "expected bytes"),
+    ([[0]], "block entry"),
+    ("blocks", "expected a list"),
+    ({0: block(0)}, "expected a list"),
+]
+
+
+@pytest.mark.parametrize(("blocks", "message"), BAD_WRITES)
+async def test_bad_write_rejected(volume, blocks, message):
+    with pytest.raises(errors.InvalidArgument, match=message):
+        await volume.write(VOL, 0, 1, blocks)
+    assert (await volume.info(VOL))["used_blocks"] == 0
+
+
+@pytest.mark.parametrize(
+    ("epoch", "version", "message"),
+    [
+        ("1", 1, "epoch"),
+        (-1, 1, "epoch"),
+        (2**32, 1, "epoch"),
+        (0, 0, "version"),
+        (0, 2**64, "version"),
+        (0, None, "version"),
+    ],
+)
+async def test_bad_epoch_or_version_rejected(volume, epoch, version, message):
+    with pytest.raises(errors.InvalidArgument, match=message):
+        await volume.write(VOL, epoch, version, [[0, block(0)]])
+    assert (await volume.info(VOL))["epoch"] == 0
+
+
+@pytest.mark.parametrize("blocknos", [[1024], [-5], [0, "1"], "0", None, [0.0]])
+async def test_bad_block_numbers_rejected(volume, blocknos):
+    with pytest.raises(errors.InvalidArgument):
+        await volume.read(VOL, blocknos)
+    with pytest.raises(errors.InvalidArgument):
+        await volume.trim(VOL, 0, blocknos)
+
+
+def test_handlers_cover_the_rpc_table(tmp_path):
+    names = set(ReplicaStore(tmp_path).handlers())
+    expected = {
+        "create",
+        "delete",
+        "open",
+        "read",
+        "write",
+        "trim",
+        "flush",
+        "info",
+        "resize",
+        "verify",
+    }
+    assert names == {f"store.{name}" for name in expected}
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 1 MiB tmpfs under tmp_path, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "pxfs-test", str(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    yield mountpoint
+    if subprocess.run(["umount", str(mountpoint)]).returncode != 0:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+@pytest.fixture
+async def tiny_store(tiny_fs):
+    store = ReplicaStore(tiny_fs / "replicas")
+    await store.create(VOL, 64)
+    yield store
+    await store.aclose()
+
+
+async def fill_until_full(store: ReplicaStore) -> int:
+    """Write blocks one by one until NoSpace; return how many were stored."""
+    for n in range(64):
+        try:
+            await store.write(VOL, 0, n + 1, [[n, block(n)]])
+        except errors.NoSpace as exc:
+            assert f"block {n} of volume {VOL}" in exc.message
+            return n
+    pytest.fail("a 1 MiB filesystem took 4 MiB of blocks")
+
+
+async def test_disk_full_raises_no_space(tiny_store):
+    stored = await fill_until_full(tiny_store)
+    assert 0 < stored < 16
+    assert (await tiny_store.info(VOL))["used_blocks"] == stored
+    expected = [block(n) for n in range(stored)] + [None]
+    assert await tiny_store.read(VOL, list(range(stored + 1))) == expected
+    assert await tiny_store.verify(VOL) == []
+
+
+async def test_disk_full_keeps_overwrites_working(tiny_store):
+    stored = await fill_until_full(tiny_store)
+    await tiny_store.write(VOL, 0, 100, [[0, block(1000)]])
+    assert await tiny_store.read(VOL, [0]) == [block(1000)]
+    assert (await tiny_store.info(VOL))["used_blocks"] == stored
+
+
+async def test_disk_full_partial_batch(tiny_store):
+    with pytest.raises(errors.NoSpace, match="blocks of the write were stored"):
+        await tiny_store.write(VOL, 0, 1, [[n, block(n)] for n in range(32)])
+    used = (await tiny_store.info(VOL))["used_blocks"]
+    assert 0 < used < 32
+    assert await tiny_store.read(VOL, list(range(used + 1))) == [block(n) for n in range(used)] + [
+        None
+    ]
+
+
+async def test_space_returns_after_trim(tiny_store):
+    stored = await fill_until_full(tiny_store)
+    await tiny_store.trim(VOL, 0, list(range(stored)))
+    assert (await tiny_store.info(VOL))["used_blocks"] == 0
+    await tiny_store.write(VOL, 0, 200, [[40, block(40)], [41, block(41)]])
+    assert await tiny_store.read(VOL, [40, 41]) == [block(40), block(41)]
+
+
+async def test_create_without_space_leaves_nothing(tiny_fs):
+    store = ReplicaStore(tiny_fs / "replicas")
+    # A 2**20-block volume needs a 16 MiB block table, which a 1 MiB filesystem cannot hold.
+    with pytest.raises(errors.NoSpace, match="block table"):
+        await store.create("5", 2**20)
+    assert list(store.root.iterdir()) == []
+    await store.aclose()
+
+
+async def test_trim_longer_than_one_run(store):
+    await store.create(VOL, 70000)
+    await store.write(VOL, 0, 1, [[0, block(0)], [65536, block(1)], [69999, block(2)]])
+    await store.trim(VOL, 0, list(range(70000)))
+    assert (await store.info(VOL))["used_blocks"] == 0
+    assert await store.read(VOL, [0, 65536, 69999]) == [None, None, None]
