@@ -1,0 +1,292 @@
+"""The catalog: the one place where cluster state lives (volume records and nodes).
+
+`Catalog` is the interface that pxd programs against. Its primitive write is compare-and-set on
+one volume record: the write succeeds only if the record still has the revision that the caller
+read. Transactions such as attach are built from it (`update_volume`), so a backend on etcd can
+run them with an etcd transaction on the key's mod revision. `LocalCatalog` is the single-node
+backend: one JSON file in the data directory, rewritten atomically on every change.
+
+A revision is a counter that grows with every change to the catalog. Each volume keeps the
+revision of its last change, so a stale read is detected even after the record went back to an
+earlier value.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import errno
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pxfs.errors import AlreadyExists, Corrupted, NoSpace, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+VolumeRecord = dict[str, Any]
+NodeRecord = dict[str, Any]
+#: Takes a copy of the current record and returns the new one, or raises to abort.
+Change = Callable[[VolumeRecord], VolumeRecord]
+
+CATALOG_FILE = "catalog.json"
+FORMAT_VERSION = 1
+#: Compare-and-set attempts before a transaction gives up on a record that keeps changing.
+MAX_ATTEMPTS = 16
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A volume record with the revision of its last change."""
+
+    record: VolumeRecord
+    revision: int
+
+
+class Catalog(abc.ABC):
+    """Cluster state: volume records keyed by id, and the nodes of the cluster."""
+
+    @abc.abstractmethod
+    async def get_volume(self, vol_id: str) -> Versioned | None:
+        """Return the record of `vol_id` with its revision, or None if there is none."""
+
+    @abc.abstractmethod
+    async def list_volumes(self) -> list[VolumeRecord]:
+        """Return every volume record, ordered by creation time."""
+
+    @abc.abstractmethod
+    async def create_volume(self, record: VolumeRecord) -> Versioned:
+        """Store a new record; raises AlreadyExists if its id or name is taken."""
+
+    @abc.abstractmethod
+    async def compare_and_set(
+        self, vol_id: str, revision: int, record: VolumeRecord | None
+    ) -> Versioned | None:
+        """Replace (or with `record` None, delete) the record if it still has `revision`.
+
+        Returns the new version, or None when the record changed since `revision` was read
+        (or is gone). Deleting returns a Versioned of the removed record.
+        """
+
+    @abc.abstractmethod
+    async def put_node(self, node: NodeRecord) -> None:
+        """Create or replace the record of the node `node["id"]`."""
+
+    @abc.abstractmethod
+    async def list_nodes(self) -> list[NodeRecord]:
+        """Return the record of every node."""
+
+    async def close(self) -> None:  # noqa: B027 - a backend without connections has nothing to close
+        """Release what the backend holds open."""
+
+    async def require_volume(self, vol_id: str) -> Versioned:
+        """Return the record of `vol_id`; raises NotFound."""
+        found = await self.get_volume(vol_id)
+        if found is None:
+            raise NotFound(f"volume {vol_id} not found")
+        return found
+
+    async def find_volume(self, ref: str) -> VolumeRecord:
+        """Return the volume whose id, or else whose name, is `ref`; raises NotFound."""
+        if not isinstance(ref, str) or not ref:
+            raise NotFound(f"volume {ref!r} not found")
+        by_id = await self.get_volume(ref)
+        if by_id is not None:
+            return by_id.record
+        for record in await self.list_volumes():
+            if record["name"] == ref:
+                return record
+        raise NotFound(f"volume {ref} not found")
+
+    async def update_volume(self, vol_id: str, change: Change) -> VolumeRecord:
+        """Apply `change` to the record of `vol_id` as one transaction and return the result.
+
+        `change` may run more than once when another writer gets in between, so it must not
+        have side effects. An exception from it aborts the transaction and propagates.
+        """
+        for _ in range(MAX_ATTEMPTS):
+            current = await self.require_volume(vol_id)
+            updated = change(copy.deepcopy(current.record))
+            written = await self.compare_and_set(vol_id, current.revision, updated)
+            if written is not None:
+                return written.record
+        raise Unavailable(f"volume {vol_id} kept changing; gave up after {MAX_ATTEMPTS} attempts")
+
+    async def delete_volume(
+        self, vol_id: str, check: Callable[[VolumeRecord], None] | None = None
+    ) -> VolumeRecord:
+        """Delete the record of `vol_id` once `check` (which may raise) accepts it."""
+        for _ in range(MAX_ATTEMPTS):
+            current = await self.require_volume(vol_id)
+            if check is not None:
+                check(copy.deepcopy(current.record))
+            removed = await self.compare_and_set(vol_id, current.revision, None)
+            if removed is not None:
+                return removed.record
+        raise Unavailable(f"volume {vol_id} kept changing; gave up after {MAX_ATTEMPTS} attempts")
+
+
+class LocalCatalog(Catalog):
+    """The catalog of a single node, kept in DIR/catalog.json.
+
+    Every change is written to a temporary file, synced, renamed over the old file and the
+    directory synced, so a crash leaves either the old or the new catalog. Changes are made on
+    a copy of the state and adopted only once the file is written, so a failed write changes
+    nothing. One trio lock orders all changes.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(data_dir) / CATALOG_FILE
+        self._lock = trio.Lock()
+        self._state = _load(self.path)
+
+    async def get_volume(self, vol_id: str) -> Versioned | None:
+        """Return the record of `vol_id` with its revision, or None if there is none."""
+        entry = self._state["volumes"].get(vol_id)
+        if entry is None:
+            return None
+        return Versioned(copy.deepcopy(entry["record"]), entry["revision"])
+
+    async def list_volumes(self) -> list[VolumeRecord]:
+        """Return every volume record, ordered by creation time."""
+        records = [copy.deepcopy(entry["record"]) for entry in self._state["volumes"].values()]
+        return sorted(records, key=lambda record: (record.get("ctime_ns", 0), record["id"]))
+
+    async def create_volume(self, record: VolumeRecord) -> Versioned:
+        """Store a new record; raises AlreadyExists if its id or name is taken."""
+        async with self._lock:
+            _check_unique(self._state["volumes"], record)
+            state = copy.deepcopy(self._state)
+            revision = state["revision"] + 1
+            state["revision"] = revision
+            state["volumes"][record["id"]] = {"revision": revision, "record": record}
+            await self._commit(state)
+        log.debug("catalog: created volume %s (%s)", record["id"], record["name"])
+        return Versioned(copy.deepcopy(record), revision)
+
+    async def compare_and_set(
+        self, vol_id: str, revision: int, record: VolumeRecord | None
+    ) -> Versioned | None:
+        """Replace (or with `record` None, delete) the record if it still has `revision`."""
+        async with self._lock:
+            entry = self._state["volumes"].get(vol_id)
+            if entry is None or entry["revision"] != revision:
+                return None
+            state = copy.deepcopy(self._state)
+            state["revision"] += 1
+            if record is None:
+                del state["volumes"][vol_id]
+                result = Versioned(copy.deepcopy(entry["record"]), state["revision"])
+            else:
+                if record["id"] != vol_id:
+                    raise ValueError(f"record id {record['id']} does not match {vol_id}")
+                state["volumes"][vol_id] = {"revision": state["revision"], "record": record}
+                result = Versioned(copy.deepcopy(record), state["revision"])
+            await self._commit(state)
+        return result
+
+    async def update_volume(self, vol_id: str, change: Change) -> VolumeRecord:
+        """Apply `change` to the record of `vol_id` as one transaction and return the result.
+
+        The lock is held from the read to the write, so `change` runs exactly once here.
+        """
+        async with self._lock:
+            entry = self._state["volumes"].get(vol_id)
+            if entry is None:
+                raise NotFound(f"volume {vol_id} not found")
+            updated = change(copy.deepcopy(entry["record"]))
+            state = copy.deepcopy(self._state)
+            state["revision"] += 1
+            state["volumes"][vol_id] = {"revision": state["revision"], "record": updated}
+            await self._commit(state)
+        return copy.deepcopy(updated)
+
+    async def put_node(self, node: NodeRecord) -> None:
+        """Create or replace the record of the node `node["id"]`."""
+        async with self._lock:
+            state = copy.deepcopy(self._state)
+            state["revision"] += 1
+            state["nodes"][node["id"]] = copy.deepcopy(node)
+            await self._commit(state)
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        """Return the record of every node."""
+        return [copy.deepcopy(node) for node in self._state["nodes"].values()]
+
+    async def _commit(self, state: dict[str, Any]) -> None:
+        # The write runs in a thread because fsync can take tens of milliseconds. It is
+        # shielded, so a cancelled caller cannot leave memory and file out of step.
+        data = json.dumps(state, indent=1, sort_keys=True).encode() + b"\n"
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(_write_atomically, self.path, data)
+            except OSError as exc:
+                log.error("catalog: writing %s failed: %s", self.path, exc)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(f"no space left to write the catalog {self.path}") from None
+                raise Unavailable(f"writing the catalog {self.path} failed: {exc}") from None
+        self._state = state
+
+
+def _check_unique(volumes: dict[str, Any], record: VolumeRecord) -> None:
+    # Ids and names share one lookup, so a name may not equal another volume's id either.
+    vol_id, name = record["id"], record["name"]
+    if vol_id in volumes:
+        raise AlreadyExists(f"a volume with id {vol_id} already exists")
+    if name in volumes:
+        raise AlreadyExists(f"volume name {name!r} is the id of another volume")
+    for entry in volumes.values():
+        if entry["record"]["name"] == name:
+            raise AlreadyExists(f"a volume named {name!r} already exists")
+        if entry["record"]["name"] == vol_id:
+            raise AlreadyExists(f"volume id {vol_id} is the name of another volume")
+
+
+def _empty_state() -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "revision": 0, "volumes": {}, "nodes": {}}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return _empty_state()
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise Corrupted(f"catalog {path} is not valid JSON: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise Corrupted(f"catalog {path} has an unknown format; expected format {FORMAT_VERSION}")
+    for key, kind in (("revision", int), ("volumes", dict), ("nodes", dict)):
+        if not isinstance(state.get(key), kind):
+            raise Corrupted(f"catalog {path}: {key!r} is missing or of the wrong type")
+    return state
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

@@ -1,0 +1,107 @@
+"""Paths, addresses and defaults of a pxfs node, and loading of /etc/pxfs/pxd.toml.
+
+Every key of the configuration file is optional and overrides the default of the same name:
+
+    data_dir = "/var/lib/pxfs"
+    control_socket = "/run/pxfs/pxd.sock"
+    peer_socket = "/run/pxfs/peer.sock"      # default: peer.sock next to control_socket
+    rest_host = "127.0.0.1"
+    rest_port = 9001
+    plugin_socket = "/run/docker/plugins/pxd.sock"
+    peer_port = 9002
+    docker_mount_base = "/var/lib/osd/mounts"
+    node_ip = "127.0.0.1"
+
+Command-line flags override the file in turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pxfs.errors import InvalidArgument, PermissionDenied
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = Path("/etc/pxfs/pxd.toml")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings of one node; `peer_socket` None means peer.sock next to `control_socket`."""
+
+    data_dir: Path = Path("/var/lib/pxfs")
+    control_socket: Path = Path("/run/pxfs/pxd.sock")
+    peer_socket: Path | None = None
+    rest_host: str = "127.0.0.1"
+    rest_port: int = 9001
+    plugin_socket: Path = Path("/run/docker/plugins/pxd.sock")
+    peer_port: int = 9002
+    docker_mount_base: Path = Path("/var/lib/osd/mounts")
+    # The address that node.status and the REST API report for this node.
+    node_ip: str = "127.0.0.1"
+
+    @property
+    def peer_socket_path(self) -> Path:
+        """The peer RPC socket: the configured one, or peer.sock beside the control socket."""
+        if self.peer_socket is not None:
+            return self.peer_socket
+        return self.control_socket.parent / "peer.sock"
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a copy with the given fields changed; None values are ignored."""
+        overrides = {key: value for key, value in changes.items() if value is not None}
+        return dataclasses.replace(self, **overrides)
+
+
+_FIELDS = {field.name: field for field in dataclasses.fields(Config)}
+_PATH_KEYS = {"data_dir", "control_socket", "peer_socket", "plugin_socket", "docker_mount_base"}
+_PORT_KEYS = {"rest_port", "peer_port"}
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the configuration file over the defaults.
+
+    With `path` None the default file is read if it exists. An explicit path must exist.
+    Raises InvalidArgument for a missing explicit file, bad TOML, an unknown key or a value of
+    the wrong type.
+    """
+    explicit = path is not None
+    file = Path(path) if path is not None else CONFIG_FILE
+    try:
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise InvalidArgument(f"configuration file {file} does not exist") from None
+        return Config()
+    except PermissionError:
+        raise PermissionDenied(f"configuration file {file} is not readable") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"configuration file {file} is not valid TOML: {exc}") from None
+    config = Config(**{key: _convert(file, key, value) for key, value in data.items()})
+    log.debug("loaded configuration from %s", file)
+    return config
+
+
+def _convert(file: Path, key: str, value: Any) -> Any:
+    if key not in _FIELDS:
+        known = ", ".join(sorted(_FIELDS))
+        raise InvalidArgument(f"{file}: unknown key {key!r}; the known keys are {known}")
+    if key in _PATH_KEYS:
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise InvalidArgument(f"{file}: {key} must be an absolute path, not {value!r}")
+        return Path(value)
+    if key in _PORT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise InvalidArgument(f"{file}: {key} must be a port number 1-65535, not {value!r}")
+        return value
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{file}: {key} must be a non-empty string, not {value!r}")
+    return value
