@@ -1,0 +1,119 @@
+"""pxd-sidecar: serve the openstorage REST API of this node in front of pxd's control socket."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from pxfs import errors
+from pxfs.api import app
+from pxfs.config import load_config
+
+log = logging.getLogger(__name__)
+
+_DESCRIPTION = """\
+Serve the openstorage volume REST API (the routes under /v1/osd-volumes) on HOST:PORT.
+Every request becomes a call to pxd on its control socket; the sidecar keeps no state, so it
+may start before pxd and answers 503 until pxd is up. SIGINT or SIGTERM stops it (exit 0).
+Defaults come from the pxd configuration file; flags override it.
+"""
+
+# journald reads a "<N>" prefix on each line of a service's stderr as the syslog priority.
+_JOURNAL_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser of pxd-sidecar."""
+    parser = argparse.ArgumentParser(prog="pxd-sidecar", description=_DESCRIPTION)
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="pxd configuration file to read the defaults from (default: /etc/pxfs/pxd.toml "
+        "when it exists)",
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="pxd's control socket, the unix socket that the sidecar calls "
+        "(default: control_socket of the configuration, /run/pxfs/pxd.sock)",
+    )
+    parser.add_argument(
+        "--rest",
+        metavar="HOST:PORT",
+        type=parse_address,
+        help="address and TCP port of the REST API (default: rest_host:rest_port of the "
+        "configuration, 127.0.0.1:9001); use [ADDRESS]:PORT for IPv6",
+    )
+    parser.add_argument(
+        "--plugin-socket",
+        metavar="PATH",
+        help="unix socket for Docker's volume plugin protocol (default: plugin_socket of the "
+        "configuration, /run/docker/plugins/pxd.sock). Not served yet: the sidecar logs a "
+        "warning and leaves the socket alone",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every request (DEBUG)")
+    return parser
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Parse HOST:PORT or [IPV6]:PORT into a host and a port number."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"invalid port in {text!r}: expected a number from 1 to 65535"
+        )
+    return host, int(port_text)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log to stderr, with journald priority prefixes when systemd's journal reads stderr."""
+    handler = logging.StreamHandler()
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _JOURNAL_PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>" + super().format(record)
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[str, str, int, str]:
+    """Merge the flags over the configuration file: control socket, host, port, plugin socket."""
+    config = load_config(args.config)
+    host, port = args.rest if args.rest else (config.rest_host, config.rest_port)
+    control_socket = args.socket or str(config.control_socket)
+    plugin_socket = args.plugin_socket or str(config.plugin_socket)
+    return control_socket, host, port, plugin_socket
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run pxd-sidecar and return its exit code."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        control_socket, host, port, plugin_socket = resolve_settings(args)
+        return asyncio.run(app.run_sidecar(control_socket, host, port, plugin_socket))
+    except errors.PxfsError as exc:
+        print(f"pxd-sidecar: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""The openstorage (OSD) wire format: volume records to Volume JSON, request bodies to calls.
+
+The OSD REST API encodes protobuf structs with Go's encoding/json, so pxfs follows the same
+conventions: snake_case keys, every zero value left out, enums as integers, timestamps as
+{"seconds", "nanos"}. Request bodies are decoded the way encoding/json decodes them: key
+matching is case-insensitive, unknown keys are ignored and a JSON null counts as absent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pxfs import errors, units
+
+BLOCK_SIZE = units.BLOCK_SIZE
+
+# Enum values of the openstorage protobuf definitions (api/api.proto).
+FS_TYPE_FUSE = 3
+VOLUME_STATE_ATTACHED = 3
+VOLUME_STATE_DETACHED = 4
+VOLUME_STATUS_UP = 2
+ACTION_NONE = 0
+ACTION_OFF = 1
+ACTION_ON = 2
+
+#: Largest replica count pxfs places (one replica per node, at most three).
+MAX_HA_LEVEL = 3
+
+#: Volume features that openstorage clients may request and pxfs does not have. A request that
+#: switches one on is rejected, because silently creating the volume without the feature (an
+#: unencrypted volume where encryption was requested) would mislead the client.
+UNSUPPORTED_FLAGS = ("shared", "sharedv4", "encrypted", "sticky", "compressed", "dedupe")
+
+_ABSENT: Any = object()
+
+
+# --- Volume JSON --------------------------------------------------------------------------------
+
+
+def volume_to_osd(record: Mapping[str, Any], node_id: str) -> dict[str, Any]:
+    """Convert a pxd volume record into the OSD Volume JSON object.
+
+    `node_id` is the node that serves the request. When the volume is attached on that node,
+    `attach_path` lists the paths whose mount child runs now; attached elsewhere, it lists the
+    paths that the catalog records for the attached node.
+    """
+    attached_on = str(record.get("attached_on") or "")
+    ctime = timestamp(record.get("ctime_ns", 0))
+    attach_paths = _attach_paths(record, node_id) if attached_on else []
+    volume = {
+        "id": str(record["id"]),
+        "locator": omit_zero(
+            {"name": record["name"], "volume_labels": dict(record.get("labels") or {})}
+        ),
+        "ctime": ctime,
+        "spec": _spec(record),
+        "usage": int(record.get("usage") or 0),
+        # pxd keeps no time of the last filesystem scan; openstorage's own drivers report the
+        # creation time here until a scan happens, and so does pxfs.
+        "last_scan": ctime,
+        "format": FS_TYPE_FUSE,
+        "status": VOLUME_STATUS_UP,
+        "state": VOLUME_STATE_ATTACHED if attached_on else VOLUME_STATE_DETACHED,
+        "attached_on": attached_on,
+        "attach_path": attach_paths,
+        "replica_sets": [{"nodes": [str(node) for node in record.get("replica_nodes") or []]}],
+        "runtime_state": [{"runtime_state": _runtime_state(record, attach_paths)}],
+        "attach_time": timestamp(record.get("attach_time_ns", 0)),
+        "detach_time": timestamp(record.get("detach_time_ns", 0)),
+    }
+    return omit_zero(volume)
+
+
+def timestamp(ns: int | None) -> dict[str, int]:
+    """Convert nanoseconds since the epoch into a protobuf Timestamp, zero parts left out."""
+    seconds, nanos = divmod(int(ns or 0), 1_000_000_000)
+    return omit_zero({"seconds": seconds, "nanos": nanos})
+
+
+def omit_zero(value: dict[str, Any]) -> dict[str, Any]:
+    """Drop the keys whose values are zero, false, empty or None, as Go's omitempty does."""
+    return {key: item for key, item in value.items() if not _is_zero(item)}
+
+
+def write_quorum(ha_level: int) -> int:
+    """Return the number of in-sync replicas that a write needs at `ha_level`."""
+    # ha 2 stays writable, degraded, on one replica; ha 3 needs a majority of two.
+    return 2 if ha_level >= 3 else 1
+
+
+def _is_zero(value: Any) -> bool:
+    if value is None or value is False:
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 0
+    if isinstance(value, (str, dict, list, tuple)):
+        return len(value) == 0
+    return False
+
+
+def _spec(record: Mapping[str, Any]) -> dict[str, Any]:
+    return omit_zero(
+        {
+            "size": int(record["size"]),
+            "format": FS_TYPE_FUSE,
+            "block_size": BLOCK_SIZE,
+            "ha_level": int(record["ha_level"]),
+            # openstorage's REST handler keeps the labels in both the locator and the spec.
+            "volume_labels": dict(record.get("labels") or {}),
+            # pxfs stripes nothing across nodes: every replica contains the whole volume.
+            "aggregation_level": 1,
+        }
+    )
+
+
+def _attach_paths(record: Mapping[str, Any], node_id: str) -> list[str]:
+    if record.get("attached_on") == node_id and record.get("mounted") is not None:
+        return [str(path) for path in record["mounted"]]
+    return [str(path) for path in record.get("mount_paths") or []]
+
+
+def _runtime_state(record: Mapping[str, Any], attach_paths: list[str]) -> dict[str, str]:
+    if attach_paths:
+        state = "mounted"
+    elif record.get("attached_on"):
+        state = "attached"
+    else:
+        state = "detached"
+    ha_level = int(record["ha_level"])
+    values = {
+        "ID": "0",
+        "RuntimeState": state,
+        "Epoch": str(int(record.get("epoch") or 0)),
+        "FilesystemUUID": str(record.get("uuid") or ""),
+        "ReplicaNodes": ",".join(str(node) for node in record.get("replica_nodes") or []),
+        "ReadQuorum": "1",
+        "WriteQuorum": str(write_quorum(ha_level)),
+        "MountPaths": ",".join(str(path) for path in record.get("mount_paths") or []),
+    }
+    return {key: value for key, value in values.items() if value}
+
+
+# --- Request bodies -----------------------------------------------------------------------------
+
+
+@dataclass
+class CreateRequest:
+    """A parsed VolumeCreateRequest: the arguments of the control call volume.create."""
+
+    name: str
+    size: int
+    ha_level: int
+    labels: dict[str, str]
+
+    def to_rpc(self) -> dict[str, Any]:
+        """Return the argument of volume.create."""
+        return {
+            "name": self.name,
+            "size": self.size,
+            "ha_level": self.ha_level,
+            "labels": dict(self.labels),
+        }
+
+
+@dataclass
+class SetRequest:
+    """A parsed VolumeSetRequest; None and ACTION_NONE mean that the body did not set the key."""
+
+    name: str | None = None
+    labels: dict[str, str] | None = None
+    size: int | None = None
+    ha_level: int | None = None
+    replica_nodes: list[str] | None = None
+    attach: int = ACTION_NONE
+    mount: int = ACTION_NONE
+    mount_path: str = ""
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def updates_volume(self) -> bool:
+        """True when the body requests a change of the volume's locator or spec."""
+        changes = (self.name, self.labels, self.size, self.ha_level, self.replica_nodes)
+        return any(change is not None for change in changes)
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """Decode a JSON request body that must be an object; raises InvalidArgument."""
+    if not body.strip():
+        raise errors.InvalidArgument("request body is empty: expected a JSON object")
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise errors.InvalidArgument("request body must be a JSON object")
+    return value
+
+
+def parse_create_request(body: Mapping[str, Any]) -> CreateRequest:
+    """Parse a VolumeCreateRequest; raises InvalidArgument naming the offending key."""
+    locator = _object(body, "locator", "locator")
+    spec = _object(body, "spec", "spec")
+    source = _object(body, "source", "source")
+
+    name = _string(locator, "name", "locator.name")
+    if not name:
+        raise errors.InvalidArgument("locator.name is required: the name of the new volume")
+    units.validate_name(name)
+    if _string(source, "parent", "source.parent"):
+        raise errors.InvalidArgument("source.parent is not supported: pxfs cannot clone volumes")
+
+    size = _integer(spec, "size", "spec.size", default=0)
+    if size <= 0:
+        raise errors.InvalidArgument("spec.size is required: the volume size in bytes")
+    ha_level = _integer(spec, "ha_level", "spec.ha_level", default=0) or 1
+    _check_ha_level(ha_level)
+    _check_format(spec)
+    _check_unsupported(spec)
+    if _replica_nodes(spec):
+        raise errors.InvalidArgument(
+            "spec.replica_set is not supported at create: pxd chooses the replica nodes"
+        )
+
+    # Spec labels are deprecated in openstorage; the locator's labels win where both set a key.
+    labels = _string_map(spec, "volume_labels", "spec.volume_labels") or {}
+    labels.update(_string_map(locator, "volume_labels", "locator.volume_labels") or {})
+    units.validate_labels(labels)
+    return CreateRequest(name=name, size=units.check_size(size), ha_level=ha_level, labels=labels)
+
+
+def parse_set_request(body: Mapping[str, Any]) -> SetRequest:
+    """Parse a VolumeSetRequest, keeping only the keys that the body sets."""
+    locator = _object(body, "locator", "locator")
+    spec = _object(body, "spec", "spec")
+    action = _object(body, "action", "action")
+
+    request = SetRequest()
+    if locator:
+        request.name = _string(locator, "name", "locator.name") or None
+        request.labels = _string_map(locator, "volume_labels", "locator.volume_labels")
+    if spec:
+        size = _integer(spec, "size", "spec.size", default=0)
+        ha_level = _integer(spec, "ha_level", "spec.ha_level", default=0)
+        request.size = units.check_size(size) if size else None
+        request.ha_level = ha_level or None
+        if ha_level:
+            _check_ha_level(ha_level)
+        request.replica_nodes = _replica_nodes(spec)
+        if request.labels is None:
+            request.labels = _string_map(spec, "volume_labels", "spec.volume_labels")
+        _check_format(spec)
+        _check_unsupported(spec)
+    if action:
+        request.attach = _action(action, "attach")
+        request.mount = _action(action, "mount")
+        request.mount_path = _string(action, "mount_path", "action.mount_path")
+    request.options = _string_map(body, "options", "options") or {}
+    return request
+
+
+def check_set_request(request: SetRequest, record: Mapping[str, Any]) -> None:
+    """Raise NotSupported when `request` would change what pxd cannot change yet.
+
+    The control RPC has no call that renames, resizes, relabels or re-replicates a volume, so
+    a PUT may only repeat the current values of those keys.
+    """
+    # NOTE: resize, relabel and HA changes need control calls that pxd does not offer yet.
+    # Until it does, a PUT that requests one fails with 501 and changes nothing.
+    ref = record["name"]
+    if request.name is not None and request.name != record["name"]:
+        raise errors.NotSupported(f"renaming volume {ref} is not supported")
+    if request.size is not None and request.size != int(record["size"]):
+        raise errors.NotSupported(f"resizing volume {ref} is not supported")
+    if request.ha_level is not None and request.ha_level != int(record["ha_level"]):
+        raise errors.NotSupported(f"changing the HA level of volume {ref} is not supported")
+    if request.labels is not None and request.labels != dict(record.get("labels") or {}):
+        raise errors.NotSupported(f"changing the labels of volume {ref} is not supported")
+    current_nodes = sorted(str(node) for node in record.get("replica_nodes") or [])
+    if request.replica_nodes and sorted(request.replica_nodes) != current_nodes:
+        raise errors.NotSupported(f"moving the replicas of volume {ref} is not supported")
+
+
+def parse_label_query(values: list[str], key: str) -> dict[str, str]:
+    """Parse the JSON label maps of repeated `Label` or `ConfigLabel` query parameters."""
+    labels: dict[str, str] = {}
+    for value in values:
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            raise errors.InvalidArgument(
+                f"query parameter {key} must be a JSON object of strings, got {value!r}"
+            ) from None
+        labels.update(_check_string_map(decoded, key))
+    return labels
+
+
+def _lookup(obj: Mapping[str, Any], key: str) -> Any:
+    """Find `key` as encoding/json does: the exact key first, then any case-insensitive one."""
+    if key in obj:
+        value = obj[key]
+    else:
+        lowered = key.lower()
+        value = next((v for k, v in obj.items() if k.lower() == lowered), None)
+    return _ABSENT if value is None else value
+
+
+def _object(obj: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = _lookup(obj, key)
+    if value is _ABSENT:
+        return {}
+    if not isinstance(value, dict):
+        raise errors.InvalidArgument(f"{where} must be a JSON object, got {_kind(value)}")
+    return value
+
+
+def _string(obj: Mapping[str, Any], key: str, where: str) -> str:
+    value = _lookup(obj, key)
+    if value is _ABSENT:
+        return ""
+    if not isinstance(value, str):
+        raise errors.InvalidArgument(f"{where} must be a string, got {_kind(value)}")
+    return value
+
+
+def _integer(obj: Mapping[str, Any], key: str, where: str, default: int) -> int:
+    value = _lookup(obj, key)
+    if value is _ABSENT:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise errors.InvalidArgument(
+            f"{where} must be a non-negative integer, got {json.dumps(value)}"
+        )
+    return value
+
+
+def _boolean(obj: Mapping[str, Any], key: str, where: str) -> bool:
+    value = _lookup(obj, key)
+    if value is _ABSENT:
+        return False
+    if not isinstance(value, bool):
+        raise errors.InvalidArgument(f"{where} must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def _string_map(obj: Mapping[str, Any], key: str, where: str) -> dict[str, str] | None:
+    value = _lookup(obj, key)
+    if value is _ABSENT:
+        return None
+    return _check_string_map(value, where)
+
+
+def _check_string_map(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise errors.InvalidArgument(
+            f"{where} must be a JSON object of strings, got {_kind(value)}"
+        )
+    for item_key, item in value.items():
+        if not isinstance(item, str):
+            raise errors.InvalidArgument(
+                f"{where}[{item_key!r}] must be a string, got {json.dumps(item)}"
+            )
+    return dict(value)
+
+
+def _action(action: Mapping[str, Any], key: str) -> int:
+    value = _integer(action, key, f"action.{key}", default=ACTION_NONE)
+    if value not in (ACTION_NONE, ACTION_OFF, ACTION_ON):
+        raise errors.InvalidArgument(
+            f"action.{key} must be 0 (none), 1 (off) or 2 (on), got {value}"
+        )
+    return value
+
+
+def _replica_nodes(spec: Mapping[str, Any]) -> list[str] | None:
+    replica_set = _object(spec, "replica_set", "spec.replica_set")
+    nodes = _lookup(replica_set, "nodes")
+    if nodes is _ABSENT:
+        return None
+    if not isinstance(nodes, list) or not all(isinstance(node, str) for node in nodes):
+        raise errors.InvalidArgument("spec.replica_set.nodes must be a list of node ids")
+    return list(nodes)
+
+
+def _check_ha_level(ha_level: int) -> None:
+    if not 1 <= ha_level <= MAX_HA_LEVEL:
+        raise errors.InvalidArgument(
+            f"spec.ha_level must be between 1 and {MAX_HA_LEVEL}, got {ha_level}"
+        )
+
+
+def _check_format(spec: Mapping[str, Any]) -> None:
+    fs_format = _integer(spec, "format", "spec.format", default=0)
+    if fs_format not in (0, FS_TYPE_FUSE):
+        raise errors.InvalidArgument(
+            f"spec.format {fs_format} is not supported: pxfs volumes are FUSE filesystems "
+            f"(format {FS_TYPE_FUSE}); leave format out or set it to {FS_TYPE_FUSE}"
+        )
+
+
+def _check_unsupported(spec: Mapping[str, Any]) -> None:
+    for flag in UNSUPPORTED_FLAGS:
+        if _boolean(spec, flag, f"spec.{flag}"):
+            raise errors.InvalidArgument(f"spec.{flag} is not supported by pxfs")
+    if _string(spec, "passphrase", "spec.passphrase"):
+        raise errors.InvalidArgument("spec.passphrase is not supported: pxfs cannot encrypt")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return json.dumps(value)

@@ -1,0 +1,188 @@
+"""The openstorage volume routes of the REST API (port 9001), served by pxd-sidecar.
+
+Every handler turns one request into control calls to pxd and converts the records it gets back
+with pxfs.api.osd. The sidecar keeps no volume state of its own. Errors come in the two shapes
+of openstorage: a hard error raises a PxfsError, which the error middleware of pxfs.api.app
+sends as plain text with the error's HTTP status. A soft error, the way openstorage reports a
+failed driver operation, is an HTTP 200 reply whose `volume_response.error` contains the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+from aiohttp import web
+
+from pxfs import errors
+from pxfs.api import osd
+from pxfs.api.control import ControlClient
+
+log = logging.getLogger(__name__)
+
+CONTROL: web.AppKey[ControlClient] = web.AppKey("control", ControlClient)
+
+#: Errors that mean pxd could not be reached. They stay hard errors (HTTP 503) even where
+#: openstorage reports failures as soft errors, so that clients can tell "retry later" from
+#: "the operation failed".
+_HARD_ERRORS = (errors.Unavailable,)
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/osd-volumes/versions")
+async def list_versions(request: web.Request) -> web.Response:
+    """Return the API versions that this server implements."""
+    return web.json_response(["v1"])
+
+
+@routes.post("/v1/osd-volumes")
+async def create_volume(request: web.Request) -> web.Response:
+    """Create a volume, or return the existing one of the same name, size and HA level."""
+    create = osd.parse_create_request(osd.decode_body(await request.read()))
+    try:
+        record = await _control(request).call("volume.create", create.to_rpc())
+    except _HARD_ERRORS:
+        raise
+    except errors.PxfsError as exc:
+        log.info("creating volume %s failed: %s", create.name, exc.message)
+        return web.json_response({"volume_response": {"error": exc.message}})
+    log.info("created volume %s (%s)", create.name, record["id"])
+    return web.json_response({"id": str(record["id"]), "volume_response": {}})
+
+
+@routes.get("/v1/osd-volumes")
+async def list_volumes(request: web.Request) -> web.Response:
+    """List the volumes, filtered by the Name, Label, ConfigLabel and VolumeID parameters."""
+    query = request.query
+    labels = osd.parse_label_query(query.getall("Label", []), "Label")
+    labels.update(osd.parse_label_query(query.getall("ConfigLabel", []), "ConfigLabel"))
+    filters: dict[str, Any] = {}
+    if query.get("Name"):
+        filters["name"] = query["Name"]
+    if labels:
+        filters["labels"] = labels
+    if query.getall("VolumeID", []):
+        filters["ids"] = list(query.getall("VolumeID"))
+
+    control = _control(request)
+    records = await control.call("volume.list", filters)
+    node_id = await _node_id(control)
+    return web.json_response([osd.volume_to_osd(record, node_id) for record in records])
+
+
+@routes.get("/v1/osd-volumes/{id}")
+async def inspect_volume(request: web.Request) -> web.Response:
+    """Return a list with the volume whose name or id is `id`, or an empty list."""
+    control = _control(request)
+    volume = await _inspect(control, request.match_info["id"])
+    return web.json_response([volume] if volume else [])
+
+
+@routes.put("/v1/osd-volumes/{id}")
+async def set_volume(request: web.Request) -> web.Response:
+    """Apply a VolumeSetRequest: spec checks, then attach or detach, then mount or unmount."""
+    update = osd.parse_set_request(osd.decode_body(await request.read()))
+    control = _control(request)
+    ref = request.match_info["id"]
+
+    if update.updates_volume:
+        osd.check_set_request(update, await control.call("volume.inspect", ref))
+    error = await _apply_attach(control, ref, update)
+    if not error:
+        error = await _apply_mount(control, ref, update)
+
+    volume = await _inspect(control, ref)
+    if error and volume is None and _is_release(update):
+        # Detaching or unmounting a volume that does not exist is a success in openstorage.
+        error = ""
+    response = {"error": error} if error else {}
+    return web.json_response({"volume": volume or {}, "volume_response": response})
+
+
+@routes.delete("/v1/osd-volumes/{id}")
+async def delete_volume(request: web.Request) -> web.Response:
+    """Delete a volume; deleting a volume that does not exist succeeds."""
+    ref = request.match_info["id"]
+    try:
+        await _control(request).call("volume.delete", ref)
+    except errors.NotFound:
+        return web.json_response({})
+    except _HARD_ERRORS:
+        raise
+    except errors.PxfsError as exc:
+        log.info("deleting volume %s failed: %s", ref, exc.message)
+        return web.json_response({"error": exc.message})
+    log.info("deleted volume %s", ref)
+    return web.json_response({})
+
+
+def _control(request: web.Request) -> ControlClient:
+    return request.app[CONTROL]
+
+
+async def _node_id(control: ControlClient) -> str:
+    status = await control.call("node.status")
+    return str(status["node_id"])
+
+
+async def _inspect(control: ControlClient, ref: str) -> dict[str, Any] | None:
+    """Return the OSD JSON of volume `ref`, or None when it does not exist."""
+    try:
+        record = await control.call("volume.inspect", ref)
+    except errors.NotFound:
+        return None
+    return osd.volume_to_osd(record, await _node_id(control))
+
+
+async def _apply_attach(control: ControlClient, ref: str, update: osd.SetRequest) -> str:
+    if update.attach == osd.ACTION_ON:
+        return await _soft(control.call("volume.attach", ref))
+    if update.attach != osd.ACTION_OFF:
+        return ""
+    if update.options.get("UNMOUNT_BEFORE_DETACH", "").lower() == "true":
+        error = await _unmount_all(control, ref)
+        if error:
+            return error
+    return await _soft(control.call("volume.detach", ref))
+
+
+async def _apply_mount(control: ControlClient, ref: str, update: osd.SetRequest) -> str:
+    if update.mount == osd.ACTION_NONE:
+        return ""
+    if not update.mount_path:
+        return "Invalid mount path"
+    method = "volume.mount" if update.mount == osd.ACTION_ON else "volume.unmount"
+    return await _soft(control.call(method, ref, update.mount_path))
+
+
+async def _unmount_all(control: ControlClient, ref: str) -> str:
+    """Unmount every path of volume `ref`; return the first error message, or ""."""
+    try:
+        record = await control.call("volume.inspect", ref)
+    except errors.NotFound as exc:
+        return exc.message
+    for path in record.get("mounted") or record.get("mount_paths") or []:
+        error = await _soft(control.call("volume.unmount", ref, path))
+        if error:
+            return error
+    return ""
+
+
+async def _soft(call: Awaitable[Any]) -> str:
+    """Await a control call and return its error message, or "" when it succeeded."""
+    try:
+        await call
+    except _HARD_ERRORS:
+        raise
+    except errors.PxfsError as exc:
+        log.info("volume operation failed: %s", exc.message)
+        return exc.message
+    return ""
+
+
+def _is_release(update: osd.SetRequest) -> bool:
+    """True when the request detaches or unmounts and attaches or mounts nothing."""
+    actions = {update.attach, update.mount}
+    return osd.ACTION_OFF in actions and osd.ACTION_ON not in actions

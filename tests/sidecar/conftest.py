@@ -1,0 +1,286 @@
+"""Fixtures of the sidecar tests: a fake pxd on a unix socket and the REST app in front of it.
+
+FakePxd keeps volume records in memory and serves the control RPC methods with the real
+RpcServer of pxfs.rpc. The server runs in a trio event loop on a thread of its own, so the
+sidecar and pxctl under test speak the real frame protocol. It follows the semantics that
+docs/internals.md fixes for each method but stores no data. The end-to-end tests run the real
+pxd.
+
+aiohttp's pytest plugin runs on pytest-asyncio, which, like pytest-trio, only takes the async
+tests that carry its marker, so each test module here sets `pytestmark = pytest.mark.asyncio`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import trio
+from aiohttp.test_utils import TestClient
+
+from pxfs import errors
+from pxfs.api.app import make_app
+from pxfs.api.control import ControlClient
+from pxfs.rpc import RpcServer
+
+NODE_ID = "node-a1"
+
+
+class FakePxd:
+    """An in-memory stand-in for pxd's control RPC; `calls` records every call in order."""
+
+    def __init__(self, node_id: str = NODE_ID) -> None:
+        self.node_id = node_id
+        self.volumes: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.problems: dict[str, list[str]] = {}
+        #: The unix socket that FakePxdServer serves this fake on.
+        self.socket = Path()
+        #: When set, the next call raises this instead of running.
+        self.fail_next: Exception | None = None
+
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """Return the RpcServer handler table."""
+        methods = {
+            "node.status": self.node_status,
+            "volume.create": self.create,
+            "volume.list": self.list,
+            "volume.inspect": self.inspect,
+            "volume.delete": self.delete,
+            "volume.attach": self.attach,
+            "volume.detach": self.detach,
+            "volume.mount": self.mount,
+            "volume.unmount": self.unmount,
+            "volume.check": self.check,
+        }
+        return {name: self._recorded(name, method) for name, method in methods.items()}
+
+    def _recorded(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        async def handler(*args: Any) -> Any:
+            self.calls.append((name, args))
+            if self.fail_next is not None:
+                failure, self.fail_next = self.fail_next, None
+                raise failure
+            return method(*args)
+
+        # RpcServer checks the arguments against the signature of the handler.
+        handler.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
+        return handler
+
+    def find(self, ref: str) -> dict[str, Any]:
+        """Return the record whose id or name is `ref`; raises NotFound."""
+        if ref in self.volumes:
+            return self.volumes[ref]
+        for record in self.volumes.values():
+            if record["name"] == ref:
+                return record
+        raise errors.NotFound(f"volume {ref} not found")
+
+    def node_status(self) -> dict[str, Any]:
+        """Serve node.status."""
+        mounted = sum(1 for record in self.volumes.values() if record["mounted"])
+        return {
+            "node_id": self.node_id,
+            "hostname": "fakehost",
+            "ip": "127.0.0.1",
+            "data_dir": "/var/lib/pxfs",
+            "version": "0.1.0",
+            "status": "up",
+            "volumes": len(self.volumes),
+            "mounted": mounted,
+            "capacity_bytes": 100 << 30,
+            "free_bytes": 60 << 30,
+            "used_bytes": 40 << 30,
+            "started_ns": 1_700_000_000_000_000_000,
+        }
+
+    def create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Serve volume.create, idempotent by name, size and HA level."""
+        for record in self.volumes.values():
+            if record["name"] != spec["name"]:
+                continue
+            if record["size"] == spec["size"] and record["ha_level"] == spec["ha_level"]:
+                return record
+            raise errors.AlreadyExists(f"volume {spec['name']} exists with another size or HA")
+        volume_id = str(secrets.randbits(63))
+        record = {
+            "id": volume_id,
+            "name": spec["name"],
+            "labels": dict(spec.get("labels") or {}),
+            "size": spec["size"],
+            "ha_level": spec["ha_level"],
+            "ctime_ns": time.time_ns(),
+            "uuid": "c0ffee00-0000-4000-8000-000000000001",
+            "replica_nodes": [self.node_id],
+            "epoch": 0,
+            "attached_on": "",
+            "attach_time_ns": 0,
+            "detach_time_ns": 0,
+            "mount_paths": [],
+            "usage": 0,
+            "mounted": [],
+        }
+        self.volumes[volume_id] = record
+        return record
+
+    def list(self, filters: dict[str, Any]) -> list[dict[str, Any]]:
+        """Serve volume.list with the name, labels and ids filters."""
+        found = []
+        for record in self.volumes.values():
+            if "name" in filters and record["name"] != filters["name"]:
+                continue
+            if "ids" in filters and record["id"] not in filters["ids"]:
+                continue
+            wanted = filters.get("labels") or {}
+            if any(record["labels"].get(key) != value for key, value in wanted.items()):
+                continue
+            found.append(record)
+        return found
+
+    def inspect(self, ref: str) -> dict[str, Any]:
+        """Serve volume.inspect."""
+        return self.find(ref)
+
+    def delete(self, ref: str) -> None:
+        """Serve volume.delete; Busy while attached."""
+        record = self.find(ref)
+        if record["attached_on"]:
+            raise errors.Busy(f"volume {record['name']} is attached on {record['attached_on']}")
+        del self.volumes[record["id"]]
+
+    def attach(self, ref: str) -> dict[str, Any]:
+        """Serve volume.attach; attaching again is a no-op."""
+        record = self.find(ref)
+        if not record["attached_on"]:
+            record["attached_on"] = self.node_id
+            record["epoch"] += 1
+            record["attach_time_ns"] = time.time_ns()
+        return record
+
+    def detach(self, ref: str) -> dict[str, Any]:
+        """Serve volume.detach; Busy while mounted."""
+        record = self.find(ref)
+        if record["mount_paths"]:
+            raise errors.Busy(f"volume {record['name']} is mounted at {record['mount_paths'][0]}")
+        if record["attached_on"]:
+            record["attached_on"] = ""
+            record["detach_time_ns"] = time.time_ns()
+        return record
+
+    def mount(self, ref: str, path: str) -> dict[str, Any]:
+        """Serve volume.mount: the volume must be attached, `path` an empty directory."""
+        record = self.find(ref)
+        if not record["attached_on"]:
+            raise errors.InvalidArgument(f"volume {record['name']} is not attached")
+        if not os.path.isdir(path):
+            raise errors.NotADirectory(f"{path} is not a directory")
+        if os.listdir(path):
+            raise errors.NotEmpty(f"{path} is not empty")
+        if path not in record["mount_paths"]:
+            record["mount_paths"].append(path)
+            record["mounted"].append(path)
+        return record
+
+    def unmount(self, ref: str, path: str) -> dict[str, Any]:
+        """Serve volume.unmount; NotFound when the volume is not mounted at `path`."""
+        record = self.find(ref)
+        if path not in record["mount_paths"]:
+            raise errors.NotFound(f"volume {record['name']} is not mounted at {path}")
+        record["mount_paths"].remove(path)
+        record["mounted"].remove(path)
+        return record
+
+    def check(self, ref: str) -> dict[str, Any]:
+        """Serve volume.check with the problems that a test planted; Busy while attached."""
+        record = self.find(ref)
+        if record["attached_on"]:
+            raise errors.Busy(f"volume {record['name']} is attached; detach it first")
+        problems = self.problems.get(record["name"], [])
+        return {"clean": not problems, "problems": problems}
+
+
+class FakePxdServer:
+    """Run a FakePxd on a unix socket from a thread; use it as a context manager."""
+
+    def __init__(self, fake: FakePxd, path: Path) -> None:
+        self.fake = fake
+        self.path = path
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+        self._thread = threading.Thread(target=self._run, name="fake-pxd", daemon=True)
+        self._failure: BaseException | None = None
+
+    def __enter__(self) -> FakePxdServer:
+        self._thread.start()
+        if not self._ready.wait(timeout=10) or self._failure is not None:
+            raise RuntimeError(f"fake pxd did not start on {self.path}: {self._failure!r}")
+        self.fake.socket = self.path
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None and self._scope is not None:
+            trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as exc:
+            self._failure = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        server = RpcServer(self.fake.handlers(), name="fake-pxd")
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve_unix, self.path)
+                self._ready.set()
+
+
+def short_socket_path(tmp_path: Path, name: str) -> Path:
+    """Return a socket path under `tmp_path`, or under /tmp when that one is too long."""
+    # A unix socket path must fit in sun_path, 108 bytes on Linux.
+    path = tmp_path / name
+    if len(os.fsencode(path)) < 100:
+        return path
+    return Path("/tmp") / f"pxfs-{secrets.token_hex(6)}-{name}"
+
+
+@pytest.fixture
+def fake_server() -> Callable[..., FakePxdServer]:
+    """Return a factory of servers `(path, fake=None)`, for tests that stop and start pxd."""
+
+    def build(path: Path, fake: FakePxd | None = None) -> FakePxdServer:
+        return FakePxdServer(fake or FakePxd(), path)
+
+    return build
+
+
+@pytest.fixture
+def fake_pxd(tmp_path: Path) -> Iterator[FakePxd]:
+    """A FakePxd served on a unix socket; its path is `fake_pxd.socket`."""
+    fake = FakePxd()
+    path = short_socket_path(tmp_path, "pxd.sock")
+    with FakePxdServer(fake, path):
+        yield fake
+
+
+@pytest_asyncio.fixture
+async def rest_client(
+    fake_pxd: FakePxd, aiohttp_client: Any
+) -> AsyncIterator[TestClient[Any, Any]]:
+    """An aiohttp test client of the REST app wired to `fake_pxd`."""
+    control = ControlClient(fake_pxd.socket)
+    client = await aiohttp_client(make_app(control))
+    yield client

@@ -1,0 +1,403 @@
+"""pxctl (pxfs.cli) run as a subprocess against a fake pxd on a unix socket."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pxfs import errors
+from pxfs.api.osd import volume_to_osd
+
+REPO = Path(__file__).resolve().parent.parent
+GIB = 1 << 30
+
+
+def _load_fake_pxd_module() -> Any:
+    # The fake pxd lives with the sidecar tests. "import conftest" would be ambiguous between
+    # the conftest.py files of tests/sidecar and tests/trio, so it is loaded by path.
+    path = Path(__file__).parent / "sidecar" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("fake_pxd_for_cli_tests", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_fake = _load_fake_pxd_module()
+
+
+@pytest.fixture
+def pxd(tmp_path: Path) -> Iterator[Any]:
+    """A fake pxd served on a unix socket; its path is `pxd.socket`."""
+    fake = _fake.FakePxd()
+    with _fake.FakePxdServer(fake, _fake.short_socket_path(tmp_path, "pxd.sock")):
+        yield fake
+
+
+def pxctl(
+    socket_path: Path | None, *args: str, cwd: Path = REPO, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run pxctl with `args`, with --socket when `socket_path` is given."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PXFS_SOCKET", None)
+    env.update(kwargs.pop("env", {}))
+    command = [sys.executable, "-m", "pxfs.cli"]
+    if socket_path is not None:
+        command += ["--socket", str(socket_path)]
+    return subprocess.run(
+        [*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60, **kwargs
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], exit_code: int) -> None:
+    """Check that pxctl failed with `exit_code` and one `pxctl: ` line on stderr."""
+    assert result.returncode == exit_code, result.stderr
+    assert result.stderr.startswith("pxctl: ")
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def create(pxd: Any, name: str, *args: str) -> str:
+    """Create a volume through pxctl and return its id."""
+    result = pxctl(pxd.socket, "volume", "create", name, *args)
+    assert result.returncode == 0, result.stderr
+    prefix = "Volume successfully created: "
+    assert result.stdout.startswith(prefix)
+    return result.stdout[len(prefix) :].strip()
+
+
+# --- volume create ------------------------------------------------------------------------------
+
+
+def test_create_prints_id(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1", "--size", "2", "--repl", "1")
+    assert volume_id.isdigit()
+    record = pxd.volumes[volume_id]
+    assert record["name"] == "vol1"
+    assert record["size"] == 2 * GIB
+    assert record["ha_level"] == 1
+    assert record["labels"] == {}
+
+
+def test_create_defaults_and_labels(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1", "--label", "app=db,tier=gold", "--label", "env=prod")
+    record = pxd.volumes[volume_id]
+    assert record["size"] == GIB
+    assert record["ha_level"] == 1
+    assert record["labels"] == {"app": "db", "tier": "gold", "env": "prod"}
+
+
+def test_create_size_with_suffix(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1", "--size", "512M", "--repl", "3")
+    assert pxd.volumes[volume_id]["size"] == 512 << 20
+    assert pxd.volumes[volume_id]["ha_level"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["vol1", "--size", "ten"], "invalid size"),
+        (["vol1", "--size", "0"], "invalid size"),
+        (["vol1", "--size", "100000"], "maximum volume size"),
+        (["vol1", "--repl", "4"], "invalid replica count"),
+        (["vol1", "--repl", "x"], "invalid replica count"),
+        (["vol1", "--label", "novalue"], "invalid label"),
+        (["a/b"], "'/'"),
+        ([".."], "reserved"),
+        ([""], "empty"),
+        ([], "required"),
+    ],
+)
+def test_create_bad_input(pxd: Any, args: list[str], expected: str) -> None:
+    result = pxctl(pxd.socket, "volume", "create", *args)
+    assert_one_line_error(result, errors.InvalidArgument.exit_code)
+    assert expected in result.stderr
+    assert pxd.calls == []
+
+
+def test_create_conflict_exit_code(pxd: Any) -> None:
+    create(pxd, "vol1", "--size", "1")
+    result = pxctl(pxd.socket, "volume", "create", "vol1", "--size", "2")
+    assert_one_line_error(result, errors.AlreadyExists.exit_code)
+    assert "vol1" in result.stderr
+    assert len(pxd.volumes) == 1
+
+
+def test_create_json(pxd: Any) -> None:
+    result = pxctl(pxd.socket, "-j", "volume", "create", "vol1")
+    assert result.returncode == 0, result.stderr
+    volume = json.loads(result.stdout)
+    assert volume["locator"] == {"name": "vol1"}
+    assert volume["id"] in pxd.volumes
+
+
+# --- volume list and inspect --------------------------------------------------------------------
+
+
+def test_list_table(pxd: Any) -> None:
+    create(pxd, "alpha", "--size", "1")
+    beta = create(pxd, "beta", "--size", "2", "--repl", "2")
+    pxd.attach(beta)
+    result = pxctl(pxd.socket, "volume", "list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == [
+        "ID", "NAME", "SIZE", "HA", "SHARED", "ENCRYPTED", "IO_PRIORITY", "STATUS"
+    ]  # fmt: skip
+    rows = {line.split()[1]: line for line in lines[1:]}
+    assert set(rows) == {"alpha", "beta"}
+    assert rows["alpha"].endswith("up - detached")
+    assert rows["beta"].endswith(f"up - attached on {pxd.node_id}")
+    assert "2.0 GiB" in rows["beta"]
+    assert lines[0].index("NAME") == lines[1].index(lines[1].split()[1])
+
+
+def test_list_empty_prints_header(pxd: Any) -> None:
+    result = pxctl(pxd.socket, "v", "l")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "ID", "NAME", "SIZE", "HA", "SHARED", "ENCRYPTED", "IO_PRIORITY", "STATUS"
+    ]  # fmt: skip
+
+
+def test_list_filters(pxd: Any) -> None:
+    create(pxd, "alpha", "--label", "env=prod")
+    create(pxd, "beta")
+    by_label = pxctl(pxd.socket, "volume", "list", "--label", "env=prod")
+    assert [line.split()[1] for line in by_label.stdout.splitlines()[1:]] == ["alpha"]
+    by_name = pxctl(pxd.socket, "volume", "list", "--name", "beta")
+    assert [line.split()[1] for line in by_name.stdout.splitlines()[1:]] == ["beta"]
+
+
+@pytest.mark.parametrize("flags", [["-j", "volume", "list"], ["volume", "list", "--json"]])
+def test_list_json_is_rest_shape(pxd: Any, flags: list[str]) -> None:
+    volume_id = create(pxd, "vol1")
+    result = pxctl(pxd.socket, *flags)
+    assert result.returncode == 0, result.stderr
+    volumes = json.loads(result.stdout)
+    assert volumes == [volume_to_osd(pxd.volumes[volume_id], pxd.node_id)]
+
+
+def test_inspect_text(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1", "--size", "2", "--label", "app=db")
+    result = pxctl(pxd.socket, "volume", "inspect", "vol1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Volume")
+    assert lines[0].endswith(volume_id)
+    fields = {
+        line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip()
+        for line in lines[1:]
+        if line.startswith("\t") and not line.startswith("\t\t") and ":" in line
+    }
+    assert fields["Name"] == "vol1"
+    assert fields["Size"] == "2.0 GiB"
+    assert fields["HA"] == "1"
+    assert fields["State"] == "detached"
+    assert fields["Labels"] == "app=db"
+    assert fields["Format"] == "fuse"
+    colons = {line.index(":") for line in lines if line.startswith("\t") and "  :" in line}
+    assert len(colons) == 1
+    assert f"\t\t\tNode\t:  {pxd.node_id}" in lines
+
+
+def test_inspect_by_id_and_json(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1")
+    result = pxctl(pxd.socket, "volume", "inspect", volume_id, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [volume_to_osd(pxd.volumes[volume_id], pxd.node_id)]
+
+
+def test_inspect_attached_state(pxd: Any, tmp_path: Path) -> None:
+    create(pxd, "vol1")
+    pxd.attach("vol1")
+    result = pxctl(pxd.socket, "v", "i", "vol1")
+    assert f"Attached: {pxd.node_id}" in result.stdout
+
+
+def test_inspect_missing_exit_code(pxd: Any) -> None:
+    result = pxctl(pxd.socket, "volume", "inspect", "ghost")
+    assert_one_line_error(result, errors.NotFound.exit_code)
+    assert "ghost" in result.stderr
+
+
+# --- volume delete and check --------------------------------------------------------------------
+
+
+def test_delete(pxd: Any) -> None:
+    create(pxd, "vol1")
+    result = pxctl(pxd.socket, "volume", "delete", "vol1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Volume vol1 successfully deleted\n"
+    assert pxd.volumes == {}
+
+
+def test_delete_attached_is_busy(pxd: Any) -> None:
+    create(pxd, "vol1")
+    pxd.attach("vol1")
+    result = pxctl(pxd.socket, "volume", "delete", "vol1")
+    assert_one_line_error(result, errors.Busy.exit_code)
+    assert len(pxd.volumes) == 1
+
+
+def test_check_clean(pxd: Any) -> None:
+    create(pxd, "vol1")
+    result = pxctl(pxd.socket, "volume", "check", "vol1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Volume vol1 is clean\n"
+
+
+def test_check_problems_exit_nonzero(pxd: Any) -> None:
+    create(pxd, "vol1")
+    pxd.problems["vol1"] = ["inode 7: block 12 claimed twice", "directory 2: bad entry"]
+    result = pxctl(pxd.socket, "volume", "check", "vol1")
+    assert result.returncode == errors.Corrupted.exit_code
+    assert "2 problem(s)" in result.stdout
+    assert "inode 7: block 12 claimed twice" in result.stdout
+    assert "directory 2: bad entry" in result.stdout
+
+
+def test_check_json(pxd: Any) -> None:
+    create(pxd, "vol1")
+    pxd.problems["vol1"] = ["bad"]
+    result = pxctl(pxd.socket, "volume", "check", "vol1", "-j")
+    assert result.returncode == errors.Corrupted.exit_code
+    assert json.loads(result.stdout) == {"clean": False, "problems": ["bad"]}
+
+
+def test_check_attached_is_busy(pxd: Any) -> None:
+    create(pxd, "vol1")
+    pxd.attach("vol1")
+    assert_one_line_error(pxctl(pxd.socket, "volume", "check", "vol1"), errors.Busy.exit_code)
+
+
+# --- host ---------------------------------------------------------------------------------------
+
+
+def test_host_attach_mount_unmount_detach(pxd: Any, tmp_path: Path) -> None:
+    volume_id = create(pxd, "vol1")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+
+    attached = pxctl(pxd.socket, "host", "attach", "vol1")
+    assert attached.returncode == 0, attached.stderr
+    assert attached.stdout == f"Volume vol1 successfully attached on node {pxd.node_id}\n"
+
+    # A relative path is resolved against pxctl's working directory, not pxd's.
+    mounted = pxctl(pxd.socket, "host", "mount", "vol1", "mnt", cwd=tmp_path)
+    assert mounted.returncode == 0, mounted.stderr
+    assert mounted.stdout == f"Volume vol1 successfully mounted at {mountpoint}\n"
+    assert pxd.volumes[volume_id]["mount_paths"] == [str(mountpoint)]
+
+    busy = pxctl(pxd.socket, "host", "detach", "vol1")
+    assert_one_line_error(busy, errors.Busy.exit_code)
+
+    unmounted = pxctl(pxd.socket, "host", "unmount", "vol1", str(mountpoint))
+    assert unmounted.returncode == 0, unmounted.stderr
+    assert unmounted.stdout == f"Volume vol1 successfully unmounted from {mountpoint}\n"
+
+    detached = pxctl(pxd.socket, "host", "detach", "vol1")
+    assert detached.returncode == 0, detached.stderr
+    assert detached.stdout == "Volume vol1 successfully detached\n"
+    assert pxd.volumes[volume_id]["attached_on"] == ""
+
+
+def test_host_mount_errors(pxd: Any, tmp_path: Path) -> None:
+    create(pxd, "vol1")
+    not_attached = pxctl(pxd.socket, "host", "mount", "vol1", str(tmp_path))
+    assert_one_line_error(not_attached, errors.InvalidArgument.exit_code)
+    pxd.attach("vol1")
+    missing = pxctl(pxd.socket, "host", "mount", "vol1", str(tmp_path / "absent"))
+    assert_one_line_error(missing, errors.NotADirectory.exit_code)
+    not_mounted = pxctl(pxd.socket, "host", "unmount", "vol1", str(tmp_path))
+    assert_one_line_error(not_mounted, errors.NotFound.exit_code)
+
+
+# --- status and connection ----------------------------------------------------------------------
+
+
+def test_status_text(pxd: Any) -> None:
+    create(pxd, "vol1")
+    result = pxctl(pxd.socket, "status")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Status: pxfs is operational"
+    assert lines[1] == f"Node ID: {pxd.node_id}"
+    assert any(line.split(":", 1)[1].strip() == "1 (0 mounted)" for line in lines[2:])
+    assert any("100.0 GiB" in line for line in lines)
+
+
+def test_status_json(pxd: Any) -> None:
+    result = pxctl(pxd.socket, "--json", "status")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["node_id"] == pxd.node_id
+
+
+def test_socket_from_environment(pxd: Any) -> None:
+    result = pxctl(None, "status", env={"PXFS_SOCKET": str(pxd.socket)})
+    assert result.returncode == 0, result.stderr
+    assert pxd.node_id in result.stdout
+
+
+def test_pxd_not_running(tmp_path: Path) -> None:
+    path = tmp_path / "absent.sock"
+    result = pxctl(path, "volume", "list")
+    assert_one_line_error(result, errors.Unavailable.exit_code)
+    assert "pxd is not running" in result.stderr
+    assert str(path) in result.stderr
+
+
+def test_stale_socket_file(tmp_path: Path) -> None:
+    path = _fake.short_socket_path(tmp_path, "stale.sock")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+    try:
+        result = pxctl(path, "status")
+    finally:
+        path.unlink()
+    assert_one_line_error(result, errors.Unavailable.exit_code)
+    assert "pxd is not running" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run pxctl as another user")
+def test_permission_denied_message(pxd: Any) -> None:
+    # The socket's directory belongs to root with mode 0700, so the user "nobody" cannot
+    # connect.
+    os.chmod(pxd.socket.parent, 0o700)
+    result = pxctl(pxd.socket, "status", user=65534, group=65534, cwd=Path("/"))
+    assert_one_line_error(result, errors.PermissionDenied.exit_code)
+    assert "permission denied" in result.stderr
+    assert str(pxd.socket) in result.stderr
+
+
+def test_internal_error_one_line(pxd: Any) -> None:
+    pxd.fail_next = RuntimeError("catalog exploded")
+    result = pxctl(pxd.socket, "volume", "list")
+    assert_one_line_error(result, errors.InternalError.exit_code)
+    assert "catalog exploded" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["volume"], ["host"], ["volume", "frobnicate"], ["bogus"], ["host", "mount", "vol1"]],
+)
+def test_usage_errors_one_line(args: list[str], tmp_path: Path) -> None:
+    result = pxctl(tmp_path / "unused.sock", *args)
+    assert_one_line_error(result, errors.InvalidArgument.exit_code)
+    assert "--help" in result.stderr
+
+
+def test_help_exits_zero() -> None:
+    result = pxctl(None, "volume", "create", "--help")
+    assert result.returncode == 0
+    assert "--size" in result.stdout
+    assert "--repl" in result.stdout

@@ -1,0 +1,350 @@
+"""pxfs.api.osd: volume records to OSD Volume JSON, and parsing of OSD request bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from pxfs import errors
+from pxfs.api import osd
+
+GIB = 1 << 30
+NODE = "node-a"
+
+
+def make_record(**changes: Any) -> dict[str, Any]:
+    """Return a detached volume record as pxd sends it."""
+    record: dict[str, Any] = {
+        "id": "700377599852814571",
+        "name": "px7vol",
+        "labels": {},
+        "size": 14 * GIB,
+        "ha_level": 3,
+        "ctime_ns": 1479507011_890685197,
+        "uuid": "5b0c2f4e-1111-4222-8333-444455556666",
+        "replica_nodes": ["node-a", "node-b", "node-c"],
+        "epoch": 0,
+        "attached_on": "",
+        "attach_time_ns": 0,
+        "detach_time_ns": 0,
+        "mount_paths": [],
+        "usage": 138706944,
+        "mounted": [],
+    }
+    record.update(changes)
+    return record
+
+
+# --- volume_to_osd ------------------------------------------------------------------------------
+
+
+def test_detached_volume_matches_reference() -> None:
+    volume = osd.volume_to_osd(make_record(), NODE)
+    assert volume["id"] == "700377599852814571"
+    assert volume["locator"] == {"name": "px7vol"}
+    assert volume["ctime"] == {"seconds": 1479507011, "nanos": 890685197}
+    assert volume["last_scan"] == volume["ctime"]
+    assert volume["spec"] == {
+        "size": 15032385536,
+        "format": 3,
+        "block_size": 65536,
+        "ha_level": 3,
+        "aggregation_level": 1,
+    }
+    assert volume["usage"] == 138706944
+    assert volume["format"] == 3
+    assert volume["status"] == 2
+    assert volume["state"] == 4
+    assert volume["replica_sets"] == [{"nodes": ["node-a", "node-b", "node-c"]}]
+
+
+def test_detached_volume_omits_zero_values() -> None:
+    volume = osd.volume_to_osd(make_record(usage=0), NODE)
+    for key in ("attached_on", "attach_path", "attach_time", "detach_time", "usage", "readonly"):
+        assert key not in volume, key
+    assert "volume_labels" not in volume["locator"]
+    assert "volume_labels" not in volume["spec"]
+
+
+def test_whole_volume_is_json_with_int_enums() -> None:
+    volume = osd.volume_to_osd(make_record(), NODE)
+    decoded = json.loads(json.dumps(volume))
+    assert decoded == volume
+    for key in ("format", "status", "state"):
+        assert type(volume[key]) is int
+
+
+def test_runtime_state_is_map_of_strings() -> None:
+    volume = osd.volume_to_osd(make_record(epoch=4), NODE)
+    [entry] = volume["runtime_state"]
+    state = entry["runtime_state"]
+    assert all(isinstance(value, str) for value in state.values())
+    assert state["RuntimeState"] == "detached"
+    assert state["Epoch"] == "4"
+    assert state["WriteQuorum"] == "2"
+    assert state["ReplicaNodes"] == "node-a,node-b,node-c"
+    assert state["FilesystemUUID"] == "5b0c2f4e-1111-4222-8333-444455556666"
+
+
+def test_attached_here_uses_running_mounts() -> None:
+    record = make_record(
+        attached_on=NODE,
+        attach_time_ns=1_700_000_000_000_000_001,
+        mount_paths=["/mnt/a", "/mnt/b"],
+        mounted=["/mnt/a"],
+    )
+    volume = osd.volume_to_osd(record, NODE)
+    assert volume["state"] == 3
+    assert volume["attached_on"] == NODE
+    assert volume["attach_path"] == ["/mnt/a"]
+    assert volume["attach_time"] == {"seconds": 1_700_000_000, "nanos": 1}
+    assert volume["runtime_state"][0]["runtime_state"]["RuntimeState"] == "mounted"
+
+
+def test_attached_elsewhere_uses_catalog_paths() -> None:
+    record = make_record(attached_on="node-b", mount_paths=["/mnt/a"], mounted=[])
+    volume = osd.volume_to_osd(record, NODE)
+    assert volume["attached_on"] == "node-b"
+    assert volume["attach_path"] == ["/mnt/a"]
+
+
+def test_attached_unmounted_has_no_path() -> None:
+    volume = osd.volume_to_osd(make_record(attached_on=NODE), NODE)
+    assert volume["state"] == 3
+    assert "attach_path" not in volume
+    assert volume["runtime_state"][0]["runtime_state"]["RuntimeState"] == "attached"
+
+
+def test_labels_in_locator_and_spec() -> None:
+    volume = osd.volume_to_osd(make_record(labels={"app": "db"}), NODE)
+    assert volume["locator"]["volume_labels"] == {"app": "db"}
+    assert volume["spec"]["volume_labels"] == {"app": "db"}
+
+
+@pytest.mark.parametrize(
+    ("ns", "expected"),
+    [
+        (0, {}),
+        (None, {}),
+        (5, {"nanos": 5}),
+        (3_000_000_000, {"seconds": 3}),
+        (3_000_000_007, {"seconds": 3, "nanos": 7}),
+    ],
+)
+def test_timestamp(ns: int | None, expected: dict[str, int]) -> None:
+    assert osd.timestamp(ns) == expected
+
+
+@pytest.mark.parametrize(("ha_level", "quorum"), [(1, 1), (2, 1), (3, 2)])
+def test_write_quorum(ha_level: int, quorum: int) -> None:
+    assert osd.write_quorum(ha_level) == quorum
+
+
+# --- VolumeCreateRequest ------------------------------------------------------------------------
+
+
+def test_create_request_basic() -> None:
+    body = {"locator": {"name": "v1"}, "spec": {"size": GIB, "ha_level": 2}}
+    request = osd.parse_create_request(body)
+    assert request.to_rpc() == {"name": "v1", "size": GIB, "ha_level": 2, "labels": {}}
+
+
+def test_create_request_defaults_and_rounding() -> None:
+    request = osd.parse_create_request({"locator": {"name": "v1"}, "spec": {"size": 1}})
+    assert request.ha_level == 1
+    assert request.size == 65536
+
+
+def test_create_request_case_insensitive() -> None:
+    body = {"LOCATOR": {"Name": "v1"}, "Spec": {"SIZE": GIB, "Ha_Level": 3}}
+    request = osd.parse_create_request(body)
+    assert (request.name, request.size, request.ha_level) == ("v1", GIB, 3)
+
+
+def test_create_request_exact_key_wins() -> None:
+    body = {"locator": {"NAME": "upper", "name": "exact"}, "spec": {"size": GIB}}
+    assert osd.parse_create_request(body).name == "exact"
+
+
+def test_create_request_ignores_unknown_and_null() -> None:
+    body = {
+        "locator": {"name": "v1", "ownership": {"owner": "x"}},
+        "spec": {"size": GIB, "io_profile": 6, "cos": 3, "format": None},
+        "source": None,
+        "extra": [1, 2, 3],
+    }
+    assert osd.parse_create_request(body).name == "v1"
+
+
+def test_create_request_merges_labels() -> None:
+    body = {
+        "locator": {"name": "v1", "volume_labels": {"a": "locator"}},
+        "spec": {"size": GIB, "volume_labels": {"a": "spec", "b": "spec"}},
+    }
+    assert osd.parse_create_request(body).labels == {"a": "locator", "b": "spec"}
+
+
+def test_create_request_accepts_fuse_format() -> None:
+    body = {"locator": {"name": "v1"}, "spec": {"size": GIB, "format": 3}}
+    assert osd.parse_create_request(body).name == "v1"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"spec": {"size": GIB}}, "locator.name is required"),
+        ({"locator": "v1", "spec": {"size": GIB}}, "locator must be a JSON object"),
+        ({"locator": {"name": 7}, "spec": {"size": GIB}}, "locator.name must be a string"),
+        ({"locator": {"name": "v1"}}, "spec.size is required"),
+        ({"locator": {"name": "v1"}, "spec": {"size": "1G"}}, "spec.size must be"),
+        ({"locator": {"name": "v1"}, "spec": {"size": 1.5}}, "spec.size must be"),
+        ({"locator": {"name": "v1"}, "spec": {"size": True}}, "spec.size must be"),
+        ({"locator": {"name": "v1"}, "spec": {"size": -1}}, "spec.size must be"),
+        ({"locator": {"name": "v1"}, "spec": {"size": 1 << 50}}, "maximum volume size"),
+        ({"locator": {"name": "v1"}, "spec": {"size": GIB, "ha_level": 4}}, "spec.ha_level"),
+        ({"locator": {"name": "v1"}, "spec": {"size": GIB, "ha_level": "2"}}, "spec.ha_level"),
+        ({"locator": {"name": "v1"}, "spec": {"size": GIB, "format": 2}}, "spec.format 2"),
+        ({"locator": {"name": "v1"}, "spec": {"size": GIB, "shared": True}}, "spec.shared"),
+        ({"locator": {"name": "v1"}, "spec": {"size": GIB, "encrypted": 1}}, "spec.encrypted"),
+        ({"locator": {"name": "v1"}, "spec": {"size": GIB, "passphrase": "x"}}, "passphrase"),
+        (
+            {"locator": {"name": "v1", "volume_labels": {"a": 1}}, "spec": {"size": GIB}},
+            "locator.volume_labels['a']",
+        ),
+        (
+            {"locator": {"name": "v1", "volume_labels": ["a"]}, "spec": {"size": GIB}},
+            "locator.volume_labels must be",
+        ),
+        ({"locator": {"name": "v1"}, "spec": {"size": GIB}, "source": {"parent": "7"}}, "clone"),
+        (
+            {"locator": {"name": "v1"}, "spec": {"size": GIB, "replica_set": {"nodes": ["n"]}}},
+            "spec.replica_set",
+        ),
+        ({"locator": {"name": "a/b"}, "spec": {"size": GIB}}, "'/'"),
+        ({"locator": {"name": ".."}, "spec": {"size": GIB}}, "reserved"),
+    ],
+)
+def test_create_request_rejects(body: dict[str, Any], expected: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        osd.parse_create_request(body)
+    assert expected in caught.value.message
+
+
+# --- VolumeSetRequest ---------------------------------------------------------------------------
+
+
+def test_set_request_only_present_keys() -> None:
+    request = osd.parse_set_request({"spec": {"size": 2 * GIB}})
+    assert request.size == 2 * GIB
+    assert request.ha_level is None
+    assert request.labels is None
+    assert request.name is None
+    assert request.replica_nodes is None
+    assert request.attach == osd.ACTION_NONE
+    assert request.updates_volume
+
+
+def test_set_request_actions() -> None:
+    body = {
+        "Action": {"Attach": 2, "Mount": 2, "Mount_Path": "/mnt/x"},
+        "options": {"FORCE_DETACH": "true"},
+    }
+    request = osd.parse_set_request(body)
+    assert request.attach == osd.ACTION_ON
+    assert request.mount == osd.ACTION_ON
+    assert request.mount_path == "/mnt/x"
+    assert request.options == {"FORCE_DETACH": "true"}
+    assert not request.updates_volume
+
+
+def test_set_request_empty_body() -> None:
+    request = osd.parse_set_request({})
+    assert not request.updates_volume
+    assert request.attach == osd.ACTION_NONE
+    assert request.mount == osd.ACTION_NONE
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"action": {"attach": 3}}, "action.attach must be 0"),
+        ({"action": {"mount": "on"}}, "action.mount must be"),
+        ({"action": {"mount_path": ["/a"]}}, "action.mount_path must be a string"),
+        ({"action": []}, "action must be a JSON object"),
+        ({"options": {"A": 1}}, "options['A']"),
+        ({"spec": {"ha_level": 9}}, "spec.ha_level"),
+        ({"spec": {"replica_set": {"nodes": "n1"}}}, "spec.replica_set.nodes"),
+        ({"spec": {"sticky": True}}, "spec.sticky"),
+    ],
+)
+def test_set_request_rejects(body: dict[str, Any], expected: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        osd.parse_set_request(body)
+    assert expected in caught.value.message
+
+
+def test_check_set_request_same_values_pass() -> None:
+    record = make_record(labels={"a": "b"})
+    body = {
+        "locator": {"name": "px7vol", "volume_labels": {"a": "b"}},
+        "spec": {
+            "size": 14 * GIB,
+            "ha_level": 3,
+            "replica_set": {"nodes": ["node-c", "node-a", "node-b"]},
+        },
+    }
+    osd.check_set_request(osd.parse_set_request(body), record)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"locator": {"name": "other"}}, "renaming"),
+        ({"spec": {"size": GIB}}, "resizing"),
+        ({"spec": {"ha_level": 2}}, "HA level"),
+        ({"locator": {"volume_labels": {"x": "y"}}}, "labels"),
+        ({"spec": {"replica_set": {"nodes": ["node-z"]}}}, "replicas"),
+    ],
+)
+def test_check_set_request_changes_unsupported(body: dict[str, Any], expected: str) -> None:
+    with pytest.raises(errors.NotSupported) as caught:
+        osd.check_set_request(osd.parse_set_request(body), make_record())
+    assert expected in caught.value.message
+
+
+# --- bodies and queries -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"", "empty"),
+        (b"   ", "empty"),
+        (b"{", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b'"text"', "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+    ],
+)
+def test_decode_body_rejects(body: bytes, expected: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        osd.decode_body(body)
+    assert expected in caught.value.message
+
+
+def test_decode_body_object() -> None:
+    assert osd.decode_body(b'{"a": 1}') == {"a": 1}
+
+
+def test_label_query_merges() -> None:
+    values = [json.dumps({"a": "1"}), json.dumps({"b": "2"})]
+    assert osd.parse_label_query(values, "Label") == {"a": "1", "b": "2"}
+
+
+@pytest.mark.parametrize("value", ["a=1", "[1]", json.dumps({"a": 1})])
+def test_label_query_rejects(value: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        osd.parse_label_query([value], "Label")
+    assert "Label" in caught.value.message
