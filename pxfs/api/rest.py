@@ -68,7 +68,7 @@ async def list_volumes(request: web.Request) -> web.Response:
 
     control = _control(request)
     records = await control.call("volume.list", filters)
-    node_id = await _node_id(control)
+    node_id = await _node_id(control) if records else ""
     return web.json_response([osd.volume_to_osd(record, node_id) for record in records])
 
 
