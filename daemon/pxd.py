@@ -1,0 +1,141 @@
+"""pxd, the pxfs node daemon: `pxd --data-dir DIR --socket PATH`.
+
+Logs go to stderr. SIGINT and SIGTERM unmount every volume (the next start mounts them again),
+close the sockets and exit 0. A failure to start prints "pxd: <reason>" and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+
+from pxfs.config import CONFIG_FILE, Config, load_config
+from pxfs.errors import PxfsError
+from pxfs.node import Node
+
+log = logging.getLogger("pxd")
+
+# Priorities of sd-daemon(3), which journald reads from the start of each line.
+_JOURNAL_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line of pxd."""
+    parser = argparse.ArgumentParser(
+        prog="pxd",
+        description="The pxfs node daemon: replica store, volume catalog and FUSE mounts.",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, metavar="DIR",
+        help="directory for the replicas, the catalog, the node id and the cluster secret "
+        "(default /var/lib/pxfs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--socket", type=Path, metavar="PATH",
+        help="unix socket of the control RPC, used by pxctl and the sidecar "
+        "(default /run/pxfs/pxd.sock)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--peer-socket", type=Path, metavar="PATH",
+        help="unix socket of the peer RPC, used by mount children "
+        "(default peer.sock in the directory of --socket)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE",
+        help=f"TOML configuration file; flags override its keys (default {CONFIG_FILE}, "
+        "read only if it exists)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="lowest level of the messages written to stderr (default info)",
+    )  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr, with journald priority prefixes when stderr is the journal."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """Read the configuration file and apply the command-line flags over it."""
+    config = load_config(args.config)
+    return config.replace(
+        data_dir=args.data_dir, control_socket=args.socket, peer_socket=args.peer_socket
+    )
+
+
+async def _stop_on_signal(node: Node, signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        if node.stopping:
+            log.info("received %s again; pxd is already stopping", signal.Signals(signum).name)
+            continue
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        node.stop()
+
+
+async def serve(config: Config) -> None:
+    """Run the node until SIGINT or SIGTERM, then stop it."""
+    node = Node(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, node, signals)
+            await node.run()
+            nursery.cancel_scope.cancel()
+
+
+def _startup_failure(exc: BaseException) -> str | None:
+    """Return the message for an expected failure, or None for a bug that needs its traceback."""
+    if isinstance(exc, PxfsError):
+        return exc.message
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
+    if isinstance(exc, BaseExceptionGroup):
+        messages = [_startup_failure(inner) for inner in exc.exceptions]
+        if messages and all(message is not None for message in messages):
+            return "; ".join(message for message in messages if message is not None)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run pxd; return its exit status."""
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = build_config(args)
+        trio.run(serve, config)
+    except (PxfsError, OSError, BaseExceptionGroup) as exc:
+        message = _startup_failure(exc)
+        if message is None:
+            raise
+        print(f"pxd: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
