@@ -1,0 +1,548 @@
+"""The on-volume format: superblock and geometry, the metadata model and the block allocator.
+
+Block 0 holds the superblock. The journal ring, two checkpoint slots and the data region follow.
+The metadata of a mounted volume lives in memory as a `Tree` of `Inode` objects. The tree changes
+only through `Tree.apply`, one change at a time, both while mounted and during journal replay,
+so the replayed state is exactly the state that the journal records describe.
+docs/volume-format.md describes the layout byte by byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import stat
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from pxfs.errors import Corrupted, InvalidArgument, NoSpace, NotFound
+from pxfs.volume.device import BLOCK_SIZE, ZERO_BLOCK
+
+log = logging.getLogger(__name__)
+
+SUPERBLOCK_MAGIC = b"PXFS-SB\x00"
+FORMAT_VERSION = 1
+MIB = 1024 * 1024
+DEFAULT_JOURNAL_BYTES = 32 * MIB
+DEFAULT_CHECKPOINT_BYTES = 256 * MIB
+MIN_DATA_BLOCKS = 16
+ROOT_INO = 1
+NAME_MAX = 255
+SYMLINK_MAX = 4095
+#: Checkpoint bytes set aside per inode; the slot size divided by it is the inode limit.
+INODE_BUDGET = 256
+
+_DIGEST_SIZE = 16
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=_DIGEST_SIZE).digest()
+
+
+# Geometry and superblock
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where each region of a volume starts and how many blocks it has."""
+
+    journal_blocks: int
+    checkpoint_blocks: int
+    data_blocks: int
+
+    journal_start = 1
+
+    @property
+    def checkpoint_starts(self) -> tuple[int, int]:
+        """The first block of each of the two checkpoint slots."""
+        first = self.journal_start + self.journal_blocks
+        return first, first + self.checkpoint_blocks
+
+    @property
+    def data_start(self) -> int:
+        """The first block of the data region."""
+        return self.checkpoint_starts[1] + self.checkpoint_blocks
+
+    @property
+    def nblocks(self) -> int:
+        """The number of blocks the device needs."""
+        return self.data_start + self.data_blocks
+
+    @property
+    def journal_bytes(self) -> int:
+        """The size of the journal ring in bytes."""
+        return self.journal_blocks * BLOCK_SIZE
+
+    @property
+    def max_inodes(self) -> int:
+        """The inode limit that keeps a checkpoint inside its slot."""
+        return self.checkpoint_blocks * BLOCK_SIZE // INODE_BUDGET
+
+    def is_data(self, blockno: int) -> bool:
+        """Tell whether a block number lies in the data region."""
+        return self.data_start <= blockno < self.nblocks
+
+    @classmethod
+    def for_size(
+        cls,
+        size: int,
+        journal_bytes: int = DEFAULT_JOURNAL_BYTES,
+        checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
+    ) -> Geometry:
+        """Return the geometry of a volume of `size` bytes, rounded up to whole blocks."""
+        if size < MIN_DATA_BLOCKS * BLOCK_SIZE:
+            raise InvalidArgument(
+                f"volume size {size} is below the minimum of {MIN_DATA_BLOCKS * BLOCK_SIZE} bytes"
+            )
+        journal_blocks = -(-journal_bytes // BLOCK_SIZE)
+        checkpoint_blocks = -(-checkpoint_bytes // BLOCK_SIZE)
+        if journal_blocks < 2 or checkpoint_blocks < 2:
+            raise InvalidArgument("the journal and each checkpoint slot need at least two blocks")
+        return cls(journal_blocks, checkpoint_blocks, -(-size // BLOCK_SIZE))
+
+
+def device_blocks(size: int) -> int:
+    """Return the number of device blocks that a volume of `size` bytes needs by default."""
+    return Geometry.for_size(size).nblocks
+
+
+@dataclass(frozen=True)
+class Superblock:
+    """The contents of block 0."""
+
+    uuid: str
+    size: int
+    geometry: Geometry
+    format_id: bytes
+    version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        """Return the superblock as one block."""
+        body: bytes = msgpack.packb(
+            {
+                "version": self.version,
+                "uuid": self.uuid,
+                "format_id": self.format_id,
+                "size": self.size,
+                "block_size": BLOCK_SIZE,
+                "journal_start": self.geometry.journal_start,
+                "journal_blocks": self.geometry.journal_blocks,
+                "checkpoint_starts": list(self.geometry.checkpoint_starts),
+                "checkpoint_blocks": self.geometry.checkpoint_blocks,
+                "data_start": self.geometry.data_start,
+                "data_blocks": self.geometry.data_blocks,
+            }
+        )
+        block = SUPERBLOCK_MAGIC + len(body).to_bytes(4, "little") + body + _digest(body)
+        return block + bytes(BLOCK_SIZE - len(block))
+
+    @classmethod
+    def decode(cls, block: bytes) -> Superblock:
+        """Parse block 0; raises NotFound for a blank block and Corrupted for a damaged one."""
+        if block == ZERO_BLOCK:
+            raise NotFound("the device holds no pxfs volume (block 0 is blank)")
+        if not block.startswith(SUPERBLOCK_MAGIC):
+            raise Corrupted("block 0 holds no pxfs superblock (bad magic)")
+        start = len(SUPERBLOCK_MAGIC) + 4
+        length = int.from_bytes(block[start - 4 : start], "little")
+        body = block[start : start + length]
+        if start + length + _DIGEST_SIZE > len(block) or block[
+            start + length : start + length + _DIGEST_SIZE
+        ] != _digest(body):
+            raise Corrupted("the superblock fails its checksum")
+        try:
+            return cls._from_fields(msgpack.unpackb(body))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Corrupted(f"the superblock has invalid fields: {exc}") from None
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> Superblock:
+        if fields["version"] != FORMAT_VERSION:
+            raise Corrupted(f"unsupported volume format version {fields['version']}")
+        if fields["block_size"] != BLOCK_SIZE:
+            raise Corrupted(f"unsupported block size {fields['block_size']}")
+        geometry = Geometry(
+            fields["journal_blocks"], fields["checkpoint_blocks"], fields["data_blocks"]
+        )
+        stored = (
+            fields["journal_start"],
+            tuple(fields["checkpoint_starts"]),
+            fields["data_start"],
+        )
+        if stored != (geometry.journal_start, geometry.checkpoint_starts, geometry.data_start):
+            raise Corrupted("the superblock's region offsets do not match its region sizes")
+        return cls(fields["uuid"], fields["size"], geometry, bytes(fields["format_id"]))
+
+    @property
+    def chain_seed(self) -> bytes:
+        """The digest that the first journal record of this volume chains from."""
+        return _digest(b"pxfs journal " + self.format_id)[:8]
+
+
+# Metadata model
+
+SET_INODE = "i"
+SET_ENTRY = "e"
+MAP_BLOCKS = "m"
+UNMAP_FROM = "t"
+SET_XATTR = "x"
+DROP_INODE = "d"
+
+Change = list[Any]
+
+
+class Inode:
+    """One inode in memory; containers exist only for the types that use them."""
+
+    __slots__ = (
+        "ino",
+        "mode",
+        "nlink",
+        "uid",
+        "gid",
+        "rdev",
+        "size",
+        "atime_ns",
+        "mtime_ns",
+        "ctime_ns",
+        "generation",
+        "target",
+        "blocks",
+        "entries",
+        "parent",
+        "xattrs",
+    )
+
+    def __init__(self, record: list[Any]) -> None:
+        self.ino: int = record[0]
+        self.set_record(record)
+        self.blocks: dict[int, int] | None = {} if stat.S_ISREG(self.mode) else None
+        self.entries: dict[bytes, int] | None = {} if stat.S_ISDIR(self.mode) else None
+        self.parent = ROOT_INO
+        self.xattrs: dict[bytes, bytes] | None = None
+
+    def set_record(self, record: list[Any]) -> None:
+        """Set every attribute from a record made by `record()`."""
+        (
+            _,
+            self.mode,
+            self.nlink,
+            self.uid,
+            self.gid,
+            self.rdev,
+            self.size,
+            self.atime_ns,
+            self.mtime_ns,
+            self.ctime_ns,
+            self.generation,
+            self.target,
+        ) = record
+
+    def record(self, **changes: Any) -> list[Any]:
+        """Return the attributes as a SET_INODE payload, with `changes` applied."""
+        fields = [
+            self.ino,
+            changes.get("mode", self.mode),
+            changes.get("nlink", self.nlink),
+            changes.get("uid", self.uid),
+            changes.get("gid", self.gid),
+            changes.get("rdev", self.rdev),
+            changes.get("size", self.size),
+            changes.get("atime_ns", self.atime_ns),
+            changes.get("mtime_ns", self.mtime_ns),
+            changes.get("ctime_ns", self.ctime_ns),
+            self.generation,
+            self.target,
+        ]
+        return [SET_INODE, *fields]
+
+    @property
+    def is_dir(self) -> bool:
+        """True for a directory."""
+        return self.entries is not None
+
+    @property
+    def is_reg(self) -> bool:
+        """True for a regular file."""
+        return self.blocks is not None
+
+
+def new_inode_record(
+    ino: int, mode: int, uid: int, gid: int, now_ns: int, *, rdev: int = 0, target: bytes = b""
+) -> list[Any]:
+    """Return the SET_INODE change that creates an inode with one link."""
+    nlink = 2 if stat.S_ISDIR(mode) else 1
+    size = len(target)
+    return [SET_INODE, ino, mode, nlink, uid, gid, rdev, size, now_ns, now_ns, now_ns, 0, target]
+
+
+class Tree:
+    """The metadata of a volume: inodes, directory entries, block maps and xattrs."""
+
+    def __init__(self) -> None:
+        self.inodes: dict[int, Inode] = {}
+        self.next_ino = ROOT_INO + 1
+
+    @classmethod
+    def new(cls, now_ns: int, uid: int = 0, gid: int = 0) -> Tree:
+        """Return the tree of a fresh volume: an empty root directory."""
+        tree = cls()
+        tree.apply(new_inode_record(ROOT_INO, stat.S_IFDIR | 0o755, uid, gid, now_ns))
+        return tree
+
+    def get(self, ino: int) -> Inode:
+        """Return inode `ino`; raises NotFound."""
+        try:
+            return self.inodes[ino]
+        except KeyError:
+            raise NotFound(f"inode {ino} does not exist") from None
+
+    def apply(self, change: Change) -> list[int]:
+        """Apply one change; return the device blocks that it unmapped."""
+        try:
+            handler = _APPLY[change[0]]
+        except (KeyError, IndexError, TypeError):
+            raise Corrupted(f"unknown metadata change {change!r:.80}") from None
+        try:
+            return handler(self, change)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise Corrupted(f"metadata change {change!r:.80} does not apply: {exc!r}") from None
+
+    def _set_inode(self, change: Change) -> list[int]:
+        record = change[1:]
+        inode = self.inodes.get(record[0])
+        if inode is None:
+            self.inodes[record[0]] = Inode(record)
+            self.next_ino = max(self.next_ino, record[0] + 1)
+        elif stat.S_IFMT(record[1]) != stat.S_IFMT(inode.mode):
+            raise ValueError("the change would alter the inode's type")
+        else:
+            inode.set_record(record)
+        return []
+
+    def _set_entry(self, change: Change) -> list[int]:
+        _, parent_ino, name, child_ino = change
+        entries = self.inodes[parent_ino].entries
+        if entries is None:
+            raise ValueError(f"inode {parent_ino} is not a directory")
+        if child_ino == 0:
+            del entries[name]
+            return []
+        child = self.inodes[child_ino]
+        entries[name] = child_ino
+        if child.is_dir:
+            child.parent = parent_ino
+        return []
+
+    def _map_blocks(self, change: Change) -> list[int]:
+        _, ino, runs = change
+        blocks = self.inodes[ino].blocks
+        if blocks is None:
+            raise ValueError(f"inode {ino} is not a regular file")
+        replaced = []
+        for findex, blockno, count in _triples(runs):
+            for offset in range(count):
+                old = blocks.get(findex + offset)
+                if old is not None:
+                    replaced.append(old)
+                blocks[findex + offset] = blockno + offset
+        return replaced
+
+    def _unmap_from(self, change: Change) -> list[int]:
+        _, ino, first = change
+        blocks = self.inodes[ino].blocks
+        if blocks is None:
+            raise ValueError(f"inode {ino} is not a regular file")
+        doomed = [findex for findex in blocks if findex >= first]
+        return [blocks.pop(findex) for findex in doomed]
+
+    def _set_xattr(self, change: Change) -> list[int]:
+        _, ino, name, value = change
+        inode = self.inodes[ino]
+        if value is None:
+            if inode.xattrs is not None:
+                del inode.xattrs[name]
+                if not inode.xattrs:
+                    inode.xattrs = None
+            return []
+        if inode.xattrs is None:
+            inode.xattrs = {}
+        inode.xattrs[name] = value
+        return []
+
+    def _drop_inode(self, change: Change) -> list[int]:
+        inode = self.inodes[change[1]]
+        if inode.entries:
+            raise ValueError(f"directory {inode.ino} still has entries")
+        if inode.ino == ROOT_INO:
+            raise ValueError("the root directory cannot be dropped")
+        del self.inodes[inode.ino]
+        return list(inode.blocks.values()) if inode.blocks else []
+
+    def encode(self) -> bytes:
+        """Return the whole tree as a msgpack image for a checkpoint."""
+        inodes, entries, maps, xattrs = [], [], [], []
+        for inode in self.inodes.values():
+            inodes.append(inode.record()[1:])
+            if inode.entries:
+                entries.append(
+                    [inode.ino, [item for pair in inode.entries.items() for item in pair]]
+                )
+            if inode.blocks:
+                maps.append([inode.ino, encode_runs(inode.blocks)])
+            if inode.xattrs:
+                xattrs.append([inode.ino, [item for pair in inode.xattrs.items() for item in pair]])
+        image = {
+            "version": FORMAT_VERSION,
+            "next_ino": self.next_ino,
+            "inodes": inodes,
+            "entries": entries,
+            "maps": maps,
+            "xattrs": xattrs,
+        }
+        encoded: bytes = msgpack.packb(image)
+        return encoded
+
+    @classmethod
+    def decode(cls, image: bytes) -> Tree:
+        """Rebuild a tree from `encode()` output; raises Corrupted."""
+        try:
+            fields = msgpack.unpackb(image, strict_map_key=False)
+            return cls._from_fields(fields)
+        except (KeyError, IndexError, TypeError, ValueError, msgpack.UnpackException) as exc:
+            raise Corrupted(f"the checkpoint image is invalid: {exc!r}") from None
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> Tree:
+        if fields["version"] != FORMAT_VERSION:
+            raise Corrupted(f"unsupported checkpoint version {fields['version']}")
+        tree = cls()
+        for record in fields["inodes"]:
+            tree.inodes[record[0]] = Inode(record)
+        for ino, flat in fields["entries"]:
+            for index in range(0, len(flat), 2):
+                tree._set_entry([SET_ENTRY, ino, flat[index], flat[index + 1]])
+        for ino, runs in fields["maps"]:
+            tree._map_blocks([MAP_BLOCKS, ino, runs])
+        for ino, flat in fields["xattrs"]:
+            for index in range(0, len(flat), 2):
+                tree._set_xattr([SET_XATTR, ino, flat[index], flat[index + 1]])
+        tree.next_ino = max(fields["next_ino"], max(tree.inodes, default=0) + 1)
+        if ROOT_INO not in tree.inodes or not tree.inodes[ROOT_INO].is_dir:
+            raise Corrupted("the checkpoint has no root directory")
+        return tree
+
+
+_APPLY = {
+    SET_INODE: Tree._set_inode,
+    SET_ENTRY: Tree._set_entry,
+    MAP_BLOCKS: Tree._map_blocks,
+    UNMAP_FROM: Tree._unmap_from,
+    SET_XATTR: Tree._set_xattr,
+    DROP_INODE: Tree._drop_inode,
+}
+
+
+def _triples(flat: list[int]) -> Iterator[tuple[int, int, int]]:
+    for index in range(0, len(flat), 3):
+        yield flat[index], flat[index + 1], flat[index + 2]
+
+
+def encode_runs(mapping: dict[int, int]) -> list[int]:
+    """Return a block map as flat (file index, device block, count) triples of runs."""
+    flat: list[int] = []
+    for findex in sorted(mapping):
+        blockno = mapping[findex]
+        if flat and flat[-3] + flat[-1] == findex and flat[-2] + flat[-1] == blockno:
+            flat[-1] += 1
+        else:
+            flat += [findex, blockno, 1]
+    return flat
+
+
+# Allocation
+
+
+class Allocator:
+    """The free-block bitmap of the data region, derived from the block maps at open.
+
+    A freed block waits on a pending list, tagged with the sequence number of the journal record
+    that freed it, until that record is durable; only then may it be trimmed and reused.
+    """
+
+    def __init__(self, geometry: Geometry) -> None:
+        self.start = geometry.data_start
+        self._used = bytearray(geometry.data_blocks)
+        self._free = geometry.data_blocks
+        self._pending: deque[tuple[int, list[int]]] = deque()
+        self._pending_count = 0
+        self._hint = 0
+
+    @classmethod
+    def from_tree(cls, geometry: Geometry, tree: Tree) -> Allocator:
+        """Build the bitmap from the block maps; raises Corrupted on a bad or shared block."""
+        allocator = cls(geometry)
+        for inode in tree.inodes.values():
+            for blockno in (inode.blocks or {}).values():
+                allocator._claim(inode.ino, blockno, geometry)
+        return allocator
+
+    def _claim(self, ino: int, blockno: int, geometry: Geometry) -> None:
+        if not geometry.is_data(blockno):
+            raise Corrupted(f"inode {ino} maps block {blockno} outside the data region")
+        index = blockno - self.start
+        if self._used[index]:
+            raise Corrupted(f"block {blockno} is mapped twice (once by inode {ino})")
+        self._used[index] = 1
+        self._free -= 1
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks that can be allocated now."""
+        return self._free
+
+    @property
+    def pending_blocks(self) -> int:
+        """Freed blocks waiting for their record to become durable."""
+        return self._pending_count
+
+    def allocate(self, count: int) -> list[int]:
+        """Allocate `count` blocks, consecutive where possible; raises NoSpace, taking none."""
+        if count > self._free:
+            raise NoSpace(f"the volume has {self._free} free blocks, {count} needed")
+        found: list[int] = []
+        index = self._hint
+        while len(found) < count:
+            index = self._used.find(0, index)
+            if index < 0:
+                index = self._used.find(0)
+            self._used[index] = 1
+            found.append(self.start + index)
+            index += 1
+        self._free -= count
+        self._hint = index if index < len(self._used) else 0
+        return found
+
+    def release_later(self, blocks: list[int], seq: int) -> None:
+        """Queue blocks freed by journal record `seq`."""
+        if blocks:
+            self._pending.append((seq, blocks))
+            self._pending_count += len(blocks)
+
+    def take_releasable(self, durable_seq: int) -> list[int]:
+        """Pop the pending blocks whose freeing record is durable."""
+        ready: list[int] = []
+        while self._pending and self._pending[0][0] <= durable_seq:
+            ready += self._pending.popleft()[1]
+        self._pending_count -= len(ready)
+        return ready
+
+    def mark_free(self, blocks: list[int]) -> None:
+        """Return blocks to the bitmap."""
+        for blockno in blocks:
+            self._used[blockno - self.start] = 0
+        self._free += len(blocks)

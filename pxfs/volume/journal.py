@@ -1,0 +1,506 @@
+"""The metadata journal ring, the two checkpoint slots, and loading the metadata at open.
+
+Each operation appends one record: the msgpack list of the changes it made to the tree. Records
+are packed back to back into the ring. Each record's digest covers the digest of the record
+before it, so replay follows one chain and stops at the first record that is torn, stale or
+from another history. Every open writes under a new random session number, which keeps records
+left behind by an earlier crash from joining the new chain.
+
+A checkpoint is a full image of the tree together with its anchor: the sequence number of the
+last record it covers, the ring offset of the record after it and that record's chain digest.
+The records still buffered when a checkpoint is taken are covered by the image and never reach
+the ring. Open reads the newest valid checkpoint and replays the chain from its anchor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from pxfs.errors import ChecksumMismatch, Corrupted, InvalidArgument, NoSpace
+from pxfs.volume.device import BLOCK_SIZE, BlockDevice
+from pxfs.volume.format import Change, Geometry, Superblock, Tree
+
+log = logging.getLogger(__name__)
+
+RECORD_MAGIC = b"PJ"
+#: magic, flags, body length, sequence number, session, chain digest
+RECORD_HEADER = struct.Struct("<2sHIQQ8s")
+CHECKPOINT_MAGIC = b"PXFS-CP\x00"
+_CHAIN_DIGEST = 8
+_IMAGE_DIGEST = 16
+#: Blocks per device call when a checkpoint is written or read.
+_CHECKPOINT_CHUNK = 64
+
+
+def _chain(previous: bytes, header: bytes, body: bytes) -> bytes:
+    digest = hashlib.blake2b(previous, digest_size=_CHAIN_DIGEST)
+    digest.update(header)
+    digest.update(body)
+    return digest.digest()
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A point in the record chain: the last sequence number, the next offset, its digest."""
+
+    seq: int
+    position: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A valid checkpoint read from a slot."""
+
+    slot: int
+    counter: int
+    anchor: Anchor
+    image: bytes
+
+
+# Checkpoint slots
+
+
+def _checkpoint_header(sb: Superblock, counter: int, anchor: Anchor, image: bytes) -> bytes:
+    body: bytes = msgpack.packb(
+        {
+            "uuid": sb.uuid,
+            "counter": counter,
+            "seq": anchor.seq,
+            "position": anchor.position,
+            "digest": anchor.digest,
+            "image_len": len(image),
+            "image_digest": hashlib.blake2b(image, digest_size=_IMAGE_DIGEST).digest(),
+        }
+    )
+    header = CHECKPOINT_MAGIC + len(body).to_bytes(4, "little") + body
+    header += hashlib.blake2b(body, digest_size=_IMAGE_DIGEST).digest()
+    return header + bytes(BLOCK_SIZE - len(header))
+
+
+def checkpoint_capacity(sb: Superblock) -> int:
+    """The largest image that fits in a checkpoint slot, in bytes."""
+    return (sb.geometry.checkpoint_blocks - 1) * BLOCK_SIZE
+
+
+async def write_checkpoint(
+    device: BlockDevice, sb: Superblock, slot: int, counter: int, anchor: Anchor, image: bytes
+) -> None:
+    """Write a checkpoint into `slot` and flush the device; raises NoSpace if it is too big."""
+    if len(image) > checkpoint_capacity(sb):
+        raise NoSpace(
+            f"the metadata image of {len(image)} bytes exceeds the checkpoint slot of "
+            f"{checkpoint_capacity(sb)} bytes"
+        )
+    start = sb.geometry.checkpoint_starts[slot]
+    blocks = [(start, _checkpoint_header(sb, counter, anchor, image))]
+    for index, offset in enumerate(range(0, len(image), BLOCK_SIZE)):
+        chunk = image[offset : offset + BLOCK_SIZE]
+        blocks.append((start + 1 + index, chunk + bytes(BLOCK_SIZE - len(chunk))))
+    # The header goes last: a torn write leaves a header whose image digest does not match.
+    ordered = blocks[1:] + blocks[:1]
+    for first in range(0, len(ordered), _CHECKPOINT_CHUNK):
+        await device.write_blocks(ordered[first : first + _CHECKPOINT_CHUNK])
+    await device.flush()
+
+
+async def erase_checkpoint(device: BlockDevice, sb: Superblock, slot: int) -> None:
+    """Overwrite the header of a slot so that it holds no valid checkpoint."""
+    await device.write_blocks([(sb.geometry.checkpoint_starts[slot], bytes(BLOCK_SIZE))])
+
+
+async def read_checkpoint(device: BlockDevice, sb: Superblock, slot: int) -> Checkpoint | None:
+    """Return the checkpoint in `slot`, or None when the slot holds no valid one."""
+    start = sb.geometry.checkpoint_starts[slot]
+    try:
+        (block,) = await device.read_blocks([start])
+        fields = _parse_checkpoint_header(block, sb)
+        if fields is None:
+            return None
+        image = await _read_image(device, start + 1, fields["image_len"])
+    except ChecksumMismatch as exc:
+        log.warning("checkpoint slot %d is unreadable: %s", slot, exc.message)
+        return None
+    if hashlib.blake2b(image, digest_size=_IMAGE_DIGEST).digest() != fields["image_digest"]:
+        log.info("checkpoint slot %d holds a torn image (counter %d)", slot, fields["counter"])
+        return None
+    anchor = Anchor(fields["seq"], fields["position"], fields["digest"])
+    return Checkpoint(slot, fields["counter"], anchor, image)
+
+
+def _parse_checkpoint_header(block: bytes, sb: Superblock) -> dict[str, Any] | None:
+    if not block.startswith(CHECKPOINT_MAGIC):
+        return None
+    start = len(CHECKPOINT_MAGIC) + 4
+    length = int.from_bytes(block[start - 4 : start], "little")
+    body = block[start : start + length]
+    expected = hashlib.blake2b(body, digest_size=_IMAGE_DIGEST).digest()
+    if block[start + length : start + length + _IMAGE_DIGEST] != expected:
+        return None
+    fields: dict[str, Any] = msgpack.unpackb(body)
+    if fields.get("uuid") != sb.uuid:
+        return None
+    if not 0 <= fields["image_len"] <= checkpoint_capacity(sb):
+        return None
+    return fields
+
+
+async def _read_image(device: BlockDevice, first: int, length: int) -> bytes:
+    count = -(-length // BLOCK_SIZE)
+    parts: list[bytes] = []
+    for offset in range(0, count, _CHECKPOINT_CHUNK):
+        blocknos = range(first + offset, first + min(count, offset + _CHECKPOINT_CHUNK))
+        parts += await device.read_blocks(list(blocknos))
+    return b"".join(parts)[:length]
+
+
+# Replay
+
+
+@dataclass
+class Replay:
+    """The records found after an anchor and where the chain ends."""
+
+    records: list[tuple[int, list[Change]]]
+    end: Anchor
+    used_bytes: int
+    head_block: bytes
+
+
+class _RingReader:
+    """Reads ring bytes, fetching blocks in chunks and keeping them."""
+
+    def __init__(self, device: BlockDevice, sb: Superblock) -> None:
+        self._device = device
+        self._start = sb.geometry.journal_start
+        self._nblocks = sb.geometry.journal_blocks
+        self._blocks: dict[int, bytes] = {}
+
+    async def read(self, position: int, length: int) -> bytes:
+        first, last = position // BLOCK_SIZE, (position + length - 1) // BLOCK_SIZE
+        missing = [index for index in range(first, last + 1) if index not in self._blocks]
+        if missing:
+            end = min(self._nblocks, max(last + 1, missing[0] + 16))
+            wanted = [index for index in range(missing[0], end) if index not in self._blocks]
+            data = await self._device.read_blocks([self._start + index for index in wanted])
+            self._blocks.update(zip(wanted, data, strict=True))
+        joined = b"".join(self._blocks[index] for index in range(first, last + 1))
+        offset = position - first * BLOCK_SIZE
+        return joined[offset : offset + length]
+
+
+async def _read_record(
+    reader: _RingReader, ring_bytes: int, position: int, seq: int, previous: bytes
+) -> tuple[bytes, bytes, int] | None:
+    """Return (body, digest, total length) of record `seq` at `position`, or None."""
+    if position + RECORD_HEADER.size > ring_bytes:
+        return None
+    header = await reader.read(position, RECORD_HEADER.size)
+    magic, _, length, found_seq, _, digest = RECORD_HEADER.unpack(header)
+    total = RECORD_HEADER.size + length
+    if magic != RECORD_MAGIC or found_seq != seq or position + total > ring_bytes:
+        return None
+    body = await reader.read(position + RECORD_HEADER.size, length) if length else b""
+    if _chain(previous, header[:-_CHAIN_DIGEST], body) != digest:
+        return None
+    return body, digest, total
+
+
+async def replay_journal(device: BlockDevice, sb: Superblock, anchor: Anchor) -> Replay:
+    """Read the chain of records that follows `anchor` until it breaks."""
+    reader = _RingReader(device, sb)
+    ring_bytes = sb.geometry.journal_bytes
+    records: list[tuple[int, list[Change]]] = []
+    position, seq, digest, used = anchor.position, anchor.seq, anchor.digest, 0
+    while True:
+        try:
+            found = await _read_record(reader, ring_bytes, position, seq + 1, digest)
+            skipped = 0
+            if found is None and position != 0:
+                # The writer starts over at offset 0 when a record does not fit before the end.
+                found = await _read_record(reader, ring_bytes, 0, seq + 1, digest)
+                skipped = ring_bytes - position
+        except ChecksumMismatch as exc:
+            log.error("journal replay stops at record %d: %s", seq + 1, exc.message)
+            found = None
+        if found is None:
+            break
+        body, digest, total = found
+        if skipped:
+            position = 0
+        seq += 1
+        records.append((seq, _decode_body(seq, body)))
+        used += skipped + total
+        position += total
+    head_block = await _head_block(reader, position, ring_bytes)
+    return Replay(records, Anchor(seq, position, digest), used, head_block)
+
+
+def _decode_body(seq: int, body: bytes) -> list[Change]:
+    try:
+        changes = msgpack.unpackb(body)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise Corrupted(
+            f"journal record {seq} passed its digest but does not decode: {exc}"
+        ) from None
+    if not isinstance(changes, list):
+        raise Corrupted(f"journal record {seq} holds no list of changes")
+    return changes
+
+
+async def _head_block(reader: _RingReader, position: int, ring_bytes: int) -> bytes:
+    """Return the ring block that holds `position`, zeroed from `position` on."""
+    offset = position % BLOCK_SIZE
+    if offset == 0 or position >= ring_bytes:
+        return bytes(BLOCK_SIZE)
+    try:
+        block = await reader.read(position - offset, BLOCK_SIZE)
+    except ChecksumMismatch:
+        # The records before `position` in this block were replayed from this very block, so
+        # it was readable a moment ago; a new failure leaves them to the next checkpoint.
+        return bytes(BLOCK_SIZE)
+    return block[:offset] + bytes(BLOCK_SIZE - offset)
+
+
+# Loading
+
+
+@dataclass
+class Loaded:
+    """The metadata of a volume as open finds it."""
+
+    superblock: Superblock
+    tree: Tree
+    checkpoint: Checkpoint
+    replay: Replay
+
+
+async def read_superblock(device: BlockDevice) -> Superblock:
+    """Read and check block 0; raises NotFound for a blank device, Corrupted for a bad one."""
+    (block,) = await device.read_blocks([0])
+    sb = Superblock.decode(block)
+    if device.nblocks < sb.geometry.nblocks:
+        raise Corrupted(
+            f"the device has {device.nblocks} blocks but the volume needs {sb.geometry.nblocks}"
+        )
+    return sb
+
+
+async def newest_checkpoint(device: BlockDevice, sb: Superblock) -> Checkpoint:
+    """Return the valid checkpoint with the highest counter; raises Corrupted if none is."""
+    found = [await read_checkpoint(device, sb, slot) for slot in (0, 1)]
+    valid = [checkpoint for checkpoint in found if checkpoint is not None]
+    if not valid:
+        raise Corrupted("neither checkpoint slot holds a valid checkpoint")
+    return max(valid, key=lambda checkpoint: checkpoint.counter)
+
+
+async def load_metadata(device: BlockDevice) -> Loaded:
+    """Read the superblock and newest checkpoint and replay the journal onto its tree."""
+    sb = await read_superblock(device)
+    checkpoint = await newest_checkpoint(device, sb)
+    tree = Tree.decode(checkpoint.image)
+    replay = await replay_journal(device, sb, checkpoint.anchor)
+    for seq, changes in replay.records:
+        try:
+            for change in changes:
+                tree.apply(change)
+        except Corrupted as exc:
+            raise Corrupted(f"journal record {seq}: {exc.message}") from None
+    log.debug(
+        "loaded checkpoint %d (slot %d) and %d journal records",
+        checkpoint.counter,
+        checkpoint.slot,
+        len(replay.records),
+    )
+    return Loaded(sb, tree, checkpoint, replay)
+
+
+async def format_volume(
+    device: BlockDevice, uuid: str, size: int, journal_bytes: int, checkpoint_bytes: int
+) -> Superblock:
+    """Write the superblock and a first checkpoint holding an empty root directory."""
+    geometry = Geometry.for_size(size, journal_bytes, checkpoint_bytes)
+    if device.nblocks < geometry.nblocks:
+        raise InvalidArgument(
+            f"a volume of {size} bytes needs {geometry.nblocks} device blocks, "
+            f"the device has {device.nblocks}"
+        )
+    sb = Superblock(uuid, size, geometry, secrets.token_bytes(16))
+    image = Tree.new(time.time_ns()).encode()
+    await erase_checkpoint(device, sb, 1)
+    await write_checkpoint(device, sb, 0, 1, Anchor(0, 0, sb.chain_seed), image)
+    # The superblock goes last, so a format cut short leaves a device that reads as blank.
+    await device.write_blocks([(0, sb.encode())])
+    await device.flush()
+    log.info("formatted volume %s: %d bytes, %d device blocks", uuid, size, geometry.nblocks)
+    return sb
+
+
+# The live journal
+
+
+class Journal:
+    """Appends records, writes them in batches and writes checkpoints.
+
+    The caller serialises `write_records` and `write_checkpoint` (the volume's flush lock) and
+    writes every dirty data block before either, so no record or image on the device refers to
+    data that is not there yet.
+    """
+
+    def __init__(self, device: BlockDevice, loaded: Loaded) -> None:
+        self._device = device
+        self._sb = loaded.superblock
+        self._ring_bytes = self._sb.geometry.journal_bytes
+        self._start = self._sb.geometry.journal_start
+        end = loaded.replay.end
+        self.seq = end.seq
+        self.durable_seq = end.seq
+        self._digest = end.digest
+        self._head = end.position
+        self._head_block = bytearray(loaded.replay.head_block)
+        self._used = loaded.replay.used_bytes
+        self._buffer: list[bytes] = []
+        self._buffer_bytes = 0
+        self._session = secrets.randbits(64)
+        self._slot = loaded.checkpoint.slot
+        self._counter = loaded.checkpoint.counter
+        self._checkpoint_required = False
+        self.image_bytes = len(loaded.checkpoint.image)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of records appended but not yet written."""
+        return self._buffer_bytes
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest record body the ring accepts."""
+        return self._ring_bytes // 4 - RECORD_HEADER.size
+
+    def encode(self, changes: Sequence[Change]) -> bytes:
+        """Return the record body for `changes`; raises NoSpace if it exceeds the ring."""
+        body: bytes = msgpack.packb(list(changes))
+        if len(body) > self.max_record_bytes:
+            raise NoSpace(
+                f"a metadata record of {len(body)} bytes exceeds the journal limit of "
+                f"{self.max_record_bytes}"
+            )
+        return body
+
+    def append(self, body: bytes) -> int:
+        """Append a record body from `encode`; return its sequence number."""
+        seq = self.seq + 1
+        header = RECORD_HEADER.pack(RECORD_MAGIC, 0, len(body), seq, self._session, b"")
+        header = header[:-_CHAIN_DIGEST]
+        digest = _chain(self._digest, header, body)
+        self._buffer.append(header + digest + body)
+        self._buffer_bytes += RECORD_HEADER.size + len(body)
+        self.seq, self._digest = seq, digest
+        return seq
+
+    def needs_checkpoint(self) -> bool:
+        """Tell whether writing the buffer would fill more than half of the ring."""
+        if self._checkpoint_required:
+            return True
+        return self._used + self._buffer_bytes > self._ring_bytes // 2
+
+    def take_records(self) -> tuple[list[bytes], int]:
+        """Remove the buffered records for `write_records`; return them and their last seq."""
+        records, self._buffer, self._buffer_bytes = self._buffer, [], 0
+        return records, self.seq
+
+    def restore_records(self, records: list[bytes]) -> None:
+        """Put records back at the front of the buffer after a failed write."""
+        self._buffer[:0] = records
+        self._buffer_bytes += sum(len(record) for record in records)
+
+    async def write_records(self, records: list[bytes], last_seq: int) -> None:
+        """Write records at the head of the ring and flush the device."""
+        if records:
+            position, blocks, head_block, placed = self._place(records)
+            await self._device.write_blocks(blocks)
+        await self._device.flush()
+        if records:
+            self._head, self._head_block = position, head_block
+            self._used += placed
+        self.durable_seq = max(self.durable_seq, last_seq)
+
+    def _place(self, records: list[bytes]) -> tuple[int, list[tuple[int, bytes]], bytearray, int]:
+        """Lay records out from the head; return the new head, blocks, head block, bytes used.
+
+        The first block written is the current head block: its bytes before the head are the
+        same as on the device, so a torn write of it cannot damage the records already there.
+        """
+        position, placed = self._head, 0
+        block = bytearray(self._head_block)
+        index = position // BLOCK_SIZE
+        blocks: dict[int, bytes] = {}
+        for record in records:
+            if position + len(record) > self._ring_bytes:
+                if position % BLOCK_SIZE:
+                    blocks[index] = bytes(block)
+                placed += self._ring_bytes - position
+                position, index, block = 0, 0, bytearray(BLOCK_SIZE)
+            offset = 0
+            while offset < len(record):
+                start = position % BLOCK_SIZE
+                chunk = record[offset : offset + BLOCK_SIZE - start]
+                block[start : start + len(chunk)] = chunk
+                offset += len(chunk)
+                position += len(chunk)
+                if position % BLOCK_SIZE == 0:
+                    blocks[index] = bytes(block)
+                    index, block = index + 1, bytearray(BLOCK_SIZE)
+            placed += len(record)
+        if position % BLOCK_SIZE:
+            blocks[index] = bytes(block)
+        device_blocks = [(self._start + ring_index, data) for ring_index, data in blocks.items()]
+        return position, device_blocks, block, placed
+
+    def capture(self) -> tuple[Anchor, list[bytes]]:
+        """Start a checkpoint of the tree as it is now; the buffered records join the image.
+
+        Call it in the same step as the tree is encoded, with no await in between. Hand the
+        returned records to `restore_records` if the checkpoint fails.
+        """
+        records, self._buffer, self._buffer_bytes = self._buffer, [], 0
+        return Anchor(self.seq, self._head, self._digest), records
+
+    async def write_checkpoint(self, image: bytes, anchor: Anchor) -> None:
+        """Write a captured image to the slot not holding the newest checkpoint, and flush."""
+        slot = 1 - self._slot
+        try:
+            await write_checkpoint(self._device, self._sb, slot, self._counter + 1, anchor, image)
+        except BaseException:
+            # The slot may now hold a valid image whose anchor no record follows yet: only a
+            # new checkpoint may come next, into this same slot.
+            self._checkpoint_required = True
+            raise
+        self._slot, self._counter = slot, self._counter + 1
+        self._checkpoint_required = False
+        self._used = 0
+        self.image_bytes = len(image)
+        self.durable_seq = max(self.durable_seq, anchor.seq)
+        log.debug("checkpoint %d written to slot %d at record %d", self._counter, slot, anchor.seq)
+
+    def statistics(self) -> dict[str, int]:
+        """Return counters for monitoring."""
+        return {
+            "seq": self.seq,
+            "durable_seq": self.durable_seq,
+            "buffered_bytes": self._buffer_bytes,
+            "ring_used_bytes": self._used,
+            "ring_bytes": self._ring_bytes,
+            "checkpoint_counter": self._counter,
+            "image_bytes": self.image_bytes,
+        }
