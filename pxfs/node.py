@@ -168,6 +168,8 @@ async def _run_tool(*argv: str) -> str | None:
         )
     except FileNotFoundError:
         return f"{argv[0]} is not installed"
+    except OSError as exc:
+        return f"{argv[0]} could not run: {exc.strerror}"
     if result.returncode == 0:
         return None
     return (result.stderr or result.stdout).decode(errors="replace").strip() or (
@@ -334,6 +336,8 @@ class Node:
                     await self._reattach(record)
                 except PxfsError as exc:
                     log.error("volume %s: remount at start failed: %s", record["id"], exc.message)
+                except Exception:
+                    log.exception("volume %s: remount at start failed", record["id"])
 
     async def _reattach(self, record: VolumeRecord) -> None:
         record = await self._catalog().update_volume(record["id"], self._attach_change)
@@ -773,13 +777,18 @@ class Node:
         self._live_nursery().start_soon(self._supervise, child, process)
 
     async def _start_process(self, child: MountChild, epoch: int) -> trio.Process:
-        os.makedirs(child.mountpoint, mode=0o700, exist_ok=True)
         await _lazy_unmount(child.mountpoint)
         argv = self._child_argv(child.vol_id, epoch) + ["--mountpoint", child.mountpoint]
-        process = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            **self._child_env(),
-        )  # fmt: skip
+        try:
+            os.makedirs(child.mountpoint, mode=0o700, exist_ok=True)
+            process = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                **self._child_env(),
+            )  # fmt: skip
+        except OSError as exc:
+            raise Unavailable(
+                f"cannot start the mount child of volume {child.vol_id}: {exc}"
+            ) from None
 
         child.generation += 1
         child.process, child.epoch, child.stopping = process, epoch, False
@@ -860,6 +869,14 @@ class Node:
                         exc.message,
                     )
                     continue
+                except Exception:
+                    # A bug here must not take down pxd and every other volume with it.
+                    log.exception(
+                        "volume %s: restart %d of the mount child failed",
+                        child.vol_id,
+                        child.failures,
+                    )
+                    continue
             log.info(
                 "volume %s: mount child restarted; mounted again at %s",
                 child.vol_id,
@@ -931,7 +948,15 @@ class Node:
                 )
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-                await child.exited.wait()
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await child.exited.wait()
+                if not child.exited.is_set():
+                    log.error(
+                        "volume %s: mount child pid %d survived SIGKILL for %g s",
+                        child.vol_id,
+                        process.pid,
+                        STOP_TIMEOUT,
+                    )
         if _is_mounted(child.mountpoint):
             log.warning(
                 "volume %s: %s is still mounted after its mount child exited",
