@@ -1,0 +1,308 @@
+"""The block cache: 64 KiB device blocks in memory, with batched write-back.
+
+Clean blocks sit in an LRU bounded by `capacity_bytes`. Dirty blocks stay until written; writers
+wait in `throttle` while dirty bytes exceed `dirty_limit_bytes`. Write-back sorts the dirty blocks
+and sends them in batches of `batch_blocks` per `write_blocks` call, with at most
+`max_in_flight` calls outstanding for the whole cache.
+
+Concurrency rules, all relying on trio running one task at a time between awaits:
+- A block is read from the device by one task at a time; the others wait for its event.
+- A block has at most one write in flight, so two writes of one block never race on the device.
+  A block changed while its write is in flight is dirty again and is written after it.
+- A block that is replaced while its read is in flight keeps the new bytes.
+- `flush` writes every block that was dirty when it started, and waits for the writes that were
+  in flight then. Blocks dirtied later may be written too, but are not waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from pxfs.errors import InternalError, PxfsError
+from pxfs.volume.device import BLOCK_SIZE, BlockDevice
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+DEFAULT_CACHE_BYTES = 256 * MIB
+DEFAULT_DIRTY_BYTES = 64 * MIB
+DEFAULT_BATCH_BLOCKS = 64
+DEFAULT_MAX_IN_FLIGHT = 4
+#: A retry delay after a background write-back failed, in seconds.
+_RETRY_DELAY = 1.0
+
+
+@dataclass
+class CacheStats:
+    """Counters of cache activity."""
+
+    hits: int = 0
+    misses: int = 0
+    write_calls: int = 0
+    blocks_written: int = 0
+    write_errors: int = 0
+
+
+class BlockCache:
+    """A write-back cache of device blocks."""
+
+    def __init__(
+        self,
+        device: BlockDevice,
+        *,
+        capacity_bytes: int = DEFAULT_CACHE_BYTES,
+        dirty_limit_bytes: int = DEFAULT_DIRTY_BYTES,
+        batch_blocks: int = DEFAULT_BATCH_BLOCKS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> None:
+        self._device = device
+        self._batch = max(1, batch_blocks)
+        # A load must be able to keep a whole batch of blocks until its caller uses them.
+        self._capacity = max(2 * self._batch, capacity_bytes // BLOCK_SIZE)
+        self._dirty_limit = max(self._batch, dirty_limit_bytes // BLOCK_SIZE)
+        self._limiter = trio.CapacityLimiter(max(1, max_in_flight))
+        self._blocks: dict[int, bytearray] = {}
+        self._clean: OrderedDict[int, None] = OrderedDict()
+        # Dirty block -> generation at which it became dirty; 0 marks a failed write.
+        self._dirty: dict[int, int] = {}
+        self._generation = 0
+        self._writing: dict[int, trio.Event] = {}
+        self._loading: dict[int, trio.Event] = {}
+        self._cleaned = trio.Event()
+        self._wakeup = trio.Event()
+        self._error: PxfsError | None = None
+        self.stats = CacheStats()
+
+    @property
+    def dirty_blocks(self) -> int:
+        """The number of blocks waiting for write-back."""
+        return len(self._dirty)
+
+    @property
+    def cached_blocks(self) -> int:
+        """The number of blocks held in memory."""
+        return len(self._blocks)
+
+    def has(self, blockno: int) -> bool:
+        """Tell whether a block is in memory."""
+        return blockno in self._blocks
+
+    def peek(self, blockno: int) -> bytearray | None:
+        """Return the cached bytes of a block, or None; the caller must not keep them."""
+        data = self._blocks.get(blockno)
+        if data is not None and blockno in self._clean:
+            self._clean.move_to_end(blockno)
+        return data
+
+    async def load(self, blocknos: Sequence[int]) -> None:
+        """Bring blocks into memory, reading the missing ones in one device call."""
+        while True:
+            missing = [
+                blockno for blockno in dict.fromkeys(blocknos) if blockno not in self._blocks
+            ]
+            if not missing:
+                self.stats.hits += len(blocknos)
+                self._touch(blocknos)
+                return
+            waiting = {self._loading[blockno] for blockno in missing if blockno in self._loading}
+            mine = [blockno for blockno in missing if blockno not in self._loading]
+            if mine:
+                await self._read(mine)
+                if not waiting:
+                    return
+            for event in waiting:
+                await event.wait()
+
+    def _touch(self, blocknos: Sequence[int]) -> None:
+        for blockno in blocknos:
+            if blockno in self._clean:
+                self._clean.move_to_end(blockno)
+
+    async def _read(self, blocknos: list[int]) -> None:
+        event = trio.Event()
+        for blockno in blocknos:
+            self._loading[blockno] = event
+        try:
+            self.stats.misses += len(blocknos)
+            found = await self._device.read_blocks(blocknos)
+        finally:
+            for blockno in blocknos:
+                del self._loading[blockno]
+            event.set()
+        for blockno, data in zip(blocknos, found, strict=True):
+            if blockno not in self._blocks:
+                self._blocks[blockno] = bytearray(data)
+                self._clean[blockno] = None
+        self._evict(protect=set(blocknos))
+
+    def put(self, blockno: int, data: bytes | memoryview) -> None:
+        """Replace a whole block with `data` and mark it dirty."""
+        if len(data) != BLOCK_SIZE:
+            raise InternalError(f"block {blockno}: put of {len(data)} bytes")
+        current = self._blocks.get(blockno)
+        if current is None:
+            self._blocks[blockno] = bytearray(data)
+        else:
+            current[:] = data
+        self._mark_dirty(blockno)
+
+    def put_zero(self, blockno: int) -> None:
+        """Start a freshly allocated block as zeros, without reading it."""
+        self._blocks[blockno] = bytearray(BLOCK_SIZE)
+        self._mark_dirty(blockno)
+
+    def patch(self, blockno: int, offset: int, data: bytes | memoryview) -> None:
+        """Overwrite part of a cached block and mark it dirty."""
+        current = self._blocks.get(blockno)
+        if current is None:
+            raise InternalError(f"block {blockno} is not cached for a partial write")
+        current[offset : offset + len(data)] = data
+        self._mark_dirty(blockno)
+
+    def zero_from(self, blockno: int, offset: int) -> None:
+        """Zero a cached block from `offset` to its end and mark it dirty."""
+        self.patch(blockno, offset, bytes(BLOCK_SIZE - offset))
+
+    def discard(self, blocknos: Iterable[int]) -> None:
+        """Forget freed blocks, dirty or not; a write already in flight still completes."""
+        for blockno in blocknos:
+            self._blocks.pop(blockno, None)
+            self._clean.pop(blockno, None)
+            self._dirty.pop(blockno, None)
+
+    def _mark_dirty(self, blockno: int) -> None:
+        self._clean.pop(blockno, None)
+        if blockno not in self._dirty:
+            self._generation += 1
+            self._dirty[blockno] = self._generation
+            if len(self._dirty) > self._dirty_limit // 2:
+                self._wakeup.set()
+
+    def _evict(self, protect: frozenset[int] | set[int] = frozenset()) -> None:
+        kept: list[int] = []
+        while len(self._clean) > self._capacity:
+            blockno, _ = self._clean.popitem(last=False)
+            if blockno in protect:
+                kept.append(blockno)
+            else:
+                del self._blocks[blockno]
+        for blockno in kept:
+            self._clean[blockno] = None
+
+    async def throttle(self) -> None:
+        """Wait while dirty bytes exceed the limit; raises the last write-back error then."""
+        while len(self._dirty) >= self._dirty_limit:
+            if self._error is not None:
+                raise self._error
+            self._wakeup.set()
+            await self._cleaned.wait()
+
+    async def flush(self) -> None:
+        """Write every block dirty now, and wait for the writes in flight now."""
+        snapshot = self._generation
+        waiting = set(self._writing.values())
+        while True:
+            for event in waiting:
+                await event.wait()
+            due = [blockno for blockno, gen in self._dirty.items() if gen <= snapshot]
+            if not due:
+                return
+            ready = [blockno for blockno in due if blockno not in self._writing]
+            if ready:
+                await self._write_all(ready)
+            # Another task may have taken some of these blocks into a write of its own.
+            waiting = {self._writing[b] for b in due if b in self._writing}
+
+    async def _write_all(self, blocknos: list[int]) -> None:
+        ordered = sorted(blocknos)
+        batches = [ordered[i : i + self._batch] for i in range(0, len(ordered), self._batch)]
+        if len(batches) == 1:
+            await self._write_batch(batches[0])
+            return
+        failures: list[PxfsError] = []
+
+        async def write(batch: list[int]) -> None:
+            try:
+                await self._write_batch(batch)
+            except PxfsError as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                nursery.start_soon(write, batch)
+        if failures:
+            raise failures[0]
+
+    async def _write_batch(self, blocknos: list[int]) -> None:
+        async with self._limiter:
+            batch = [b for b in blocknos if b in self._dirty and b not in self._writing]
+            if not batch:
+                return
+            payload = [(blockno, bytes(self._blocks[blockno])) for blockno in batch]
+            event = trio.Event()
+            for blockno in batch:
+                del self._dirty[blockno]
+                self._writing[blockno] = event
+            try:
+                self.stats.write_calls += 1
+                await self._device.write_blocks(payload)
+            except BaseException:
+                self.stats.write_errors += 1
+                for blockno in batch:
+                    if blockno in self._blocks:
+                        self._dirty[blockno] = 0
+                raise
+            finally:
+                for blockno in batch:
+                    del self._writing[blockno]
+                event.set()
+        self.stats.blocks_written += len(batch)
+        self._error = None
+        for blockno in batch:
+            if blockno in self._blocks and blockno not in self._dirty:
+                self._clean[blockno] = None
+        self._evict()
+        self._cleaned.set()
+        self._cleaned = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write back in the background whenever dirty bytes pass half the limit."""
+        task_status.started()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            while len(self._dirty) > self._dirty_limit // 4:
+                due = [blockno for blockno in self._dirty if blockno not in self._writing]
+                if not due:
+                    break
+                try:
+                    await self._write_all(due)
+                except PxfsError as exc:
+                    await self._note_failure(exc)
+                    break
+
+    async def _note_failure(self, exc: PxfsError) -> None:
+        log.warning("block write-back failed, retrying in %g s: %s", _RETRY_DELAY, exc.message)
+        self._error = exc
+        self._cleaned.set()
+        self._cleaned = trio.Event()
+        await trio.sleep(_RETRY_DELAY)
+        self._wakeup.set()
+
+    def statistics(self) -> dict[str, int]:
+        """Return counters for monitoring."""
+        return {
+            "cached_blocks": len(self._blocks),
+            "dirty_blocks": len(self._dirty),
+            "writing_blocks": len(self._writing),
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "write_calls": self.stats.write_calls,
+            "blocks_written": self.stats.blocks_written,
+            "write_errors": self.stats.write_errors,
+        }

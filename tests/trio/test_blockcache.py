@@ -1,0 +1,220 @@
+"""Tests of pxfs.volume.blockcache: batching, concurrency, limits and failures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import trio
+
+from pxfs.errors import InternalError, Unavailable
+from pxfs.volume.blockcache import BlockCache
+from pxfs.volume.device import BLOCK_SIZE, ZERO_BLOCK, MemoryDevice
+
+MIB = 1024 * 1024
+
+
+def _block(fill: int) -> bytes:
+    return bytes([fill]) * BLOCK_SIZE
+
+
+class GatedDevice(MemoryDevice):
+    """A MemoryDevice whose reads and writes wait until their gate opens."""
+
+    def __init__(self, nblocks: int) -> None:
+        super().__init__(nblocks)
+        self.read_gate = trio.Event()
+        self.write_gate = trio.Event()
+        self.read_gate.set()
+        self.write_gate.set()
+        self.fail_writes = 0
+
+    async def read_blocks(self, blocknos: Sequence[int]) -> list[bytes]:
+        await self.read_gate.wait()
+        return await super().read_blocks(blocknos)
+
+    async def write_blocks(self, blocks: Sequence[tuple[int, bytes]]) -> None:
+        await self.write_gate.wait()
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise Unavailable("replica down")
+        await super().write_blocks(blocks)
+
+
+async def test_one_mib_becomes_one_device_write() -> None:
+    device = MemoryDevice(64)
+    cache = BlockCache(device)
+    for blockno in range(16):
+        cache.put(blockno, _block(blockno))
+    await cache.flush()
+    assert device.stats.write_calls == 1
+    assert device.stats.blocks_written == 16
+    assert cache.dirty_blocks == 0
+
+
+async def test_write_back_batches_large_sets() -> None:
+    device = MemoryDevice(1024)
+    cache = BlockCache(device, batch_blocks=64)
+    for blockno in range(640):
+        cache.put_zero(blockno)
+    await cache.flush()
+    assert device.stats.write_calls == 10
+    assert device.stats.blocks_written == 640
+
+
+async def test_load_reads_misses_in_one_call() -> None:
+    device = MemoryDevice(64)
+    await device.write_blocks([(blockno, _block(blockno)) for blockno in range(8)])
+    cache = BlockCache(device)
+    await cache.load([0, 1])
+    await cache.load(list(range(8)))
+    assert device.stats.read_calls == 2
+    assert device.stats.blocks_read == 8
+    peeked = cache.peek(5)
+    assert peeked is not None
+    assert bytes(peeked) == _block(5)
+
+
+async def test_concurrent_loads_read_once() -> None:
+    device = GatedDevice(8)
+    await device.write_blocks([(3, _block(3))])
+    device.read_gate = trio.Event()
+    cache = BlockCache(device)
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(cache.load, [3])
+        await trio.testing.wait_all_tasks_blocked()
+        device.read_gate.set()
+    assert device.stats.read_calls == 1
+
+
+async def test_put_during_load_keeps_new_bytes() -> None:
+    device = GatedDevice(8)
+    await device.write_blocks([(2, _block(1))])
+    device.read_gate = trio.Event()
+    cache = BlockCache(device)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.load, [2])
+        await trio.testing.wait_all_tasks_blocked()
+        cache.put(2, _block(9))
+        device.read_gate.set()
+    peeked = cache.peek(2)
+    assert peeked is not None
+    assert bytes(peeked) == _block(9)
+
+
+async def test_fresh_block_needs_no_read() -> None:
+    device = MemoryDevice(8)
+    cache = BlockCache(device)
+    cache.put_zero(4)
+    cache.patch(4, 100, b"abc")
+    await cache.flush()
+    assert device.stats.read_calls == 0
+    assert device.peek(4)[100:103] == b"abc"
+    assert device.peek(4)[:100] == bytes(100)
+
+
+async def test_patch_of_uncached_block_fails() -> None:
+    cache = BlockCache(MemoryDevice(8))
+    with pytest.raises(InternalError):
+        cache.patch(1, 0, b"x")
+
+
+async def test_rewrite_during_write_is_written_again() -> None:
+    device = GatedDevice(8)
+    cache = BlockCache(device)
+    cache.put(1, _block(1))
+    device.write_gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.flush)
+        await trio.testing.wait_all_tasks_blocked()
+        cache.patch(1, 0, b"\x02")
+        device.write_gate.set()
+    assert device.peek(1)[0] == 1
+    assert cache.dirty_blocks == 1
+    await cache.flush()
+    assert device.peek(1)[:2] == b"\x02\x01"
+    assert device.stats.write_calls == 2
+
+
+async def test_flush_waits_for_writes_in_flight() -> None:
+    device = GatedDevice(8)
+    cache = BlockCache(device)
+    cache.put(1, _block(7))
+    device.write_gate = trio.Event()
+    flushed = []
+
+    async def flush(label: str) -> None:
+        await cache.flush()
+        flushed.append(label)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(flush, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert flushed == []
+        device.write_gate.set()
+    assert sorted(flushed) == ["first", "second"]
+    assert device.stats.write_calls == 1
+
+
+async def test_clean_blocks_are_evicted_lru() -> None:
+    device = MemoryDevice(512)
+    cache = BlockCache(device, capacity_bytes=4 * MIB, batch_blocks=16)
+    await cache.load(list(range(64)))
+    assert cache.cached_blocks == 64
+    await cache.load([0])
+    await cache.load(list(range(64, 80)))
+    assert cache.cached_blocks == 64
+    assert cache.has(0)
+    assert not cache.has(1)
+
+
+async def test_dirty_blocks_are_not_evicted() -> None:
+    device = MemoryDevice(512)
+    cache = BlockCache(device, capacity_bytes=2 * MIB, dirty_limit_bytes=64 * MIB, batch_blocks=16)
+    for blockno in range(100):
+        cache.put_zero(blockno)
+    await cache.load(list(range(100, 200)))
+    assert all(cache.has(blockno) for blockno in range(100))
+
+
+async def test_discarded_blocks_are_not_written() -> None:
+    device = MemoryDevice(8)
+    cache = BlockCache(device)
+    cache.put(1, _block(1))
+    cache.put(2, _block(2))
+    cache.discard([1])
+    await cache.flush()
+    assert device.stored_blocks() == [2]
+
+
+async def test_failed_write_keeps_blocks_dirty() -> None:
+    device = GatedDevice(8)
+    cache = BlockCache(device)
+    cache.put(3, _block(3))
+    device.fail_writes = 1
+    with pytest.raises(Unavailable):
+        await cache.flush()
+    assert cache.dirty_blocks == 1
+    await cache.flush()
+    assert device.peek(3) == _block(3)
+
+
+async def test_writers_wait_at_dirty_limit() -> None:
+    device = GatedDevice(1024)
+    cache = BlockCache(device, dirty_limit_bytes=4 * MIB, batch_blocks=16)
+    highest = 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        for blockno in range(512):
+            await cache.throttle()
+            cache.put_zero(blockno)
+            highest = max(highest, cache.dirty_blocks)
+        await cache.flush()
+        nursery.cancel_scope.cancel()
+    assert highest <= 64
+    assert device.stats.blocks_written >= 512
+    assert device.stats.write_calls < 512 // 4
+    assert device.peek(511) == ZERO_BLOCK
