@@ -1,4 +1,4 @@
-"""pxd-sidecar: serve the openstorage REST API of this node in front of pxd's control socket."""
+"""pxd-sidecar: serve the openstorage REST API and the Docker volume plugin of this node."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ import os
 import sys
 
 from pxfs import errors
-from pxfs.api import app
+from pxfs.api import app, docker
 from pxfs.config import load_config
 
 log = logging.getLogger(__name__)
 
 _DESCRIPTION = """\
-Serve the openstorage volume REST API (the routes under /v1/osd-volumes) on HOST:PORT.
-Every request becomes a call to pxd on its control socket; the sidecar keeps no state, so it
-may start before pxd and answers 503 until pxd is up. SIGINT or SIGTERM stops it (exit 0).
-Defaults come from the pxd configuration file; flags override it.
+Serve the openstorage volume REST API (the routes under /v1/osd-volumes) on HOST:PORT and
+Docker's volume plugin protocol (driver pxd) on a unix socket. Every request becomes a call to
+pxd on its control socket, so the sidecar may start before pxd and answers 503 until pxd is up.
+The only state it keeps is which containers use each Docker volume, in --state-dir.
+SIGINT or SIGTERM stops it (exit 0). Defaults come from the pxd configuration file; flags
+override it.
 """
 
 # journald reads a "<N>" prefix on each line of a service's stderr as the syslog priority.
@@ -56,9 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--plugin-socket",
         metavar="PATH",
-        help="unix socket for Docker's volume plugin protocol (default: plugin_socket of the "
-        "configuration, /run/docker/plugins/pxd.sock). Not served yet: the sidecar logs a "
-        "warning and leaves the socket alone",
+        help="unix socket for Docker's volume plugin protocol, created with mode 0600 "
+        "(default: plugin_socket of the configuration, /run/docker/plugins/pxd.sock, where "
+        "dockerd looks for a plugin named pxd)",
+    )
+    parser.add_argument(
+        "--docker-mount-base",
+        metavar="DIR",
+        help="directory under which Docker volumes are mounted, at DIR/NAME; created with mode "
+        "0700 (default: docker_mount_base of the configuration, /var/lib/osd/mounts)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help=f"directory of {docker.REFS_FILE}, the containers that use each Docker volume; "
+        f"created with mode 0700 at the first Mount (default: {docker.DEFAULT_STATE_DIR})",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request (DEBUG)")
     return parser
@@ -94,13 +108,18 @@ class _JournalFormatter(logging.Formatter):
         return f"<{priority}>" + super().format(record)
 
 
-def resolve_settings(args: argparse.Namespace) -> tuple[str, str, int, str]:
-    """Merge the flags over the configuration file: control socket, host, port, plugin socket."""
+def resolve_settings(args: argparse.Namespace) -> app.SidecarSettings:
+    """Merge the flags over the configuration file."""
     config = load_config(args.config)
     host, port = args.rest if args.rest else (config.rest_host, config.rest_port)
-    control_socket = args.socket or str(config.control_socket)
-    plugin_socket = args.plugin_socket or str(config.plugin_socket)
-    return control_socket, host, port, plugin_socket
+    return app.SidecarSettings(
+        control_socket=args.socket or str(config.control_socket),
+        host=host,
+        port=port,
+        plugin_socket=args.plugin_socket or str(config.plugin_socket),
+        mount_base=os.path.abspath(args.docker_mount_base or config.docker_mount_base),
+        state_dir=os.path.abspath(args.state_dir or docker.DEFAULT_STATE_DIR),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        control_socket, host, port, plugin_socket = resolve_settings(args)
-        return asyncio.run(app.run_sidecar(control_socket, host, port, plugin_socket))
+        return asyncio.run(app.run_sidecar(resolve_settings(args)))
     except errors.PxfsError as exc:
         print(f"pxd-sidecar: {exc.message}", file=sys.stderr)
         return exc.exit_code

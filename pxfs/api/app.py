@@ -1,17 +1,30 @@
-"""The sidecar's aiohttp application: routes, error middleware, body limit and the server loop."""
+"""The sidecar's aiohttp applications and the server loop.
+
+Two applications share one control connection to pxd: the REST API on TCP, with its error
+middleware and body limit, and Docker's volume plugin protocol on a unix socket that only root
+may use.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
+import secrets
 import signal
+import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
 from pxfs import errors
-from pxfs.api import rest
+from pxfs.api import docker, rest
 from pxfs.api.control import ControlClient
 
 log = logging.getLogger(__name__)
@@ -88,21 +101,47 @@ async def _close_control(app: web.Application) -> None:
     await app[rest.CONTROL].close()
 
 
-async def run_sidecar(control_socket: str, host: str, port: int, plugin_socket: str) -> int:
-    """Serve the REST API on `host`:`port` until SIGINT or SIGTERM; return the exit code."""
+def make_plugin_app(plugin: docker.DockerPlugin, *, max_body: int = MAX_BODY) -> web.Application:
+    """Build the Docker volume plugin application; the caller closes the plugin's control."""
+    app = web.Application(client_max_size=max_body)
+    app[docker.PLUGIN] = plugin
+    docker.add_routes(app)
+    return app
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    """Where the sidecar finds pxd, where it listens and where the Docker plugin keeps state."""
+
+    control_socket: str
+    host: str
+    port: int
+    plugin_socket: str
+    mount_base: str = str(docker.DEFAULT_MOUNT_BASE)
+    state_dir: str = str(docker.DEFAULT_STATE_DIR)
+
+
+async def run_sidecar(settings: SidecarSettings) -> int:
+    """Serve the REST API and the Docker plugin until SIGINT or SIGTERM; return the exit code."""
     stop = _stop_on_signals()
-    control = ControlClient(control_socket)
+    refs = docker.RefStore.load(Path(settings.state_dir) / docker.REFS_FILE)
+    control = ControlClient(settings.control_socket)
+    plugin = docker.DockerPlugin(control, Path(settings.mount_base), refs)
     runner = web.AppRunner(make_app(control), access_log=None, handle_signals=False)
+    plugin_runner = web.AppRunner(make_plugin_app(plugin), access_log=None, handle_signals=False)
     await runner.setup()
+    await plugin_runner.setup()
+    plugin_socket: _PluginSocket | None = None
     try:
-        await _start_site(runner, host, port)
-        # NOTE: the Docker volume plugin protocol is not served yet, so dockerd cannot use
-        # pxfs volumes through this socket. Until it is, the REST API is the only interface.
-        log.warning("Docker volume plugin not served yet; %s stays unused", plugin_socket)
+        await _start_site(runner, settings.host, settings.port)
+        plugin_socket = await _start_plugin_site(plugin_runner, Path(settings.plugin_socket))
         await _log_pxd(control)
         await stop.wait()
         log.info("stopping")
     finally:
+        await plugin_runner.cleanup()
+        if plugin_socket is not None:
+            plugin_socket.remove()
         await runner.cleanup()
     return 0
 
@@ -114,6 +153,81 @@ async def _start_site(runner: web.AppRunner, host: str, port: int) -> None:
     except OSError as exc:
         raise errors.Unavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     log.info("REST API listening on http://%s:%d", host, port)
+
+
+@dataclass(frozen=True)
+class _PluginSocket:
+    """The plugin socket this sidecar bound, identified so that shutdown removes only its own."""
+
+    path: Path
+    device: int
+    inode: int
+
+    def remove(self) -> None:
+        """Remove the socket file unless another process has replaced it meanwhile."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (info.st_dev, info.st_ino) == (self.device, self.inode):
+            self.path.unlink()
+
+
+async def _start_plugin_site(runner: web.AppRunner, path: Path) -> _PluginSocket:
+    sock = _bind_plugin_socket(path)
+    site = web.SockSite(runner, sock)
+    await site.start()
+    info = os.lstat(path)
+    log.info("Docker volume plugin %s listening on %s", docker.DRIVER_NAME, path)
+    return _PluginSocket(path, info.st_dev, info.st_ino)
+
+
+def _bind_plugin_socket(path: Path) -> socket.socket:
+    """Bind a unix socket at `path` with mode 0600, replacing a stale socket file."""
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound under a temporary name and renamed once it is 0600, so that no other user
+        # ever sees the socket with the default mode.
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            sock.bind(str(temporary))
+            os.chmod(temporary, 0o600)
+            os.rename(temporary, path)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+    except OSError as exc:
+        raise errors.Unavailable(
+            f"cannot listen on the plugin socket {path}: {exc.strerror or exc}"
+        ) from None
+    sock.listen(128)
+    return sock
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket file that nobody listens on; raise Busy when a server owns it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise errors.Unavailable(f"cannot listen on {path}: it exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            log.info("removing the stale plugin socket %s", path)
+            path.unlink()
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return
+    raise errors.Busy(f"cannot listen on {path}: another process serves it")
 
 
 async def _log_pxd(control: ControlClient) -> None:

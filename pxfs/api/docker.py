@@ -1,0 +1,706 @@
+"""Docker's volume plugin protocol, served by pxd-sidecar on a unix socket (driver name pxd).
+
+dockerd finds the plugin through legacy discovery: a socket /run/docker/plugins/pxd.sock. Every
+call is a POST with a JSON body, and every reply is HTTP 200: a failure carries its message in
+`Err`, which dockerd shows as `VolumeDriver.<Method>: <message>`.
+
+A volume that a container uses is attached on this node and mounted at MOUNT_BASE/<name>. Mount
+and Unmount carry the ID of the container, and the plugin counts the containers per volume: the
+first Mount attaches and mounts, the last Unmount unmounts and detaches. pxd's catalog has no
+field for these counts, so the sidecar keeps them in a small file in its state directory,
+replaced atomically at each change, and they survive a crash or restart of the sidecar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import os
+import re
+import stat
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from pxfs import errors, units
+from pxfs.api.control import ControlClient
+
+log = logging.getLogger(__name__)
+
+DRIVER_NAME = "pxd"
+DEFAULT_MOUNT_BASE = Path("/var/lib/osd/mounts")
+DEFAULT_STATE_DIR = Path("/var/lib/pxfs/sidecar")
+REFS_FILE = "docker-refs.json"
+#: A volume created without a size option gets pxctl's default size.
+DEFAULT_SIZE = 1 << 30
+MAX_HA_LEVEL = 3
+#: The media type of Docker's plugin protocol; dockerd sends it in Accept.
+CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
+
+_REFS_VERSION = 1
+_INLINE_NAME = re.compile(r"[0-9A-Za-z_-]+")
+_INLINE_SEPARATORS = re.compile(r"[,;]")
+_TRUE = {"1", "t", "true"}
+_FALSE = {"0", "f", "false"}
+
+#: Options that switch on a feature pxfs lacks, mapped to the feature. Creating the volume
+#: without it would mislead the caller (an unencrypted volume where encryption was asked for),
+#: so a true value is rejected.
+_FEATURE_FLAGS = {
+    "shared": "shared access from several nodes",
+    "sharedv4": "shared access from several nodes",
+    "secure": "encryption",
+    "sticky": "sticky volumes",
+    "compressed": "compression",
+    "dedupe": "deduplication",
+}
+#: Options that pxfs rejects whenever they carry a value.
+_UNSUPPORTED_VALUES = {
+    "secret_key": "pxfs volumes have no encryption",
+    "parent": "pxfs cannot clone volumes",
+    "nodes": "pxd places the replicas itself",
+}
+#: Authentication options of openstorage; they describe the caller, not the volume.
+_DROPPED = {"token", "token_secret"}
+
+
+# --- DriverOpts and inline names ----------------------------------------------------------------
+
+
+@dataclass
+class CreateSpec:
+    """A volume to create, parsed from a Create request."""
+
+    name: str
+    size: int = DEFAULT_SIZE
+    ha_level: int = 1
+    labels: dict[str, str] = field(default_factory=dict)
+    #: True when size or repl was given, so an existing volume of this name must match them.
+    explicit: bool = False
+
+    def to_rpc(self) -> dict[str, Any]:
+        """Return the argument of pxd's volume.create."""
+        return {
+            "name": self.name,
+            "size": self.size,
+            "ha_level": self.ha_level,
+            "labels": self.labels,
+        }
+
+
+def parse_inline(text: str) -> dict[str, str] | None:
+    """Parse an inline spec such as "name=vol,size=10G,repl=2", or return None for a plain name.
+
+    A name is inline when one of its `,`- or `;`-separated parts is name=<letters, digits, _ or
+    ->. Keys are lower-cased. Raises InvalidArgument for a part that is not KEY=VALUE and for a
+    key given twice.
+    """
+    parts = [part for part in _INLINE_SEPARATORS.split(text) if part]
+    pairs = [part.partition("=") for part in parts]
+    names = [value for key, sep, value in pairs if sep and key.strip().lower() == "name"]
+    if len(names) != 1 or not _INLINE_NAME.fullmatch(names[0]):
+        return None
+    options: dict[str, str] = {}
+    for part, (key, sep, value) in zip(parts, pairs, strict=True):
+        key = key.strip().lower()
+        if not sep or not key:
+            raise errors.InvalidArgument(
+                f"invalid inline volume spec {text!r}: {part!r} is not KEY=VALUE"
+            )
+        if key in options:
+            raise errors.InvalidArgument(f"invalid inline volume spec {text!r}: {key} given twice")
+        options[key] = value
+    return options
+
+
+def volume_name(docker_name: Any) -> str:
+    """Return the pxd volume name of a Docker volume name, which may be an inline spec."""
+    if not isinstance(docker_name, str):
+        raise errors.InvalidArgument(f"Name must be a string, got {json.dumps(docker_name)}")
+    inline = parse_inline(docker_name)
+    name = inline["name"] if inline is not None else docker_name
+    return units.validate_name(name)
+
+
+def parse_create(docker_name: Any, opts: Any) -> CreateSpec:
+    """Parse the Name and Opts of a Create request; raises InvalidArgument or NotSupported.
+
+    An inline spec in the name wins and Opts is ignored, as openstorage does. Keys match
+    case-insensitively: size (a bare number is GiB), repl (1 to 3), labels ("k1=v1,k2=v2"), fs
+    (only "fuse"), and every key that pxfs does not interpret becomes a volume label.
+    """
+    name = volume_name(docker_name)
+    inline = parse_inline(docker_name)
+    if inline is not None:
+        if opts:
+            log.info("volume %s: Opts ignored because the name contains the spec", name)
+        options = {key: value for key, value in inline.items() if key != "name"}
+    else:
+        options = _check_opts(opts)
+    spec = CreateSpec(name)
+    labels: dict[str, str] = {}
+    for key, value in options.items():
+        _apply_option(spec, labels, key, value)
+    spec.labels = units.validate_labels({**labels, **spec.labels})
+    return spec
+
+
+def _check_opts(opts: Any) -> dict[str, str]:
+    if opts is None:
+        return {}
+    if not isinstance(opts, dict):
+        raise errors.InvalidArgument("Opts must be a JSON object of strings")
+    checked: dict[str, str] = {}
+    for key, value in opts.items():
+        if not isinstance(value, str):
+            raise errors.InvalidArgument(f"option {key} must be a string, got {json.dumps(value)}")
+        lowered = key.strip().lower()
+        if lowered in checked:
+            raise errors.InvalidArgument(f"option {lowered} given twice")
+        checked[lowered] = value
+    return checked
+
+
+def _apply_option(spec: CreateSpec, labels: dict[str, str], key: str, value: str) -> None:
+    """Apply one DriverOpts key to `spec`; keys without a meaning for pxfs go to `labels`."""
+    if key == "size":
+        spec.size = units.parse_size(value)
+        spec.explicit = True
+    elif key == "repl":
+        spec.ha_level = _parse_repl(value)
+        spec.explicit = True
+    elif key == "labels":
+        spec.labels.update(_parse_labels(value))
+    elif key == "fs":
+        if value.strip().lower() != "fuse":
+            raise errors.NotSupported(
+                f"option fs={value} is not supported: pxfs volumes are FUSE filesystems; "
+                "leave fs out or set fs=fuse"
+            )
+    elif key == "name":
+        if value != spec.name:
+            raise errors.InvalidArgument(
+                f"option name={value} does not match the volume name {spec.name}"
+            )
+    elif key in _FEATURE_FLAGS:
+        if parse_bool(key, value):
+            raise errors.NotSupported(
+                f"option {key}={value} is not supported: pxfs has no {_FEATURE_FLAGS[key]}"
+            )
+    elif key in _UNSUPPORTED_VALUES:
+        if value:
+            raise errors.NotSupported(f"option {key} is not supported: {_UNSUPPORTED_VALUES[key]}")
+    elif key not in _DROPPED:
+        labels[key] = value
+
+
+def _parse_repl(value: str) -> int:
+    text = value.strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_HA_LEVEL:
+        raise errors.InvalidArgument(
+            f"invalid repl {value!r}: expected a replica count from 1 to {MAX_HA_LEVEL}"
+        )
+    return int(text)
+
+
+def _parse_labels(value: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        key, sep, label = item.partition("=")
+        if not sep or not key.strip():
+            raise errors.InvalidArgument(
+                f"invalid labels {value!r}: expected KEY=VALUE pairs separated by commas"
+            )
+        labels[key.strip()] = label.strip()
+    return labels
+
+
+def parse_bool(key: str, value: str) -> bool:
+    """Parse a boolean option the way Go's strconv.ParseBool does."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE or not lowered:
+        return False
+    raise errors.InvalidArgument(f"invalid {key} {value!r}: expected true or false")
+
+
+# --- reference counts ---------------------------------------------------------------------------
+
+
+class RefStore:
+    """The containers that use each volume, keyed by volume id, kept in a JSON file.
+
+    The file is {"version": 1, "volumes": {ID: {"name": NAME, "containers": [ID, ...]}}} and is
+    replaced by write-fsync-rename, so a crash leaves either the old or the new counts.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._volumes: dict[str, dict[str, Any]] = {}
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    def load(cls, path: Path) -> RefStore:
+        """Read the counts from `path`; a missing file means no volume is in use.
+
+        Raises InvalidArgument for a file that cannot be read as counts: starting from zero
+        would unmount volumes under running containers.
+        """
+        store = cls(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return store
+        except OSError as exc:
+            raise errors.InvalidArgument(f"cannot read {path}: {exc.strerror}") from None
+        store._volumes = _decode_refs(path, text)
+        return store
+
+    def containers(self, vol_id: str) -> list[str]:
+        """Return the IDs of the containers that use volume `vol_id`."""
+        entry = self._volumes.get(vol_id)
+        return list(entry["containers"]) if entry else []
+
+    async def add(self, vol_id: str, name: str, container: str) -> None:
+        """Record that `container` uses the volume; a repeated ID counts once."""
+        entry = self._volumes.setdefault(vol_id, {"name": name, "containers": []})
+        if container in entry["containers"]:
+            return
+        entry["containers"].append(container)
+        try:
+            await self._save()
+        except errors.PxfsError:
+            entry["containers"].remove(container)
+            self._drop_empty(vol_id)
+            raise
+
+    async def remove(self, vol_id: str, container: str) -> int | None:
+        """Forget that `container` uses the volume; return how many are left, None if unknown."""
+        entry = self._volumes.get(vol_id)
+        if entry is None or container not in entry["containers"]:
+            return None
+        entry["containers"].remove(container)
+        left = len(entry["containers"])
+        self._drop_empty(vol_id)
+        await self._save()
+        return left
+
+    async def forget(self, vol_id: str) -> None:
+        """Drop every count of volume `vol_id`, once the volume is deleted."""
+        if self._volumes.pop(vol_id, None) is not None:
+            await self._save()
+
+    def _drop_empty(self, vol_id: str) -> None:
+        entry = self._volumes.get(vol_id)
+        if entry is not None and not entry["containers"]:
+            del self._volumes[vol_id]
+
+    async def _save(self) -> None:
+        async with self._write_lock:
+            data = json.dumps({"version": _REFS_VERSION, "volumes": self._volumes}, indent=1)
+            try:
+                await asyncio.to_thread(_write_atomically, self.path, data.encode())
+            except OSError as exc:
+                log.error("cannot save the Docker reference counts to %s: %s", self.path, exc)
+                raise errors.InternalError(
+                    f"cannot save the reference counts to {self.path}: {exc.strerror}"
+                ) from None
+
+
+def _decode_refs(path: Path, text: str) -> dict[str, dict[str, Any]]:
+    problem = f"{path} does not contain Docker reference counts; fix or remove it"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise errors.InvalidArgument(problem) from None
+    if not isinstance(data, dict) or data.get("version") != _REFS_VERSION:
+        raise errors.InvalidArgument(problem)
+    volumes = data.get("volumes")
+    if not isinstance(volumes, dict):
+        raise errors.InvalidArgument(problem)
+    for entry in volumes.values():
+        containers = entry.get("containers") if isinstance(entry, dict) else None
+        valid = isinstance(containers, list) and all(isinstance(c, str) for c in containers)
+        if not valid or not isinstance(entry.get("name"), str):
+            raise errors.InvalidArgument(problem)
+    return {vol_id: entry for vol_id, entry in volumes.items() if entry["containers"]}
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    # The rename is durable only once the directory itself is synced.
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+class DockerPlugin:
+    """The volume driver: each method serves one endpoint with control calls to pxd."""
+
+    def __init__(self, control: ControlClient, mount_base: Path, refs: RefStore) -> None:
+        self.control = control
+        self.mount_base = Path(os.path.abspath(mount_base))
+        self.refs = refs
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def mountpoint(self, name: str) -> Path:
+        """Return the host path where volume `name` is mounted for containers."""
+        units.validate_name(name)
+        path = self.mount_base / name
+        # validate_name already rules out "/", "." and "..", so this only guards that rule.
+        if os.path.dirname(os.path.normpath(path)) != str(self.mount_base):
+            raise errors.InvalidArgument(f"invalid volume name {name!r}: not a path component")
+        return path
+
+    async def create(self, docker_name: Any, opts: Any) -> None:
+        """Create the volume; an existing one of that name is fine unless size or repl differ."""
+        spec = parse_create(docker_name, opts)
+        if not spec.explicit and await self._find(spec.name) is not None:
+            log.info("volume %s exists; Create without size or repl uses it", spec.name)
+            return
+        record = await self.control.call("volume.create", spec.to_rpc())
+        log.info("created volume %s (%s) for Docker", spec.name, record["id"])
+
+    async def remove(self, docker_name: Any) -> None:
+        """Delete the volume; rejected while a container uses it."""
+        name = volume_name(docker_name)
+        async with self._lock(name):
+            record = await self._require(name)
+            users = self.refs.containers(record["id"])
+            if users:
+                raise errors.Busy(f"volume {name} is in use by {len(users)} container(s)")
+            await self._release(record)
+            await self.control.call("volume.delete", record["id"])
+            await self.refs.forget(record["id"])
+        log.info("deleted volume %s for Docker", name)
+
+    async def mount(self, docker_name: Any, container: Any) -> str:
+        """Attach and mount the volume for `container` if needed; return the mountpoint."""
+        name = volume_name(docker_name)
+        container = _container_id(container)
+        path = self.mountpoint(name)
+        async with self._lock(name):
+            record = await self._require(name)
+            await self._ensure_mounted(record, path)
+            try:
+                await self.refs.add(record["id"], name, container)
+            except errors.PxfsError:
+                # A mount that no count records would never be released by an Unmount.
+                if not self.refs.containers(record["id"]):
+                    await _shielded(self._release(await self._require(name)))
+                raise
+        log.info("volume %s mounted at %s for container %s", name, path, container[:12])
+        return str(path)
+
+    async def unmount(self, docker_name: Any, container: Any) -> None:
+        """Release the volume for `container`; the last container unmounts and detaches it."""
+        name = volume_name(docker_name)
+        container = _container_id(container)
+        async with self._lock(name):
+            record = await self._find(name)
+            if record is None:
+                log.info("Unmount of %s: no such volume, nothing to release", name)
+                return
+            left = await self.refs.remove(record["id"], container)
+            if left is None:
+                log.info("Unmount of %s: container %s was not using it", name, container[:12])
+            elif left == 0:
+                await self._release(record)
+            else:
+                log.info("volume %s stays mounted for %d container(s)", name, left)
+
+    async def path(self, docker_name: Any) -> str:
+        """Return the mountpoint of the volume; fails when it is not mounted."""
+        name = volume_name(docker_name)
+        record = await self._require(name)
+        mountpoint = self._mounted_path(record)
+        if not mountpoint:
+            raise errors.InvalidArgument(f"volume {name} is not mounted")
+        return mountpoint
+
+    async def get(self, docker_name: Any) -> dict[str, Any]:
+        """Return the Volume object of the Get reply."""
+        name = volume_name(docker_name)
+        record = await self._require(name)
+        volume: dict[str, Any] = {
+            "Name": docker_name,
+            "CreatedAt": _rfc3339(record.get("ctime_ns", 0)),
+            "Status": self._status(record),
+        }
+        mountpoint = self._mounted_path(record)
+        if mountpoint:
+            volume["Mountpoint"] = mountpoint
+        return volume
+
+    async def list(self) -> list[dict[str, Any]]:
+        """Return the Volumes of the List reply: every volume of pxd."""
+        volumes = []
+        for record in await self.control.call("volume.list", {}):
+            volume = {"Name": record["name"]}
+            mountpoint = self._mounted_path(record)
+            if mountpoint:
+                volume["Mountpoint"] = mountpoint
+            volumes.append(volume)
+        return volumes
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        # One Mount, Unmount or Remove at a time per volume. A waiter holds a strong reference,
+        # so the lock lives as long as someone uses it.
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[name] = lock
+        return lock
+
+    async def _find(self, name: str) -> dict[str, Any] | None:
+        # volume.list matches the name exactly; volume.inspect would also take a volume id.
+        records = await self.control.call("volume.list", {"name": name})
+        return dict(records[0]) if records else None
+
+    async def _require(self, name: str) -> dict[str, Any]:
+        record = await self._find(name)
+        if record is None:
+            raise errors.NotFound(f"volume {name} not found")
+        return record
+
+    def _mounted_path(self, record: Mapping[str, Any]) -> str:
+        path = str(self.mount_base / record["name"])
+        return path if path in (record.get("mount_paths") or []) else ""
+
+    def _status(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        if self._mounted_path(record):
+            state = "mounted"
+        else:
+            state = "attached" if record.get("attached_on") else "detached"
+        status = {
+            "id": str(record["id"]),
+            "size": int(record["size"]),
+            "ha_level": int(record["ha_level"]),
+            "state": state,
+            "containers": len(self.refs.containers(str(record["id"]))),
+        }
+        if record.get("attached_on"):
+            status["attached_on"] = record["attached_on"]
+        if record.get("labels"):
+            status["labels"] = dict(record["labels"])
+        return status
+
+    async def _ensure_mounted(self, record: dict[str, Any], path: Path) -> None:
+        """Attach the volume on this node and mount it at `path`, undoing the attach on failure."""
+        if str(path) in (record.get("mount_paths") or []):
+            return
+        was_attached = bool(record.get("attached_on"))
+        await self.control.call("volume.attach", record["id"])
+        try:
+            await asyncio.to_thread(_prepare_mountpoint, self.mount_base, path)
+            await self.control.call("volume.mount", record["id"], str(path))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+            if not was_attached:
+                await _shielded(self._detach_quietly(record))
+            raise
+
+    async def _release(self, record: Mapping[str, Any]) -> None:
+        """Unmount the volume from its Docker mountpoint and detach it unless mounted elsewhere."""
+        path = str(self.mountpoint(record["name"]))
+        mount_paths = list(record.get("mount_paths") or [])
+        if path in mount_paths:
+            with contextlib.suppress(errors.NotFound):
+                await self.control.call("volume.unmount", record["id"], path)
+            mount_paths.remove(path)
+            log.info("volume %s unmounted from %s", record["name"], path)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        if mount_paths:
+            log.info("volume %s stays attached: it is mounted at %s", record["name"], mount_paths)
+            return
+        if record.get("attached_on"):
+            await self._detach_quietly(record)
+
+    async def _detach_quietly(self, record: Mapping[str, Any]) -> None:
+        """Detach the volume; a volume that another user keeps busy stays attached."""
+        try:
+            await self.control.call("volume.detach", record["id"])
+        except (errors.Busy, errors.NotFound) as exc:
+            log.info("volume %s stays attached: %s", record["name"], exc.message)
+
+
+def _container_id(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise errors.InvalidArgument(
+            "the request has no ID of the container; Docker 1.12 and later send one"
+        )
+    return value
+
+
+def _prepare_mountpoint(base: Path, path: Path) -> None:
+    """Create the base directory (0700) and the empty directory that the volume mounts on."""
+    if not base.is_dir():
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        path.mkdir(mode=0o700)
+        return
+    if not stat.S_ISDIR(mode):
+        raise errors.NotADirectory(f"mountpoint {path} exists and is not a directory")
+
+
+async def _shielded(call: Awaitable[None]) -> None:
+    """Run `call` to completion even when the request that started it is cancelled."""
+    task = asyncio.ensure_future(call)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(task)
+    if not task.done():
+        await asyncio.wait([task])
+
+
+def _rfc3339(ns: int) -> str:
+    moment = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+# --- the HTTP endpoints -------------------------------------------------------------------------
+
+PLUGIN: web.AppKey[DockerPlugin] = web.AppKey("docker_plugin", DockerPlugin)
+
+Endpoint = Callable[[DockerPlugin, dict[str, Any]], Awaitable[dict[str, Any]]]
+_ENDPOINTS: dict[str, Endpoint] = {}
+
+
+def _endpoint(path: str) -> Callable[[Endpoint], Endpoint]:
+    def register(function: Endpoint) -> Endpoint:
+        _ENDPOINTS[path] = function
+        return function
+
+    return register
+
+
+@_endpoint("/Plugin.Activate")
+async def _activate(plugin: DockerPlugin, body: dict[str, Any]) -> dict[str, Any]:
+    return {"Implements": ["VolumeDriver"]}
+
+
+@_endpoint("/VolumeDriver.Capabilities")
+async def _capabilities(plugin: DockerPlugin, body: dict[str, Any]) -> dict[str, Any]:
+    # Every node reaches every volume through pxd, so a volume exists once per cluster.
+    return {"Capabilities": {"Scope": "global"}}
+
+
+@_endpoint("/VolumeDriver.Create")
+async def _create(plugin: DockerPlugin, body: dict[str, Any]) -> dict[str, Any]:
+    await plugin.create(_field(body, "Name"), _field(body, "Opts"))
+    return {"Err": ""}
+
+
+@_endpoint("/VolumeDriver.Remove")
+async def _remove(plugin: DockerPlugin, body: dict[str, Any]) -> dict[str, Any]:
+    await plugin.remove(_field(body, "Name"))
+    return {"Err": ""}
+
+
+@_endpoint("/VolumeDriver.Mount")
+async def _mount(plugin: DockerPlugin, body: dict[str, Any]) -> dict[str, Any]:
+    mountpoint = await plugin.mount(_field(body, "Name"), _field(body, "ID"))
+    return {"Mountpoint": mountpoint, "Err": ""}
+
+
+@_endpoint("/VolumeDriver.Unmount")
+async def _unmount(plugin: DockerPlugin, body: dict[str, Any]) -> dict[str, Any]:
+    await plugin.unmount(_field(body, "Name"), _field(body, "ID"))
+    return {"Err": ""}
+
+
+@_endpoint("/VolumeDriver.Path")
+async def _path(plugin: DockerPlugin, body: dict[str, Any]) -> dict[str, Any]:
+    return {"Mountpoint": await plugin.path(_field(body, "Name")), "Err": ""}
+
+
+@_endpoint("/VolumeDriver.Get")
+async def _get(plugin: DockerPlugin, body: dict[str, Any]) -> dict[str, Any]:
+    return {"Volume": await plugin.get(_field(body, "Name")), "Err": ""}
+
+
+@_endpoint("/VolumeDriver.List")
+async def _list(plugin: DockerPlugin, body: dict[str, Any]) -> dict[str, Any]:
+    return {"Volumes": await plugin.list(), "Err": ""}
+
+
+def _field(body: Mapping[str, Any], key: str) -> Any:
+    """Find `key` the way Go's encoding/json does: exact first, then case-insensitively."""
+    if key in body:
+        return body[key]
+    lowered = key.lower()
+    return next((value for name, value in body.items() if name.lower() == lowered), None)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every endpoint of the plugin protocol on `app`."""
+    for path in _ENDPOINTS:
+        app.router.add_post(path, _handle)
+
+
+async def _handle(request: web.Request) -> web.Response:
+    """Serve one endpoint; every failure becomes an HTTP 200 reply with its message in Err."""
+    endpoint = _ENDPOINTS[request.path]
+    method = request.path.lstrip("/")
+    try:
+        body = await _read_body(request)
+        reply = await endpoint(request.app[PLUGIN], body)
+    except errors.PxfsError as exc:
+        log.log(_failure_level(exc), "%s failed: %s", method, exc.message)
+        reply = {"Err": exc.message}
+    except Exception:
+        log.exception("%s failed", method)
+        reply = {"Err": "internal error; the pxd-sidecar log has the details"}
+    log.debug("%s -> %s", method, reply)
+    return web.json_response(reply, content_type=CONTENT_TYPE)
+
+
+def _failure_level(exc: errors.PxfsError) -> int:
+    # dockerd calls Get for a name before it creates the volume, so a missing volume is routine.
+    if isinstance(exc, errors.NotFound):
+        return logging.DEBUG
+    return logging.WARNING if exc.http_status >= 500 else logging.INFO
+
+
+async def _read_body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise errors.InvalidArgument(f"request body is too large: {exc.text}") from None
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise errors.InvalidArgument("request body must be a JSON object")
+    return body
