@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 _DESCRIPTION = """\
 Serve the openstorage volume REST API (the routes under /v1/osd-volumes) on HOST:PORT and
 Docker's volume plugin protocol (driver pxd) on a unix socket. Every request becomes a call to
-pxd on its control socket, so the sidecar may start before pxd and answers 503 until pxd is up.
+pxd on its control socket, so the sidecar may start before pxd and returns 503 until pxd is up.
 The only state it keeps is which containers use each Docker volume, in --state-dir.
 SIGINT or SIGTERM stops it (exit 0). Defaults come from the pxd configuration file; flags
 override it.

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient
+from nodeproc import free_port
 
 from pxfs import errors
 from pxfs.api import docker
@@ -759,8 +760,6 @@ async def test_unexpected_exception_is_err(
 
 def sidecar_args(fake: FakePxd, tmp_path: Path, plugin_socket: Path) -> list[str]:
     """Return the command line of a sidecar with private sockets and directories."""
-    from test_rest import free_port  # type: ignore[import-not-found]
-
     return [
         sys.executable, "-m", "daemon.sidecar",
         "--socket", str(fake.socket),
@@ -786,7 +785,7 @@ async def plugin_call(path: Path, endpoint: str, body: Any) -> dict[str, Any]:
 
 
 async def wait_for_socket(path: Path, process: asyncio.subprocess.Process) -> None:
-    """Poll until the plugin socket answers Plugin.Activate."""
+    """Poll until the plugin socket responds to Plugin.Activate."""
     deadline = asyncio.get_running_loop().time() + START_TIMEOUT
     while asyncio.get_running_loop().time() < deadline:
         if process.returncode is not None:
