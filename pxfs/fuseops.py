@@ -1,0 +1,296 @@
+"""The pyfuse3 Operations of a volume: a thin adapter from FUSE requests to Volume calls.
+
+Only pyfuse3.FUSEError may leave a handler: any other exception would end pyfuse3.main() and
+leave the mountpoint answering "Transport endpoint is not connected". A PxfsError becomes its
+errno; anything unexpected is logged once with its traceback and answered with EIO.
+Cancellation (a BaseException) passes through untouched.
+
+The kernel caches entries, negative entries and attributes for TIMEOUT seconds, because the
+node that mounts a volume is its only writer. Handlers never call invalidate_inode or
+invalidate_entry: with the writeback cache those calls can wait for a flush that waits for
+a handler.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from pxfs.errors import NotFound, PxfsError
+from pxfs.volume.device import BLOCK_SIZE
+from pxfs.volume.namespace import Attr, Volume
+
+log = logging.getLogger(__name__)
+
+#: Seconds the kernel may keep entries and attributes without asking again.
+TIMEOUT = 60.0
+MOUNT_OPTIONS = frozenset({"fsname=pxfs", "subtype=pxfs", "allow_other", "default_permissions"})
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _fuse_errors(
+    handler: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Translate what a handler raises into FUSEError."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except PxfsError as exc:
+            log.debug("%s failed: %s", handler.__name__, exc.message)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in FUSE handler %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
+    """Return the pyfuse3 form of an Attr."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = attr.ino
+    entry.generation = attr.generation
+    entry.entry_timeout = TIMEOUT
+    entry.attr_timeout = TIMEOUT
+    entry.st_mode = attr.mode
+    entry.st_nlink = attr.nlink
+    entry.st_uid = attr.uid
+    entry.st_gid = attr.gid
+    entry.st_rdev = attr.rdev
+    entry.st_size = attr.size
+    entry.st_blksize = BLOCK_SIZE
+    entry.st_blocks = attr.blocks
+    entry.st_atime_ns = attr.atime_ns
+    entry.st_mtime_ns = attr.mtime_ns
+    entry.st_ctime_ns = attr.ctime_ns
+    return entry
+
+
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = 0
+    entry.entry_timeout = TIMEOUT
+    return entry
+
+
+class Operations(pyfuse3.Operations):
+    """FUSE request handlers over one Volume."""
+
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(self, volume: Volume) -> None:
+        super().__init__()
+        self._volume = volume
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_dir = 1
+
+    # Entries
+
+    @_fuse_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        try:
+            return entry_attributes(self._volume.lookup(parent_inode, name))
+        except NotFound:
+            return _negative_entry()
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # forget has no reply, so it must not raise at all.
+        for inode, nlookup in inode_list:
+            try:
+                self._volume.forget(inode, nlookup)
+            except Exception:
+                log.exception("forget of inode %d failed", inode)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self._volume.getattr(inode))
+
+    @_fuse_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        changed = await self._volume.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        )
+        return entry_attributes(changed)
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self._volume.readlink(inode)
+
+    @_fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        attr = self._volume.create(parent_inode, name, mode, ctx.uid, ctx.gid, rdev)
+        return entry_attributes(attr)
+
+    @_fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self._volume.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        attr = self._volume.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
+        return entry_attributes(attr)
+
+    @_fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self._volume.link(inode, new_parent_inode, new_name))
+
+    @_fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._volume.unlink(parent_inode, name)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._volume.rmdir(parent_inode, name)
+
+    @_fuse_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._volume.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # Files
+
+    @_fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        attr = self._volume.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=attr.ino, keep_cache=True), entry_attributes(attr)
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._volume.getattr(inode)
+        # keep_cache: no other node writes this volume, so cached pages stay valid.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._volume.read(fh, off, size)
+
+    @_fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._volume.write(fh, off, buf)
+
+    async def flush(self, fh: int) -> None:
+        # The kernel writes back a file's dirty pages before it sends FLUSH, and nothing is left
+        # to do here; ENOSYS makes it stop sending FLUSH on every close().
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    @_fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._volume.fsync(fh, datasync)
+
+    # Directories
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        snapshot = self._volume.opendir(inode)
+        fh = self._next_dir
+        self._next_dir += 1
+        self._dirs[fh] = snapshot
+        return fh
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for index in range(start_id, len(entries)):
+            name, inode = entries[index]
+            try:
+                attr = self._volume.getattr(inode)
+            except NotFound:
+                continue
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), index + 1):
+                return
+            # The kernel takes no reference on "." and "..", so they count no lookup.
+            if name not in (b".", b".."):
+                self._volume.remember(inode)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self._volume.sync()
+
+    @_fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = self._volume.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = stats["block_size"]
+        data.f_frsize = stats["block_size"]
+        data.f_blocks = stats["blocks"]
+        data.f_bfree = stats["free"]
+        data.f_bavail = stats["free"]
+        data.f_files = stats["files"]
+        data.f_ffree = stats["free_files"]
+        data.f_favail = stats["free_files"]
+        data.f_namemax = stats["name_max"]
+        return data
+
+    # Extended attributes
+
+    @_fuse_errors
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        # pyfuse3 (3.5) checks XATTR_CREATE and XATTR_REPLACE itself with getxattr first.
+        self._volume.setxattr(inode, name, value)
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self._volume.getxattr(inode, name)
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self._volume.listxattr(inode, privileged=ctx.uid == 0)
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._volume.removexattr(inode, name)

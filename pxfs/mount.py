@@ -1,0 +1,231 @@
+"""The mount child: one process per mounted volume, serving it over FUSE.
+
+    python -m daemon.mount --mountpoint PATH --device-file FILE [--format-size BYTES]
+    python -m daemon.mount --mountpoint PATH --peer-socket SOCK --secret-file F \\
+        --volume-id ID --epoch N
+    python -m daemon.mount (--device-file FILE | --peer-socket ...) --check
+
+The child prints `ready` on stdout once the FUSE mount is live. On SIGTERM or SIGINT it detaches
+the mount (lazily, so a busy mount goes too), serves the requests the kernel still sends while it
+writes back, closes the volume and exits 0. `--check` mounts nothing: it prints one problem per
+line and exits 0 only when the volume is consistent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from pxfs.errors import Corrupted, InvalidArgument, NotFound, PxfsError
+from pxfs.fuseops import MOUNT_OPTIONS, Operations
+from pxfs.volume.check import check_volume
+from pxfs.volume.device import BlockDevice, FileDevice
+from pxfs.volume.format import device_blocks
+from pxfs.volume.journal import read_superblock
+from pxfs.volume.namespace import Volume
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for the kernel to let go of a detached mount before stopping anyway.
+UNMOUNT_GRACE = 10.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line of the mount child."""
+    parser = argparse.ArgumentParser(prog="python -m daemon.mount", description=__doc__)
+    parser.add_argument("--mountpoint", help="directory to mount the volume on")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--device-file", help="sparse file that holds the volume's blocks")
+    source.add_argument("--peer-socket", help="unix socket of the replica store of pxd")
+    parser.add_argument("--secret-file", help="cluster secret for --peer-socket")
+    parser.add_argument("--volume-id", help="volume id for --peer-socket")
+    parser.add_argument("--epoch", type=int, help="attach epoch for --peer-socket")
+    parser.add_argument(
+        "--format-size",
+        type=int,
+        metavar="BYTES",
+        help="format a blank device as a volume of this many bytes (a formatted one is kept)",
+    )
+    parser.add_argument("--check", action="store_true", help="check the volume, mount nothing")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    args = parser.parse_args(argv)
+    if args.peer_socket and None in (args.secret_file, args.volume_id, args.epoch):
+        parser.error("--peer-socket needs --secret-file, --volume-id and --epoch")
+    if not args.check and not args.mountpoint:
+        parser.error("--mountpoint is required unless --check is given")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the mount child; return its exit status."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return trio.run(_run, args)
+    except PxfsError as exc:
+        print(f"pxfs mount: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+
+
+async def _run(args: argparse.Namespace) -> int:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with _open_device(args) as device:
+            if args.check:
+                return await _check(device)
+            if args.format_size is not None:
+                await _format_if_blank(device, args.format_size)
+            await _serve(device, args.mountpoint, signals)
+    return 0
+
+
+# Devices
+
+
+@asynccontextmanager
+async def _open_device(args: argparse.Namespace) -> AsyncIterator[BlockDevice]:
+    if args.device_file:
+        device = _open_file_device(args.device_file, args.format_size)
+        try:
+            yield device
+        finally:
+            device.close()
+        return
+    async with _open_replication(args) as replicated:
+        yield replicated
+
+
+def _open_file_device(path: str, format_size: int | None) -> FileDevice:
+    if format_size is not None and not os.path.exists(path):
+        return FileDevice.open(path, create_blocks=device_blocks(format_size))
+    return FileDevice.open(path)
+
+
+@asynccontextmanager
+async def _open_replication(args: argparse.Namespace) -> AsyncIterator[BlockDevice]:
+    from pxfs.replication import ReplicationClient
+    from pxfs.rpc import RpcClient, read_secret
+
+    secret = read_secret(args.secret_file)
+    client = await RpcClient.connect_unix(args.peer_socket, secret)
+    try:
+        info = await client.call("store.info", args.volume_id)
+        device = ReplicationClient(args.volume_id, args.epoch, info["nblocks"], [client])
+        await device.open()
+        yield device
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+async def _format_if_blank(device: BlockDevice, size: int) -> None:
+    try:
+        sb = await read_superblock(device)
+    except NotFound:
+        await Volume.format(device, str(uuid.uuid4()), size)
+        return
+    if sb.size != size:
+        log.info("device already holds a volume of %d bytes; --format-size ignored", sb.size)
+
+
+async def _check(device: BlockDevice) -> int:
+    problems = await check_volume(device)
+    for problem in problems:
+        print(problem, flush=True)
+    return Corrupted.exit_code if problems else 0
+
+
+# Serving
+
+
+@dataclass
+class _Session:
+    """The state shared by the FUSE loop and the signal watcher."""
+
+    mountpoint: str
+    main_done: trio.Event = field(default_factory=trio.Event)
+    detached: bool = False
+
+
+async def _serve(device: BlockDevice, mountpoint: str, signals: AsyncIterator[int]) -> None:
+    if not os.path.isdir(mountpoint):
+        raise InvalidArgument(f"mountpoint {mountpoint} is not a directory")
+    async with trio.open_nursery() as nursery:
+        volume = await Volume.open(device, nursery=nursery)
+        session = _Session(mountpoint)
+        try:
+            _fuse_init(volume, mountpoint)
+        except BaseException:
+            await _shielded(volume.close)
+            raise
+        try:
+            nursery.start_soon(_stop_on_signal, signals, session)
+            print("ready", flush=True)
+            log.info("volume %s mounted at %s", volume.superblock.uuid, mountpoint)
+            await pyfuse3.main()
+        finally:
+            session.main_done.set()
+            await _shielded(volume.close)
+            pyfuse3.close(unmount=not session.detached)
+        log.info("volume %s unmounted from %s", volume.superblock.uuid, mountpoint)
+        nursery.cancel_scope.cancel()
+
+
+def _fuse_init(volume: Volume, mountpoint: str) -> None:
+    try:
+        pyfuse3.init(Operations(volume), mountpoint, set(MOUNT_OPTIONS))
+    except RuntimeError as exc:
+        raise InvalidArgument(f"cannot mount on {mountpoint}: {exc}") from None
+
+
+async def _shielded(step: Callable[[], Awaitable[None]]) -> None:
+    with trio.CancelScope(shield=True):
+        await step()
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], session: _Session) -> None:
+    async for signum in signals:
+        log.info("signal %d received, unmounting %s", signum, session.mountpoint)
+        session.detached = await _detach(session.mountpoint)
+        with trio.move_on_after(UNMOUNT_GRACE):
+            await session.main_done.wait()
+        if not session.main_done.is_set():
+            log.warning(
+                "%s is still in use %g s after the unmount; stopping anyway",
+                session.mountpoint,
+                UNMOUNT_GRACE,
+            )
+            pyfuse3.terminate()
+        return
+
+
+async def _detach(mountpoint: str) -> bool:
+    """Lazily unmount while the FUSE loop still serves the writes the kernel flushes."""
+    result = await trio.run_process(
+        ["fusermount3", "-u", "-z", mountpoint],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        log.warning(
+            "fusermount3 -u -z %s failed: %s",
+            mountpoint,
+            result.stderr.decode(errors="replace").strip(),
+        )
+        pyfuse3.terminate()
+        return False
+    return True
