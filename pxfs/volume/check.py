@@ -31,7 +31,7 @@ async def check_volume(device: BlockDevice) -> list[str]:
         checkpoint = await newest_checkpoint(device, sb)
         tree = Tree.decode(checkpoint.image)
         replay = await replay_journal(device, sb, checkpoint.anchor)
-    except (NotFound, Corrupted) as exc:
+    except (NotFound, Corrupted, ChecksumMismatch) as exc:
         return [exc.message]
     problems: list[str] = []
     for seq, changes in replay.records:

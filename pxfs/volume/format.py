@@ -310,7 +310,9 @@ class Tree:
         try:
             return handler(self, change)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise Corrupted(f"metadata change {change!r:.80} does not apply: {exc!r}") from None
+            raise Corrupted(
+                f"metadata change {change!r:.80} does not apply: {type(exc).__name__}: {exc}"
+            ) from None
 
     def _set_inode(self, change: Change) -> list[int]:
         record = change[1:]
@@ -332,7 +334,11 @@ class Tree:
         if child_ino == 0:
             del entries[name]
             return []
-        child = self.inodes[child_ino]
+        child = self.inodes.get(child_ino)
+        if child is None:
+            raise ValueError(
+                f"entry {name!r} in directory {parent_ino} points to missing inode {child_ino}"
+            )
         entries[name] = child_ino
         if child.is_dir:
             child.parent = parent_ino
@@ -414,7 +420,9 @@ class Tree:
             fields = msgpack.unpackb(image, strict_map_key=False)
             return cls._from_fields(fields)
         except (KeyError, IndexError, TypeError, ValueError, msgpack.UnpackException) as exc:
-            raise Corrupted(f"the checkpoint image is invalid: {exc!r}") from None
+            raise Corrupted(
+                f"the checkpoint image is invalid: {type(exc).__name__}: {exc}"
+            ) from None
 
     @classmethod
     def _from_fields(cls, fields: dict[str, Any]) -> Tree:
