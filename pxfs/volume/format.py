@@ -9,11 +9,13 @@ docs/volume-format.md describes the layout byte by byte.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import stat
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,22 +244,28 @@ class Inode:
             self.target,
         ) = record
 
-    def record(self, **changes: Any) -> list[Any]:
-        """Return the attributes as a SET_INODE payload, with `changes` applied."""
-        fields = [
+    def fields(self) -> list[Any]:
+        """Return the attributes in SET_INODE order, the inode number first."""
+        return [
             self.ino,
-            changes.get("mode", self.mode),
-            changes.get("nlink", self.nlink),
-            changes.get("uid", self.uid),
-            changes.get("gid", self.gid),
-            changes.get("rdev", self.rdev),
-            changes.get("size", self.size),
-            changes.get("atime_ns", self.atime_ns),
-            changes.get("mtime_ns", self.mtime_ns),
-            changes.get("ctime_ns", self.ctime_ns),
+            self.mode,
+            self.nlink,
+            self.uid,
+            self.gid,
+            self.rdev,
+            self.size,
+            self.atime_ns,
+            self.mtime_ns,
+            self.ctime_ns,
             self.generation,
             self.target,
         ]
+
+    def record(self, **changes: Any) -> list[Any]:
+        """Return the attributes as a SET_INODE change, with `changes` applied."""
+        fields = self.fields()
+        for name, value in changes.items():
+            fields[_FIELD_INDEX[name]] = value
         return [SET_INODE, *fields]
 
     @property
@@ -269,6 +277,14 @@ class Inode:
     def is_reg(self) -> bool:
         """True for a regular file."""
         return self.blocks is not None
+
+
+_FIELD_INDEX = {
+    name: index
+    for index, name in enumerate(
+        ["mode", "nlink", "uid", "gid", "rdev", "size", "atime_ns", "mtime_ns", "ctime_ns"], 1
+    )
+}
 
 
 def new_inode_record(
@@ -391,9 +407,13 @@ class Tree:
 
     def encode(self) -> bytes:
         """Return the whole tree as a msgpack image for a checkpoint."""
+        with _collector_paused():
+            return self._encode()
+
+    def _encode(self) -> bytes:
         inodes, entries, maps, xattrs = [], [], [], []
         for inode in self.inodes.values():
-            inodes.append(inode.record()[1:])
+            inodes.append(inode.fields())
             if inode.entries:
                 entries.append(
                     [inode.ino, [item for pair in inode.entries.items() for item in pair]]
@@ -417,8 +437,9 @@ class Tree:
     def decode(cls, image: bytes) -> Tree:
         """Rebuild a tree from `encode()` output; raises Corrupted."""
         try:
-            fields = msgpack.unpackb(image, strict_map_key=False)
-            return cls._from_fields(fields)
+            with _collector_paused():
+                fields = msgpack.unpackb(image, strict_map_key=False)
+                return cls._from_fields(fields)
         except (KeyError, IndexError, TypeError, ValueError, msgpack.UnpackException) as exc:
             raise Corrupted(
                 f"the checkpoint image is invalid: {type(exc).__name__}: {exc}"
@@ -432,10 +453,9 @@ class Tree:
         for record in fields["inodes"]:
             tree.inodes[record[0]] = Inode(record)
         for ino, flat in fields["entries"]:
-            for index in range(0, len(flat), 2):
-                tree._set_entry([SET_ENTRY, ino, flat[index], flat[index + 1]])
+            tree._load_entries(ino, flat[0::2], flat[1::2])
         for ino, runs in fields["maps"]:
-            tree._map_blocks([MAP_BLOCKS, ino, runs])
+            tree._load_map(ino, runs)
         for ino, flat in fields["xattrs"]:
             for index in range(0, len(flat), 2):
                 tree._set_xattr([SET_XATTR, ino, flat[index], flat[index + 1]])
@@ -443,6 +463,51 @@ class Tree:
         if ROOT_INO not in tree.inodes or not tree.inodes[ROOT_INO].is_dir:
             raise Corrupted("the checkpoint has no root directory")
         return tree
+
+    def _load_entries(self, ino: int, names: list[bytes], children: list[int]) -> None:
+        """Fill a directory from a checkpoint, checking what `_set_entry` checks."""
+        entries = self.inodes[ino].entries
+        if entries is None:
+            raise ValueError(f"inode {ino} is not a directory")
+        for name, child_ino in zip(names, children, strict=True):
+            child = self.inodes.get(child_ino)
+            if child is None:
+                raise ValueError(
+                    f"entry {name!r} in directory {ino} points to missing inode {child_ino}"
+                )
+            if child.entries is not None:
+                child.parent = ino
+        entries.update(zip(names, children, strict=True))
+
+    def _load_map(self, ino: int, runs: list[int]) -> None:
+        blocks = self.inodes[ino].blocks
+        if blocks is None:
+            raise ValueError(f"inode {ino} is not a regular file")
+        for index in range(0, len(runs), 3):
+            findex, blockno, count = runs[index : index + 3]
+            if count == 1:
+                blocks[findex] = blockno
+            else:
+                blocks.update(
+                    zip(range(findex, findex + count), range(blockno, blockno + count), strict=True)
+                )
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector.
+
+    An image of a million inodes makes millions of lists, and the collector would scan them
+    all again and again: pausing it more than halves encode and decode times. Neither creates
+    reference cycles, so nothing is left for the collector afterwards.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _APPLY = {
@@ -462,13 +527,20 @@ def _triples(flat: list[int]) -> Iterator[tuple[int, int, int]]:
 
 def encode_runs(mapping: dict[int, int]) -> list[int]:
     """Return a block map as flat (file index, device block, count) triples of runs."""
+    if len(mapping) == 1:
+        ((findex, blockno),) = mapping.items()
+        return [findex, blockno, 1]
     flat: list[int] = []
-    for findex in sorted(mapping):
-        blockno = mapping[findex]
-        if flat and flat[-3] + flat[-1] == findex and flat[-2] + flat[-1] == blockno:
-            flat[-1] += 1
-        else:
-            flat += [findex, blockno, 1]
+    first_index = first_block = count = -1
+    for findex, blockno in sorted(mapping.items()):
+        if findex == first_index + count and blockno == first_block + count:
+            count += 1
+            continue
+        if count > 0:
+            flat += (first_index, first_block, count)
+        first_index, first_block, count = findex, blockno, 1
+    if count > 0:
+        flat += (first_index, first_block, count)
     return flat
 
 

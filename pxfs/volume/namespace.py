@@ -75,6 +75,10 @@ FLUSH_INTERVAL = 1.0
 #: Buffered record bytes that wake the background flush early.
 FLUSH_BYTES = 1024 * 1024
 DIRECTORY_SIZE = 4096
+#: Blocks read along with a sequential read that misses the cache.
+READ_AHEAD_BLOCKS = 16
+#: Files whose last read end is remembered to detect sequential reads.
+_READ_AHEAD_FILES = 1024
 _RELATIME_NS = 24 * 3600 * 10**9
 
 
@@ -127,6 +131,7 @@ class Volume:
         self._alloc = Allocator.from_tree(self._geometry, self._tree)
         self._max_file_size = self._geometry.data_blocks * BLOCK_SIZE
         self._lookups: dict[int, int] = {}
+        self._read_ends: dict[int, int] = {}
         self._flush_lock = trio.Lock()
         self._flush_wanted = trio.Event()
         self._background: trio.CancelScope | None = None
@@ -804,13 +809,32 @@ class Volume:
             wanted = [blockno for blockno in mapped if blockno is not None]
             missing = [blockno for blockno in wanted if not self._cache.has(blockno)]
             if missing:
-                await self._cache.load(wanted)
+                await self._cache.load(wanted + self._read_ahead(inode, offset, last))
                 # The file may have changed while the blocks were read: start over.
                 continue
             data = self._gather(mapped, offset - first * BLOCK_SIZE, end - offset)
             if data is not None:
+                self._note_read(ino, end)
                 self._touch_atime(inode)
                 return data
+
+    def _note_read(self, ino: int, end: int) -> None:
+        self._read_ends.pop(ino, None)
+        self._read_ends[ino] = end
+        if len(self._read_ends) > _READ_AHEAD_FILES:
+            del self._read_ends[next(iter(self._read_ends))]
+
+    def _read_ahead(self, inode: Inode, offset: int, last: int) -> list[int]:
+        """Return the uncached blocks after `last` to load along, if the reads are sequential."""
+        previous = self._read_ends.get(inode.ino)
+        if previous is None or not 0 <= offset - previous <= READ_AHEAD_BLOCKS * BLOCK_SIZE:
+            return []
+        assert inode.blocks is not None
+        limit = min(last + 1 + READ_AHEAD_BLOCKS, -(-inode.size // BLOCK_SIZE))
+        ahead = (inode.blocks.get(findex) for findex in range(last + 1, limit))
+        return [
+            blockno for blockno in ahead if blockno is not None and not self._cache.has(blockno)
+        ]
 
     def _gather(self, mapped: list[int | None], skip: int, length: int) -> bytes | None:
         parts: list[bytes | bytearray | memoryview] = []

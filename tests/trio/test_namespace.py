@@ -560,3 +560,17 @@ async def test_background_flush_makes_records_durable(
         await vol.close()
     after = await Volume.open(device.crashed())
     assert _names(after, ROOT) == [b".", b"..", b"f"]
+
+
+async def test_sequential_reads_read_ahead(vol: Volume, device: MemoryDevice) -> None:
+    f = vol.create(ROOT, b"f", FILE, 0, 0)
+    data = bytes(range(256)) * (32 * BLOCK_SIZE // 256)
+    await vol.write(f.ino, 0, data)
+    vol = await _reopen(vol, device)
+    reads = device.stats.read_calls
+    chunk = 2 * BLOCK_SIZE
+    for offset in range(0, len(data), chunk):
+        assert await vol.read(f.ino, offset, chunk) == data[offset : offset + chunk]
+    # The first read misses alone; each later miss brings READ_AHEAD_BLOCKS more along.
+    assert device.stats.read_calls - reads <= 3
+    await vol.close()
