@@ -180,7 +180,13 @@ class RpcServer:
         path = os.fspath(path)
         _remove_stale_socket(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(path)
+        # The socket is created with no group or other access, so it is never reachable by
+        # others before the chmod below sets its final mode.
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old_umask)
         os.chmod(path, mode)
         sock.listen(128)
         listener = trio.SocketListener(sock)
@@ -551,4 +557,13 @@ def _remove_stale_socket(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise errors.AlreadyExists(f"{path} exists and is not a socket")
-    os.unlink(path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        # Nobody accepts on it: a socket left behind by a server that died.
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise errors.Busy(f"another server is listening on {path}")

@@ -159,3 +159,23 @@ def test_blocking_client_reports_missing_socket(tmp_path):
     client = rpc.BlockingClient(tmp_path / "absent.sock")
     with pytest.raises(errors.Unavailable, match="pxd is not running"):
         client.call("node.status")
+
+
+async def test_socket_of_live_server_not_replaced(server_path):
+    second = rpc.RpcServer(HANDLERS, name="second")
+    with pytest.raises(errors.Busy, match="another server is listening"):
+        await second.serve_unix(server_path)
+
+
+async def test_stale_socket_replaced(nursery, tmp_path):
+    path = tmp_path / "stale.sock"
+    import socket as socket_module
+
+    stale = socket_module.socket(socket_module.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    await nursery.start(rpc.RpcServer(HANDLERS).serve_unix, path)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    client = await rpc.RpcClient.connect_unix(path)
+    assert await client.call("echo", 2) == [2]
+    await client.aclose()
