@@ -178,8 +178,10 @@ async def _serve(device: BlockDevice, mountpoint: str, signals: AsyncIterator[in
             await pyfuse3.main()
         finally:
             session.main_done.set()
-            await _shielded(volume.close)
-            pyfuse3.close(unmount=not session.detached)
+            try:
+                await _shielded(volume.close)
+            finally:
+                pyfuse3.close(unmount=not session.detached)
         log.info("volume %s unmounted from %s", volume.superblock.uuid, mountpoint)
         nursery.cancel_scope.cancel()
 

@@ -1,9 +1,10 @@
 """The block cache: 64 KiB device blocks in memory, with batched write-back.
 
-Clean blocks sit in an LRU bounded by `capacity_bytes`. Dirty blocks stay until written; writers
-wait in `throttle` while dirty bytes exceed `dirty_limit_bytes`. Write-back sorts the dirty blocks
-and sends them in batches of `batch_blocks` per `write_blocks` call, with at most
-`max_in_flight` calls outstanding for the whole cache.
+Clean blocks sit in an LRU bounded by `capacity_bytes`. Dirty blocks stay until written. While
+dirty bytes exceed `dirty_limit_bytes`, writers wait in `throttle` and write back the oldest dirty
+blocks themselves. Write-back sends batches of up to `batch_blocks` blocks per `write_blocks`
+call, with at most `max_in_flight` calls outstanding for the whole cache. A background task
+(`run`) starts writing back at half the limit, so that writers seldom wait.
 
 Concurrency rules, all relying on trio running one task at a time between awaits:
 - A block is read from the device by one task at a time; the others wait for its event.
@@ -73,9 +74,8 @@ class BlockCache:
         self._generation = 0
         self._writing: dict[int, trio.Event] = {}
         self._loading: dict[int, trio.Event] = {}
-        self._cleaned = trio.Event()
+        self._write_done = trio.Event()
         self._wakeup = trio.Event()
-        self._error: PxfsError | None = None
         self.stats = CacheStats()
 
     @property
@@ -195,12 +195,14 @@ class BlockCache:
             self._clean[blockno] = None
 
     async def throttle(self) -> None:
-        """Wait while dirty bytes exceed the limit; raises the last write-back error then."""
+        """Wait while dirty bytes exceed the limit, writing back the oldest dirty blocks."""
         while len(self._dirty) >= self._dirty_limit:
-            if self._error is not None:
-                raise self._error
-            self._wakeup.set()
-            await self._cleaned.wait()
+            # Dicts keep insertion order, so the first entries became dirty first.
+            due = [blockno for blockno in self._dirty if blockno not in self._writing]
+            if due:
+                await self._write_all(due[: self._batch])
+            else:
+                await self._write_done.wait()
 
     async def flush(self) -> None:
         """Write every block dirty now, and wait for the writes in flight now."""
@@ -261,14 +263,13 @@ class BlockCache:
                 for blockno in batch:
                     del self._writing[blockno]
                 event.set()
+                self._write_done.set()
+                self._write_done = trio.Event()
         self.stats.blocks_written += len(batch)
-        self._error = None
         for blockno in batch:
             if blockno in self._blocks and blockno not in self._dirty:
                 self._clean[blockno] = None
         self._evict()
-        self._cleaned.set()
-        self._cleaned = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write back in the background whenever dirty bytes pass half the limit."""
@@ -288,9 +289,6 @@ class BlockCache:
 
     async def _note_failure(self, exc: PxfsError) -> None:
         log.warning("block write-back failed, retrying in %g s: %s", _RETRY_DELAY, exc.message)
-        self._error = exc
-        self._cleaned.set()
-        self._cleaned = trio.Event()
         await trio.sleep(_RETRY_DELAY)
         self._wakeup.set()
 

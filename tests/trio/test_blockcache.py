@@ -218,3 +218,14 @@ async def test_writers_wait_at_dirty_limit() -> None:
     assert device.stats.blocks_written >= 512
     assert device.stats.write_calls < 512 // 4
     assert device.peek(511) == ZERO_BLOCK
+
+
+async def test_throttle_writes_back_without_background_task() -> None:
+    device = MemoryDevice(1024)
+    cache = BlockCache(device, dirty_limit_bytes=2 * MIB, batch_blocks=16)
+    with trio.fail_after(5):
+        for blockno in range(200):
+            await cache.throttle()
+            cache.put_zero(blockno)
+    assert cache.dirty_blocks <= 32
+    assert device.stats.blocks_written >= 200 - 32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import stat
 from collections.abc import AsyncIterator
 
@@ -23,6 +24,7 @@ from pxfs.errors import (
     NotPermitted,
     NotSupported,
 )
+from pxfs.volume.check import check_volume
 from pxfs.volume.device import BLOCK_SIZE, MemoryDevice
 from pxfs.volume.format import Geometry
 from pxfs.volume.namespace import (
@@ -574,3 +576,57 @@ async def test_sequential_reads_read_ahead(vol: Volume, device: MemoryDevice) ->
     # The first read misses alone; each later miss brings READ_AHEAD_BLOCKS more along.
     assert device.stats.read_calls - reads <= 3
     await vol.close()
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_random_operations_match_model(seed: int) -> None:
+    rnd = random.Random(seed)
+    device = await _formatted(8 * MIB)
+    limits = {"cache_bytes": 4 * MIB, "dirty_bytes": MIB}
+    vol = await Volume.open(device, **limits)
+    files: dict[bytes, int] = {}
+    model: dict[bytes, bytearray] = {}
+    for step in range(600):
+        choice = rnd.random()
+        if choice < 0.05 or not files:
+            name = b"f%d" % step
+            files[name] = vol.create(ROOT, name, FILE, 0, 0).ino
+            model[name] = bytearray()
+            continue
+        name = rnd.choice(sorted(files))
+        ino, expected = files[name], model[name]
+        if choice < 0.55:
+            offset = rnd.randrange(0, 12 * BLOCK_SIZE)
+            length = rnd.choice([1, 100, BLOCK_SIZE, BLOCK_SIZE + 7, rnd.randrange(1, 300000)])
+            data = bytes([rnd.randrange(256)]) * length
+            try:
+                await vol.write(ino, offset, data)
+            except NoSpace:
+                continue
+            expected.extend(bytes(max(0, offset + length - len(expected))))
+            expected[offset : offset + length] = data
+        elif choice < 0.7:
+            size = rnd.randrange(0, 600000)
+            await vol.setattr(ino, size=size)
+            del expected[size:]
+            expected.extend(bytes(size - len(expected)))
+        elif choice < 0.75:
+            vol.unlink(ROOT, name)
+            vol.forget(ino, 1)
+            del files[name], model[name]
+        elif choice < 0.9:
+            offset, length = rnd.randrange(0, 700000), rnd.randrange(0, 300000)
+            assert await vol.read(ino, offset, length) == expected[offset : offset + length]
+        elif choice < 0.95:
+            await vol.sync()
+            assert await check_volume(device.crashed()) == []
+        else:
+            vol = await _reopen(vol, device)
+            for known in files.values():
+                vol.remember(known)
+        if name in files:
+            assert vol.getattr(ino).size == len(expected)
+    for name, ino in files.items():
+        assert await vol.read(ino, 0, len(model[name])) == model[name]
+    await vol.close()
+    assert await check_volume(device) == []
