@@ -1,14 +1,14 @@
 """The pyfuse3 Operations of a volume: a thin adapter from FUSE requests to Volume calls.
 
-Only pyfuse3.FUSEError may leave a handler: any other exception would end pyfuse3.main() and
-leave the mountpoint answering "Transport endpoint is not connected". A PxfsError becomes its
-errno; anything unexpected is logged once with its traceback and answered with EIO.
-Cancellation (a BaseException) passes through untouched.
+Only pyfuse3.FUSEError may leave a handler. Any other exception would end pyfuse3.main(), and
+every later access to the mountpoint would fail with "Transport endpoint is not connected".
+So a PxfsError becomes its errno, and anything unexpected is logged once with its traceback and
+answered with EIO. Cancellation (a BaseException) passes through untouched.
 
 The kernel caches entries, negative entries and attributes for TIMEOUT seconds, because the
 node that mounts a volume is its only writer. Handlers never call invalidate_inode or
-invalidate_entry: with the writeback cache those calls can wait for a flush that waits for
-a handler.
+invalidate_entry, because with the writeback cache those calls can wait for a flush that waits
+for a handler.
 """
 
 from __future__ import annotations
@@ -214,8 +214,8 @@ class Operations(pyfuse3.Operations):
         return await self._volume.write(fh, off, buf)
 
     async def flush(self, fh: int) -> None:
-        # The kernel writes back a file's dirty pages before it sends FLUSH, and nothing is left
-        # to do here; ENOSYS makes it stop sending FLUSH on every close().
+        # The kernel writes back a file's dirty pages before it sends FLUSH, so nothing is left
+        # to do here. ENOSYS makes the kernel stop sending FLUSH on every close().
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m daemon.mount", description=__doc__)
     parser.add_argument("--mountpoint", help="directory to mount the volume on")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--device-file", help="sparse file that holds the volume's blocks")
+    source.add_argument("--device-file", help="sparse file that stores the volume's blocks")
     source.add_argument("--peer-socket", help="unix socket of the replica store of pxd")
     parser.add_argument("--secret-file", help="cluster secret for --peer-socket")
     parser.add_argument("--volume-id", help="volume id for --peer-socket")
@@ -138,7 +138,7 @@ async def _format_if_blank(device: BlockDevice, size: int) -> None:
         await Volume.format(device, str(uuid.uuid4()), size)
         return
     if sb.size != size:
-        log.info("device already holds a volume of %d bytes; --format-size ignored", sb.size)
+        log.info("the device already has a volume of %d bytes, ignoring --format-size", sb.size)
 
 
 async def _check(device: BlockDevice) -> int:

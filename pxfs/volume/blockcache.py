@@ -184,14 +184,14 @@ class BlockCache:
                 self._wakeup.set()
 
     def _evict(self, protect: frozenset[int] | set[int] = frozenset()) -> None:
-        kept: list[int] = []
+        protected: list[int] = []
         while len(self._clean) > self._capacity:
             blockno, _ = self._clean.popitem(last=False)
             if blockno in protect:
-                kept.append(blockno)
+                protected.append(blockno)
             else:
                 del self._blocks[blockno]
-        for blockno in kept:
+        for blockno in protected:
             self._clean[blockno] = None
 
     async def throttle(self) -> None:

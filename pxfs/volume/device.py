@@ -162,6 +162,10 @@ class MemoryDevice:
         """The number of writes and trims made since the last flush."""
         return len(self._unflushed)
 
+    def unflushed_blocks(self) -> list[int]:
+        """Return the block numbers written or trimmed since the last flush, in order."""
+        return [blockno for blockno, _ in self._unflushed]
+
     def stored_blocks(self) -> list[int]:
         """Return the numbers of the blocks that hold data, sorted."""
         return sorted(self._blocks)
@@ -180,8 +184,8 @@ class MemoryDevice:
     def crashed(self, keep: Sequence[int] = ()) -> MemoryDevice:
         """Return the device a power loss leaves: flushed state plus the unflushed writes `keep`.
 
-        `keep` holds indexes into the writes made since the last flush, applied in their order,
-        as a disk cache may persist any subset of them.
+        `keep` contains indexes into the writes made since the last flush. They are applied in
+        their order, as a disk cache may persist any subset of them.
         """
         survivor = MemoryDevice(self.nblocks)
         survivor._blocks = dict(self._durable)

@@ -50,7 +50,7 @@ def _digest(data: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where each region of a volume starts and how many blocks it has."""
+    """The size in blocks of each region of a volume, and where each one starts."""
 
     journal_blocks: int
     checkpoint_blocks: int
@@ -551,7 +551,7 @@ class Allocator:
     """The free-block bitmap of the data region, derived from the block maps at open.
 
     A freed block waits on a pending list, tagged with the sequence number of the journal record
-    that freed it, until that record is durable; only then may it be trimmed and reused.
+    that freed it, until that record is durable. Only then may it be trimmed and reused.
     """
 
     def __init__(self, geometry: Geometry) -> None:

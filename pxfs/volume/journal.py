@@ -88,7 +88,7 @@ def _checkpoint_header(sb: Superblock, counter: int, anchor: Anchor, image: byte
 
 
 def checkpoint_capacity(sb: Superblock) -> int:
-    """The largest image that fits in a checkpoint slot, in bytes."""
+    """Return the size in bytes of the largest image that fits in a checkpoint slot."""
     return (sb.geometry.checkpoint_blocks - 1) * BLOCK_SIZE
 
 
@@ -114,12 +114,12 @@ async def write_checkpoint(
 
 
 async def erase_checkpoint(device: BlockDevice, sb: Superblock, slot: int) -> None:
-    """Overwrite the header of a slot so that it holds no valid checkpoint."""
+    """Overwrite the header of a slot, so that the slot has no valid checkpoint."""
     await device.write_blocks([(sb.geometry.checkpoint_starts[slot], bytes(BLOCK_SIZE))])
 
 
 async def read_checkpoint(device: BlockDevice, sb: Superblock, slot: int) -> Checkpoint | None:
-    """Return the checkpoint in `slot`, or None when the slot holds no valid one."""
+    """Return the checkpoint in `slot`, or None when the slot has no valid one."""
     start = sb.geometry.checkpoint_starts[slot]
     try:
         (block,) = await device.read_blocks([start])
@@ -131,7 +131,7 @@ async def read_checkpoint(device: BlockDevice, sb: Superblock, slot: int) -> Che
         log.warning("checkpoint slot %d is unreadable: %s", slot, exc.message)
         return None
     if hashlib.blake2b(image, digest_size=_IMAGE_DIGEST).digest() != fields["image_digest"]:
-        log.info("checkpoint slot %d holds a torn image (counter %d)", slot, fields["counter"])
+        log.info("checkpoint slot %d has a torn image (counter %d)", slot, fields["counter"])
         return None
     anchor = Anchor(fields["seq"], fields["position"], fields["digest"])
     return Checkpoint(slot, fields["counter"], anchor, image)
@@ -241,7 +241,7 @@ async def replay_journal(device: BlockDevice, sb: Superblock, anchor: Anchor) ->
         records.append((seq, _decode_body(seq, body)))
         used += skipped + total
         position += total
-    head_block = await _head_block(reader, position, ring_bytes)
+    head_block = await _head_block(reader, position, ring_bytes, bool(records))
     return Replay(records, Anchor(seq, position, digest), used, head_block)
 
 
@@ -253,20 +253,22 @@ def _decode_body(seq: int, body: bytes) -> list[Change]:
             f"journal record {seq} passed its digest but does not decode: {exc}"
         ) from None
     if not isinstance(changes, list):
-        raise Corrupted(f"journal record {seq} holds no list of changes")
+        raise Corrupted(f"journal record {seq} does not contain a list of changes")
     return changes
 
 
-async def _head_block(reader: _RingReader, position: int, ring_bytes: int) -> bytes:
-    """Return the ring block that holds `position`, zeroed from `position` on."""
+async def _head_block(reader: _RingReader, position: int, ring_bytes: int, replayed: bool) -> bytes:
+    """Return the ring block that contains `position`, zeroed from `position` on."""
     offset = position % BLOCK_SIZE
     if offset == 0 or position >= ring_bytes:
         return bytes(BLOCK_SIZE)
     try:
         block = await reader.read(position - offset, BLOCK_SIZE)
     except ChecksumMismatch:
-        # The records before `position` in this block were replayed from this very block, so
-        # it was readable a moment ago; a new failure leaves them to the next checkpoint.
+        if replayed:
+            raise
+        # With no record replayed, the bytes before `position` belong to records that the
+        # checkpoint covers, so zeros serve as well.
         return bytes(BLOCK_SIZE)
     return block[:offset] + bytes(BLOCK_SIZE - offset)
 
@@ -300,7 +302,7 @@ async def newest_checkpoint(device: BlockDevice, sb: Superblock) -> Checkpoint:
     found = [await read_checkpoint(device, sb, slot) for slot in (0, 1)]
     valid = [checkpoint for checkpoint in found if checkpoint is not None]
     if not valid:
-        raise Corrupted("neither checkpoint slot holds a valid checkpoint")
+        raise Corrupted("neither checkpoint slot contains a valid checkpoint")
     return max(valid, key=lambda checkpoint: checkpoint.counter)
 
 

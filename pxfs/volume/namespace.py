@@ -1,8 +1,8 @@
 """The Volume: a POSIX namespace and file data on top of the tree, journal and block cache.
 
 Every operation checks its arguments, builds the list of tree changes it makes, and commits them
-as one journal record in a single step with no await in between, so an operation is either
-wholly in the tree and the journal or not at all. Asynchronous operations (read, write,
+as one journal record. The commit is a single step with no await in it, so an operation is
+either wholly in the tree and the journal or not at all. Asynchronous operations (read, write,
 truncate) first await what they need (cached blocks, write-back room) and then re-check the
 state before they commit. docs/volume-format.md gives the durability rules.
 """
@@ -136,8 +136,9 @@ class Volume:
         self._flush_wanted = trio.Event()
         self._background: trio.CancelScope | None = None
         self._closed = False
-        # True while records that map newly allocated blocks wait for a journal write.
-        self._allocated = False
+        # True while buffered records depend on data that must be durable before them: newly
+        # mapped blocks, or the zeroed tail of a truncated block.
+        self._ordered = False
 
     # Lifecycle
 
@@ -232,36 +233,37 @@ class Volume:
 
     async def _write_records(self) -> None:
         records, last_seq = self._journal.take_records()
-        allocated, self._allocated = self._allocated, False
+        ordered, self._ordered = self._ordered, False
         try:
-            await self._write_data(allocated)
+            await self._write_data(ordered)
             await self._journal.write_records(records, last_seq)
         except BaseException:
             self._journal.restore_records(records)
-            self._allocated = self._allocated or allocated
+            self._ordered = self._ordered or ordered
             raise
 
     async def _write_checkpoint(self) -> None:
         image = self._tree.encode()
         anchor, records = self._journal.capture()
-        allocated, self._allocated = self._allocated, False
+        ordered, self._ordered = self._ordered, False
         try:
-            await self._write_data(allocated)
+            await self._write_data(ordered)
             await self._journal.write_checkpoint(image, anchor)
         except BaseException:
             self._journal.restore_records(records)
-            self._allocated = self._allocated or allocated
+            self._ordered = self._ordered or ordered
             raise
 
-    async def _write_data(self, allocated: bool) -> None:
+    async def _write_data(self, ordered: bool) -> None:
         """Write every dirty block before the metadata that refers to it (invariant 1).
 
-        A device may persist unflushed writes in any order, so when the metadata maps newly
-        allocated blocks the data is flushed first: otherwise a crash could keep the record
-        and lose the data, and the file would show what the block held before.
+        A device may persist unflushed writes in any order. So when the metadata maps newly
+        allocated blocks or shrinks a file, the data is flushed first. Otherwise a crash could
+        keep the record and lose the data: the file would show what a new block held before,
+        or old bytes past its new end.
         """
         await self._cache.flush()
-        if allocated:
+        if ordered:
             await self._device.flush()
 
     async def _release_freed(self) -> None:
@@ -271,12 +273,12 @@ class Volume:
         try:
             await self._device.trim_blocks(sorted(freed))
         except PxfsError as exc:
-            # The blocks are free either way; only the space on the device stays taken.
+            # The blocks are free either way, and only their space on the device stays taken.
             log.warning("trim of %d freed blocks failed: %s", len(freed), exc.message)
         self._alloc.mark_free(freed)
 
     def _commit(self, changes: list[Change]) -> int:
-        """Apply changes to the tree and append them as one record; return its seq."""
+        """Apply changes to the tree and append them as one record, returning its seq."""
         body = self._journal.encode(changes)
         freed: list[int] = []
         for change in changes:
@@ -367,7 +369,7 @@ class Volume:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
     def forget(self, ino: int, nlookup: int) -> None:
-        """Drop `nlookup` kernel lookups; an unlinked inode goes when none is left."""
+        """Drop `nlookup` kernel lookups, and an unlinked inode when none is left."""
         left = self._lookups.get(ino, 0) - nlookup
         if left > 0:
             self._lookups[ino] = left
@@ -425,7 +427,7 @@ class Volume:
         if name in (b".", b"..") or name in directory.entries:
             raise AlreadyExists(f"{name!r} already exists in directory {parent}")
         if len(self._tree.inodes) >= self._geometry.max_inodes:
-            raise NoSpace(f"the volume holds its maximum of {self._geometry.max_inodes} inodes")
+            raise NoSpace(f"the volume has reached its limit of {self._geometry.max_inodes} inodes")
         if directory.mode & stat.S_ISGID:
             gid = directory.gid
             if stat.S_ISDIR(mode):
@@ -471,7 +473,7 @@ class Volume:
     # Removing entries
 
     def unlink(self, parent: int, name: bytes) -> None:
-        """Remove a non-directory entry; the inode lives on while the kernel knows it."""
+        """Remove a non-directory entry; the inode stays while the kernel looks it up."""
         directory = self._dir(parent)
         child = self._entry(directory, name)
         if child.is_dir:
@@ -524,10 +526,12 @@ class Volume:
         _check_name(new_name)
         if old_name in (b".", b"..") or new_name in (b".", b".."):
             raise InvalidArgument("cannot rename '.' or '..'")
+
         moved = self._entry(source_dir, old_name)
         assert target_dir.entries is not None
         target_ino = target_dir.entries.get(new_name)
         target = self._tree.inodes[target_ino] if target_ino is not None else None
+
         if flags & RENAME_EXCHANGE:
             if target is None:
                 raise NotFound(f"{new_name!r} does not exist in directory {new_parent}")
@@ -537,6 +541,7 @@ class Volume:
             raise AlreadyExists(f"{new_name!r} already exists in directory {new_parent}")
         if target is not None and target.ino == moved.ino:
             return
+
         self._check_replace(moved, target)
         if moved.is_dir:
             self._check_not_inside(moved, target_dir)
@@ -641,7 +646,7 @@ class Volume:
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
     ) -> Attr:
-        """Change attributes; a new size frees blocks past it and zeroes the rest of its block."""
+        """Change attributes. A smaller size frees the blocks past it and zeroes the tail."""
         inode = self._inode(ino)
         if size is not None:
             self._check_resize(inode, size)
@@ -662,6 +667,9 @@ class Volume:
         if size is not None:
             if size != inode.size and mtime_ns is None:
                 fields["mtime_ns"] = now
+            exposed = self._exposed_tail(inode, size)
+            if exposed is not None:
+                self._zero_exposed_tail(inode, exposed)
             fields["size"] = size
             changes += self._truncate_changes(inode, size)
         changes.insert(0, inode.record(**fields))
@@ -679,16 +687,37 @@ class Volume:
             raise FileTooLarge(f"size {size} exceeds the volume size {self._max_file_size}")
 
     async def _load_tail(self, ino: int, size: int) -> Inode:
-        """Return the inode once the block that a shrink to `size` cuts is cached."""
+        """Return the inode once the block whose tail a resize to `size` zeroes is cached."""
         while True:
             inode = self._inode(ino)
             assert inode.blocks is not None
-            blockno = inode.blocks.get(size // BLOCK_SIZE)
-            if size >= inode.size or not size % BLOCK_SIZE or blockno is None:
-                return inode
-            if self._cache.has(blockno):
+            if size < inode.size:
+                blockno = inode.blocks.get(size // BLOCK_SIZE) if size % BLOCK_SIZE else None
+            else:
+                blockno = self._exposed_tail(inode, size)
+            if blockno is None or self._cache.has(blockno):
                 return inode
             await self._cache.load([blockno])
+
+    def _exposed_tail(self, inode: Inode, new_end: int) -> int | None:
+        """Return the last block if growing the file to `new_end` brings its tail inside EOF.
+
+        Data reaches the device before the record that grows a file, so a crash can leave bytes
+        past EOF in the last block. They must read as zeros once the file grows over them.
+        """
+        assert inode.blocks is not None
+        if new_end <= inode.size or not inode.size % BLOCK_SIZE:
+            return None
+        return inode.blocks.get(inode.size // BLOCK_SIZE)
+
+    def _zero_exposed_tail(self, inode: Inode, blockno: int) -> None:
+        offset = inode.size % BLOCK_SIZE
+        block = self._cache.peek(blockno)
+        assert block is not None
+        if block.count(0, offset) != BLOCK_SIZE - offset:
+            self._cache.zero_from(blockno, offset)
+            # The zeros must be durable before the record that makes them part of the file.
+            self._ordered = True
 
     def _truncate_changes(self, inode: Inode, size: int) -> list[Change]:
         """Zero the tail of the new last block and return the change that unmaps the rest."""
@@ -700,6 +729,7 @@ class Volume:
             if blockno is not None:
                 # Bytes past EOF in the last block stay zero, so growing the file reads zeros.
                 self._cache.zero_from(blockno, size % BLOCK_SIZE)
+                self._ordered = True
         keep = -(-size // BLOCK_SIZE)
         if any(findex >= keep for findex in inode.blocks):
             return [[UNMAP_FROM, inode.ino, keep]]
@@ -795,7 +825,7 @@ class Volume:
         return inode
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
-        """Read up to `size` bytes at `offset`; holes and the tail past EOF read as zeros."""
+        """Read up to `size` bytes at `offset`. Holes read as zeros."""
         if offset < 0 or size < 0:
             raise InvalidArgument(f"invalid read of {size} bytes at {offset}")
         while True:
@@ -861,7 +891,7 @@ class Volume:
             self._commit([inode.record(atime_ns=now)])
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
-        """Write `data` at `offset`, allocating blocks; raises NoSpace with nothing written."""
+        """Write `data` at `offset`, allocating blocks. NoSpace leaves the file unchanged."""
         if offset < 0:
             raise InvalidArgument(f"invalid write offset {offset}")
         if not data:
@@ -877,6 +907,9 @@ class Volume:
             assert inode.blocks is not None
             first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
             needed = self._partial_blocks(inode, offset, end)
+            exposed = self._exposed_tail(inode, offset)
+            if exposed is not None and not self._cache.has(exposed):
+                needed.append(exposed)
             if needed:
                 await self._cache.load(needed)
                 continue
@@ -886,6 +919,8 @@ class Volume:
                 await self._flush()
                 flushed = True
                 continue
+            if exposed is not None:
+                self._zero_exposed_tail(inode, exposed)
             self._write_now(inode, offset, memoryview(data), fresh)
             return len(data)
 
@@ -924,12 +959,12 @@ class Volume:
         changes: list[Change] = []
         if allocated:
             changes.append([MAP_BLOCKS, inode.ino, encode_runs(allocated)])
-            self._allocated = True
+            self._ordered = True
         changes.append(inode.record(size=max(inode.size, end), mtime_ns=now, ctime_ns=now))
         self._commit(changes)
 
     async def fsync(self, ino: int, datasync: bool) -> None:
-        """Make the file's data and metadata durable (the whole journal, in fact)."""
+        """Make the file's data and metadata durable, by flushing the whole journal."""
         self._inode(ino)
         await self.sync()
 

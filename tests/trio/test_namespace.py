@@ -39,6 +39,7 @@ MIB = 1024 * 1024
 SIZE = 4 * MIB
 JOURNAL = 8 * BLOCK_SIZE
 SLOT = 8 * BLOCK_SIZE
+GEOMETRY = Geometry.for_size(SIZE, JOURNAL, SLOT)
 ROOT = 1
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
@@ -474,6 +475,30 @@ class PowerLoss(Exception):
     """The device lost power."""
 
 
+def _lose_power_at_journal_flush(device: MemoryDevice) -> None:
+    """Make the device fail the first flush that would make journal blocks durable."""
+    flush = device.flush
+    journal = range(GEOMETRY.journal_start, GEOMETRY.journal_start + GEOMETRY.journal_blocks)
+
+    async def flush_until_power_loss() -> None:
+        if any(blockno in journal for blockno in device.unflushed_blocks()):
+            raise PowerLoss()
+        await flush()
+
+    device.flush = flush_until_power_loss  # type: ignore[method-assign]
+
+
+async def _every_crash_image(device: MemoryDevice) -> list[Volume]:
+    """Return the volume of each crash image: any subset of the unflushed writes kept."""
+    unflushed = device.unflushed_writes
+    assert unflushed >= 1
+    volumes = []
+    for count in range(unflushed + 1):
+        for keep in itertools.combinations(range(unflushed), count):
+            volumes.append(await Volume.open(device.crashed(keep)))
+    return volumes
+
+
 async def test_crash_never_shows_old_owner_data(device: MemoryDevice) -> None:
     vol = await Volume.open(device)
     old = vol.create(ROOT, b"old", FILE, 0, 0)
@@ -484,28 +509,39 @@ async def test_crash_never_shows_old_owner_data(device: MemoryDevice) -> None:
     await vol.sync()
     new = vol.create(ROOT, b"new", FILE, 0, 0)
     await vol.write(new.ino, 0, b"\x77" * (4 * BLOCK_SIZE))
-    flush, flushes = device.flush, 0
-
-    async def flush_until_power_loss() -> None:
-        nonlocal flushes
-        flushes += 1
-        if flushes == 2:
-            raise PowerLoss()
-        await flush()
-
-    device.flush = flush_until_power_loss  # type: ignore[method-assign]
+    _lose_power_at_journal_flush(device)
     with pytest.raises(PowerLoss):
         await vol.sync()
-    unflushed = device.unflushed_writes
-    assert unflushed >= 1
-    for count in range(unflushed + 1):
-        for keep in itertools.combinations(range(unflushed), count):
-            after = await Volume.open(device.crashed(keep))
-            try:
-                data = await after.read(new.ino, 0, 4 * BLOCK_SIZE)
-            except NotFound:
-                continue
-            assert data == b"\x77" * (4 * BLOCK_SIZE)
+    for after in await _every_crash_image(device):
+        try:
+            data = await after.read(new.ino, 0, 4 * BLOCK_SIZE)
+        except NotFound:
+            continue
+        assert data == b"\x77" * (4 * BLOCK_SIZE)
+
+
+async def test_crash_never_shows_bytes_past_eof(device: MemoryDevice) -> None:
+    vol = await Volume.open(device)
+    f = vol.create(ROOT, b"f", FILE, 0, 0)
+    await vol.write(f.ino, 0, b"\x55" * (2 * BLOCK_SIZE))
+    await vol.sync()
+    await vol.setattr(f.ino, size=1000)
+    _lose_power_at_journal_flush(device)
+    with pytest.raises(PowerLoss):
+        await vol.sync()
+    for after in await _every_crash_image(device):
+        size = after.getattr(f.ino).size
+        data = await after.read(f.ino, 0, size)
+        if size == 1000:
+            await after.setattr(f.ino, size=2 * BLOCK_SIZE)
+            assert await after.read(f.ino, 0, 2 * BLOCK_SIZE) == data + bytes(2 * BLOCK_SIZE - 1000)
+            assert data == b"\x55" * 1000
+        else:
+            # The truncate record was lost; only its zeroing of the tail may have landed.
+            assert size == 2 * BLOCK_SIZE
+            assert data[:1000] == b"\x55" * 1000
+            assert data[BLOCK_SIZE:] == b"\x55" * BLOCK_SIZE
+    assert await check_volume(device.crashed(range(device.unflushed_writes))) == []
 
 
 async def test_many_operations_wrap_journal(vol: Volume, device: MemoryDevice) -> None:
@@ -630,3 +666,25 @@ async def test_random_operations_match_model(seed: int) -> None:
         assert await vol.read(ino, 0, len(model[name])) == model[name]
     await vol.close()
     assert await check_volume(device) == []
+
+
+async def test_stale_bytes_past_eof_read_as_zeros(vol: Volume, device: MemoryDevice) -> None:
+    f = vol.create(ROOT, b"f", FILE, 0, 0)
+    g = vol.create(ROOT, b"g", FILE, 0, 0)
+    for ino in (f.ino, g.ino):
+        await vol.write(ino, 0, b"\x33" * 1000)
+    vol = await _reopen(vol, device)
+    # As a crash can leave them: bytes past EOF that a lost record would have covered.
+    for ino in (f.ino, g.ino):
+        [blockno] = vol._tree.inodes[ino].blocks.values()  # type: ignore[union-attr]
+        device.poke(blockno, b"\x33" * 1000 + b"\xee" * (BLOCK_SIZE - 1000))
+    vol = await _reopen(vol, device)
+    await vol.setattr(f.ino, size=3000)
+    assert await vol.read(f.ino, 0, 3000) == b"\x33" * 1000 + bytes(2000)
+    await vol.write(g.ino, 5000, b"end")
+    assert await vol.read(g.ino, 0, 5003) == b"\x33" * 1000 + bytes(4000) + b"end"
+    await vol.write(g.ino, 200_000, b"far")
+    assert await vol.read(g.ino, 5003, BLOCK_SIZE - 5003) == bytes(BLOCK_SIZE - 5003)
+    vol = await _reopen(vol, device)
+    assert await vol.read(f.ino, 0, 3000) == b"\x33" * 1000 + bytes(2000)
+    await vol.close()
