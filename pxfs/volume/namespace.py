@@ -665,7 +665,8 @@ class Volume:
             fields["mtime_ns"] = mtime_ns
         changes: list[Change] = []
         if size is not None:
-            if size != inode.size and mtime_ns is None:
+            # Like ext4, a truncate sets mtime even when the size stays the same.
+            if mtime_ns is None:
                 fields["mtime_ns"] = now
             exposed = self._exposed_tail(inode, size)
             if exposed is not None:
