@@ -274,6 +274,7 @@ class BlockCache:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write back in the background whenever dirty bytes pass half the limit."""
         task_status.started()
+        failures = 0
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -284,13 +285,16 @@ class BlockCache:
                 try:
                     await self._write_all(due)
                 except PxfsError as exc:
-                    await self._note_failure(exc)
+                    failures += 1
+                    # Failures repeat every second while a device is down: log one a minute.
+                    if failures % 60 == 1:
+                        log.warning(
+                            "block write-back failed %d times, retrying: %s", failures, exc.message
+                        )
+                    await trio.sleep(_RETRY_DELAY)
+                    self._wakeup.set()
                     break
-
-    async def _note_failure(self, exc: PxfsError) -> None:
-        log.warning("block write-back failed, retrying in %g s: %s", _RETRY_DELAY, exc.message)
-        await trio.sleep(_RETRY_DELAY)
-        self._wakeup.set()
+                failures = 0
 
     def statistics(self) -> dict[str, int]:
         """Return counters for monitoring."""

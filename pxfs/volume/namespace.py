@@ -206,6 +206,7 @@ class Volume:
                 await self._run_flusher()
 
     async def _run_flusher(self) -> None:
+        failures = 0
         while True:
             with trio.move_on_after(FLUSH_INTERVAL):
                 await self._flush_wanted.wait()
@@ -217,7 +218,16 @@ class Volume:
                 with trio.CancelScope(shield=True):
                     await self._flush()
             except PxfsError as exc:
-                log.warning("background flush failed, retrying: %s", exc.message)
+                failures += 1
+                # The flush runs every second: log the first failure and then one in a minute.
+                if failures % 60 == 1:
+                    log.warning(
+                        "background flush failed %d times, retrying: %s", failures, exc.message
+                    )
+                continue
+            if failures:
+                log.info("background flush succeeded after %d failures", failures)
+                failures = 0
 
     # Flushing
 

@@ -229,3 +229,21 @@ async def test_throttle_writes_back_without_background_task() -> None:
             cache.put_zero(blockno)
     assert cache.dirty_blocks <= 32
     assert device.stats.blocks_written >= 200 - 32
+
+
+async def test_background_write_back_retries_failures(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = GatedDevice(1024)
+    device.fail_writes = 3
+    cache = BlockCache(device, dirty_limit_bytes=4 * MIB, batch_blocks=64)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        for blockno in range(40):
+            cache.put_zero(blockno)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert cache.dirty_blocks <= 16
+    assert device.stats.blocks_written >= 24
+    warnings = [record for record in caplog.records if "write-back failed" in record.message]
+    assert len(warnings) == 1
