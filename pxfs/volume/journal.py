@@ -495,6 +495,15 @@ class Journal:
         self.durable_seq = max(self.durable_seq, anchor.seq)
         log.debug("checkpoint %d written to slot %d at record %d", self._counter, slot, anchor.seq)
 
+    def image_room(self) -> int:
+        """Return an estimate of the bytes the tree can still grow before a checkpoint fails.
+
+        Records since the last checkpoint are counted in full: a record is never smaller than
+        the growth it causes in the image, so the estimate errs on the safe side.
+        """
+        grown = self._used + self._buffer_bytes
+        return checkpoint_capacity(self._sb) - self.image_bytes - grown
+
     def statistics(self) -> dict[str, int]:
         """Return counters for monitoring."""
         return {

@@ -70,6 +70,8 @@ XATTR_VALUE_MAX = 65536
 #: The total size of the xattr names and values of one inode.
 XATTR_INODE_MAX = 256 * 1024
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+#: Checkpoint slot bytes kept free, so that operations which add no inode still fit.
+IMAGE_RESERVE = 64 * 1024
 #: Seconds between background journal flushes.
 FLUSH_INTERVAL = 1.0
 #: Buffered record bytes that wake the background flush early.
@@ -301,6 +303,11 @@ class Volume:
             self._flush_wanted.set()
         return seq
 
+    def _check_image_room(self) -> None:
+        """Raise NoSpace when new metadata might no longer fit in a checkpoint slot."""
+        if self._journal.image_room() < IMAGE_RESERVE:
+            raise NoSpace("the volume's metadata space is full; remove files to free it")
+
     def _drop_orphans(self) -> None:
         orphans = [
             ino
@@ -438,6 +445,7 @@ class Volume:
             raise AlreadyExists(f"{name!r} already exists in directory {parent}")
         if len(self._tree.inodes) >= self._geometry.max_inodes:
             raise NoSpace(f"the volume has reached its limit of {self._geometry.max_inodes} inodes")
+        self._check_image_room()
         if directory.mode & stat.S_ISGID:
             gid = directory.gid
             if stat.S_ISDIR(mode):
@@ -469,6 +477,7 @@ class Volume:
             raise NotFound(f"inode {ino} has no links left to add to")
         if inode.nlink >= LINK_MAX:
             raise TooManyLinks(f"inode {ino} already has {inode.nlink} links")
+        self._check_image_room()
         now = _now()
         self._commit(
             [
@@ -784,6 +793,7 @@ class Volume:
         total = sum(len(key) + len(data) for key, data in current.items() if key != name)
         if total + len(name) + len(value) > XATTR_INODE_MAX:
             raise NoSpace(f"the xattrs of inode {ino} would exceed {XATTR_INODE_MAX} bytes")
+        self._check_image_room()
         self._commit([[SET_XATTR, ino, name, bytes(value)], inode.record(ctime_ns=_now())])
 
     def getxattr(self, ino: int, name: bytes) -> bytes:

@@ -688,3 +688,30 @@ async def test_stale_bytes_past_eof_read_as_zeros(vol: Volume, device: MemoryDev
     vol = await _reopen(vol, device)
     assert await vol.read(f.ino, 0, 3000) == b"\x33" * 1000 + bytes(2000)
     await vol.close()
+
+
+async def test_metadata_space_full_then_freed() -> None:
+    device = MemoryDevice(Geometry.for_size(SIZE, JOURNAL, 4 * BLOCK_SIZE).nblocks)
+    await Volume.format(device, "u", SIZE, journal_bytes=JOURNAL, checkpoint_bytes=4 * BLOCK_SIZE)
+    vol = await Volume.open(device)
+    created = []
+    for index in range(10_000):
+        try:
+            created.append(vol.create(ROOT, b"%0200d" % index, FILE, 0, 0).ino)
+        except NoSpace:
+            break
+        # Checkpoints must keep succeeding up to the point where creates fail.
+        if index % 50 == 0:
+            await vol.sync()
+    else:
+        pytest.fail("the metadata space never filled up")
+    assert len(created) > 100
+    await vol.sync()
+    for index in range(len(created) // 2):
+        vol.unlink(ROOT, b"%0200d" % index)
+        vol.forget(created[index], 1)
+    await vol.close()
+    vol = await Volume.open(device)
+    vol.create(ROOT, b"after", FILE, 0, 0)
+    await vol.close()
+    assert await check_volume(device) == []
