@@ -498,8 +498,8 @@ class Journal:
     def image_room(self) -> int:
         """Return an estimate of the bytes the tree can still grow before a checkpoint fails.
 
-        Records since the last checkpoint are counted in full: a record is never smaller than
-        the growth it causes in the image, so the estimate errs on the safe side.
+        Records since the last checkpoint are counted in full. A record carries the same fields
+        as the image entries it adds, plus its own tags, so the estimate errs on the safe side.
         """
         grown = self._used + self._buffer_bytes
         return checkpoint_capacity(self._sb) - self.image_bytes - grown
