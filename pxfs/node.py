@@ -829,7 +829,7 @@ class Node:
         lines = _Lines(stream)
         while (line := await lines.next()) is not None:
             child.stderr_tail.append(line)
-            print(line, file=sys.stderr, flush=True)
+            _copy_to_stderr(line)
         child.stderr_closed.set()
 
     async def _supervise(self, child: MountChild, process: trio.Process) -> None:
@@ -1091,6 +1091,16 @@ class _Lines:
             return None
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode(errors="replace")
+
+
+def _copy_to_stderr(line: str) -> None:
+    """Write one line of a child's log to pxd's stderr, dropping it if stderr is unusable."""
+    # The reader of pxd's stderr can go away first (`run-node | tee log`, then Ctrl-C). A
+    # BrokenPipeError here must not stop pxd in the middle of unmounting its volumes.
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 async def _drain(stream: trio.abc.ReceiveStream) -> None:

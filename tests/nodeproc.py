@@ -49,15 +49,18 @@ class Node:
         self.sidecar: subprocess.Popen[bytes] | None = None
         self.rest_port = 0
 
-    def start(self) -> None:
-        """Start pxd and wait until its control socket answers."""
+    def start(self, *, stderr_pipe: bool = False) -> None:
+        """Start pxd and wait until its control socket answers.
+
+        With `stderr_pipe`, pxd's stderr is a pipe (self.pxd.stderr) instead of the log file.
+        """
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.pxd = subprocess.Popen(
             [sys.executable, "-m", "daemon.pxd", "--data-dir", str(self.data_dir),
              "--socket", str(self.socket)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )
+            cwd=REPO, stdout=log, stderr=subprocess.PIPE if stderr_pipe else subprocess.STDOUT,
+        )  # fmt: skip
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:

@@ -833,3 +833,22 @@ def test_second_pxd_on_same_socket_refused(own_node: Node, tmp_path: Path) -> No
     assert "in use by another server" in result.stderr
     assert "Traceback" not in result.stderr
     assert own_node.call("node.status")["status"] == "up"
+
+
+def test_sigterm_with_closed_stderr_keeps_data(own_node: Node, tmp_path: Path) -> None:
+    # `run-node 2>&1 | tee log` and Ctrl-C: tee exits first, so pxd's stderr is a broken pipe.
+    assert own_node.stop() == 0
+    own_node.start(stderr_pipe=True)
+    assert own_node.pxd is not None and own_node.pxd.stderr is not None
+    mountpoint = tmp_path / "mnt"
+    own_node.mount_volume("pipe", mountpoint)
+    (mountpoint / "unsynced").write_bytes(b"p" * 300_000)
+    own_node.pxd.stderr.close()
+
+    assert own_node.stop() == 0
+    assert own_node.mount_child_pids() == []
+    assert not is_mountpoint(mountpoint)
+
+    own_node.start()
+    wait_until(lambda: mounted_at(own_node, "pipe") == [str(mountpoint)], "the remount")
+    assert (mountpoint / "unsynced").read_bytes() == b"p" * 300_000
