@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import fcntl
 import importlib.metadata
 import logging
@@ -50,6 +51,8 @@ from pxfs.volume.namespace import Volume
 
 log = logging.getLogger(__name__)
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
 LOCK_FILE = "pxd.lock"
 NODE_ID_FILE = "node-id"
 SECRET_FILE = "cluster.secret"
@@ -59,6 +62,8 @@ MOUNTS_DIR = "mnt"
 #: How long a mount child may take to print "ready", and to exit after SIGTERM.
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+#: How long the kernel may take to write a volume's dirty pages to its child before it stops.
+SYNC_TIMEOUT = 30.0
 #: A volume check reads all metadata of the volume; large volumes take a while.
 CHECK_TIMEOUT = 600.0
 #: Restarts of a dying mount child before pxd gives up on the volume, and the backoff.
@@ -193,6 +198,17 @@ async def _unmount(path: str) -> None:
     failure = await _run_tool("umount", path)
     if failure is not None and _is_mounted(path):
         raise Busy(f"cannot unmount {path}: {failure}")
+
+
+def _syncfs(path: str) -> None:
+    """Make the kernel write the dirty pages of the filesystem at `path`: syncfs(2)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+    finally:
+        os.close(fd)
 
 
 async def _bind(source: str, target: str) -> None:
@@ -935,6 +951,7 @@ class Node:
         child.stopping = True
         process = child.process
         if process is not None and child.running:
+            await self._sync_kernel_cache(child)
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             with trio.move_on_after(STOP_TIMEOUT) as scope:
@@ -967,6 +984,28 @@ class Node:
         child.process = None
         if self._mounts.get(child.vol_id) is child:
             del self._mounts[child.vol_id]
+
+    async def _sync_kernel_cache(self, child: MountChild) -> None:
+        """Have the kernel write the volume's dirty pages to the child before it is stopped."""
+        # The kernel's writeback cache can hold writes to files that are still open. A child
+        # stopped before they reach it loses them, even on a clean shutdown.
+        with trio.move_on_after(SYNC_TIMEOUT) as scope:
+            try:
+                await trio.to_thread.run_sync(_syncfs, child.mountpoint, abandon_on_cancel=True)
+            except OSError as exc:
+                log.warning(
+                    "volume %s: syncfs of %s failed: %s; recent writes may be lost",
+                    child.vol_id,
+                    child.mountpoint,
+                    exc.strerror,
+                )
+        if scope.cancelled_caught:
+            log.warning(
+                "volume %s: syncfs of %s did not finish within %g s; recent writes may be lost",
+                child.vol_id,
+                child.mountpoint,
+                SYNC_TIMEOUT,
+            )
 
     # Helpers
 

@@ -852,3 +852,26 @@ def test_sigterm_with_closed_stderr_keeps_data(own_node: Node, tmp_path: Path) -
     own_node.start()
     wait_until(lambda: mounted_at(own_node, "pipe") == [str(mountpoint)], "the remount")
     assert (mountpoint / "unsynced").read_bytes() == b"p" * 300_000
+
+
+def test_sigterm_keeps_unsynced_writes_to_open_files(own_node: Node, tmp_path: Path) -> None:
+    # The data is still in the kernel's page cache when pxd stops, so a child stopped without
+    # a syncfs first loses it. One file per round, and several rounds, because the kernel
+    # writes some pages back on its own.
+    mountpoint = tmp_path / "mnt"
+    own_node.mount_volume("open", mountpoint)
+    for round_number in range(2):
+        held = [open(mountpoint / f"held-{round_number}-{i}", "wb") for i in range(4)]
+        try:
+            for f in held:
+                f.write(b"abc")
+                f.flush()
+            assert own_node.stop() == 0
+        finally:
+            for f in held:
+                with contextlib.suppress(OSError):
+                    f.close()
+        own_node.start()
+        wait_until(lambda: mounted_at(own_node, "open") == [str(mountpoint)], "the remount")
+        for i in range(4):
+            assert (mountpoint / f"held-{round_number}-{i}").read_bytes() == b"abc", i
