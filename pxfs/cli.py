@@ -41,6 +41,22 @@ class _Parser(argparse.ArgumentParser):
 # --- Argument types -----------------------------------------------------------------------------
 
 
+def parse_text(text: str) -> str:
+    """Parse a volume name or id, or a filter value, that must be valid UTF-8."""
+    # Python decodes a non-UTF-8 argument with surrogateescape, and the lone surrogates in the
+    # result have no UTF-8 form to send to pxd.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"invalid argument {text!r}: not valid UTF-8") from None
+    return text
+
+
+def parse_path(text: str) -> str:
+    """Parse the PATH of host mount and unmount, which must be valid UTF-8."""
+    return parse_text(text)
+
+
 def parse_name_option(text: str) -> str:
     """Parse the NAME of a new volume by the volume name rules of pxfs.units."""
     try:
@@ -69,7 +85,7 @@ def parse_repl_option(text: str) -> int:
 def parse_labels(text: str) -> dict[str, str]:
     """Parse --label: comma-separated KEY=VALUE pairs."""
     labels: dict[str, str] = {}
-    for pair in text.split(","):
+    for pair in parse_text(text).split(","):
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise argparse.ArgumentTypeError(f"invalid label {pair!r}: expected KEY=VALUE")
@@ -347,7 +363,7 @@ def _add_volume_commands(commands: Any) -> None:
     create.set_defaults(func=volume_create)
 
     listing = verbs.add_parser("list", aliases=["l"], help="list the volumes")
-    listing.add_argument("--name", help="list only the volume of this name")
+    listing.add_argument("--name", type=parse_text, help="list only the volume of this name")
     listing.add_argument(
         "--label",
         type=parse_labels,
@@ -358,18 +374,20 @@ def _add_volume_commands(commands: Any) -> None:
     listing.set_defaults(func=volume_list)
 
     inspect = verbs.add_parser("inspect", aliases=["i"], help="show the details of volumes")
-    inspect.add_argument("refs", nargs="+", metavar="NAME|ID", help="volume names or ids")
+    inspect.add_argument(
+        "refs", nargs="+", metavar="NAME|ID", type=parse_text, help="volume names or ids"
+    )
     _add_json(inspect)
     inspect.set_defaults(func=volume_inspect)
 
     delete = verbs.add_parser("delete", aliases=["d"], help="delete a detached volume")
-    delete.add_argument("ref", metavar="NAME|ID", help="volume name or id")
+    delete.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
     delete.set_defaults(func=volume_delete)
 
     check = verbs.add_parser(
         "check", help="check the filesystem of a detached volume; exit 0 only when clean"
     )
-    check.add_argument("ref", metavar="NAME|ID", help="volume name or id")
+    check.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
     _add_json(check)
     check.set_defaults(func=volume_check)
 
@@ -379,21 +397,25 @@ def _add_host_commands(commands: Any) -> None:
     verbs = host.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     attach = verbs.add_parser("attach", help="attach a volume on this node")
-    attach.add_argument("ref", metavar="NAME|ID", help="volume name or id")
+    attach.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
     attach.set_defaults(func=host_attach)
 
     detach = verbs.add_parser("detach", help="detach an unmounted volume from this node")
-    detach.add_argument("ref", metavar="NAME|ID", help="volume name or id")
+    detach.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
     detach.set_defaults(func=host_detach)
 
     mount = verbs.add_parser("mount", help="mount an attached volume at an empty directory")
-    mount.add_argument("ref", metavar="NAME|ID", help="volume name or id")
-    mount.add_argument("path", metavar="PATH", help="existing empty directory to mount on")
+    mount.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
+    mount.add_argument(
+        "path", metavar="PATH", type=parse_path, help="existing empty directory to mount on"
+    )
     mount.set_defaults(func=host_mount)
 
     unmount = verbs.add_parser("unmount", help="unmount a volume from a directory")
-    unmount.add_argument("ref", metavar="NAME|ID", help="volume name or id")
-    unmount.add_argument("path", metavar="PATH", help="directory the volume is mounted on")
+    unmount.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
+    unmount.add_argument(
+        "path", metavar="PATH", type=parse_path, help="directory the volume is mounted on"
+    )
     unmount.set_defaults(func=host_unmount)
 
 

@@ -50,8 +50,16 @@ Handler = Callable[..., Awaitable[Any]]
 
 
 def encode_frame(message: Any) -> bytes:
-    """Pack `message` into one length-prefixed frame."""
-    body: bytes = msgpack.packb(message, use_bin_type=True)
+    """Pack `message` into one length-prefixed frame; raises InvalidArgument if it cannot."""
+    try:
+        body: bytes = msgpack.packb(message, use_bin_type=True)
+    except UnicodeEncodeError as exc:
+        # A str with a lone surrogate, such as a non-UTF-8 command-line argument that Python
+        # decoded with surrogateescape, has no UTF-8 form, so msgpack cannot send it.
+        bad = exc.object[exc.start : exc.end]
+        raise errors.InvalidArgument(
+            f"invalid string {bad!r} in RPC message: not valid UTF-8"
+        ) from None
     if len(body) > MAX_FRAME:
         raise errors.InvalidArgument(f"RPC message of {len(body)} bytes exceeds {MAX_FRAME}")
     return _LENGTH.pack(len(body)) + body
@@ -506,10 +514,12 @@ class BlockingClient:
 
     def call(self, method: str, *args: Any) -> Any:
         """Call `method` and return its result, or raise the PxfsError it sent."""
-        sock = self._connect()
         request_id = next(self._ids)
+        # Encoded before connecting, so that an argument with no wire form fails on its own.
+        frame = encode_frame([REQUEST, request_id, method, list(args)])
+        sock = self._connect()
         try:
-            sock.sendall(encode_frame([REQUEST, request_id, method, list(args)]))
+            sock.sendall(frame)
             reply = self._receive(sock)
         except TimeoutError:
             self.close()

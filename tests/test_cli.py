@@ -401,3 +401,37 @@ def test_help_exits_zero() -> None:
     assert result.returncode == 0
     assert "--size" in result.stdout
     assert "--repl" in result.stdout
+
+
+# --- arguments that are not valid UTF-8 ---------------------------------------------------------
+
+# Python decodes the argument bytes b"\xff" to the lone surrogate "\udcff", and subprocess
+# encodes it back to b"\xff".
+NOT_UTF8 = "\udcff"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["volume", "inspect", NOT_UTF8],
+        ["volume", "delete", NOT_UTF8],
+        ["volume", "check", NOT_UTF8],
+        ["volume", "create", NOT_UTF8],
+        ["volume", "list", "--name", NOT_UTF8],
+        ["volume", "list", "--label", f"k={NOT_UTF8}"],
+        ["volume", "create", "vol1", "--label", f"{NOT_UTF8}=v"],
+        ["host", "attach", NOT_UTF8],
+        ["host", "detach", NOT_UTF8],
+        ["host", "mount", NOT_UTF8, "/tmp"],
+        ["host", "mount", "vol1", f"/tmp/{NOT_UTF8}"],
+        ["host", "unmount", NOT_UTF8, "/tmp"],
+        ["host", "unmount", "vol1", f"/tmp/{NOT_UTF8}"],
+    ],
+)
+def test_non_utf8_argument_one_line(pxd: Any, args: list[str]) -> None:
+    result = pxctl(pxd.socket, *args)
+    assert_one_line_error(result, errors.InvalidArgument.exit_code)
+    assert "not valid UTF-8" in result.stderr
+    # The parser rejects it and names the argument, before anything is sent to pxd.
+    assert "argument " in result.stderr
+    assert pxd.volumes == {}

@@ -179,3 +179,15 @@ async def test_stale_socket_replaced(nursery, tmp_path):
     client = await rpc.RpcClient.connect_unix(path)
     assert await client.call("echo", 2) == [2]
     await client.aclose()
+
+
+def test_encode_frame_rejects_lone_surrogate():
+    with pytest.raises(errors.InvalidArgument, match="not valid UTF-8"):
+        rpc.encode_frame([rpc.REQUEST, 1, "volume.inspect", ["vol\udcff"]])
+
+
+def test_blocking_client_rejects_lone_surrogate(tmp_path):
+    # The argument is checked before the client connects, so no server is needed.
+    client = rpc.BlockingClient(tmp_path / "absent.sock")
+    with pytest.raises(errors.InvalidArgument, match="not valid UTF-8"):
+        client.call("volume.inspect", "\udcff")
