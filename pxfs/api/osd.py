@@ -322,6 +322,19 @@ def _string(obj: Mapping[str, Any], key: str, where: str) -> str:
         return ""
     if not isinstance(value, str):
         raise errors.InvalidArgument(f"{where} must be a string, got {_kind(value)}")
+    return _check_unicode(value, where)
+
+
+def _check_unicode(value: str, where: str) -> str:
+    """Return `value` unless it contains a lone surrogate, which has no UTF-8 form."""
+    # JSON escapes such as "\udcff" decode to lone surrogates, which pxd could not receive.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start : exc.end]
+        raise errors.InvalidArgument(
+            f"{where} is not valid Unicode: it contains the lone surrogate {bad!r}"
+        ) from None
     return value
 
 
@@ -362,6 +375,8 @@ def _check_string_map(value: Any, where: str) -> dict[str, str]:
             raise errors.InvalidArgument(
                 f"{where}[{item_key!r}] must be a string, got {json.dumps(item)}"
             )
+        _check_unicode(item_key, f"a key of {where}")
+        _check_unicode(item, f"{where}[{item_key!r}]")
     return dict(value)
 
 

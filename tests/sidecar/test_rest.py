@@ -135,6 +135,13 @@ async def test_create_mismatch_soft_error(rest_client: Client, fake_pxd: FakePxd
         (json.dumps(create_body("v", size=0)).encode(), "spec.size is required"),
         (json.dumps(create_body("v", ha_level=4)).encode(), "spec.ha_level"),
         (json.dumps(create_body("a/b")).encode(), "'/'"),
+        (json.dumps(create_body("v\udcff")).encode(), "locator.name"),
+        (
+            json.dumps(
+                create_body("v", locator={"name": "v", "volume_labels": {"k": "\udcff"}})
+            ).encode(),
+            "lone surrogate",
+        ),
     ],
 )
 async def test_create_bad_input_400(
@@ -188,6 +195,12 @@ async def test_list_bad_label_400(rest_client: Client) -> None:
     response = await rest_client.get("/v1/osd-volumes", params={"Label": "env=prod"})
     assert response.status == 400
     assert "Label" in await response.text()
+
+
+async def test_list_label_lone_surrogate_400(rest_client: Client) -> None:
+    response = await rest_client.get("/v1/osd-volumes", params={"Label": '{"k": "\\udcff"}'})
+    assert response.status == 400
+    assert "lone surrogate" in await response.text()
 
 
 async def test_inspect_by_name_and_id(rest_client: Client, fake_pxd: FakePxd) -> None:
@@ -348,6 +361,10 @@ async def test_put_spec_change_unsupported(
         ({"action": {"mount": 2, "mount_path": 7}}, "action.mount_path"),
         ({"options": {"FORCE_DETACH": True}}, "options"),
         ({"spec": {"shared": True}}, "spec.shared"),
+        ({"action": {"mount": 2, "mount_path": "/tmp/\udcff"}}, "action.mount_path"),
+        ({"action": {"mount": 1, "mount_path": "/tmp/\udcff"}}, "lone surrogate"),
+        ({"locator": {"volume_labels": {"k\udcff": "v"}}}, "locator.volume_labels"),
+        ({"options": {"FORCE_DETACH": "\ud800"}}, "lone surrogate"),
     ],
 )
 async def test_put_bad_input_400(
