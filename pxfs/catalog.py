@@ -26,7 +26,14 @@ from typing import Any
 
 import trio
 
-from pxfs.errors import AlreadyExists, Corrupted, NoSpace, NotFound, Unavailable
+from pxfs.errors import (
+    AlreadyExists,
+    Corrupted,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +100,14 @@ class Catalog(abc.ABC):
         return found
 
     async def find_volume(self, ref: str) -> VolumeRecord:
-        """Return the volume whose id, or else whose name, is `ref`; raises NotFound."""
-        if not isinstance(ref, str) or not ref:
-            raise NotFound(f"volume {ref!r} not found")
+        """Return the volume whose id, or else whose name, is `ref`.
+
+        Raises InvalidArgument for a `ref` that is not a string, and NotFound for an unknown one.
+        """
+        if not isinstance(ref, str):
+            raise InvalidArgument(f"invalid volume {ref!r}: expected a volume name or id")
+        if not ref:
+            raise NotFound("volume '' not found")
         by_id = await self.get_volume(ref)
         if by_id is not None:
             return by_id.record

@@ -1071,6 +1071,8 @@ def _remove_path(path: str) -> Callable[[VolumeRecord], VolumeRecord]:
 def _normalize_path(path: Any) -> str:
     if not isinstance(path, str) or not path:
         raise InvalidArgument(f"mount path must be a non-empty string, not {path!r}")
+    if "\0" in path:
+        raise InvalidArgument(f"mount path {path!r} contains a NUL byte")
     if not os.path.isabs(path):
         raise InvalidArgument(f"mount path {path!r} is not absolute")
     return os.path.normpath(path)

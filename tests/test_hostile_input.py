@@ -875,3 +875,42 @@ def test_sigterm_keeps_unsynced_writes_to_open_files(own_node: Node, tmp_path: P
         wait_until(lambda: mounted_at(own_node, "open") == [str(mountpoint)], "the remount")
         for i in range(4):
             assert (mountpoint / f"held-{round_number}-{i}").read_bytes() == b"abc", i
+
+
+NUL_PATHS = ["/tmp/x\x00", "/tmp/\x00/y", "\x00", "/\x00"]
+NON_STRING_REFS: list[Any] = [1.5, None, 7, True, [], {}, b"name"]
+REF_METHODS = [
+    "volume.inspect", "volume.delete", "volume.attach", "volume.detach", "volume.check",
+]  # fmt: skip
+
+
+def test_mount_paths_with_nul_rejected(node: Node, attached: str) -> None:
+    before = catalog_state(node)
+    for method in ("volume.mount", "volume.unmount"):
+        for path in NUL_PATHS:
+            with pytest.raises(errors.InvalidArgument, match="NUL byte"):
+                node.call(method, attached, path)
+    assert catalog_state(node) == before
+    assert node.mount_child_pids() == []
+    assert "Traceback" not in node.log_text()
+
+
+def test_rest_mount_path_with_nul_rejected(node: Node, attached: str) -> None:
+    before = catalog_state(node)
+    mount = {"action": {"mount": 2, "mount_path": "/tmp/x\u0000"}}
+    status, reply = put(node, attached, mount)
+    assert status == 200, reply
+    assert "NUL byte" in reply["volume_response"]["error"], reply
+    assert catalog_state(node) == before
+    assert "Traceback" not in node.log_text()
+
+
+def test_refs_of_wrong_type_rejected(node: Node, tmp_path: Path) -> None:
+    for ref in NON_STRING_REFS:
+        for method in REF_METHODS:
+            with pytest.raises(errors.InvalidArgument, match="expected a volume name or id"):
+                node.call(method, ref)
+        for method in ("volume.mount", "volume.unmount"):
+            with pytest.raises(errors.InvalidArgument, match="expected a volume name or id"):
+                node.call(method, ref, str(tmp_path))
+    assert "Traceback" not in node.log_text()

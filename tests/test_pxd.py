@@ -473,10 +473,11 @@ def test_unknown_volume_is_not_found(pxd: Pxd) -> None:
         ("volume.check", ["nope"]),
         ("volume.mount", ["nope", "/tmp"]),
         ("volume.unmount", ["nope", "/tmp"]),
-        ("volume.inspect", [12]),
     ]:
         with pytest.raises(errors.NotFound, match="not found"):
             pxd.call(method, *args)
+    with pytest.raises(errors.InvalidArgument, match="expected a volume name or id"):
+        pxd.call("volume.inspect", 12)
 
 
 # Attach and detach

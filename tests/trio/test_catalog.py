@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from pxfs.catalog import CATALOG_FILE, LocalCatalog, VolumeRecord
-from pxfs.errors import AlreadyExists, Busy, Corrupted, NotFound, Unavailable
+from pxfs.errors import AlreadyExists, Busy, Corrupted, InvalidArgument, NotFound, Unavailable
 
 
 def make_record(vol_id: str, name: str, ctime_ns: int = 1, **fields: Any) -> VolumeRecord:
@@ -74,6 +74,14 @@ async def test_find_volume_by_id_or_name(tmp_path: Path) -> None:
         await catalog.find_volume("nothing")
     with pytest.raises(NotFound):
         await catalog.find_volume("")
+
+
+@pytest.mark.parametrize("ref", [None, 1.5, 100, b"100", ["100"], {"id": "100"}])
+async def test_find_volume_rejects_non_string_ref(tmp_path: Path, ref: object) -> None:
+    catalog = LocalCatalog(tmp_path)
+    await catalog.create_volume(make_record("100", "vol"))
+    with pytest.raises(InvalidArgument, match="expected a volume name or id"):
+        await catalog.find_volume(ref)  # type: ignore[arg-type]
 
 
 async def test_compare_and_set(tmp_path: Path) -> None:
