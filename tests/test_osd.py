@@ -326,6 +326,8 @@ def test_check_set_request_changes_unsupported(body: dict[str, Any], expected: s
         (b"\xff\xfe", "not valid JSON"),
         (b'"text"', "must be a JSON object"),
         (b"null", "must be a JSON object"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
     ],
 )
 def test_decode_body_rejects(body: bytes, expected: str) -> None:
@@ -343,7 +345,7 @@ def test_label_query_merges() -> None:
     assert osd.parse_label_query(values, "Label") == {"a": "1", "b": "2"}
 
 
-@pytest.mark.parametrize("value", ["a=1", "[1]", json.dumps({"a": 1})])
+@pytest.mark.parametrize("value", ["a=1", "[1]", json.dumps({"a": 1}), "[" * 100_000])
 def test_label_query_rejects(value: str) -> None:
     with pytest.raises(errors.InvalidArgument) as caught:
         osd.parse_label_query([value], "Label")

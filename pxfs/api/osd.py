@@ -194,6 +194,10 @@ def decode_body(body: bytes) -> dict[str, Any]:
         value = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise errors.InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # The json module recurses once per nested array or object, so a body of many "["
+        # exhausts the stack; an OSD request never nests more than a few levels.
+        raise errors.InvalidArgument("invalid JSON in request body: nested too deeply") from None
     if not isinstance(value, dict):
         raise errors.InvalidArgument("request body must be a JSON object")
     return value
@@ -289,7 +293,7 @@ def parse_label_query(values: list[str], key: str) -> dict[str, str]:
     for value in values:
         try:
             decoded = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise errors.InvalidArgument(
                 f"query parameter {key} must be a JSON object of strings, got {value!r}"
             ) from None

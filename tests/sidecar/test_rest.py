@@ -155,6 +155,15 @@ async def test_create_bad_input_400(
     assert fake_pxd.volumes == {}
 
 
+async def test_deeply_nested_body_400(rest_client: Client, fake_pxd: FakePxd) -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    assert len(body) < MAX_BODY
+    response = await rest_client.post("/v1/osd-volumes", data=body)
+    assert response.status == 400
+    assert await response.text() == "invalid JSON in request body: nested too deeply\n"
+    assert fake_pxd.volumes == {}
+
+
 async def test_body_limit_413(rest_client: Client, fake_pxd: FakePxd) -> None:
     body = create_body("big", padding="x" * (MAX_BODY + 1))
     response = await rest_client.post("/v1/osd-volumes", json=body)
