@@ -53,7 +53,10 @@ def parse_text(text: str) -> str:
 
 
 def parse_path(text: str) -> str:
-    """Parse the PATH of host mount and unmount, which must be valid UTF-8."""
+    """Parse the PATH of host mount and unmount: a non-empty path in valid UTF-8."""
+    # os.path.abspath("") is the working directory, so an empty PATH would mount there.
+    if not text:
+        raise argparse.ArgumentTypeError("invalid path '': expected a directory")
     return parse_text(text)
 
 

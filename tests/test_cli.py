@@ -322,6 +322,16 @@ def test_host_mount_errors(pxd: Any, tmp_path: Path) -> None:
     assert_one_line_error(not_mounted, errors.NotFound.exit_code)
 
 
+@pytest.mark.parametrize("verb", ["mount", "unmount"])
+def test_host_empty_path_rejected(pxd: Any, tmp_path: Path, verb: str) -> None:
+    create(pxd, "vol1")
+    pxd.attach("vol1")
+    result = pxctl(pxd.socket, "host", verb, "vol1", "", cwd=tmp_path)
+    assert_one_line_error(result, errors.InvalidArgument.exit_code)
+    assert "invalid path ''" in result.stderr
+    assert pxd.find("vol1")["mount_paths"] == []
+
+
 # --- status and connection ----------------------------------------------------------------------
 
 
