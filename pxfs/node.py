@@ -270,6 +270,8 @@ class Node:
         self._create_lock = trio.Lock()
         self._stop = trio.Event()
         self._shutting_down = False
+        #: Set once start-up has remounted the volumes; node.status says "starting" until then.
+        self._remounted = False
 
     # Start-up and shutdown
 
@@ -284,6 +286,7 @@ class Node:
                 await self._start_servers(nursery)
                 await self._register_node()
                 await self._remount_volumes()
+                self._remounted = True
                 log.info("pxd ready: node %s, control socket %s", self.node_id, self.control_socket)
                 task_status.started()
                 await self._stop.wait()
@@ -419,7 +422,10 @@ class Node:
         }
 
     async def status(self) -> dict[str, Any]:
-        """Return the node's identity, volume counts and the space of its data directory."""
+        """Return the node's identity, state, volume counts and the space of its data directory.
+
+        The state is "starting" until the volumes of the last run are mounted again, then "up".
+        """
         volumes = await self._catalog().list_volumes()
         fs = os.statvfs(self.data_dir)
         used = 0
@@ -431,7 +437,7 @@ class Node:
             "ip": self.config.node_ip,
             "data_dir": str(self.data_dir),
             "version": _version(),
-            "status": "up",
+            "status": "up" if self._remounted else "starting",
             "volumes": len(volumes),
             "mounted": sum(1 for child in self._mounts.values() if child.running),
             "capacity_bytes": fs.f_blocks * fs.f_frsize,

@@ -50,7 +50,7 @@ class Node:
         self.rest_port = 0
 
     def start(self, *, stderr_pipe: bool = False) -> None:
-        """Start pxd and wait until its control socket answers.
+        """Start pxd and wait until node.status reports "up", with its volumes remounted.
 
         With `stderr_pipe`, pxd's stderr is a pipe (self.pxd.stderr) instead of the log file.
         """
@@ -65,8 +65,8 @@ class Node:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             with contextlib.suppress(errors.Unavailable, errors.ProtocolError):
-                self.call("node.status")
-                return
+                if self.call("node.status")["status"] == "up":
+                    return
             if self.pxd.poll() is not None:
                 break
             time.sleep(0.1)

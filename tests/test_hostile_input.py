@@ -914,3 +914,35 @@ def test_refs_of_wrong_type_rejected(node: Node, tmp_path: Path) -> None:
             with pytest.raises(errors.InvalidArgument, match="expected a volume name or id"):
                 node.call(method, ref, str(tmp_path))
     assert "Traceback" not in node.log_text()
+
+
+def test_status_starting_until_remounted(own_node: Node, tmp_path: Path) -> None:
+    mountpoints = [tmp_path / f"mnt{i}" for i in range(4)]
+    for i, mountpoint in enumerate(mountpoints):
+        own_node.mount_volume(f"remount{i}", mountpoint)
+    assert own_node.stop() == 0
+
+    # Start pxd by hand, to see the replies that come before the remount is done.
+    with open(own_node.log_path, "ab") as log:
+        own_node.pxd = subprocess.Popen(
+            [sys.executable, "-m", "daemon.pxd", "--data-dir", str(own_node.data_dir),
+             "--socket", str(own_node.socket)],
+            cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    replies: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not replies or replies[-1][0] != "up"):
+        with contextlib.suppress(errors.Unavailable, errors.ProtocolError):
+            status = own_node.call("node.status")
+            replies.append((status["status"], status["mounted"]))
+        time.sleep(0.02)
+    assert replies, own_node.log_text()
+    assert replies[-1] == ("up", 4), replies
+    assert {state for state, _ in replies} <= {"starting", "up"}, replies
+    assert all(mounted == 4 for state, mounted in replies if state == "up"), replies
+    for mountpoint in mountpoints:
+        assert is_mountpoint(mountpoint)
+
+    own_node.stop()
+    own_node.start()
+    assert own_node.call("node.status")["mounted"] == 4
