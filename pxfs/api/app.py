@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from aiohttp import web
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 #: Largest request body accepted, in bytes. OSD request bodies are a few hundred bytes; larger
 #: ones get 413 before any of them is parsed.
 MAX_BODY = 256 * 1024
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 #: Seconds to wait at start-up for pxd's first reply before serving without it.
 _PROBE_TIMEOUT = 10.0
@@ -244,8 +247,29 @@ async def _log_pxd(control: ControlClient) -> None:
 
 
 def _stop_on_signals() -> asyncio.Event:
+    """Set the returned event at the first SIGINT or SIGTERM, and ignore the signals after it.
+
+    Ctrl-C sends SIGINT to the whole process group and a supervisor may send SIGTERM right
+    after it, so a second signal must not kill the sidecar while it shuts down. The handlers
+    are not loop.add_signal_handler, because loop.close() restores the default actions. The
+    first signal blocks both in the main thread, because interpreter shutdown also restores
+    them, and a blocked signal stays pending until the process exits.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if stopping:
+            # A signal that arrived before the mask was set, or in a worker thread.
+            return
+        stopping = True
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        # Python runs this handler in the main thread between bytecodes, maybe inside a loop
+        # callback, so it only schedules the stop.
+        loop.call_soon_threadsafe(stop.set)
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     return stop

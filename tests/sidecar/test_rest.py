@@ -517,6 +517,29 @@ async def test_sidecar_serves_until_signal(
         await stop_process(process)
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2])
+async def test_sidecar_second_signal_exit_0(
+    fake_pxd: FakePxd, tmp_path: Path, delay: float
+) -> None:
+    # Ctrl-C sends SIGINT to the whole process group, and a supervisor may send SIGTERM right
+    # after it; the second signal must not kill the sidecar while it shuts down.
+    port = free_port()
+    process = await start_sidecar(fake_pxd.socket, port, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_for_rest(session, f"http://127.0.0.1:{port}/osd-volumes/versions")
+        process.send_signal(signal.SIGINT)
+        await asyncio.sleep(delay)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), START_TIMEOUT) == 0
+        assert process.stderr is not None
+        assert b"Traceback" not in await process.stderr.read()
+        assert not (tmp_path / "plugin.sock").exists()
+    finally:
+        await stop_process(process)
+
+
 async def test_sidecar_without_pxd_503(tmp_path: Path) -> None:
     port = free_port()
     socket_path = tmp_path / "absent.sock"
