@@ -19,6 +19,8 @@ from pxfs.errors import InvalidArgument
 
 BLOCK_SIZE = 64 * 1024
 MAX_VOLUME_SIZE = 1 << 40
+#: The smallest volume pxd formats: 16 data blocks, the MIN_DATA_BLOCKS of pxfs.volume.format.
+MIN_VOLUME_SIZE = 16 * BLOCK_SIZE
 MAX_NAME_BYTES = 255
 MAX_LABELS = 64
 MAX_LABEL_KEY_BYTES = 128
@@ -36,8 +38,8 @@ for _shift, _letter in enumerate("kmgtp", start=1):
 def parse_size(text: str) -> int:
     """Parse a size such as "14", "10G" or "512 MiB" into bytes, rounded up to 64 KiB.
 
-    Raises InvalidArgument for an empty, zero, negative or malformed size, an unknown suffix,
-    and a size above MAX_VOLUME_SIZE.
+    Raises InvalidArgument for an empty, negative or malformed size, an unknown suffix, and a
+    size below MIN_VOLUME_SIZE or above MAX_VOLUME_SIZE.
     """
     if not isinstance(text, str):
         raise InvalidArgument(f"size must be a string such as '10G', not {type(text).__name__}")
@@ -56,6 +58,12 @@ def parse_size(text: str) -> int:
     exact = Fraction(number) * (1 << shift)
     if exact > MAX_VOLUME_SIZE:
         raise InvalidArgument(f"invalid size {text!r}: the maximum volume size is 1 TiB")
+    # Checked before rounding up, so that the message is about the size the user typed.
+    if exact < MIN_VOLUME_SIZE:
+        raise InvalidArgument(
+            f"invalid size {text!r}: below the minimum volume size of 1 MiB "
+            f"({MIN_VOLUME_SIZE} bytes)"
+        )
     return check_size(-(-exact // 1))
 
 

@@ -106,7 +106,8 @@ def test_create_size_with_suffix(pxd: Any) -> None:
     ("args", "expected"),
     [
         (["vol1", "--size", "ten"], "invalid size"),
-        (["vol1", "--size", "0"], "invalid size"),
+        (["vol1", "--size", "0"], "invalid size '0': below the minimum volume size of 1 MiB"),
+        (["vol1", "--size", "1K"], "invalid size '1K': below the minimum volume size of 1 MiB"),
         (["vol1", "--size", "100000"], "maximum volume size"),
         (["vol1", "--repl", "4"], "invalid replica count"),
         (["vol1", "--repl", "x"], "invalid replica count"),

@@ -6,12 +6,14 @@ from pxfs.errors import InvalidArgument
 from pxfs.units import (
     BLOCK_SIZE,
     MAX_VOLUME_SIZE,
+    MIN_VOLUME_SIZE,
     check_size,
     format_size,
     parse_size,
     validate_labels,
     validate_name,
 )
+from pxfs.volume.format import MIN_DATA_BLOCKS
 
 KIB, MIB, GIB, TIB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -32,11 +34,11 @@ KIB, MIB, GIB, TIB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
         ("512MiB", 512 * MIB),
         ("512M", 512 * MIB),
         ("512mb", 512 * MIB),
-        ("64K", 64 * KIB),
-        ("64KB", 64 * KIB),
-        ("64kib", 64 * KIB),
-        ("65536B", 64 * KIB),
-        ("65536b", 64 * KIB),
+        ("1024K", MIB),
+        ("1024KB", MIB),
+        ("1024kib", MIB),
+        ("1048576B", MIB),
+        ("1048576b", MIB),
         ("1T", TIB),
         ("1TiB", TIB),
         ("1.5G", 3 * GIB // 2),
@@ -51,7 +53,11 @@ def test_parse_size_accepts(text: str, expected: int) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("1B", BLOCK_SIZE), ("1K", BLOCK_SIZE), ("65537B", 2 * BLOCK_SIZE), ("100K", 2 * BLOCK_SIZE)],
+    [
+        ("1048577B", 17 * BLOCK_SIZE),
+        ("1025K", 17 * BLOCK_SIZE),
+        ("1.00001M", 17 * BLOCK_SIZE),
+    ],
 )
 def test_parse_size_rounds_up_to_block(text: str, expected: int) -> None:
     assert parse_size(text) == expected
@@ -60,9 +66,12 @@ def test_parse_size_rounds_up_to_block(text: str, expected: int) -> None:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("0", "at least one byte"),
-        ("0G", "at least one byte"),
-        ("0.0", "at least one byte"),
+        ("0", "invalid size '0': below the minimum volume size of 1 MiB"),
+        ("0G", "invalid size '0G': below the minimum volume size of 1 MiB"),
+        ("0.0", "invalid size '0.0': below the minimum"),
+        ("1K", "invalid size '1K': below the minimum volume size of 1 MiB"),
+        ("1B", "invalid size '1B': below the minimum"),
+        ("1048575B", "invalid size '1048575B': below the minimum"),
         ("-1", "expected a number"),
         ("-1G", "expected a number"),
         ("", "expected a number"),
@@ -90,6 +99,16 @@ def test_parse_size_rejects(text: str, reason: str) -> None:
 
 def test_parse_size_max_is_allowed() -> None:
     assert parse_size("1024G") == MAX_VOLUME_SIZE
+
+
+def test_min_size_matches_format() -> None:
+    # A size that parse_size accepts must be one that pxd can format.
+    assert MIN_VOLUME_SIZE == MIN_DATA_BLOCKS * BLOCK_SIZE
+
+
+def test_parse_size_min_is_allowed() -> None:
+    assert parse_size("1M") == MIN_VOLUME_SIZE
+    assert parse_size("1048576B") == MIN_VOLUME_SIZE
 
 
 @pytest.mark.parametrize("value", [14, None, 1.5, b"10G", True])

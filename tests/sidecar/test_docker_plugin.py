@@ -174,7 +174,7 @@ async def test_create_default_size_1gib(plugin: Plugin) -> None:
         ("512 MiB", 512 * MIB),
         ("2g", 2 * GIB),
         ("1.5G", 3 * GIB // 2),
-        ("100K", 128 * 1024),
+        ("1100K", 1152 * 1024),
         ("1", GIB),
         ("1T", 1 << 40),
     ],
@@ -187,7 +187,8 @@ async def test_create_size_units(plugin: Plugin, size: str, expected: int) -> No
 @pytest.mark.parametrize(
     ("size", "message"),
     [
-        ("0", "at least one byte"),
+        ("0", "invalid size '0': below the minimum volume size of 1 MiB"),
+        ("1K", "invalid size '1K': below the minimum volume size of 1 MiB"),
         ("-1", "invalid size"),
         ("abc", "invalid size"),
         ("", "invalid size"),
@@ -332,7 +333,7 @@ async def test_inline_name_spec(plugin: Plugin) -> None:
 
 async def test_inline_name_bad_size(plugin: Plugin) -> None:
     err = await plugin.error("Create", {"Name": "name=inl,size=0"})
-    assert "at least one byte" in err
+    assert "invalid size '0': below the minimum volume size" in err
     assert plugin.names() == []
 
 
