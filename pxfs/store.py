@@ -48,6 +48,12 @@ MAX_NBLOCKS = 2**32
 #: The version of a write is (epoch << 32) | counter, so an epoch must fit in 32 bits.
 MAX_EPOCH = 2**32 - 1
 MAX_VERSION = 2**64 - 1
+#: Blocks per read or write call: 240 blocks are 15 MiB, which leaves room for the msgpack
+#: framing inside one RPC frame (pxfs.rpc.MAX_FRAME, 16 MiB).
+MAX_BLOCKS_PER_CALL = 240
+#: Block numbers per trim call. A trim sends no data back, so this only bounds the work of one
+#: call; 2**20 block numbers take at most 9 MiB of msgpack.
+MAX_TRIMS_PER_CALL = 2**20
 
 # One table record: version (u64), crc32 (u32) and 4 bytes of zero padding, little-endian. The
 # padding makes each version an aligned u64, which _count_unwritten relies on.
@@ -493,16 +499,25 @@ def _check_list(name: str, value: object) -> list[Any] | tuple[Any, ...]:
     return value
 
 
-def _check_blocknos(replica: _Replica, blocknos: object) -> list[int]:
+def _check_count(name: str, items: list[Any] | tuple[Any, ...], limit: int) -> None:
+    if len(items) > limit:
+        raise InvalidArgument(f"too many {name}: {len(items)}, at most {limit} per call")
+
+
+def _check_blocknos(replica: _Replica, blocknos: object, limit: int) -> list[int]:
+    items = _check_list("block numbers", blocknos)
+    _check_count("block numbers", items, limit)
     checked = []
-    for blockno in _check_list("block numbers", blocknos):
+    for blockno in items:
         checked.append(_check_int("block number", blockno, 0, replica.nblocks - 1))
     return checked
 
 
 def _check_blocks(replica: _Replica, blocks: object) -> list[tuple[int, bytes]]:
+    items = _check_list("blocks", blocks)
+    _check_count("blocks", items, MAX_BLOCKS_PER_CALL)
     checked = []
-    for entry in _check_list("blocks", blocks):
+    for entry in items:
         if not isinstance(entry, (list, tuple)) or len(entry) != 2:
             raise InvalidArgument("invalid block entry: expected [block number, data]")
         blockno = _check_int("block number", entry[0], 0, replica.nblocks - 1)
@@ -603,7 +618,7 @@ class ReplicaStore:
     async def read(self, vol_id: str, blocknos: list[int]) -> list[bytes | None]:
         """Read blocks, with None for each block never written."""
         async with self._locked(vol_id) as replica:
-            checked = _check_blocknos(replica, blocknos)
+            checked = _check_blocknos(replica, blocknos, MAX_BLOCKS_PER_CALL)
             return await trio.to_thread.run_sync(replica.read_blocks, checked)
 
     async def write(
@@ -620,7 +635,7 @@ class ReplicaStore:
     async def trim(self, vol_id: str, epoch: int, blocknos: list[int]) -> None:
         """Mark blocks unwritten and free their space, so that later reads return None."""
         async with self._locked(vol_id) as replica:
-            checked = _check_blocknos(replica, blocknos)
+            checked = _check_blocknos(replica, blocknos, MAX_TRIMS_PER_CALL)
             await self._accept_epoch(replica, epoch)
             await trio.to_thread.run_sync(replica.trim_blocks, checked)
 

@@ -6,7 +6,15 @@ import pytest
 import trio
 
 from pxfs import errors
-from pxfs.store import BLOCK_SIZE, RECORD_SIZE, ReplicaStore
+from pxfs.replication import BLOCKS_PER_FRAME, TRIMS_PER_FRAME
+from pxfs.rpc import MAX_FRAME
+from pxfs.store import (
+    BLOCK_SIZE,
+    MAX_BLOCKS_PER_CALL,
+    MAX_TRIMS_PER_CALL,
+    RECORD_SIZE,
+    ReplicaStore,
+)
 
 VOL = "4817263540921"
 
@@ -378,3 +386,28 @@ async def test_trim_longer_than_one_run(store):
     await store.trim(VOL, 0, list(range(70000)))
     assert (await store.info(VOL))["used_blocks"] == 0
     assert await store.read(VOL, [0, 65536, 69999]) == [None, None, None]
+
+
+async def test_read_rejects_more_blocks_than_a_reply_frame(volume):
+    await volume.write(VOL, 1, 1, [(0, block(0))])
+    full = await volume.read(VOL, [0] * MAX_BLOCKS_PER_CALL)
+    assert len(full) == MAX_BLOCKS_PER_CALL
+    # 300 copies of one block made a 19 MiB reply, larger than any RPC frame.
+    with pytest.raises(errors.InvalidArgument, match="too many block numbers: 300"):
+        await volume.read(VOL, [0] * 300)
+
+
+async def test_write_and_trim_reject_oversized_calls(volume):
+    blocks = [(i, block(i)) for i in range(MAX_BLOCKS_PER_CALL + 1)]
+    with pytest.raises(errors.InvalidArgument, match="too many blocks"):
+        await volume.write(VOL, 1, 1, blocks)
+    with pytest.raises(errors.InvalidArgument, match="too many block numbers"):
+        await volume.trim(VOL, 1, [0] * (MAX_TRIMS_PER_CALL + 1))
+    assert (await volume.info(VOL))["used_blocks"] == 0
+
+
+def test_call_limits_fit_rpc_and_replication_frames():
+    packed = msgpack.packb([1, 2**32, None, [bytes(BLOCK_SIZE)] * MAX_BLOCKS_PER_CALL])
+    assert len(packed) <= MAX_FRAME
+    assert BLOCKS_PER_FRAME <= MAX_BLOCKS_PER_CALL
+    assert TRIMS_PER_FRAME <= MAX_TRIMS_PER_CALL
