@@ -278,7 +278,49 @@ def _load(path: Path) -> dict[str, Any]:
     for key, kind in (("revision", int), ("volumes", dict), ("nodes", dict)):
         if not isinstance(state.get(key), kind):
             raise Corrupted(f"catalog {path}: {key!r} is missing or of the wrong type")
+    for key, entry in state["volumes"].items():
+        problem = _volume_entry_problem(key, entry)
+        if problem:
+            raise Corrupted(f"catalog {path}: volume {key!r} {problem}: {entry!r:.200}")
+    for key, node in state["nodes"].items():
+        if not isinstance(node, dict) or node.get("id") != key:
+            raise Corrupted(f"catalog {path}: node {key!r} has no matching id: {node!r:.200}")
     return state
+
+
+#: The fields of a volume record, with their types. Only id and name are required, because
+#: records written by tests and older tools may lack the others.
+# TODO: require every field once all writers store complete records; pxd reads them directly.
+_RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "name": str,
+    "labels": dict,
+    "size": int,
+    "ha_level": int,
+    "epoch": int,
+    "attached_on": str,
+    "mount_paths": list,
+}
+
+
+def _volume_entry_problem(key: str, entry: Any) -> str | None:
+    """Return what is wrong with one entry of the catalog's volumes, or None if nothing is."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("revision"), int):
+        return "is not a map with a revision and a record"
+    record = entry.get("record")
+    if not isinstance(record, dict):
+        return "has no record"
+    for name, kind in _RECORD_FIELDS.items():
+        value = record.get(name)
+        if value is None and name not in ("id", "name"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"has a missing or invalid {name!r}"
+    if record["id"] != key:
+        return f"has a record with id {record['id']!r}"
+    if not all(isinstance(path, str) for path in record.get("mount_paths", [])):
+        return "has a mount path that is not a string"
+    return None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -946,3 +946,22 @@ def test_status_starting_until_remounted(own_node: Node, tmp_path: Path) -> None
     own_node.stop()
     own_node.start()
     assert own_node.call("node.status")["mounted"] == 4
+
+
+@pytest.mark.parametrize("entry", [{}, 5, {"revision": 1, "record": {}}])
+def test_malformed_catalog_stops_pxd(tmp_path: Path, entry: Any) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    catalog = data_dir / "catalog.json"
+    catalog.write_text(
+        json.dumps({"format": 1, "revision": 1, "volumes": {"7": entry}, "nodes": {}})
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.pxd", "--data-dir", str(data_dir),
+         "--socket", str(tmp_path / "run" / "pxd.sock")],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"pxd: catalog {catalog}: volume '7'"), result.stderr

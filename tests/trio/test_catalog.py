@@ -300,3 +300,32 @@ async def test_corrupt_file_is_reported(tmp_path: Path, content: bytes) -> None:
         LocalCatalog(tmp_path)
     # The damaged file is left for the operator, not replaced.
     assert (tmp_path / CATALOG_FILE).read_bytes() == content
+
+
+@pytest.mark.parametrize(
+    "volumes, reason",
+    [
+        ({"100": {}}, "is not a map with a revision"),
+        ({"100": 5}, "is not a map with a revision"),
+        ({"100": {"revision": 1, "record": {}}}, "missing or invalid 'id'"),
+        ({"100": {"revision": 1, "record": 5}}, "has no record"),
+        ({"100": {"revision": 1, "record": {**make_record("100", "v"), "size": "1"}}}, "'size'"),
+        ({"100": {"revision": 1, "record": make_record("200", "v")}}, "with id '200'"),
+    ],
+)
+def test_load_rejects_malformed_volume(tmp_path: Path, volumes: object, reason: str) -> None:
+    path = tmp_path / "catalog.json"
+    text = json.dumps({"format": 1, "revision": 1, "volumes": volumes, "nodes": {}})
+    path.write_text(text)
+    with pytest.raises(Corrupted, match=reason) as caught:
+        LocalCatalog(tmp_path)
+    assert str(path) in caught.value.message
+    assert path.read_text() == text
+
+
+def test_load_rejects_malformed_node(tmp_path: Path) -> None:
+    (tmp_path / "catalog.json").write_text(
+        json.dumps({"format": 1, "revision": 1, "volumes": {}, "nodes": {"n1": {}}})
+    )
+    with pytest.raises(Corrupted, match="node 'n1' has no matching id"):
+        LocalCatalog(tmp_path)
