@@ -78,7 +78,8 @@ def parse_size_option(text: str) -> int:
 
 def parse_repl_option(text: str) -> int:
     """Parse --repl: the number of replicas, 1 to 3."""
-    if not text.isdigit() or not 1 <= int(text) <= MAX_HA_LEVEL:
+    # str.isdigit alone accepts other scripts' digits, such as the Arabic-Indic one.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_HA_LEVEL:
         raise argparse.ArgumentTypeError(
             f"invalid replica count {text!r}: expected 1 to {MAX_HA_LEVEL}"
         )
@@ -92,6 +93,8 @@ def parse_labels(text: str) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise argparse.ArgumentTypeError(f"invalid label {pair!r}: expected KEY=VALUE")
+        if key.strip() in labels:
+            raise argparse.ArgumentTypeError(f"duplicate label key {key.strip()!r}")
         labels[key.strip()] = value.strip()
     return labels
 
@@ -103,6 +106,9 @@ def volume_create(client: BlockingClient, args: argparse.Namespace) -> int:
     """Create a volume and print its id."""
     labels: dict[str, str] = {}
     for group in args.label or []:
+        duplicates = sorted(set(labels) & set(group))
+        if duplicates:
+            raise errors.InvalidArgument(f"duplicate label key {duplicates[0]!r}")
         labels.update(group)
     request = {"name": args.name, "size": args.size, "ha_level": args.repl, "labels": labels}
     record = client.call("volume.create", request)

@@ -107,8 +107,10 @@ def _utf8(text: str, kind: str) -> bytes:
 def validate_name(name: Any) -> str:
     """Return `name` if it is a valid volume name, else raise InvalidArgument with the reason.
 
-    A name is 1 to 255 bytes of UTF-8 without "/", NUL or other control characters, and is not
-    "." or "..", because the Docker plugin uses it as a path component.
+    A name is 1 to 255 bytes of UTF-8 without "/" and without characters that str.isprintable
+    rejects (control, format and separator characters other than the space), does not start
+    or end with whitespace, and is not "." or "..", because the Docker plugin uses it as a path
+    component.
     """
     if not isinstance(name, str):
         raise InvalidArgument(f"volume name must be a string, not {type(name).__name__}")
@@ -129,6 +131,16 @@ def validate_name(name: Any) -> str:
         raise InvalidArgument(
             f"invalid volume name {name!r}: it contains the control character U+{ord(control):04X}"
         )
+    # Separators such as U+2028 break the lines of `pxctl volume list`, and invisible format
+    # characters make two different names look alike.
+    hidden = next((char for char in name if not char.isprintable()), None)
+    if hidden is not None:
+        raise InvalidArgument(
+            f"invalid volume name {name!r}: it contains the non-printable character "
+            f"U+{ord(hidden):04X}"
+        )
+    if name != name.strip():
+        raise InvalidArgument(f"invalid volume name {name!r}: it starts or ends with whitespace")
     return name
 
 

@@ -139,7 +139,8 @@ def test_format_size() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["vol1", "a", "my-vol_2.data", "x" * 255, "é" * 127, "name with spaces", "..."]
+    "name",
+    ["vol1", "a", "my-vol_2.data", "x" * 255, "é" * 127, "name with spaces", "...", "日本語"],
 )
 def test_validate_name_accepts(name: str) -> None:
     assert validate_name(name) == name
@@ -161,6 +162,14 @@ def test_validate_name_accepts(name: str) -> None:
         ("x" * 256, "256 bytes"),
         ("é" * 128, "256 bytes"),
         ("bad\udcffsurrogate", "not valid UTF-8"),
+        ("line\u2028sep", "non-printable character U\\+2028"),
+        ("para\u2029sep", "non-printable character U\\+2029"),
+        ("zero\u200bwidth", "non-printable character U\\+200B"),
+        ("bidi\u202eorder", "non-printable character U\\+202E"),
+        ("no\u00a0break", "non-printable character U\\+00A0"),
+        (" lead", "starts or ends with whitespace"),
+        ("trail ", "starts or ends with whitespace"),
+        (" ", "starts or ends with whitespace"),
     ],
 )
 def test_validate_name_rejects(name: str, reason: str) -> None:
