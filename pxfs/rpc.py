@@ -506,6 +506,11 @@ class BlockingClient:
             ) from None
         except ConnectionRefusedError:
             sock.close()
+            # connect() gives ECONNREFUSED for a file that is not a socket, too.
+            if _exists_and_is_not_socket(self.path):
+                raise errors.Unavailable(
+                    f"pxd is not running: {self.path} is not a socket"
+                ) from None
             raise errors.Unavailable(
                 f"pxd is not running: {self.path} refuses connections"
             ) from None
@@ -529,12 +534,20 @@ class BlockingClient:
         except OSError as exc:
             self.close()
             raise errors.Unavailable(f"connection to pxd at {self.path} failed: {exc}") from None
+        except errors.ProtocolError:
+            self.close()
+            raise self._not_pxd() from None
         if not (isinstance(reply, list) and len(reply) == 4 and reply[1] == request_id):
             self.close()
-            raise errors.ProtocolError(f"unexpected reply from {self.path}")
+            raise self._not_pxd()
         if reply[2] is not None:
             raise error_from_payload(reply[2])
         return reply[3]
+
+    def _not_pxd(self) -> errors.ProtocolError:
+        # The decoder's own message is left out: another server, such as an HTTP server, sends
+        # bytes whose first four read as an absurd frame length, which would only confuse.
+        return errors.ProtocolError(f"the socket at {self.path} does not speak the pxd protocol")
 
     def _receive(self, sock: socket.socket) -> Any:
         # One call at a time, so exactly one message is expected.
@@ -558,6 +571,13 @@ class BlockingClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _exists_and_is_not_socket(path: str) -> bool:
+    try:
+        return not stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -452,3 +452,38 @@ def test_non_utf8_argument_one_line(pxd: Any, args: list[str]) -> None:
     # The parser rejects it and names the argument, before anything is sent to pxd.
     assert "argument " in result.stderr
     assert pxd.volumes == {}
+
+
+def test_socket_not_pxd(tmp_path: Path) -> None:
+    path = _fake.short_socket_path(tmp_path, "http.sock")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen(1)
+        server.settimeout(30)
+        # The kernel queues the connection, so pxctl can send its request and read this reply
+        # before the test accepts.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pxfs.cli", "--socket", str(path), "status"],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        connection, _ = server.accept()
+        with connection:
+            connection.settimeout(30)
+            connection.recv(4096)
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            _, stderr = process.communicate(timeout=60)
+    result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+    assert_one_line_error(result, errors.ProtocolError.exit_code)
+    assert f"the socket at {path} does not speak the pxd protocol" in stderr
+    assert "exceeds" not in stderr
+
+
+def test_socket_path_is_regular_file(tmp_path: Path) -> None:
+    path = tmp_path / "file.sock"
+    path.write_text("")
+    result = pxctl(path, "status")
+    assert_one_line_error(result, errors.Unavailable.exit_code)
+    assert f"{path} is not a socket" in result.stderr
