@@ -197,11 +197,12 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         attr = self._volume.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+        self._volume.opened(attr.ino)
         return pyfuse3.FileInfo(fh=attr.ino, keep_cache=True), entry_attributes(attr)
 
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        self._volume.getattr(inode)
+        self._volume.opened(inode)
         # keep_cache: no other node writes this volume, so cached pages stay valid.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
@@ -219,7 +220,11 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:
-        return None
+        # The kernel ignores errors of release, so log them here.
+        try:
+            self._volume.released(fh)
+        except Exception:
+            log.exception("release of inode %d failed", fh)
 
     @_fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -614,15 +614,19 @@ class Allocator:
             self._pending_count += len(blocks)
 
     def take_releasable(self, durable_seq: int) -> list[int]:
-        """Pop the pending blocks whose freeing record is durable."""
+        """Pop the pending blocks whose freeing record is durable, for trim and `mark_free`.
+
+        They still count as pending until `mark_free`, so that a writer short of space while
+        they are trimmed knows that space is coming.
+        """
         ready: list[int] = []
         while self._pending and self._pending[0][0] <= durable_seq:
             ready += self._pending.popleft()[1]
-        self._pending_count -= len(ready)
         return ready
 
     def mark_free(self, blocks: list[int]) -> None:
-        """Return blocks to the bitmap."""
+        """Return blocks taken by `take_releasable` to the bitmap."""
         for blockno in blocks:
             self._used[blockno - self.start] = 0
         self._free += len(blocks)
+        self._pending_count -= len(blocks)

@@ -133,6 +133,7 @@ class Volume:
         self._alloc = Allocator.from_tree(self._geometry, self._tree)
         self._max_file_size = self._geometry.data_blocks * BLOCK_SIZE
         self._lookups: dict[int, int] = {}
+        self._open: dict[int, int] = {}
         self._read_ends: dict[int, int] = {}
         self._flush_lock = trio.Lock()
         self._flush_wanted = trio.Event()
@@ -396,11 +397,35 @@ class Volume:
         if inode is not None and inode.nlink == 0 and ino != ROOT_INO:
             self._commit([[DROP_INODE, ino]])
 
-    def _unless_used(self, inode: Inode, nlink: int) -> list[Change]:
-        """Return the change that drops an inode left with `nlink` links, if nothing uses it."""
-        if nlink == 0 and inode.ino not in self._lookups:
+    def _unless_used(self, inode: Inode, nlink: int, now: int) -> list[Change]:
+        """Return the changes that release an inode left with `nlink` links.
+
+        An inode the kernel no longer knows is dropped. One that it still knows but nobody has
+        open loses its data now, as on ext4, rather than when the kernel's forget comes.
+        """
+        if nlink:
+            return []
+        if inode.ino not in self._lookups:
             return [[DROP_INODE, inode.ino]]
+        if inode.blocks and inode.ino not in self._open:
+            return [[UNMAP_FROM, inode.ino, 0], inode.record(nlink=0, size=0, ctime_ns=now)]
         return []
+
+    def opened(self, ino: int) -> None:
+        """Count one open file handle of `ino`."""
+        self._inode(ino)
+        self._open[ino] = self._open.get(ino, 0) + 1
+
+    def released(self, ino: int) -> None:
+        """Drop one open file handle; an unlinked file loses its data with the last one."""
+        left = self._open.get(ino, 0) - 1
+        if left > 0:
+            self._open[ino] = left
+            return
+        self._open.pop(ino, None)
+        inode = self._tree.inodes.get(ino)
+        if inode is not None and inode.nlink == 0 and inode.blocks:
+            self._commit([[UNMAP_FROM, ino, 0], inode.record(size=0)])
 
     # Creating entries
 
@@ -504,7 +529,7 @@ class Volume:
                 [SET_ENTRY, parent, name, 0],
                 directory.record(mtime_ns=now, ctime_ns=now),
                 child.record(nlink=nlink, ctime_ns=now),
-                *self._unless_used(child, nlink),
+                *self._unless_used(child, nlink, now),
             ]
         )
 
@@ -526,7 +551,7 @@ class Volume:
                 [SET_ENTRY, parent, name, 0],
                 directory.record(nlink=directory.nlink - 1, mtime_ns=now, ctime_ns=now),
                 child.record(nlink=0, ctime_ns=now),
-                *self._unless_used(child, 0),
+                *self._unless_used(child, 0, now),
             ]
         )
 
@@ -615,7 +640,7 @@ class Volume:
             if target.is_dir:
                 links[target_dir.ino] -= 1
             changes.append(target.record(nlink=nlink, ctime_ns=now))
-            changes += self._unless_used(target, nlink)
+            changes += self._unless_used(target, nlink, now)
         for directory in {source_dir.ino: source_dir, target_dir.ino: target_dir}.values():
             changes.append(directory.record(nlink=links[directory.ino], mtime_ns=now, ctime_ns=now))
         return changes

@@ -175,6 +175,7 @@ async def test_record_that_does_not_apply_is_reported(device: MemoryDevice) -> N
 async def test_orphan_of_a_crash_is_no_problem(device: MemoryDevice) -> None:
     volume = await Volume.open(device)
     f = volume.create(ROOT_INO, b"orphan", FILE, 0, 0)
+    volume.opened(f.ino)
     await volume.write(f.ino, 0, b"o" * 1000)
     volume.unlink(ROOT_INO, b"orphan")
     await volume.sync()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import trio
@@ -408,6 +408,7 @@ async def test_partial_write_reads_block_once(vol: Volume, device: MemoryDevice)
 
 async def test_unlinked_open_file_lives_until_forget(vol: Volume) -> None:
     f = vol.create(ROOT, b"f", FILE, 0, 0)
+    vol.opened(f.ino)
     await vol.write(f.ino, 0, b"keep")
     free = vol.statfs()["free"]
     vol.unlink(ROOT, b"f")
@@ -415,15 +416,31 @@ async def test_unlinked_open_file_lives_until_forget(vol: Volume) -> None:
     assert await vol.read(f.ino, 0, 4) == b"keep"
     await vol.write(f.ino, 4, b"more")
     assert await vol.read(f.ino, 0, 8) == b"keepmore"
+    assert vol.statfs()["free"] == free
+    vol.released(f.ino)
+    assert vol.statfs()["free"] == free + 1
+    assert vol.getattr(f.ino).size == 0
     vol.forget(f.ino, 1)
     with pytest.raises(NotFound):
         vol.getattr(f.ino)
     assert vol.statfs()["free"] == free + 1
 
 
+async def test_unlink_of_closed_file_frees_data_at_once(vol: Volume) -> None:
+    f = vol.create(ROOT, b"f", FILE, 0, 0)
+    await vol.write(f.ino, 0, b"x" * (3 * BLOCK_SIZE))
+    free = vol.statfs()["free"]
+    vol.unlink(ROOT, b"f")
+    # The kernel still knows the inode (no forget yet), but nobody has it open.
+    assert vol.getattr(f.ino).nlink == 0
+    assert vol.getattr(f.ino).blocks == 0
+    assert vol.statfs()["free"] == free + 3
+
+
 async def test_orphans_are_dropped_at_open(device: MemoryDevice) -> None:
     vol = await Volume.open(device)
     f = vol.create(ROOT, b"f", FILE, 0, 0)
+    vol.opened(f.ino)
     await vol.write(f.ino, 0, b"x" * 3 * BLOCK_SIZE)
     vol.unlink(ROOT, b"f")
     await vol.sync()
@@ -715,3 +732,43 @@ async def test_metadata_space_full_then_freed() -> None:
     vol.create(ROOT, b"after", FILE, 0, 0)
     await vol.close()
     assert await check_volume(device) == []
+
+
+class SlowTrimDevice(MemoryDevice):
+    """A MemoryDevice whose trims wait until the gate opens."""
+
+    def __init__(self, nblocks: int) -> None:
+        super().__init__(nblocks)
+        self.trim_gate = trio.Event()
+        self.trim_gate.set()
+
+    async def trim_blocks(self, blocknos: Sequence[int]) -> None:
+        await self.trim_gate.wait()
+        await super().trim_blocks(blocknos)
+
+
+async def test_writers_wait_for_blocks_being_trimmed() -> None:
+    device = SlowTrimDevice(GEOMETRY.nblocks)
+    await Volume.format(device, "u", SIZE, journal_bytes=JOURNAL, checkpoint_bytes=SLOT)
+    vol = await Volume.open(device)
+    full = vol.create(ROOT, b"full", FILE, 0, 0)
+    await vol.write(full.ino, 0, b"f" * SIZE)
+    vol.unlink(ROOT, b"full")
+    assert vol.statfs()["free"] == SIZE // BLOCK_SIZE
+    device.trim_gate = trio.Event()
+    results = []
+
+    async def write(name: bytes) -> None:
+        attr = vol.create(ROOT, name, FILE, 0, 0)
+        results.append(await vol.write(attr.ino, 0, b"w" * MIB))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write, b"a")
+        await trio.testing.wait_all_tasks_blocked()
+        # The first writer now waits for the trim of the freed blocks; the second one must
+        # wait for them too rather than fail with NoSpace.
+        nursery.start_soon(write, b"b")
+        await trio.testing.wait_all_tasks_blocked()
+        device.trim_gate.set()
+    assert results == [MIB, MIB]
+    await vol.close()
