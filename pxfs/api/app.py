@@ -62,21 +62,36 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     started = time.monotonic()
     try:
         response = await handler(request)
-    except web.HTTPNotFound:
-        if request.match_info.http_exception is None:
-            raise
-        # The router found no route, so reply with the text of Go's net/http.
-        response = plain_error("404 page not found", 404)
     except errors.PxfsError as exc:
         _log_failure(request, exc)
         response = plain_error(exc.message, exc.http_status)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _http_error(request, exc)
     except Exception:
         log.exception("%s %s failed", request.method, request.path_qs)
         response = plain_error("internal error; the pxd-sidecar log has the details", 500)
     elapsed_ms = (time.monotonic() - started) * 1000
     log.debug("%s %s -> %d (%.1f ms)", request.method, request.path_qs, response.status, elapsed_ms)
+    return response
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """Turn an error that aiohttp raised into the plain-text shape of every other hard error."""
+    if exc.status == 404 and request.match_info.http_exception is not None:
+        # The router found no route, so reply with the text of Go's net/http.
+        message = "404 page not found"
+    elif exc.status == 405:
+        message = "405 method not allowed"
+    elif exc.status == 413:
+        message = f"request body is too large: {exc.text}"
+    else:
+        message = exc.text or f"{exc.status} {exc.reason}"
+    log.debug("%s %s failed: %s", request.method, request.path_qs, message)
+    response = plain_error(message, exc.status)
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
     return response
 
 

@@ -168,7 +168,21 @@ async def test_body_limit_413(rest_client: Client, fake_pxd: FakePxd) -> None:
     body = create_body("big", padding="x" * (MAX_BODY + 1))
     response = await rest_client.post("/v1/osd-volumes", json=body)
     assert response.status == 413
+    assert response.content_type == "text/plain"
+    text = await response.text()
+    assert text.startswith("request body is too large: ")
+    assert str(MAX_BODY) in text
+    assert text.endswith("\n")
+    assert text.count("\n") == 1
     assert fake_pxd.volumes == {}
+
+
+async def test_wrong_method_405_plain_text(rest_client: Client) -> None:
+    response = await rest_client.patch("/v1/osd-volumes")
+    assert response.status == 405
+    assert response.content_type == "text/plain"
+    assert await response.text() == "405 method not allowed\n"
+    assert "POST" in response.headers["Allow"]
 
 
 # --- list and inspect ---------------------------------------------------------------------------
