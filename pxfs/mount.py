@@ -9,6 +9,9 @@ The child prints `ready` on stdout once the FUSE mount is live. On SIGTERM or SI
 the mount (lazily, so a busy mount goes too), serves the requests the kernel still sends while it
 writes back, closes the volume and exits 0. `--check` mounts nothing: it prints one problem per
 line and exits 0 only when the volume is consistent.
+
+The mount uses allow_other and default_permissions (fuseops.MOUNT_OPTIONS), and FUSE's own
+defaults nosuid and nodev: device nodes on a volume can be created but not opened.
 """
 
 from __future__ import annotations
