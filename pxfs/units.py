@@ -58,13 +58,15 @@ def parse_size(text: str) -> int:
     exact = Fraction(number) * (1 << shift)
     if exact > MAX_VOLUME_SIZE:
         raise InvalidArgument(f"invalid size {text!r}: the maximum volume size is 1 TiB")
-    # Checked before rounding up, so that the message is about the size the user typed.
-    if exact < MIN_VOLUME_SIZE:
+    size = check_size(-(-exact // 1)) if exact > 0 else 0
+    # Checked here rather than by pxd, so that the message quotes the size the user typed and
+    # not the rounded byte count.
+    if size < MIN_VOLUME_SIZE:
         raise InvalidArgument(
             f"invalid size {text!r}: below the minimum volume size of 1 MiB "
             f"({MIN_VOLUME_SIZE} bytes)"
         )
-    return check_size(-(-exact // 1))
+    return size
 
 
 def check_size(nbytes: Any) -> int:

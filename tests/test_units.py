@@ -57,6 +57,8 @@ def test_parse_size_accepts(text: str, expected: int) -> None:
         ("1048577B", 17 * BLOCK_SIZE),
         ("1025K", 17 * BLOCK_SIZE),
         ("1.00001M", 17 * BLOCK_SIZE),
+        ("1023K", MIN_VOLUME_SIZE),
+        ("983041B", MIN_VOLUME_SIZE),
     ],
 )
 def test_parse_size_rounds_up_to_block(text: str, expected: int) -> None:
@@ -71,7 +73,7 @@ def test_parse_size_rounds_up_to_block(text: str, expected: int) -> None:
         ("0.0", "invalid size '0.0': below the minimum"),
         ("1K", "invalid size '1K': below the minimum volume size of 1 MiB"),
         ("1B", "invalid size '1B': below the minimum"),
-        ("1048575B", "invalid size '1048575B': below the minimum"),
+        ("983040B", "invalid size '983040B': below the minimum"),
         ("-1", "expected a number"),
         ("-1G", "expected a number"),
         ("", "expected a number"),
