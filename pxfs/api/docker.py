@@ -321,7 +321,7 @@ def _decode_refs(path: Path, text: str) -> dict[str, dict[str, Any]]:
     problem = f"{path} does not contain Docker reference counts; fix or remove it"
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise errors.InvalidArgument(problem) from None
     if not isinstance(data, dict) or data.get("version") != _REFS_VERSION:
         raise errors.InvalidArgument(problem)
@@ -699,6 +699,8 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise errors.InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise errors.InvalidArgument("request body is not valid JSON: nested too deeply") from None
     if body is None:
         return {}
     if not isinstance(body, dict):

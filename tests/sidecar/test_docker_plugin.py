@@ -709,7 +709,12 @@ async def test_list_all_volumes(plugin: Plugin) -> None:
 
 @pytest.mark.parametrize(
     ("data", "message"),
-    [(b"{not json", "not valid JSON"), (b"[1, 2]", "must be a JSON object"), (b"\xff", "JSON")],
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"\xff", "JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ],
 )
 async def test_bad_body_is_err(plugin: Plugin, data: bytes, message: str) -> None:
     response = await plugin.client.post("/VolumeDriver.Create", data=data)
