@@ -82,6 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     except PxfsError as exc:
         print(f"pxfs mount: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    except BaseExceptionGroup as group:
+        # The nursery of the volume's background tasks wraps an error of close in a group.
+        first = _first_pxfs_error(group)
+        if first is None:
+            raise
+        print(f"pxfs mount: {first.message}", file=sys.stderr)
+        return first.exit_code
+
+
+def _first_pxfs_error(group: BaseExceptionGroup) -> PxfsError | None:
+    """Return the first PxfsError in a group, if every member is a PxfsError or a group."""
+    matched, rest = group.split(PxfsError)
+    if matched is None or rest is not None:
+        return None
+    while isinstance(matched, BaseExceptionGroup):
+        matched = matched.exceptions[0]
+    return matched if isinstance(matched, PxfsError) else None
 
 
 async def _run(args: argparse.Namespace) -> int:

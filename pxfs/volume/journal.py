@@ -39,6 +39,9 @@ _CHAIN_DIGEST = 8
 _IMAGE_DIGEST = 16
 #: Blocks per device call when a checkpoint is written or read.
 _CHECKPOINT_CHUNK = 64
+#: Ring blocks past the head kept written, so that records still fit when the disk under a
+#: thin device is full: the record that frees space must never need new space itself.
+RESERVE_BLOCKS = 16
 
 
 def _chain(previous: bytes, header: bytes, body: bytes) -> bytes:
@@ -378,6 +381,13 @@ class Journal:
         self._counter = loaded.checkpoint.counter
         self._checkpoint_required = False
         self.image_bytes = len(loaded.checkpoint.image)
+        ring_blocks = self._ring_bytes // BLOCK_SIZE
+        # Live records span at most half the ring, so the reserve never overwrites one of them.
+        self._reserve = min(RESERVE_BLOCKS, max(0, ring_blocks // 8))
+        # Ring blocks known to hold written bytes on the device, so they cost no new space.
+        self._allocated = bytearray(ring_blocks)
+        if self._head % BLOCK_SIZE:
+            self._allocated[self._head // BLOCK_SIZE] = 1
 
     @property
     def buffered_bytes(self) -> int:
@@ -435,7 +445,34 @@ class Journal:
         if records:
             self._head, self._head_block = position, head_block
             self._used += placed
+            for blockno, _ in blocks:
+                self._allocated[blockno - self._start] = 1
         self.durable_seq = max(self.durable_seq, last_seq)
+
+    async def reserve(self) -> None:
+        """Write zeros into the ring blocks past the head that were never written.
+
+        They hold no live record: those lie behind the head. A failure is harmless, since
+        the blocks are tried again after the next write.
+        """
+        ring_blocks = len(self._allocated)
+        first = -(-self._head // BLOCK_SIZE)
+        missing = [
+            index % ring_blocks
+            for index in range(first, first + self._reserve)
+            if not self._allocated[index % ring_blocks]
+        ]
+        if not missing:
+            return
+        try:
+            await self._device.write_blocks(
+                [(self._start + index, bytes(BLOCK_SIZE)) for index in missing]
+            )
+        except NoSpace as exc:
+            log.debug("cannot reserve %d journal blocks: %s", len(missing), exc.message)
+            return
+        for index in missing:
+            self._allocated[index] = 1
 
     def _place(self, records: list[bytes]) -> tuple[int, list[tuple[int, bytes]], bytearray, int]:
         """Lay records out from the head; return the new head, blocks, head block, bytes used.

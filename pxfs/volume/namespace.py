@@ -190,7 +190,14 @@ class Volume:
             self._background.cancel()
         self._lookups.clear()
         self._drop_orphans()
-        await self._flush(checkpoint=True)
+        try:
+            await self._flush(checkpoint=True)
+        except NoSpace as exc:
+            lost = self._journal.seq - self._journal.durable_seq
+            raise NoSpace(
+                f"{lost} metadata records and {self._cache.dirty_blocks} data blocks of volume "
+                f"{self.superblock.uuid} could not be written: {exc.message}"
+            ) from None
         self._closed = True
         log.info("closed volume %s", self.superblock.uuid)
 
@@ -243,6 +250,7 @@ class Volume:
             else:
                 await self._write_records()
             await self._release_freed()
+            await self._journal.reserve()
 
     async def _write_records(self) -> None:
         records, last_seq = self._journal.take_records()
