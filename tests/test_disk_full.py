@@ -15,7 +15,7 @@ import trio
 
 from pxfs.errors import NoSpace
 from pxfs.volume.check import check_volume
-from pxfs.volume.device import BLOCK_SIZE, FileDevice
+from pxfs.volume.device import FileDevice
 from pxfs.volume.format import ROOT_INO, device_blocks
 from pxfs.volume.namespace import Volume
 
