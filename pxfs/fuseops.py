@@ -93,7 +93,11 @@ class Operations(pyfuse3.Operations):
     def __init__(self, volume: Volume) -> None:
         super().__init__()
         self._volume = volume
+        # Per directory handle: the snapshot taken at opendir (or at the last rewind) and the
+        # directory's inode, to take a new snapshot when rewinddir restarts at offset 0.
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._dir_inodes: dict[int, int] = {}
+        self._served: set[int] = set()
         self._next_dir = 1
 
     # Entries
@@ -238,6 +242,7 @@ class Operations(pyfuse3.Operations):
         fh = self._next_dir
         self._next_dir += 1
         self._dirs[fh] = snapshot
+        self._dir_inodes[fh] = inode
         return fh
 
     @_fuse_errors
@@ -245,6 +250,10 @@ class Operations(pyfuse3.Operations):
         entries = self._dirs.get(fh)
         if entries is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if start_id == 0 and fh in self._served:
+            # A rewinddir: POSIX wants it to show the directory as it is now, like ext4 does.
+            entries = self._dirs[fh] = self._volume.opendir(self._dir_inodes[fh])
+        self._served.add(fh)
         for index in range(start_id, len(entries)):
             name, inode = entries[index]
             try:
@@ -259,6 +268,8 @@ class Operations(pyfuse3.Operations):
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
+        self._dir_inodes.pop(fh, None)
+        self._served.discard(fh)
 
     @_fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -343,6 +343,17 @@ def test_statfs_shows_data_region(mnt: Path) -> None:
     assert os.statvfs(mnt).f_bfree == info.f_bfree - 2
 
 
+def test_rewinddir_shows_new_entries(mnt: Path) -> None:
+    (mnt / "rewind").mkdir()
+    fd = os.open(mnt / "rewind", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.listdir(fd) == []
+        (mnt / "rewind" / "new").write_bytes(b"")
+        assert os.listdir(fd) == ["new"]
+    finally:
+        os.close(fd)
+
+
 def test_readdir_of_100k_entries(mnt: Path) -> None:
     directory = mnt / "many"
     directory.mkdir()
