@@ -9,6 +9,12 @@ The kernel caches entries, negative entries and attributes for TIMEOUT seconds, 
 node that mounts a volume is its only writer. Handlers never call invalidate_inode or
 invalidate_entry, because with the writeback cache those calls can wait for a flush that waits
 for a handler.
+
+With the writeback cache a buffered write reaches pxfs only when its page is written back, so
+a full volume cannot fail the write(2) itself. When a write fails with NoSpace or FileTooLarge,
+the page stays in the kernel's cache and would still be read back. So the handler queues the
+inode, and invalidate_stale_caches, a task of the mount child, drops its cached pages and
+attributes from a worker thread: the call may wait for writeback, which needs the handlers.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
-from pxfs.errors import NotFound, PxfsError
+from pxfs.errors import FileTooLarge, NoSpace, NotFound, PxfsError
 from pxfs.volume.device import BLOCK_SIZE
 from pxfs.volume.namespace import Attr, Volume
 
@@ -30,6 +37,8 @@ log = logging.getLogger(__name__)
 #: Seconds the kernel may keep entries and attributes without asking again.
 TIMEOUT = 60.0
 MOUNT_OPTIONS = frozenset({"fsname=pxfs", "subtype=pxfs", "allow_other", "default_permissions"})
+#: Max inodes waiting for their cache to be dropped. Past it, further inodes keep their cache.
+STALE_QUEUE = 1024
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -99,6 +108,33 @@ class Operations(pyfuse3.Operations):
         self._dir_inodes: dict[int, int] = {}
         self._served: set[int] = set()
         self._next_dir = 1
+        # Inodes queued or being invalidated: a failing writeback sends many writes per inode.
+        self._stale: set[int] = set()
+        self._stale_send, self._stale_receive = trio.open_memory_channel[int](STALE_QUEUE)
+
+    async def invalidate_stale_caches(self) -> None:
+        """Drop the kernel's cache of each inode whose write failed for space, until cancelled."""
+        async for ino in self._stale_receive:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            except OSError as exc:
+                # ENOENT: the kernel has already forgotten the inode, and its pages with it.
+                log.debug("invalidating inode %d failed: %s", ino, exc)
+            finally:
+                # Discarded only now, so the writes the invalidation itself flushes (and that
+                # fail again) do not queue the inode once more.
+                self._stale.discard(ino)
+
+    def _queue_stale(self, ino: int, exc: PxfsError) -> None:
+        if ino in self._stale:
+            return
+        try:
+            self._stale_send.send_nowait(ino)
+        except trio.WouldBlock:
+            log.warning("invalidation queue full, so inode %d keeps its cached pages", ino)
+            return
+        self._stale.add(ino)
+        log.warning("write to inode %d failed (%s), dropping its cached pages", ino, exc.message)
 
     # Entries
 
@@ -216,7 +252,11 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._volume.write(fh, off, buf)
+        try:
+            return await self._volume.write(fh, off, buf)
+        except (NoSpace, FileTooLarge) as exc:
+            self._queue_stale(fh, exc)
+            raise
 
     async def flush(self, fh: int) -> None:
         # The kernel writes back a file's dirty pages before it sends FLUSH, so nothing is left

@@ -187,7 +187,7 @@ async def _serve(device: BlockDevice, mountpoint: str, signals: AsyncIterator[in
         volume = await Volume.open(device, nursery=nursery)
         session = _Session(mountpoint)
         try:
-            _fuse_init(volume, mountpoint)
+            operations = _fuse_init(volume, mountpoint)
         except BaseException:
             await _shielded(volume.close)
             raise
@@ -195,7 +195,7 @@ async def _serve(device: BlockDevice, mountpoint: str, signals: AsyncIterator[in
             nursery.start_soon(_stop_on_signal, signals, session)
             print("ready", flush=True)
             log.info("volume %s mounted at %s", volume.superblock.uuid, mountpoint)
-            await pyfuse3.main()
+            await _serve_requests(operations)
         finally:
             session.main_done.set()
             try:
@@ -206,11 +206,23 @@ async def _serve(device: BlockDevice, mountpoint: str, signals: AsyncIterator[in
         nursery.cancel_scope.cancel()
 
 
-def _fuse_init(volume: Volume, mountpoint: str) -> None:
+def _fuse_init(volume: Volume, mountpoint: str) -> Operations:
+    operations = Operations(volume)
     try:
-        pyfuse3.init(Operations(volume), mountpoint, set(MOUNT_OPTIONS))
+        pyfuse3.init(operations, mountpoint, set(MOUNT_OPTIONS))
     except RuntimeError as exc:
         raise InvalidArgument(f"cannot mount on {mountpoint}: {exc}") from None
+    return operations
+
+
+async def _serve_requests(operations: Operations) -> None:
+    """Run the FUSE loop with the task that drops stale caches beside it."""
+    # The invalidation thread uses the FUSE session, so it must be done before pyfuse3.close:
+    # cancelling waits for a running call, which ends once the mount is gone.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(operations.invalidate_stale_caches)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
 
 
 async def _shielded(step: Callable[[], Awaitable[None]]) -> None:

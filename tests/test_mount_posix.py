@@ -534,3 +534,33 @@ def test_check_reports_damage(child: Child) -> None:
     assert checked.returncode != 0
     assert "superblock" in checked.stdout
     assert "Traceback" not in checked.stderr
+
+
+def _write_fsynced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_full_volume_reads_only_stored_bytes(child: Child) -> None:
+    child.start(format_size=48 * MIB)
+    mnt = child.mountpoint
+    first, second = os.urandom(30 * MIB), os.urandom(30 * MIB)
+    _write_fsynced(mnt / "first", first)
+    with pytest.raises(OSError) as excinfo:
+        _write_fsynced(mnt / "second", second)
+    assert excinfo.value.errno == errno.ENOSPC
+    seen = (mnt / "second").read_bytes()
+    child.stop()
+
+    child.start()
+    stored = (child.mountpoint / "second").read_bytes()
+    assert len(stored) < len(second)
+    # The kernel keeps the size it cached while the inode stays in memory, so past what was
+    # stored it reads zeros, never the bytes that were not stored.
+    assert seen[: len(stored)] == stored
+    assert seen[len(stored) :] == bytes(len(seen) - len(stored))
+    assert (child.mountpoint / "first").read_bytes() == first
+    child.stop()
+
