@@ -136,7 +136,7 @@ def fsync_write(path: Path, data: bytes) -> None:
         (["volume", "create", "b" * 256], 2, "256 bytes, the maximum is 255"),
         (["volume", "create", "tab\there"], 2, "control character U+0009"),
         (["volume", "create", "bell\x07"], 2, "control character U+0007"),
-        (["volume", "create", "s", "--size", "0"], 2, "invalid size 0"),
+        (["volume", "create", "s", "--size", "0"], 2, "invalid size '0'"),
         (["volume", "create", "s", "--size", "-1"], 2, "invalid size '-1'"),
         (["volume", "create", "s", "--size", "1e3"], 2, "invalid size '1e3'"),
         (["volume", "create", "s", "--size", "abc"], 2, "invalid size 'abc'"),
@@ -184,7 +184,7 @@ def test_pxctl_size_forms(node: Node, size: str, expected: int) -> None:
 
 
 def test_pxctl_longest_name_and_odd_names(node: Node) -> None:
-    for name in (NAME_255, "-dash", " spaced ", "é"):
+    for name in (NAME_255, "-dash", "in between", "é"):
         created = node.pxctl("volume", "create", "--size", "1M", "--", name)
         assert created.returncode == 0, created.stderr
         try:
@@ -193,6 +193,13 @@ def test_pxctl_longest_name_and_odd_names(node: Node) -> None:
             assert name in listed.stdout
         finally:
             node.call("volume.delete", name)
+
+
+def test_pxctl_name_with_outer_space_refused(node: Node) -> None:
+    created = node.pxctl("volume", "create", "--size", "1M", "--", " spaced ")
+    assert created.returncode == 2
+    assert "Traceback" not in created.stderr
+    assert node.call("volume.list", {}) == []
 
 
 def test_pxctl_name_equal_to_an_id_refused(node: Node, attached: str) -> None:
