@@ -563,4 +563,3 @@ def test_full_volume_reads_only_stored_bytes(child: Child) -> None:
     assert seen[len(stored) :] == bytes(len(seen) - len(stored))
     assert (child.mountpoint / "first").read_bytes() == first
     child.stop()
-
