@@ -96,9 +96,10 @@ def _first_pxfs_error(group: BaseExceptionGroup) -> PxfsError | None:
     matched, rest = group.split(PxfsError)
     if matched is None or rest is not None:
         return None
-    while isinstance(matched, BaseExceptionGroup):
-        matched = matched.exceptions[0]
-    return matched if isinstance(matched, PxfsError) else None
+    member: BaseException = matched
+    while isinstance(member, BaseExceptionGroup):
+        member = member.exceptions[0]
+    return member if isinstance(member, PxfsError) else None
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -301,7 +301,11 @@ def test_volume_create_labels_and_inline_name(stack: Stack, volume: str) -> None
 
 @pytest.mark.parametrize(
     ("size", "message"),
-    [("0", "below the minimum volume size"), ("lots", "invalid size"), ("2T", "maximum volume size")],
+    [
+        ("0", "below the minimum volume size"),
+        ("lots", "invalid size"),
+        ("2T", "maximum volume size"),
+    ],
 )
 def test_volume_create_bad_size(stack: Stack, volume: str, size: str, message: str) -> None:
     result = stack.docker.cli(

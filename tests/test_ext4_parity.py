@@ -3,9 +3,9 @@
 A probe runs a sequence of calls in a fresh directory and records each step's result, or the
 errno name of the OSError it raised. Each test runs one probe on ext4 and on pxfs, on the same
 kernel, and compares the two records. Only behaviours where pxfs matches ext4 are here, so each
-test guards against pxfs drifting away from ext4. Behaviours that differ only because pxfs has 64 KiB
-blocks and ext4 4 KiB ones (st_blocks, st_blksize, xattr value limits, O_DIRECT alignment) are
-not compared.
+test guards against pxfs drifting away from ext4. Behaviours that differ only because pxfs has
+64 KiB blocks and ext4 4 KiB ones (st_blocks, st_blksize, xattr value limits, O_DIRECT
+alignment) are not compared.
 
 Needs root, /dev/fuse, mkfs.ext4 and losetup. The module shares one ext4 loop mount and one pxfs
 mount child between the probes; teardown unmounts both and detaches the loop device.
