@@ -222,7 +222,13 @@ async def _serve_requests(operations: Operations) -> None:
     # cancelling waits for a running call, which ends once the mount is gone.
     async with trio.open_nursery() as nursery:
         nursery.start_soon(operations.invalidate_stale_caches)
-        await pyfuse3.main()
+        try:
+            await pyfuse3.main()
+        except* ConnectionAbortedError:
+            # After a lazy unmount the kernel may abort the connection when the last user of
+            # the mount goes away; the read on /dev/fuse then fails with ECONNABORTED. That
+            # ends the session as an unmount does, and the volume is still closed cleanly.
+            log.info("the kernel closed the FUSE connection")
         nursery.cancel_scope.cancel()
 
 
