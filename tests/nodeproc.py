@@ -37,6 +37,27 @@ def is_mountpoint(path: Path) -> bool:
         return True
 
 
+def mount_child_pids(marker: str, *, whole_argument: bool = False) -> list[int]:
+    """Pids of running mount children whose command line contains `marker`.
+
+    With `whole_argument`, one argument must equal `marker`; otherwise any substring matches.
+    """
+    marker_bytes = marker.encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"daemon.mount" not in cmdline:
+            continue
+        if marker_bytes in cmdline if whole_argument else marker_bytes in b" ".join(cmdline):
+            pids.append(int(entry.name))
+    return pids
+
+
 class Node:
     """One pxd (and optionally its sidecar) with state under `root`."""
 
@@ -77,10 +98,20 @@ class Node:
         self.rest_port = free_port()
         log = open(self.root / "sidecar.log", "ab")
         self.sidecar = subprocess.Popen(
-            [sys.executable, "-m", "daemon.sidecar", "--socket", str(self.socket),
-             "--rest", f"127.0.0.1:{self.rest_port}",
-             "--plugin-socket", str(self.root / "run" / "plugin.sock")],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "daemon.sidecar",
+                "--socket",
+                str(self.socket),
+                "--rest",
+                f"127.0.0.1:{self.rest_port}",
+                "--plugin-socket",
+                str(self.root / "run" / "plugin.sock"),
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
@@ -91,8 +122,9 @@ class Node:
             if self.sidecar.poll() is not None:
                 break
             time.sleep(0.1)
-        raise AssertionError("pxd-sidecar did not start:\n"
-                             + (self.root / "sidecar.log").read_text(errors="replace"))
+        raise AssertionError(
+            "pxd-sidecar did not start:\n" + (self.root / "sidecar.log").read_text(errors="replace")
+        )
 
     def call(self, method: str, *args: Any) -> Any:
         """One control RPC call to this node's pxd."""
@@ -119,13 +151,18 @@ class Node:
         """Run pxctl against this node."""
         return subprocess.run(
             [sys.executable, "-m", "pxfs.cli", "--socket", str(self.socket), *args],
-            cwd=REPO, capture_output=True, text=True, timeout=120, check=check,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=check,
         )
 
     def mount_volume(self, name: str, mountpoint: Path, size: int = 1 << 30) -> str:
         """Create (if needed), attach and mount a volume; return its id."""
-        record = self.call("volume.create",
-                           {"name": name, "size": size, "ha_level": 1, "labels": {}})
+        record = self.call(
+            "volume.create", {"name": name, "size": size, "ha_level": 1, "labels": {}}
+        )
         mountpoint.mkdir(parents=True, exist_ok=True)
         self.call("volume.attach", name)
         self.call("volume.mount", name, str(mountpoint))
@@ -157,17 +194,7 @@ class Node:
 
     def mount_child_pids(self) -> list[int]:
         """Pids of the running mount children of this node (by their command line)."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"daemon.mount" in cmdline and str(self.root).encode() in b" ".join(cmdline):
-                pids.append(int(entry.name))
-        return pids
+        return mount_child_pids(str(self.root))
 
     def log_text(self) -> str:
         """What pxd wrote to its log."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nodeproc import mount_child_pids
 
 from pxfs import errors
 from pxfs.config import Config, load_config
@@ -119,17 +120,7 @@ class Pxd:
 
     def child_pids(self) -> list[int]:
         """Pids of the mount children of this pxd, found by their command line."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"daemon.mount" in cmdline and str(self.peer_socket).encode() in cmdline:
-                pids.append(int(entry.name))
-        return pids
+        return mount_child_pids(str(self.peer_socket), whole_argument=True)
 
     def cleanup(self) -> None:
         """Stop pxd and its children and unmount whatever is left under root."""

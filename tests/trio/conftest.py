@@ -1,6 +1,8 @@
 """Trio mode for the tests in this folder: every async test here runs under pytest-trio."""
 
 import inspect
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,3 +18,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             continue
         if _HERE in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.trio)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 1 MiB tmpfs under tmp_path, unmounted afterwards: a disk that fills at once."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "pxfs-test", str(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    yield mountpoint
+    if subprocess.run(["umount", str(mountpoint)]).returncode != 0:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)

@@ -1,8 +1,6 @@
 import collections
 import functools
-import os
 import struct
-import subprocess
 
 import pytest
 import trio
@@ -319,22 +317,6 @@ async def test_empty_calls_send_nothing(cluster, nodes):
     assert nodes[0].calls["store.read"] == 0
     assert nodes[0].calls["store.write"] == 0
     assert nodes[0].calls["store.trim"] == 0
-
-
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 1 MiB tmpfs under tmp_path, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "pxfs-test", str(mountpoint)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-    yield mountpoint
-    if subprocess.run(["umount", str(mountpoint)]).returncode != 0:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
 
 
 async def test_full_single_replica_raises_no_space_and_recovers(tiny_fs, cluster):

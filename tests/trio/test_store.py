@@ -1,5 +1,4 @@
 import os
-import subprocess
 
 import msgpack
 import pytest
@@ -300,22 +299,6 @@ def test_handlers_cover_the_rpc_table(tmp_path):
         "verify",
     }
     assert names == {f"store.{name}" for name in expected}
-
-
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 1 MiB tmpfs under tmp_path, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "pxfs-test", str(mountpoint)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-    yield mountpoint
-    if subprocess.run(["umount", str(mountpoint)]).returncode != 0:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
 
 
 @pytest.fixture
