@@ -106,7 +106,7 @@ def _unpack(body: bytes | memoryview) -> Any:
 
 
 def error_payload(exc: errors.PxfsError) -> list[str]:
-    """The wire form of a PxfsError."""
+    """Return the wire form of a PxfsError: [code, message]."""
     return [exc.code, exc.message]
 
 
@@ -118,7 +118,7 @@ def error_from_payload(payload: Any) -> errors.PxfsError:
 
 
 def handshake_digest(secret: bytes, nonce: bytes) -> bytes:
-    """The client's proof that it holds `secret`, for the server's `nonce`."""
+    """Return the client's proof that it has `secret`, for the server's `nonce`."""
     return hmac.new(secret, b"pxfs-rpc-v1" + nonce, hashlib.sha256).digest()
 
 
@@ -529,7 +529,7 @@ class BlockingClient:
         except TimeoutError:
             self.close()
             raise errors.Unavailable(
-                f"pxd did not answer {method} within {self.timeout:g} s"
+                f"pxd did not reply to {method} within {self.timeout:g} s"
             ) from None
         except OSError as exc:
             self.close()
@@ -591,7 +591,7 @@ def _remove_stale_socket(path: str) -> None:
     try:
         probe.connect(path)
     except OSError:
-        # Nobody accepts on it: a socket left behind by a server that died.
+        # No server accepts connections on it: a socket left behind by a server that died.
         os.unlink(path)
         return
     finally:
