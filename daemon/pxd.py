@@ -19,6 +19,7 @@ import trio
 from pxfs.config import CONFIG_FILE, Config, load_config
 from pxfs.errors import PxfsError
 from pxfs.node import Node
+from pxfs.sdnotify import Notifier
 
 log = logging.getLogger("pxd")
 
@@ -98,22 +99,33 @@ def build_config(args: argparse.Namespace) -> Config:
     )
 
 
-async def _stop_on_signal(node: Node, signals: AsyncIterator[int]) -> None:
+async def _stop_on_signal(node: Node, signals: AsyncIterator[int], notifier: Notifier) -> None:
     async for signum in signals:
         if node.stopping:
             log.info("received %s again; pxd is already stopping", signal.Signals(signum).name)
             continue
         log.info("received %s; stopping", signal.Signals(signum).name)
+        notifier.stopping("unmounting volumes")
         node.stop()
 
 
 async def serve(config: Config) -> None:
-    """Run the node until SIGINT or SIGTERM, then stop it."""
+    """Run the node until SIGINT or SIGTERM, then stop it.
+
+    Under systemd (Type=notify) pxd sends READY=1 once both sockets listen and the volumes of
+    the last run are mounted again, and STOPPING=1 when a signal starts the shutdown.
+    """
     node = Node(config)
+    notifier = Notifier.from_environment()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, node, signals)
-            await node.run()
+            nursery.start_soon(_stop_on_signal, node, signals, notifier)
+            async with trio.open_nursery() as node_nursery:
+                await node_nursery.start(node.run)
+                # A signal during start-up has already sent STOPPING=1; READY=1 after it
+                # would make systemd consider the service started again.
+                if not node.stopping:
+                    notifier.ready(f"serving {config.control_socket}")
             nursery.cancel_scope.cancel()
 
 

@@ -1,4 +1,7 @@
-"""pxd-sidecar: serve the openstorage REST API and the Docker volume plugin of this node."""
+"""pxd-sidecar: serve the openstorage REST API and the Docker volume plugin of this node.
+
+Under systemd (Type=notify) it sends READY=1 once the REST port and the plugin socket listen.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import logging
 import os
 import sys
 
-from pxfs import errors
+from pxfs import errors, sdnotify
 from pxfs.api import app, docker
 from pxfs.config import load_config
 
@@ -127,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return asyncio.run(app.run_sidecar(resolve_settings(args)))
+        settings = resolve_settings(args)
+        notifier = sdnotify.Notifier.from_environment()
+        return asyncio.run(app.run_sidecar(settings, notify=notifier.notify))
     except errors.PxfsError as exc:
         print(f"pxd-sidecar: {exc.message}", file=sys.stderr)
         return exc.exit_code

@@ -139,8 +139,14 @@ class SidecarSettings:
     state_dir: str = str(docker.DEFAULT_STATE_DIR)
 
 
-async def run_sidecar(settings: SidecarSettings) -> int:
-    """Serve the REST API and the Docker plugin until SIGINT or SIGTERM; return the exit code."""
+async def run_sidecar(
+    settings: SidecarSettings, *, notify: Callable[[str], object] | None = None
+) -> int:
+    """Serve the REST API and the Docker plugin until SIGINT or SIGTERM; return the exit code.
+
+    `notify`, when given, is called with "READY=1" once the REST port and the plugin socket
+    listen and with "STOPPING=1" when a signal starts the shutdown (the sd_notify states).
+    """
     stop = _stop_on_signals()
     refs = docker.RefStore.load(Path(settings.state_dir) / docker.REFS_FILE)
     control = ControlClient(settings.control_socket)
@@ -153,9 +159,13 @@ async def run_sidecar(settings: SidecarSettings) -> int:
     try:
         await _start_site(runner, settings.host, settings.port)
         plugin_socket = await _start_plugin_site(plugin_runner, Path(settings.plugin_socket))
+        if notify is not None:
+            notify("READY=1")
         await _log_pxd(control)
         await stop.wait()
         log.info("stopping")
+        if notify is not None:
+            notify("STOPPING=1")
     finally:
         await plugin_runner.cleanup()
         if plugin_socket is not None:
