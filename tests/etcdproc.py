@@ -1,0 +1,131 @@
+"""A real etcd on 127.0.0.1 with free ports and a private data dir, for the etcd tests."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EtcdProcess:
+    """One single-member etcd whose data lives in `root`; it keeps its ports across restarts."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.log_path = root / "etcd.log"
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    @property
+    def endpoint(self) -> str:
+        """The client URL of this etcd."""
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        """Start etcd and wait until it serves reads; raises AssertionError if it does not."""
+        assert self.process is None, "etcd is already running"
+        self.root.mkdir(parents=True, exist_ok=True)
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        command = [
+            ETCD,
+            "--name", "test",
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.endpoint,
+            "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"test={peer}",
+            "--log-outputs", "stderr",
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._serves_reads():
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"etcd did not start:\n{self.log_text()}")
+
+    def stop(self) -> None:
+        """SIGTERM this etcd (by its pid) and wait for it to exit; SIGKILL it if it hangs."""
+        process = self.process
+        if process is None:
+            return
+        if self.paused:
+            self.resume()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        """Stop etcd and start it again on the same ports and data."""
+        self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP etcd: its sockets still accept connections but nothing answers them."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT a paused etcd."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def log_text(self) -> str:
+        """Return what etcd wrote to its log."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _serves_reads(self) -> bool:
+        # A range read needs a leader, so an answer means the member is ready for every call.
+        request = urllib.request.Request(
+            f"{self.endpoint}/v3/kv/range", data=b'{"key": "AA=="}', method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=1) as reply:
+                return bool(reply.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+
+def start_etcd(root: Path) -> EtcdProcess:
+    """Start an etcd under `root`, or skip the test when etcd is not installed."""
+    if not Path(ETCD).exists():
+        pytest.skip("etcd is not installed")
+    etcd = EtcdProcess(root)
+    etcd.start()
+    return etcd
