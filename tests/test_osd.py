@@ -302,9 +302,6 @@ def test_check_set_request_same_values_pass() -> None:
     ("body", "expected"),
     [
         ({"locator": {"name": "other"}}, "renaming"),
-        ({"spec": {"size": GIB}}, "resizing"),
-        ({"spec": {"ha_level": 2}}, "HA level"),
-        ({"locator": {"volume_labels": {"x": "y"}}}, "labels"),
         ({"spec": {"replica_set": {"nodes": ["node-z"]}}}, "replicas"),
     ],
 )
@@ -312,6 +309,173 @@ def test_check_set_request_changes_unsupported(body: dict[str, Any], expected: s
     with pytest.raises(errors.NotSupported) as caught:
         osd.check_set_request(osd.parse_set_request(body), make_record())
     assert expected in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"spec": {"size": GIB}},
+        {"spec": {"ha_level": 2}},
+        {"locator": {"volume_labels": {"x": "y"}}},
+    ],
+)
+def test_check_set_request_leaves_updates_to_pxd(body: dict[str, Any]) -> None:
+    osd.check_set_request(osd.parse_set_request(body), make_record())
+
+
+def test_set_request_changes_only_present_keys() -> None:
+    assert osd.parse_set_request({"spec": {"size": GIB + 1}}).changes() == {"size": GIB + 65536}
+    assert osd.parse_set_request({"spec": {"ha_level": 2}}).changes() == {"ha_level": 2}
+    assert osd.parse_set_request({"action": {"attach": 2}}).changes() == {}
+    assert osd.parse_set_request({"locator": {"name": "px7vol"}}).changes() == {}
+
+
+def test_set_request_zero_size_is_no_change() -> None:
+    request = osd.parse_set_request({"spec": {"size": 0, "ha_level": 0}})
+    assert request.changes() == {}
+    assert not request.updates_volume
+
+
+def test_set_request_labels_merged_locator_wins() -> None:
+    body = {
+        "locator": {"volume_labels": {"app": "db"}},
+        "spec": {"volume_labels": {"app": "old", "tier": "gold"}},
+    }
+    assert osd.parse_set_request(body).changes() == {"labels": {"app": "db", "tier": "gold"}}
+
+
+def test_set_request_spec_labels_alone() -> None:
+    body = {"spec": {"volume_labels": {"tier": "gold"}}}
+    assert osd.parse_set_request(body).changes() == {"labels": {"tier": "gold"}}
+
+
+def test_set_request_empty_labels_clear() -> None:
+    body = {"locator": {"volume_labels": {}}}
+    assert osd.parse_set_request(body).changes() == {"labels": {}}
+
+
+# --- stats --------------------------------------------------------------------------------------
+
+
+def full_stats(**changes: int) -> dict[str, int]:
+    """Return a Stats map as pxd sends it, every key present."""
+    stats = dict.fromkeys(osd.STATS_KEYS, 0)
+    stats.update(changes)
+    return stats
+
+
+def test_stats_drop_zero_counters() -> None:
+    stats = full_stats(reads=3, read_bytes=4096, interval_ms=2000)
+    assert osd.stats_to_osd(stats) == {"reads": 3, "read_bytes": 4096, "interval_ms": 2000}
+
+
+def test_stats_all_zero_is_empty_object() -> None:
+    assert osd.stats_to_osd(full_stats()) == {}
+
+
+def test_stats_ignore_unknown_keys() -> None:
+    assert osd.stats_to_osd({**full_stats(writes=1), "extra": 5}) == {"writes": 1}
+
+
+def test_history_keeps_tiers_and_start() -> None:
+    entry = {"start": "2026-12-04T17:00:00Z", "reads": 0, "writes": 2, "write_bytes": 8192}
+    history = osd.history_to_osd({"hourly": [entry], "daily": [], "monthly": []})
+    assert history == {
+        "hourly": [{"start": "2026-12-04T17:00:00Z", "writes": 2, "write_bytes": 8192}],
+        "daily": [],
+        "monthly": [],
+    }
+
+
+def test_history_missing_tier_is_empty_list() -> None:
+    assert osd.history_to_osd({}) == {"hourly": [], "daily": [], "monthly": []}
+
+
+# --- cluster and node ---------------------------------------------------------------------------
+
+
+def make_node(**changes: Any) -> dict[str, Any]:
+    """Return a node map as cluster.nodes sends it."""
+    node: dict[str, Any] = {
+        "node_id": NODE,
+        "hostname": "host-a",
+        "ip": "127.0.0.1",
+        "data_dir": "/var/lib/pxfs",
+        "version": "0.1.0",
+        "status": "up",
+        "volumes": 2,
+        "mounted": 1,
+        "capacity_bytes": 100 * GIB,
+        "free_bytes": 60 * GIB,
+        "used_bytes": 3 * GIB,
+        "started_ns": 1_700_000_000_500_000_000,
+        "online": True,
+    }
+    node.update(changes)
+    return node
+
+
+def test_node_object_keys_and_values() -> None:
+    node = osd.node_to_osd(make_node(), 1_700_000_100_000_000_000)
+    assert node["Id"] == NODE
+    assert node["Status"] == osd.STATUS_OK
+    assert node["MgmtIp"] == "127.0.0.1"
+    assert node["DataIp"] == "127.0.0.1"
+    assert node["Hostname"] == "host-a"
+    assert node["StartTime"] == "2023-11-14T22:13:20.5Z"
+    assert node["Timestamp"] == "2023-11-14T22:15:00Z"
+    assert node["Pools"] == [{"TotalSize": 100 * GIB, "Used": 3 * GIB}]
+    assert node["Disks"]["/var/lib/pxfs"]["size"] == 100 * GIB
+    assert node["Disks"]["/var/lib/pxfs"]["online"] is True
+    assert node["NodeData"]["volumes"] == 2
+
+
+def test_node_object_keeps_zero_values() -> None:
+    node = osd.node_to_osd(make_node(), 0)
+    for key in ("Cpu", "MemTotal", "MemFree", "GenNumber", "NodeLabels", "SchedulerNodeName"):
+        assert key in node, key
+    assert node["Timestamp"] == "0001-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("changes", "status"),
+    [
+        ({}, osd.STATUS_OK),
+        ({"status": "starting"}, osd.STATUS_INIT),
+        ({"status": "broken"}, osd.STATUS_ERROR),
+        ({"online": False}, osd.STATUS_OFFLINE),
+    ],
+)
+def test_node_status_code(changes: dict[str, Any], status: int) -> None:
+    assert osd.node_status_code(make_node(**changes)) == status
+
+
+def test_cluster_object() -> None:
+    nodes = [make_node(), make_node(node_id="node-b", online=False)]
+    cluster = osd.cluster_to_osd(nodes, NODE, 0)
+    assert cluster["NodeId"] == NODE
+    assert cluster["Status"] == osd.STATUS_OK
+    assert [node["Id"] for node in cluster["Nodes"]] == [NODE, "node-b"]
+    assert cluster["Nodes"][1]["Status"] == osd.STATUS_OFFLINE
+    assert json.loads(json.dumps(cluster)) == cluster
+
+
+def test_cluster_without_own_node_is_error() -> None:
+    cluster = osd.cluster_to_osd([make_node(node_id="node-b")], NODE, 0)
+    assert cluster["Status"] == osd.STATUS_ERROR
+
+
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [
+        (0, "0001-01-01T00:00:00Z"),
+        (1_479_507_011_000_000_000, "2016-11-18T22:10:11Z"),
+        (1_479_507_011_890_685_197, "2016-11-18T22:10:11.890685197Z"),
+        (1_479_507_011_100_000_000, "2016-11-18T22:10:11.1Z"),
+    ],
+)
+def test_rfc3339(ns: int, text: str) -> None:
+    assert osd.rfc3339(ns) == text
 
 
 # --- bodies and queries -------------------------------------------------------------------------

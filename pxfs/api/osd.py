@@ -9,6 +9,7 @@ matching is case-insensitive, unknown keys are ignored and a JSON null counts as
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +144,136 @@ def _runtime_state(record: Mapping[str, Any], attach_paths: list[str]) -> dict[s
     return {key: value for key, value in values.items() if value}
 
 
+# --- Stats --------------------------------------------------------------------------------------
+
+#: The counters of pxd's Stats map, in the order of openstorage's Stats message. All are
+#: integers: counts, milliseconds and bytes.
+STATS_KEYS = (
+    "reads",
+    "read_ms",
+    "read_bytes",
+    "writes",
+    "write_ms",
+    "write_bytes",
+    "io_progress",
+    "io_ms",
+    "bytes_used",
+    "interval_ms",
+)
+HISTORY_TIERS = ("hourly", "daily", "monthly")
+HISTORY_KEYS = ("reads", "read_ms", "read_bytes", "writes", "write_ms", "write_bytes", "io_ms")
+
+
+def stats_to_osd(stats: Mapping[str, Any]) -> dict[str, int]:
+    """Convert a pxd Stats map into the OSD Stats object, zero counters left out."""
+    return omit_zero({key: int(stats.get(key) or 0) for key in STATS_KEYS})
+
+
+def history_to_osd(history: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Convert the result of volume.stats_history; every tier is kept, even when empty."""
+    converted: dict[str, list[dict[str, Any]]] = {}
+    for tier in HISTORY_TIERS:
+        entries = []
+        for entry in history.get(tier) or []:
+            counters = {key: int(entry.get(key) or 0) for key in HISTORY_KEYS}
+            entries.append({"start": str(entry["start"]), **omit_zero(counters)})
+        converted[tier] = entries
+    return converted
+
+
+# --- Cluster and Node JSON ----------------------------------------------------------------------
+
+# openstorage's api.Status values for nodes and clusters.
+STATUS_INIT = 1
+STATUS_OK = 2
+STATUS_OFFLINE = 3
+STATUS_ERROR = 4
+
+
+def node_status_code(node: Mapping[str, Any]) -> int:
+    """Return the api.Status of a node map of cluster.nodes."""
+    if not node.get("online"):
+        return STATUS_OFFLINE
+    state = node.get("status")
+    if state == "up":
+        return STATUS_OK
+    if state == "starting":
+        return STATUS_INIT
+    return STATUS_ERROR
+
+
+def node_to_osd(node: Mapping[str, Any], now_ns: int) -> dict[str, Any]:
+    """Convert a node map of cluster.nodes into the OSD Node object.
+
+    Node is a plain Go struct in openstorage, so its keys are CamelCase and zero values stay.
+    pxd reports no CPU or memory figures, so those fields are zero.
+    """
+    node_id = str(node.get("node_id") or "")
+    ip = str(node.get("ip") or "")
+    data_dir = str(node.get("data_dir") or "")
+    capacity = int(node.get("capacity_bytes") or 0)
+    used = int(node.get("used_bytes") or 0)
+    disk = {"id": data_dir, "path": data_dir, "online": bool(node.get("online")),
+            "size": capacity, "used": used}  # fmt: skip
+    return {
+        "Id": node_id,
+        "SchedulerNodeName": "",
+        "Cpu": 0.0,
+        "CpuCores": 0,
+        "MemTotal": 0,
+        "MemUsed": 0,
+        "MemFree": 0,
+        "Avgload": 0,
+        "Status": node_status_code(node),
+        "GenNumber": 0,
+        "Disks": {data_dir: omit_zero(disk)} if data_dir else {},
+        "Pools": [omit_zero({"ID": 0, "TotalSize": capacity, "Used": used})],
+        "MgmtIp": ip,
+        "DataIp": ip,
+        "Timestamp": rfc3339(now_ns),
+        "StartTime": rfc3339(int(node.get("started_ns") or 0)),
+        "Hostname": str(node.get("hostname") or ""),
+        "NodeData": {
+            "version": str(node.get("version") or ""),
+            "volumes": int(node.get("volumes") or 0),
+            "mounted": int(node.get("mounted") or 0),
+            "free_bytes": int(node.get("free_bytes") or 0),
+        },
+        "NodeLabels": {},
+        "GossipPort": "",
+        "HWType": 0,
+        "SecurityStatus": 0,
+        "SchedulerTopology": None,
+        "NonQuorumMember": False,
+        "DomainID": "",
+    }
+
+
+def cluster_to_osd(nodes: list[Mapping[str, Any]], node_id: str, now_ns: int) -> dict[str, Any]:
+    """Build the OSD Cluster object from cluster.nodes, as answered by node `node_id`."""
+    own = next((node for node in nodes if node.get("node_id") == node_id), None)
+    return {
+        "Status": node_status_code(own) if own is not None else STATUS_ERROR,
+        # NOTE: pxfs gives its cluster no name or id yet, so Id is empty.
+        "Id": "",
+        "NodeId": node_id,
+        "Nodes": [node_to_osd(node, now_ns) for node in nodes],
+        "ManagementURL": "",
+        "FluentDConfig": {"ip": "", "port": ""},
+    }
+
+
+def rfc3339(ns: int) -> str:
+    """Format nanoseconds since the epoch as Go's time.Time encodes itself in JSON (UTC)."""
+    if not ns:
+        # The zero time.Time, which Go sends for a time that was never set.
+        return "0001-01-01T00:00:00Z"
+    seconds, nanos = divmod(int(ns), 1_000_000_000)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    fraction = f"{nanos:09d}".rstrip("0")
+    return f"{text}.{fraction}Z" if fraction else f"{text}Z"
+
+
 # --- Request bodies -----------------------------------------------------------------------------
 
 
@@ -184,6 +315,17 @@ class SetRequest:
         """True when the body requests a change of the volume's locator or spec."""
         changes = (self.name, self.labels, self.size, self.ha_level, self.replica_nodes)
         return any(change is not None for change in changes)
+
+    def changes(self) -> dict[str, Any]:
+        """Return the argument of volume.update: only the keys that the body set."""
+        changes: dict[str, Any] = {}
+        if self.size is not None:
+            changes["size"] = self.size
+        if self.ha_level is not None:
+            changes["ha_level"] = self.ha_level
+        if self.labels is not None:
+            changes["labels"] = dict(self.labels)
+        return changes
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
@@ -244,8 +386,9 @@ def parse_set_request(body: Mapping[str, Any]) -> SetRequest:
     request = SetRequest()
     if locator:
         request.name = _string(locator, "name", "locator.name") or None
-        request.labels = _string_map(locator, "volume_labels", "locator.volume_labels")
     if spec:
+        # A zero size or HA level is what encoding/json leaves for an absent key, so openstorage
+        # treats zero as "no change", and so does pxfs.
         size = _integer(spec, "size", "spec.size", default=0)
         ha_level = _integer(spec, "ha_level", "spec.ha_level", default=0)
         request.size = units.check_size(size) if size else None
@@ -253,10 +396,9 @@ def parse_set_request(body: Mapping[str, Any]) -> SetRequest:
         if ha_level:
             _check_ha_level(ha_level)
         request.replica_nodes = _replica_nodes(spec)
-        if request.labels is None:
-            request.labels = _string_map(spec, "volume_labels", "spec.volume_labels")
         _check_format(spec)
         _check_unsupported(spec)
+    request.labels = _set_labels(locator, spec)
     if action:
         request.attach = _action(action, "attach")
         request.mount = _action(action, "mount")
@@ -266,25 +408,28 @@ def parse_set_request(body: Mapping[str, Any]) -> SetRequest:
 
 
 def check_set_request(request: SetRequest, record: Mapping[str, Any]) -> None:
-    """Raise NotSupported when `request` would change what pxd cannot change yet.
+    """Raise NotSupported when `request` renames the volume or moves its replicas.
 
-    The control RPC has no call that renames, resizes, relabels or re-replicates a volume, so
-    a PUT may only repeat the current values of those keys.
+    pxd has no control call for either, so a PUT may only repeat the current name and replica
+    nodes. Size, HA level and labels go to volume.update, which validates them itself.
     """
-    # NOTE: resize, relabel and HA changes need control calls that pxd does not offer yet.
-    # Until it does, a PUT that requests one fails with 501 and changes nothing.
     ref = record["name"]
     if request.name is not None and request.name != record["name"]:
         raise errors.NotSupported(f"renaming volume {ref} is not supported")
-    if request.size is not None and request.size != int(record["size"]):
-        raise errors.NotSupported(f"resizing volume {ref} is not supported")
-    if request.ha_level is not None and request.ha_level != int(record["ha_level"]):
-        raise errors.NotSupported(f"changing the HA level of volume {ref} is not supported")
-    if request.labels is not None and request.labels != dict(record.get("labels") or {}):
-        raise errors.NotSupported(f"changing the labels of volume {ref} is not supported")
     current_nodes = sorted(str(node) for node in record.get("replica_nodes") or [])
     if request.replica_nodes and sorted(request.replica_nodes) != current_nodes:
         raise errors.NotSupported(f"moving the replicas of volume {ref} is not supported")
+
+
+def _set_labels(locator: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, str] | None:
+    """Return the label map that a PUT sets, merged as at create, or None when it sets none."""
+    spec_labels = _string_map(spec, "volume_labels", "spec.volume_labels")
+    locator_labels = _string_map(locator, "volume_labels", "locator.volume_labels")
+    if spec_labels is None and locator_labels is None:
+        return None
+    labels = dict(spec_labels or {})
+    labels.update(locator_labels or {})
+    return labels
 
 
 def parse_label_query(values: list[str], key: str) -> dict[str, str]:

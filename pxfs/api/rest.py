@@ -1,4 +1,6 @@
-"""The openstorage volume routes of the REST API (port 9001), served by pxd-sidecar.
+"""The openstorage volume and cluster routes of the REST API (port 9001), served by pxd-sidecar.
+
+Besides openstorage's routes it serves Portworx's /statslive and /statshistory.
 
 Every handler turns one request into control calls to pxd and converts the records it gets back
 with pxfs.api.osd. The sidecar keeps no volume state of its own. Errors come in the two shapes
@@ -10,6 +12,7 @@ failed driver operation, is an HTTP 200 reply whose `volume_response.error` cont
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -27,6 +30,9 @@ CONTROL: web.AppKey[ControlClient] = web.AppKey("control", ControlClient)
 #: openstorage reports failures as soft errors, so that clients can tell "retry later" from
 #: "the operation failed".
 _HARD_ERRORS = (errors.Unavailable,)
+
+#: The only `stattype` of /statslive and /statshistory: statistics of one volume.
+STAT_TYPE_VOLUME = "volstat"
 
 routes = web.RouteTableDef()
 
@@ -82,13 +88,13 @@ async def inspect_volume(request: web.Request) -> web.Response:
 
 @routes.put("/v1/osd-volumes/{id}")
 async def set_volume(request: web.Request) -> web.Response:
-    """Apply a VolumeSetRequest: spec checks, then attach or detach, then mount or unmount."""
+    """Apply a VolumeSetRequest: size, HA level and labels, then attach or detach, then mount."""
     update = osd.parse_set_request(osd.decode_body(await request.read()))
     control = _control(request)
     ref = request.match_info["id"]
 
     if update.updates_volume:
-        osd.check_set_request(update, await control.call("volume.inspect", ref))
+        await _update_volume(control, ref, update)
     error = await _apply_attach(control, ref, update)
     if not error:
         error = await _apply_mount(control, ref, update)
@@ -118,6 +124,63 @@ async def delete_volume(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+@routes.get("/v1/osd-volumes/stats/{id}")
+async def volume_stats(request: web.Request) -> web.Response:
+    """Return a volume's Stats: totals since creation, or with Cumulative=false the last 2 s."""
+    cumulative = _bool_query(request, "Cumulative", default=True)
+    stats = await _control(request).call("volume.stats", request.match_info["id"], cumulative)
+    return web.json_response(osd.stats_to_osd(stats))
+
+
+@routes.get("/v1/osd-volumes/usedsize/{id}")
+async def volume_used_size(request: web.Request) -> web.Response:
+    """Return the bytes that the volume's replica stores, as a bare JSON integer."""
+    record = await _control(request).call("volume.inspect", request.match_info["id"])
+    return web.json_response(int(record.get("usage") or 0))
+
+
+@routes.get("/statslive")
+async def stats_live(request: web.Request) -> web.Response:
+    """Return the Stats of the last 2 seconds of I/O of the volume `volumeid` (Portworx)."""
+    volume_id = _stats_query(request)
+    stats = await _control(request).call("volume.stats_live", volume_id)
+    return web.json_response(osd.stats_to_osd(stats))
+
+
+@routes.get("/statshistory")
+async def stats_history(request: web.Request) -> web.Response:
+    """Return the hourly, daily and monthly I/O history of the volume `volumeid` (Portworx)."""
+    volume_id = _stats_query(request)
+    history = await _control(request).call("volume.stats_history", volume_id)
+    return web.json_response(osd.history_to_osd(history))
+
+
+@routes.get("/cluster/versions")
+async def cluster_versions(request: web.Request) -> web.Response:
+    """Return the versions of the cluster API that this server implements."""
+    return web.json_response(["v1"])
+
+
+@routes.get("/v1/cluster/enumerate")
+async def cluster_enumerate(request: web.Request) -> web.Response:
+    """Return the Cluster object: every node of the cluster as pxd reports it."""
+    control = _control(request)
+    nodes = await control.call("cluster.nodes")
+    node_id = await _node_id(control)
+    return web.json_response(osd.cluster_to_osd(nodes, node_id, time.time_ns()))
+
+
+@routes.get("/v1/cluster/inspect/{node_id}")
+async def cluster_inspect(request: web.Request) -> web.Response:
+    """Return the Node object of one node; an unknown node id is a 400, as in openstorage."""
+    node_id = request.match_info["node_id"]
+    nodes = await _control(request).call("cluster.nodes")
+    for node in nodes:
+        if str(node.get("node_id")) == node_id:
+            return web.json_response(osd.node_to_osd(node, time.time_ns()))
+    raise errors.InvalidArgument(f"node {node_id} not found in the cluster")
+
+
 def _control(request: web.Request) -> ControlClient:
     return request.app[CONTROL]
 
@@ -134,6 +197,56 @@ async def _inspect(control: ControlClient, ref: str) -> dict[str, Any] | None:
     except errors.NotFound:
         return None
     return osd.volume_to_osd(record, await _node_id(control))
+
+
+async def _update_volume(control: ControlClient, ref: str, update: osd.SetRequest) -> None:
+    """Apply the spec and locator keys of a PUT; a failure is a hard error, as in openstorage."""
+    osd.check_set_request(update, await control.call("volume.inspect", ref))
+    changes = update.changes()
+    if not changes:
+        return
+    await control.call("volume.update", ref, changes)
+    log.info("updated volume %s: %s", ref, ", ".join(sorted(changes)))
+
+
+def _bool_query(request: web.Request, key: str, *, default: bool) -> bool:
+    """Parse a query parameter that must be true or false, in any case."""
+    values = request.query.getall(key, [])
+    if not values:
+        return default
+    if len(values) > 1:
+        raise errors.InvalidArgument(f"query parameter {key} is given {len(values)} times")
+    value = values[0].lower()
+    if value not in ("true", "false"):
+        raise errors.InvalidArgument(
+            f"query parameter {key} must be true or false, got {values[0]!r}"
+        )
+    return value == "true"
+
+
+def _stats_query(request: web.Request) -> str:
+    """Return the `volumeid` of a statslive or statshistory request, checking `stattype`."""
+    volume_id = _single_query(request, "volumeid")
+    if not (volume_id.isascii() and volume_id.isdigit()):
+        raise errors.InvalidArgument(
+            f"query parameter volumeid must be a volume id (decimal digits), got {volume_id!r}; "
+            "GET /v1/osd-volumes/NAME returns the id of a volume"
+        )
+    stat_type = _single_query(request, "stattype")
+    if stat_type != STAT_TYPE_VOLUME:
+        raise errors.InvalidArgument(
+            f"query parameter stattype must be {STAT_TYPE_VOLUME}, got {stat_type!r}"
+        )
+    return volume_id
+
+
+def _single_query(request: web.Request, key: str) -> str:
+    values = request.query.getall(key, [])
+    if not values or not values[0]:
+        raise errors.InvalidArgument(f"query parameter {key} is missing")
+    if len(values) > 1:
+        raise errors.InvalidArgument(f"query parameter {key} is given {len(values)} times")
+    return values[0]
 
 
 async def _apply_attach(control: ControlClient, ref: str, update: osd.SetRequest) -> str:

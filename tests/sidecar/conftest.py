@@ -26,12 +26,17 @@ import pytest_asyncio
 import trio
 from aiohttp.test_utils import TestClient
 
-from pxfs import errors
+from pxfs import errors, units
 from pxfs.api.app import make_app
 from pxfs.api.control import ControlClient
 from pxfs.rpc import RpcServer
 
 NODE_ID = "node-a1"
+STATS_KEYS = (
+    "reads", "read_ms", "read_bytes", "writes", "write_ms", "write_bytes",
+    "io_progress", "io_ms", "bytes_used", "interval_ms",
+)  # fmt: skip
+LIVE_WINDOW_MS = 2000
 
 
 class FakePxd:
@@ -46,6 +51,13 @@ class FakePxd:
         self.socket = Path()
         #: When set, the next call raises this instead of running.
         self.fail_next: Exception | None = None
+        #: Per volume id: the cumulative counters, the live window and the history that the
+        #: stats methods return; tests set them, missing ones are zero or empty.
+        self.totals: dict[str, dict[str, int]] = {}
+        self.live: dict[str, dict[str, int]] = {}
+        self.history: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        #: Extra nodes that cluster.nodes lists after this one.
+        self.other_nodes: list[dict[str, Any]] = []
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         """Return the RpcServer handler table."""
@@ -60,6 +72,11 @@ class FakePxd:
             "volume.mount": self.mount,
             "volume.unmount": self.unmount,
             "volume.check": self.check,
+            "volume.update": self.update,
+            "volume.stats": self.stats,
+            "volume.stats_live": self.stats_live,
+            "volume.stats_history": self.stats_history,
+            "cluster.nodes": self.cluster_nodes,
         }
         return {name: self._recorded(name, method) for name, method in methods.items()}
 
@@ -205,6 +222,76 @@ class FakePxd:
             raise errors.Busy(f"volume {record['name']} is attached; detach it first")
         problems = self.problems.get(record["name"], [])
         return {"clean": not problems, "problems": problems}
+
+    def update(self, ref: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Serve volume.update: validate every key present, then apply them all."""
+        record = self.find(ref)
+        unknown = sorted(set(changes) - {"size", "ha_level", "labels"})
+        if unknown:
+            raise errors.InvalidArgument(f"volume.update does not know the key {unknown[0]!r}")
+        size = record["size"]
+        if "size" in changes:
+            size = units.check_size(changes["size"])
+            if size < record["size"]:
+                raise errors.InvalidArgument(
+                    f"volume {record['name']} is {record['size']} bytes; shrinking is not supported"
+                )
+        if "ha_level" in changes:
+            self._check_ha_change(record, changes["ha_level"])
+        labels = record["labels"]
+        if "labels" in changes:
+            labels = units.validate_labels(changes["labels"])
+        record["size"] = size
+        record["labels"] = dict(labels)
+        return record
+
+    def _check_ha_change(self, record: dict[str, Any], ha_level: Any) -> None:
+        if isinstance(ha_level, bool) or not isinstance(ha_level, int) or not 1 <= ha_level <= 3:
+            raise errors.InvalidArgument(f"ha_level must be 1 to 3, got {ha_level!r}")
+        if ha_level == record["ha_level"]:
+            return
+        nodes = len(self.cluster_nodes())
+        if ha_level > nodes:
+            raise errors.InvalidArgument(
+                f"ha_level {ha_level} needs {ha_level} nodes, but the cluster has {nodes}"
+            )
+        raise errors.NotSupported(
+            f"changing ha_level from {record['ha_level']} to {ha_level} is not supported yet"
+        )
+
+    def stats(self, ref: str, cumulative: bool = True) -> dict[str, int]:
+        """Serve volume.stats: the planted totals, or the live window when not cumulative."""
+        record = self.find(ref)
+        if not cumulative:
+            return self.stats_live(ref)
+        stats = self._zero_stats(record)
+        stats.update(self.totals.get(record["id"], {}))
+        stats["interval_ms"] = (time.time_ns() - record["ctime_ns"]) // 1_000_000
+        return stats
+
+    def stats_live(self, ref: str) -> dict[str, int]:
+        """Serve volume.stats_live with the planted window; zeros for a quiet volume."""
+        record = self.find(ref)
+        stats = self._zero_stats(record)
+        stats["interval_ms"] = LIVE_WINDOW_MS
+        stats.update(self.live.get(record["id"], {}))
+        return stats
+
+    def stats_history(self, ref: str) -> dict[str, list[dict[str, Any]]]:
+        """Serve volume.stats_history with the planted tiers."""
+        record = self.find(ref)
+        history: dict[str, list[dict[str, Any]]] = {"hourly": [], "daily": [], "monthly": []}
+        history.update(self.history.get(record["id"], {}))
+        return history
+
+    def cluster_nodes(self) -> list[dict[str, Any]]:
+        """Serve cluster.nodes: this node, online, then `other_nodes`."""
+        return [{**self.node_status(), "online": True}, *self.other_nodes]
+
+    def _zero_stats(self, record: dict[str, Any]) -> dict[str, int]:
+        stats = dict.fromkeys(STATS_KEYS, 0)
+        stats["bytes_used"] = record["usage"]
+        return stats
 
 
 class FakePxdServer:

@@ -357,23 +357,100 @@ async def test_put_same_spec_accepted(rest_client: Client) -> None:
     assert reply["volume"]["spec"]["size"] == GIB
 
 
+def update_calls(fake_pxd: FakePxd) -> list[tuple[Any, ...]]:
+    """Return the arguments of every volume.update call that the fake pxd received."""
+    return [args for name, args in fake_pxd.calls if name == "volume.update"]
+
+
+async def test_put_resize_rounds_and_grows(rest_client: Client, fake_pxd: FakePxd) -> None:
+    await create(rest_client, "vol1", size=GIB)
+    status, reply = await put(rest_client, "vol1", {"spec": {"size": 2 * GIB + 1}})
+    assert status == 200
+    assert reply["volume_response"] == {}
+    assert reply["volume"]["spec"]["size"] == 2 * GIB + 65536
+    assert fake_pxd.find("vol1")["size"] == 2 * GIB + 65536
+    assert update_calls(fake_pxd) == [("vol1", {"size": 2 * GIB + 65536})]
+
+
+async def test_put_sends_only_present_keys(rest_client: Client, fake_pxd: FakePxd) -> None:
+    await create(rest_client, "vol1", size=GIB, ha_level=1)
+    body = {"locator": {"volume_labels": {"app": "db"}}}
+    await put(rest_client, "vol1", body)
+    assert update_calls(fake_pxd) == [("vol1", {"labels": {"app": "db"}})]
+    assert fake_pxd.find("vol1")["size"] == GIB
+
+
+async def test_put_labels_replace(rest_client: Client, fake_pxd: FakePxd) -> None:
+    body = create_body("vol1")
+    body["locator"]["volume_labels"] = {"old": "1", "keep": "x"}
+    await create_body_request(rest_client, body)
+    status, reply = await put(rest_client, "vol1", {"spec": {"volume_labels": {"new": "2"}}})
+    assert status == 200
+    assert reply["volume"]["locator"]["volume_labels"] == {"new": "2"}
+    assert fake_pxd.find("vol1")["labels"] == {"new": "2"}
+
+
+async def test_put_update_before_attach(rest_client: Client, fake_pxd: FakePxd) -> None:
+    await create(rest_client, "vol1", size=GIB)
+    body = {"spec": {"size": 2 * GIB}, "action": {"attach": 2}}
+    status, reply = await put(rest_client, "vol1", body)
+    assert status == 200
+    assert reply["volume"]["state"] == 3
+    assert reply["volume"]["spec"]["size"] == 2 * GIB
+    methods = [name for name, _ in fake_pxd.calls]
+    assert methods.index("volume.update") < methods.index("volume.attach")
+
+
+async def test_put_same_spec_no_change(rest_client: Client, fake_pxd: FakePxd) -> None:
+    await create(rest_client, "vol1", size=GIB, ha_level=1)
+    status, reply = await put(rest_client, "vol1", {"spec": {"size": GIB, "ha_level": 1}})
+    assert status == 200
+    assert reply["volume_response"] == {}
+    assert fake_pxd.find("vol1")["size"] == GIB
+
+
 @pytest.mark.parametrize(
-    "body",
+    ("body", "status", "expected"),
     [
-        {"spec": {"size": 2 * GIB}},
-        {"spec": {"ha_level": 3}},
-        {"locator": {"volume_labels": {"a": "b"}}},
-        {"spec": {"replica_set": {"nodes": ["other-node"]}}},
+        ({"spec": {"size": GIB // 2}}, 400, "shrinking is not supported"),
+        ({"spec": {"size": 2 << 40}}, 400, "maximum volume size"),
+        ({"spec": {"size": -1}}, 400, "spec.size must be a non-negative integer"),
+        ({"spec": {"size": 1.5}}, 400, "spec.size must be a non-negative integer"),
+        ({"spec": {"ha_level": 3}}, 400, "needs 3 nodes"),
+        ({"spec": {"ha_level": "2"}}, 400, "spec.ha_level"),
+        ({"locator": {"volume_labels": {"": "v"}}}, 400, "label"),
+        ({"locator": {"name": "renamed"}}, 501, "renaming volume vol1 is not supported"),
+        ({"spec": {"replica_set": {"nodes": ["other-node"]}}}, 501, "moving the replicas"),
     ],
 )
-async def test_put_spec_change_unsupported(
-    rest_client: Client, fake_pxd: FakePxd, body: dict[str, Any]
+async def test_put_update_rejected_hard(
+    rest_client: Client, fake_pxd: FakePxd, body: dict[str, Any], status: int, expected: str
 ) -> None:
     await create(rest_client, "vol1", size=GIB, ha_level=1)
-    status, text = await put(rest_client, "vol1", {**body, "action": {"attach": 2}})
+    reply_status, text = await put(rest_client, "vol1", {**body, "action": {"attach": 2}})
+    assert reply_status == status
+    assert expected in text
+    assert text.endswith("\n")
+    record = fake_pxd.find("vol1")
+    assert record["attached_on"] == ""
+    assert record["size"] == GIB
+    assert record["labels"] == {}
+
+
+async def test_put_ha_change_not_supported_yet(rest_client: Client, fake_pxd: FakePxd) -> None:
+    fake_pxd.other_nodes = [{"node_id": "node-b2", "online": True, "status": "up"}]
+    await create(rest_client, "vol1", size=GIB, ha_level=1)
+    status, text = await put(rest_client, "vol1", {"spec": {"ha_level": 2}})
     assert status == errors.NotSupported.http_status
-    assert "not supported" in text
-    assert fake_pxd.find("vol1")["attached_on"] == ""
+    assert text == "changing ha_level from 1 to 2 is not supported yet\n"
+    assert fake_pxd.find("vol1")["ha_level"] == 1
+
+
+async def test_put_update_unknown_volume_404(rest_client: Client, fake_pxd: FakePxd) -> None:
+    status, text = await put(rest_client, "ghost", {"spec": {"size": 2 * GIB}})
+    assert status == 404
+    assert text == "volume ghost not found\n"
+    assert update_calls(fake_pxd) == []
 
 
 @pytest.mark.parametrize(
