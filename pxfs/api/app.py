@@ -1,8 +1,8 @@
 """The sidecar's aiohttp applications and the server loop.
 
 Two applications share one control connection to pxd: the REST API on TCP, with its error
-middleware and body limit, and Docker's volume plugin protocol on a unix socket that only root
-may use.
+middleware, body limit and Prometheus /metrics, and Docker's volume plugin protocol on a unix
+socket that only root may use.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from types import FrameType
 from aiohttp import web
 
 from pxfs import errors
-from pxfs.api import docker, rest
+from pxfs.api import docker, metrics, rest
 from pxfs.api.control import ControlClient
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,21 @@ _last_warning: dict[tuple[type[errors.PxfsError], str], float] = {}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_app(control: ControlClient, *, max_body: int = MAX_BODY) -> web.Application:
-    """Build the REST application that calls pxd through `control` and closes it at cleanup."""
+def make_app(
+    control: ControlClient,
+    *,
+    max_body: int = MAX_BODY,
+    scrape_timeout: float = metrics.DEFAULT_SCRAPE_TIMEOUT,
+) -> web.Application:
+    """Build the REST application that calls pxd through `control` and closes it at cleanup.
+
+    `scrape_timeout` is how many seconds a /metrics scrape waits for pxd.
+    """
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
     app[rest.CONTROL] = control
+    app[metrics.SCRAPE_TIMEOUT] = scrape_timeout
     app.add_routes(rest.routes)
+    app.add_routes(metrics.routes)
     app.on_cleanup.append(_close_control)
     return app
 
