@@ -139,6 +139,28 @@ class ReplicationClient:
         outcomes = await self._fan_out("store.flush", self.vol_id)
         self._settle("flush", outcomes)
 
+    async def grow(self, nblocks: int) -> None:
+        """Grow every in-sync replica to `nblocks` blocks; equal is a no-op, smaller raises.
+
+        The client takes the new size only once write_quorum replicas have it. A replica that
+        fails while another grows leaves the in-sync set, as after a failed write.
+        """
+        if isinstance(nblocks, bool) or not isinstance(nblocks, int):
+            raise InvalidArgument(f"volume {self.vol_id}: invalid block count {nblocks!r}")
+        if nblocks < self.nblocks:
+            raise InvalidArgument(
+                f"volume {self.vol_id}: cannot shrink the device from {self.nblocks} to "
+                f"{nblocks} blocks"
+            )
+        if nblocks == self.nblocks:
+            return
+        outcomes = await self._fan_out("store.grow", self.vol_id, self.epoch, nblocks)
+        self._settle("grow", outcomes)
+        log.info(
+            "volume %s: grew replicas from %d to %d blocks", self.vol_id, self.nblocks, nblocks
+        )
+        self.nblocks = nblocks
+
     def _check_blockno(self, blockno: int) -> int:
         if isinstance(blockno, bool) or not isinstance(blockno, int):
             raise InvalidArgument(f"volume {self.vol_id}: invalid block number {blockno!r}")

@@ -330,7 +330,15 @@ class _Replica:
             raise NoSpace(
                 f"no space left on this node to grow the block table of volume {self.vol_id}"
             ) from None
-        os.ftruncate(self.data_fd, nblocks * BLOCK_SIZE)
+        try:
+            os.ftruncate(self.data_fd, nblocks * BLOCK_SIZE)
+        except OSError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+            raise InvalidArgument(
+                f"volume {self.vol_id} cannot grow to {nblocks} blocks: that is larger than a "
+                f"file under {self.directory.parent} can be"
+            ) from None
         os.fsync(self.table_fd)
         os.fsync(self.data_fd)
         # The meta file is the authority on nblocks, so it changes only once the files fit.
@@ -553,6 +561,7 @@ class ReplicaStore:
             "store.flush": self.flush,
             "store.info": self.info,
             "store.resize": self.resize,
+            "store.grow": self.grow,
             "store.verify": self.verify,
         }
 
@@ -660,6 +669,26 @@ class ReplicaStore:
             old = replica.nblocks
             await trio.to_thread.run_sync(replica.resize, nblocks)
         log.info("resized replica of volume %s from %d to %d blocks", vol_id, old, nblocks)
+
+    async def grow(self, vol_id: str, epoch: int, nblocks: int) -> None:
+        """Grow the replica to `nblocks` blocks under `epoch`; equal is a no-op, smaller raises.
+
+        Unlike `resize`, it never drops blocks, and it checks the epoch as a write does, so a
+        client that a newer attach replaced cannot change the replica.
+        """
+        nblocks = _check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
+        async with self._locked(vol_id) as replica:
+            if nblocks < replica.nblocks:
+                raise InvalidArgument(
+                    f"volume {replica.vol_id}: cannot grow the replica of {replica.nblocks} "
+                    f"blocks to {nblocks}; store.grow does not shrink"
+                )
+            await self._accept_epoch(replica, epoch)
+            old = replica.nblocks
+            if nblocks == old:
+                return
+            await trio.to_thread.run_sync(replica.resize, nblocks)
+        log.info("grew replica of volume %s from %d to %d blocks", vol_id, old, nblocks)
 
     async def verify(self, vol_id: str) -> list[int]:
         """Return the block numbers whose stored data fails its checksum."""

@@ -8,6 +8,7 @@ tools, tests and single-node use.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -58,6 +59,14 @@ class BlockDevice(Protocol):
         """Return once every completed write is durable."""
         ...
 
+    async def grow(self, nblocks: int) -> None:
+        """Make the device `nblocks` blocks long, durably; equal is a no-op, smaller raises.
+
+        The new blocks read as zeros. Raises NoSpace, with the size unchanged, when the storage
+        under the device cannot hold the larger size.
+        """
+        ...
+
 
 @dataclass
 class DeviceStats:
@@ -84,6 +93,17 @@ def check_block_data(nblocks: int, blocks: Sequence[tuple[int, bytes]]) -> None:
     for blockno, data in blocks:
         if len(data) != BLOCK_SIZE:
             raise InvalidArgument(f"block {blockno} has {len(data)} bytes, not {BLOCK_SIZE}")
+
+
+def check_grow(nblocks: int, new_nblocks: int) -> bool:
+    """Return whether growing from `nblocks` to `new_nblocks` changes anything; raise to shrink."""
+    if isinstance(new_nblocks, bool) or not isinstance(new_nblocks, int):
+        raise InvalidArgument(f"invalid device size {new_nblocks!r}: expected a block count")
+    if new_nblocks < nblocks:
+        raise InvalidArgument(
+            f"cannot shrink the device from {nblocks} to {new_nblocks} blocks: devices only grow"
+        )
+    return new_nblocks > nblocks
 
 
 def block_runs(blocknos: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -156,6 +176,12 @@ class MemoryDevice:
         self.stats.flush_calls += 1
         self._apply(self._durable, self._unflushed)
         self._unflushed.clear()
+
+    async def grow(self, nblocks: int) -> None:
+        """Add zero blocks at the end; the new size counts as durable at once."""
+        if check_grow(self.nblocks, nblocks):
+            await trio.lowlevel.checkpoint()
+            self.nblocks = nblocks
 
     @property
     def unflushed_writes(self) -> int:
@@ -270,6 +296,28 @@ class FileDevice:
         """fdatasync the file."""
         self.stats.flush_calls += 1
         await trio.to_thread.run_sync(self._flush_sync)
+
+    async def grow(self, nblocks: int) -> None:
+        """Extend the sparse file to `nblocks` blocks and fsync it."""
+        if check_grow(self.nblocks, nblocks):
+            await trio.to_thread.run_sync(self._grow_sync, nblocks)
+            self.nblocks = nblocks
+
+    def _grow_sync(self, nblocks: int) -> None:
+        try:
+            os.ftruncate(self._fd, nblocks * BLOCK_SIZE)
+            # fsync, not fdatasync: the new file size is the change to make durable.
+            os.fsync(self._fd)
+        except OSError as exc:
+            # Undo a size change that did reach the file, so the device matches `nblocks`.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self.nblocks * BLOCK_SIZE)
+            if exc.errno == errno.EFBIG:
+                raise NoSpace(
+                    f"device file {self.path} cannot grow to {nblocks * BLOCK_SIZE} bytes: "
+                    "the file system's maximum file size is smaller"
+                ) from None
+            raise _io_error(self.path, "grow", exc) from None
 
     def _read_sync(self, blocknos: list[int]) -> list[bytes]:
         found: dict[int, bytes] = {}

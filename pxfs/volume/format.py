@@ -37,6 +37,12 @@ NAME_MAX = 255
 SYMLINK_MAX = 4095
 #: Checkpoint bytes set aside per inode; the slot size divided by it is the inode limit.
 INODE_BUDGET = 256
+#: Block numbers stay below 2**32, the replica store's limit, which also keeps each one at five
+#: bytes of msgpack.
+MAX_DEVICE_BLOCKS = 2**32
+#: The maximum image bytes of one mapped block: a run of its own, [file index, block, 1], is a
+#: uint32, a uint32 and a fixint in msgpack.
+MAP_BYTES_PER_BLOCK = 11
 
 _DIGEST_SIZE = 16
 
@@ -84,6 +90,27 @@ class Geometry:
         """The inode limit that keeps a checkpoint inside its slot."""
         return self.checkpoint_blocks * BLOCK_SIZE // INODE_BUDGET
 
+    @property
+    def max_data_blocks(self) -> int:
+        """The data region limit: every block mapped in a run of its own fills one slot."""
+        image_bytes = (self.checkpoint_blocks - 1) * BLOCK_SIZE
+        return min(image_bytes // MAP_BYTES_PER_BLOCK, MAX_DEVICE_BLOCKS - self.data_start)
+
+    @property
+    def max_size(self) -> int:
+        """The largest volume size in bytes that this geometry's checkpoint slots allow."""
+        return self.max_data_blocks * BLOCK_SIZE
+
+    def grown(self, size: int) -> Geometry:
+        """Return this geometry with a data region of `size` bytes; raises over `max_size`."""
+        data_blocks = -(-size // BLOCK_SIZE)
+        if data_blocks > self.max_data_blocks:
+            raise InvalidArgument(
+                f"volume size {size} exceeds the maximum of {self.max_size} bytes for "
+                f"checkpoint slots of {self.checkpoint_blocks * BLOCK_SIZE} bytes"
+            )
+        return Geometry(self.journal_blocks, self.checkpoint_blocks, data_blocks)
+
     def is_data(self, blockno: int) -> bool:
         """Tell whether a block number lies in the data region."""
         return self.data_start <= blockno < self.nblocks
@@ -104,7 +131,7 @@ class Geometry:
         checkpoint_blocks = -(-checkpoint_bytes // BLOCK_SIZE)
         if journal_blocks < 2 or checkpoint_blocks < 2:
             raise InvalidArgument("the journal and each checkpoint slot need at least two blocks")
-        return cls(journal_blocks, checkpoint_blocks, -(-size // BLOCK_SIZE))
+        return cls(journal_blocks, checkpoint_blocks, MIN_DATA_BLOCKS).grown(size)
 
 
 def device_blocks(size: int) -> int:
@@ -178,6 +205,10 @@ class Superblock:
         if stored != (geometry.journal_start, geometry.checkpoint_starts, geometry.data_start):
             raise Corrupted("the superblock's region offsets do not match its region sizes")
         return cls(fields["uuid"], fields["size"], geometry, bytes(fields["format_id"]))
+
+    def grown(self, size: int) -> Superblock:
+        """Return the superblock of this volume grown to `size` bytes."""
+        return Superblock(self.uuid, size, self.geometry.grown(size), self.format_id, self.version)
 
     @property
     def chain_seed(self) -> bytes:
@@ -606,6 +637,14 @@ class Allocator:
         self._free -= count
         self._hint = index if index < len(self._used) else 0
         return found
+
+    def grow(self, geometry: Geometry) -> None:
+        """Add the blocks that a larger data region of `geometry` brings, all free."""
+        if geometry.data_start != self.start or geometry.data_blocks < len(self._used):
+            raise InvalidArgument("the allocator grows only at the end of its data region")
+        added = geometry.data_blocks - len(self._used)
+        self._used += bytes(added)
+        self._free += added
 
     def release_later(self, blocks: list[int], seq: int) -> None:
         """Queue blocks freed by journal record `seq`."""

@@ -389,6 +389,12 @@ class Journal:
         if self._head % BLOCK_SIZE:
             self._allocated[self._head // BLOCK_SIZE] = 1
 
+    def set_superblock(self, sb: Superblock) -> None:
+        """Take the superblock of the grown volume; the ring and slots stay where they are."""
+        if sb.geometry.checkpoint_starts != self._sb.geometry.checkpoint_starts:
+            raise InvalidArgument("a new superblock must keep the journal and checkpoint slots")
+        self._sb = sb
+
     @property
     def buffered_bytes(self) -> int:
         """Bytes of records appended but not yet written."""

@@ -136,6 +136,7 @@ class Volume:
         self._open: dict[int, int] = {}
         self._read_ends: dict[int, int] = {}
         self._flush_lock = trio.Lock()
+        self._grow_lock = trio.Lock()
         self._flush_wanted = trio.Event()
         self._background: trio.CancelScope | None = None
         self._closed = False
@@ -200,6 +201,52 @@ class Volume:
             ) from None
         self._closed = True
         log.info("closed volume %s", self.superblock.uuid)
+
+    async def grow(self, new_size: int) -> None:
+        """Grow the volume to `new_size` bytes while it is in use.
+
+        The device grows first, then the new superblock is written and flushed, and only then
+        do statfs and allocation see the new blocks. The superblock is the authority on the
+        size: a crash before it is durable leaves the old size on a larger device, which open
+        accepts and a later grow reuses, so no block of the new region is mapped before then.
+        Raises InvalidArgument for a size that is not larger, not a multiple of BLOCK_SIZE or
+        over the format's maximum, and NoSpace, with the volume unchanged, from the device.
+        """
+        async with self._grow_lock:
+            grown = self._grown_superblock(new_size)
+            needed = grown.geometry.nblocks
+            if self._device.nblocks < needed:
+                await self._device.grow(needed)
+            # The encoded superblock fits in the first 512-byte sector and the rest of block 0
+            # is zeros in both versions, so a torn write leaves either the old or the new one.
+            await self._device.write_blocks([(0, grown.encode())])
+            await self._device.flush()
+            old_size = self.superblock.size
+            self.superblock = grown
+            self._geometry = grown.geometry
+            self._alloc.grow(grown.geometry)
+            self._journal.set_superblock(grown)
+            self._max_file_size = grown.geometry.data_blocks * BLOCK_SIZE
+        log.info("grew volume %s from %d to %d bytes", grown.uuid, old_size, new_size)
+
+    def _grown_superblock(self, new_size: int) -> Superblock:
+        """Return the superblock for `new_size`, or raise InvalidArgument naming the problem."""
+        uuid, size = self.superblock.uuid, self.superblock.size
+        if self._closed:
+            raise InvalidArgument(f"volume {uuid} is closed and cannot grow")
+        if isinstance(new_size, bool) or not isinstance(new_size, int):
+            raise InvalidArgument(f"invalid volume size {new_size!r}: expected bytes")
+        if new_size % BLOCK_SIZE:
+            raise InvalidArgument(
+                f"invalid volume size {new_size}: it must be a multiple of {BLOCK_SIZE} (64 KiB)"
+            )
+        if new_size == size:
+            raise InvalidArgument(f"volume {uuid} is already {size} bytes")
+        if new_size < size:
+            raise InvalidArgument(
+                f"volume {uuid} is {size} bytes; shrinking to {new_size} is not supported"
+            )
+        return self.superblock.grown(new_size)
 
     async def sync(self) -> None:
         """Return once all data written so far and its metadata are durable."""

@@ -330,3 +330,60 @@ async def test_full_single_replica_raises_no_space_and_recovers(tiny_fs, cluster
     await device.trim_blocks(list(range(used)))
     await device.write_blocks([(n, block(n + 100)) for n in range(4)])
     assert await device.read_blocks(list(range(4))) == [block(n + 100) for n in range(4)]
+
+
+async def test_grow_reaches_every_replica(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(NBLOCKS - 1, block(1))])
+    await device.grow(2 * NBLOCKS)
+    assert device.nblocks == 2 * NBLOCKS
+    for node in nodes:
+        assert (await node.store.info(VOL))["nblocks"] == 2 * NBLOCKS
+    await device.write_blocks([(2 * NBLOCKS - 1, block(2))])
+    read = await device.read_blocks([NBLOCKS - 1, NBLOCKS, 2 * NBLOCKS - 1])
+    assert read == [block(1), ZERO_BLOCK, block(2)]
+
+
+async def test_grow_same_size_sends_nothing(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.grow(NBLOCKS)
+    assert nodes[0].calls["store.grow"] == 0
+
+
+async def test_grow_rejects_shrink_before_rpc(cluster, nodes):
+    device = await cluster.device(nodes)
+    with pytest.raises(errors.InvalidArgument, match="cannot shrink the device"):
+        await device.grow(NBLOCKS - 1)
+    assert device.nblocks == NBLOCKS
+    assert nodes[0].calls["store.grow"] == 0
+
+
+async def test_grow_with_stale_epoch_raises(cluster, nodes):
+    old = await cluster.device(nodes, epoch=1)
+    clients = [await cluster.connect(node, create=False) for node in nodes]
+    await ReplicationClient(VOL, 2, NBLOCKS, clients).open()
+    with pytest.raises(errors.StaleEpoch):
+        await old.grow(2 * NBLOCKS)
+    assert old.nblocks == NBLOCKS
+    for node in nodes:
+        assert (await node.store.info(VOL))["nblocks"] == NBLOCKS
+
+
+async def test_grow_with_replica_down_degrades(cluster, nodes):
+    device = await cluster.device(nodes)
+    nodes[1].scope.cancel()
+    await device.grow(2 * NBLOCKS)
+    assert device.nblocks == 2 * NBLOCKS
+    assert device.in_sync_replicas == [cluster.clients[0]]
+    assert (await nodes[0].store.info(VOL))["nblocks"] == 2 * NBLOCKS
+
+
+async def test_grow_without_space_keeps_old_size(tiny_fs, cluster):
+    node = await cluster.start_node("full", root=tiny_fs)
+    device = await cluster.device([node])
+    # A block table of 2**20 blocks takes 16 MiB, more than the 1 MiB disk holds.
+    with pytest.raises(errors.NoSpace, match="grow the block table"):
+        await device.grow(2**20)
+    assert device.nblocks == NBLOCKS
+    assert len(device.in_sync_replicas) == 1
+    await device.write_blocks([(NBLOCKS - 1, block(3))])

@@ -199,6 +199,64 @@ async def test_resize_grow_and_shrink(volume):
     assert (await volume.info(VOL))["used_blocks"] == 1
 
 
+async def test_grow_keeps_blocks_and_adds_unwritten(tmp_path):
+    store = ReplicaStore(tmp_path / "replicas")
+    await store.create(VOL, 1024)
+    await store.write(VOL, 3, 1, [[1023, block(1023)]])
+    await store.grow(VOL, 3, 2048)
+    info = await store.info(VOL)
+    assert info == {"nblocks": 2048, "used_blocks": 1, "epoch": 3}
+    assert await store.read(VOL, [1023, 1024, 2047]) == [block(1023), None, None]
+    await store.write(VOL, 3, 2, [[2047, block(2047)]])
+    await store.aclose()
+
+    reopened = ReplicaStore(tmp_path / "replicas")
+    assert (await reopened.info(VOL))["nblocks"] == 2048
+    assert await reopened.read(VOL, [1023, 2047]) == [block(1023), block(2047)]
+    assert await reopened.verify(VOL) == []
+    await reopened.aclose()
+
+
+async def test_grow_to_same_size_changes_nothing(volume):
+    await volume.grow(VOL, 0, 1024)
+    assert (await volume.info(VOL))["nblocks"] == 1024
+    assert os.stat(data_path(volume)).st_size == 1024 * BLOCK_SIZE
+
+
+async def test_grow_rejects_shrink(volume):
+    await volume.write(VOL, 0, 1, [[1000, block(1000)]])
+    with pytest.raises(errors.InvalidArgument, match="does not shrink"):
+        await volume.grow(VOL, 0, 512)
+    info = await volume.info(VOL)
+    assert info["nblocks"] == 1024
+    assert info["used_blocks"] == 1
+    assert await volume.read(VOL, [1000]) == [block(1000)]
+
+
+async def test_grow_with_stale_epoch_raises(volume):
+    await volume.open(VOL, 5)
+    with pytest.raises(errors.StaleEpoch, match="epoch 4 is older than epoch 5"):
+        await volume.grow(VOL, 4, 2048)
+    assert (await volume.info(VOL))["nblocks"] == 1024
+
+
+async def test_grow_remembers_higher_epoch(volume):
+    await volume.grow(VOL, 7, 2048)
+    assert (await volume.info(VOL))["epoch"] == 7
+
+
+@pytest.mark.parametrize("nblocks", [0, -1, 2**32 + 1, "2048", True])
+async def test_grow_rejects_bad_nblocks(volume, nblocks):
+    with pytest.raises(errors.InvalidArgument, match="nblocks"):
+        await volume.grow(VOL, 0, nblocks)
+    assert (await volume.info(VOL))["nblocks"] == 1024
+
+
+async def test_grow_unknown_volume_not_found(store):
+    with pytest.raises(errors.NotFound):
+        await store.grow(VOL, 0, 2048)
+
+
 async def test_corrupted_meta_raises(store):
     await store.create(VOL, 4)
     await store.aclose()
@@ -296,6 +354,7 @@ def test_handlers_cover_the_rpc_table(tmp_path):
         "flush",
         "info",
         "resize",
+        "grow",
         "verify",
     }
     assert names == {f"store.{name}" for name in expected}
@@ -352,6 +411,18 @@ async def test_space_returns_after_trim(tiny_store):
     assert (await tiny_store.info(VOL))["used_blocks"] == 0
     await tiny_store.write(VOL, 0, 200, [[40, block(40)], [41, block(41)]])
     assert await tiny_store.read(VOL, [40, 41]) == [block(40), block(41)]
+
+
+async def test_grow_without_space_keeps_old_size(tiny_store):
+    await tiny_store.write(VOL, 0, 1, [[63, block(63)]])
+    table = tiny_store.root / VOL / "table"
+    # A table of 2**20 blocks takes 16 MiB, more than the 1 MiB disk holds.
+    with pytest.raises(errors.NoSpace, match="grow the block table"):
+        await tiny_store.grow(VOL, 0, 2**20)
+    assert (await tiny_store.info(VOL))["nblocks"] == 64
+    assert os.stat(table).st_size == 64 * RECORD_SIZE
+    assert await tiny_store.read(VOL, [63]) == [block(63)]
+    await tiny_store.write(VOL, 0, 2, [[0, block(0)]])
 
 
 async def test_create_without_space_leaves_nothing(tiny_fs):
