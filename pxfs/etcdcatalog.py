@@ -1,0 +1,407 @@
+"""The catalog of a cluster, kept in etcd.
+
+Every key lives under `/pxfs/<cluster-id>/`:
+
+    volumes/<id>    the volume record as JSON; its mod revision is the record's revision
+    names/<name>    the id of the volume with that name, created in the same transaction
+    nodes/<id>      the node record as JSON, kept after the node goes away
+    alive/<id>      empty, attached to the lease of the process that registered the node
+
+Compare-and-set is one etcd transaction that compares the mod revision of `volumes/<id>`. A
+volume's name key is written in the same transaction as its record, so no two volumes get one
+name even when two nodes create them at once. docs/catalog.md describes the transactions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import trio
+
+from pxfs.catalog import (
+    Catalog,
+    Change,
+    NodeRecord,
+    Versioned,
+    VolumeRecord,
+    _volume_entry_problem,
+)
+from pxfs.errors import (
+    AlreadyExists,
+    Corrupted,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    PxfsError,
+)
+from pxfs.etcd import (
+    DEFAULT_TIMEOUT,
+    Compare,
+    Delete,
+    EtcdClient,
+    Get,
+    KeyValue,
+    Put,
+    RangeResult,
+    key_missing,
+    mod_revision_is,
+    prefix_end,
+)
+
+log = logging.getLogger(__name__)
+
+#: Seconds a node stays online after its process stops refreshing its lease.
+DEFAULT_NODE_TTL = 10
+
+
+class EtcdCatalog(Catalog):
+    """The catalog of the cluster `cluster_id`, in the etcd that `client` reaches.
+
+    `put_node` keeps the nodes it registers online with a lease, which a background task in
+    `nursery` refreshes every third of `node_ttl`. Without a nursery, `put_node` raises. The
+    function `open_etcd_catalog` provides both the client and the nursery.
+    """
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        cluster_id: str,
+        *,
+        nursery: trio.Nursery | None = None,
+        node_ttl: float = DEFAULT_NODE_TTL,
+    ) -> None:
+        self.prefix = _cluster_prefix(cluster_id)
+        if not node_ttl > 0:
+            raise InvalidArgument(f"invalid node TTL {node_ttl!r}: expected seconds > 0")
+        # etcd counts lease TTLs in whole seconds.
+        self.node_ttl = math.ceil(node_ttl)
+        self._client = client
+        self._nursery = nursery
+        self._lock = trio.Lock()
+        # Held while the lease is replaced and node keys are put under it, so that every node
+        # key ends up under the lease that the background task refreshes.
+        self._lease_lock = trio.Lock()
+        self._lease = 0
+        self._registered: dict[str, bytes] = {}
+        self._keepalive_scope: trio.CancelScope | None = None
+        self._closed = False
+
+    async def get_volume(self, vol_id: str) -> Versioned | None:
+        """Return the record of `vol_id` with its revision, or None if there is none."""
+        kv = await self._client.get(self._volume_key(vol_id))
+        if kv is None:
+            return None
+        return Versioned(self._decode_volume(kv), kv.mod_revision)
+
+    async def list_volumes(self) -> list[VolumeRecord]:
+        """Return every volume record, ordered by creation time."""
+        result = await self._client.range(self._key("volumes/"), prefix=True)
+        records = [self._decode_volume(kv) for kv in result.kvs]
+        return sorted(records, key=lambda record: (record.get("ctime_ns", 0), record["id"]))
+
+    async def create_volume(self, record: VolumeRecord) -> Versioned:
+        """Store a new record; raises AlreadyExists if its id or name is taken."""
+        vol_id, name = record["id"], record["name"]
+        # Ids and names share one lookup, as in LocalCatalog. Each check is a key that must be
+        # missing, in the order that picks the same error as LocalCatalog when several fail.
+        checks = [
+            (self._volume_key(vol_id), f"a volume with id {vol_id} already exists"),
+            (self._volume_key(name), f"volume name {name!r} is the id of another volume"),
+            (self._name_key(name), f"a volume named {name!r} already exists"),
+            (self._name_key(vol_id), f"volume id {vol_id} is the name of another volume"),
+        ]
+        unique = list(dict.fromkeys(key for key, _ in checks))
+        success = [
+            Put(self._volume_key(vol_id), _encode(record)),
+            Put(self._name_key(name), vol_id.encode()),
+        ]
+        failure = [Get(key) for key in unique]
+        result = await self._client.txn([key_missing(key) for key in unique], success, failure)
+        if not result.succeeded:
+            taken = {
+                key for key, found in zip(unique, result.responses, strict=True) if _found(found)
+            }
+            for key, message in checks:
+                if key in taken:
+                    raise AlreadyExists(message)
+            raise InternalError(f"creating volume {vol_id} failed, but no conflicting key exists")
+        log.debug("catalog: created volume %s (%s)", vol_id, name)
+        return Versioned(_decode(_encode(record)), result.revision)
+
+    async def compare_and_set(
+        self, vol_id: str, revision: int, record: VolumeRecord | None
+    ) -> Versioned | None:
+        """Replace (or with `record` None, delete) the record if it still has `revision`.
+
+        Renaming a volume moves its name key in the same transaction and raises AlreadyExists
+        when another volume has the new name, or has it as its id.
+        """
+        if record is not None and record["id"] != vol_id:
+            raise ValueError(f"record id {record['id']} does not match {vol_id}")
+        # The old record is read first because its name key must change with it. The
+        # transaction compares the revision again, so the old name is the one being replaced.
+        current = await self._client.get(self._volume_key(vol_id))
+        if current is None or current.mod_revision != revision:
+            return None
+        old = self._decode_volume(current)
+        if record is None:
+            return await self._delete(old, revision)
+        return await self._replace(old, record, revision)
+
+    async def update_volume(self, vol_id: str, change: Change) -> VolumeRecord:
+        """Apply `change` to the record of `vol_id` as one transaction and return the result.
+
+        Transactions of this catalog object run one at a time, so writers in one process do
+        not make each other retry. Writers in other processes still can, and `change` may then
+        run more than once.
+        """
+        async with self._lock:
+            return await super().update_volume(vol_id, change)
+
+    async def delete_volume(
+        self, vol_id: str, check: Callable[[VolumeRecord], None] | None = None
+    ) -> VolumeRecord:
+        """Delete the record of `vol_id` once `check` (which may raise) accepts it."""
+        async with self._lock:
+            return await super().delete_volume(vol_id, check)
+
+    async def put_node(self, node: NodeRecord) -> None:
+        """Create or replace the record of the node `node["id"]` and mark it online.
+
+        The node stays online while this catalog's lease lives, that is until `close` or
+        about `node_ttl` seconds after this process stops.
+        """
+        node_id = node.get("id")
+        if not isinstance(node_id, str) or not node_id:
+            raise InvalidArgument(f"invalid node id {node_id!r}: expected a non-empty string")
+        if self._nursery is None:
+            raise RuntimeError("EtcdCatalog.put_node needs a nursery to keep the lease alive")
+        if self._closed:
+            raise RuntimeError("EtcdCatalog.put_node called after close")
+        value = _encode(node)
+        async with self._lease_lock:
+            lease = await self._ensure_lease()
+            try:
+                await self._put_node_keys(node_id, value, lease)
+            except NotFound:
+                # The lease expired before the put (etcd was unreachable for longer than the
+                # TTL), so take a new one.
+                self._lease = 0
+                await self._put_node_keys(node_id, value, await self._ensure_lease())
+            self._registered[node_id] = value
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        """Return the record of every node, with `online` true while its lease lives."""
+        nodes_prefix, alive_prefix = self._key("nodes/"), self._key("alive/")
+        # One transaction reads both ranges at the same revision.
+        reads = [
+            Get(nodes_prefix, prefix_end(nodes_prefix)),
+            Get(alive_prefix, prefix_end(alive_prefix)),
+        ]
+        result = await self._client.txn([], reads)
+        nodes, alive = (_as_range(item) for item in result.responses)
+        online = {kv.key[len(alive_prefix) :] for kv in alive.kvs}
+        records = []
+        for kv in nodes.kvs:
+            record = self._decode_node(kv)
+            record["online"] = kv.key[len(nodes_prefix) :] in online
+            records.append(record)
+        return records
+
+    async def close(self) -> None:
+        """Stop refreshing the lease and revoke it, so this catalog's nodes go offline now."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._keepalive_scope is not None:
+            self._keepalive_scope.cancel()
+        if self._lease:
+            with trio.CancelScope(shield=True):
+                await self._revoke_lease()
+
+    async def _delete(self, old: VolumeRecord, revision: int) -> Versioned | None:
+        vol_id = old["id"]
+        success = [Delete(self._volume_key(vol_id)), Delete(self._name_key(old["name"]))]
+        compare = [mod_revision_is(self._volume_key(vol_id), revision)]
+        result = await self._client.txn(compare, success)
+        if not result.succeeded:
+            return None
+        log.debug("catalog: deleted volume %s (%s)", vol_id, old["name"])
+        return Versioned(old, result.revision)
+
+    async def _replace(
+        self, old: VolumeRecord, record: VolumeRecord, revision: int
+    ) -> Versioned | None:
+        vol_id, name = old["id"], record["name"]
+        volume_key = self._volume_key(vol_id)
+        compare: list[Compare] = [mod_revision_is(volume_key, revision)]
+        success: list[Put | Delete] = [Put(volume_key, _encode(record))]
+        renamed = name != old["name"]
+        if renamed:
+            compare.append(key_missing(self._name_key(name)))
+            if name != vol_id:
+                compare.append(key_missing(self._volume_key(name)))
+            success += [
+                Delete(self._name_key(old["name"])),
+                Put(self._name_key(name), vol_id.encode()),
+            ]
+        result = await self._client.txn(compare, success, [Get(volume_key)])
+        if result.succeeded:
+            return Versioned(_decode(_encode(record)), result.revision)
+        still_current = _as_range(result.responses[0]).kvs
+        if renamed and still_current and still_current[0].mod_revision == revision:
+            raise AlreadyExists(f"cannot rename volume {vol_id}: the name {name!r} is taken")
+        return None
+
+    async def _put_node_keys(self, node_id: str, value: bytes, lease: int) -> None:
+        puts = [Put(self._node_key(node_id), value), Put(self._alive_key(node_id), b"", lease)]
+        await self._client.txn([], puts)
+
+    async def _ensure_lease(self) -> int:
+        if not self._lease:
+            granted = await self._client.lease_grant(self.node_ttl)
+            self._lease = granted.id
+            log.info("catalog: lease %x granted with a TTL of %d s", granted.id, granted.ttl)
+        if self._keepalive_scope is None:
+            assert self._nursery is not None
+            self._keepalive_scope = trio.CancelScope()
+            self._nursery.start_soon(self._keep_alive, self._keepalive_scope)
+        return self._lease
+
+    async def _keep_alive(self, scope: trio.CancelScope) -> None:
+        failures = 0
+        with scope:
+            while True:
+                await trio.sleep(self.node_ttl / 3)
+                try:
+                    await self._refresh_lease()
+                except PxfsError as exc:
+                    failures += 1
+                    # Every failure is logged at first, then one in ten, so an etcd outage
+                    # does not flood the log.
+                    if failures <= 3 or failures % 10 == 0:
+                        log.warning(
+                            "catalog: refreshing lease %x failed (%d in a row): %s",
+                            self._lease,
+                            failures,
+                            exc.message,
+                        )
+                    continue
+                if failures:
+                    log.info(
+                        "catalog: lease %x refreshed again after %d failures", self._lease, failures
+                    )
+                failures = 0
+
+    async def _refresh_lease(self) -> None:
+        if self._lease and await self._client.lease_keepalive(self._lease) > 0:
+            return
+        async with self._lease_lock:
+            # The lease expired, so etcd deleted the alive keys: register every node again.
+            if self._lease:
+                log.warning("catalog: lease %x expired; registering nodes again", self._lease)
+            self._lease = 0
+            lease = await self._ensure_lease()
+            for node_id, value in list(self._registered.items()):
+                await self._put_node_keys(node_id, value, lease)
+
+    async def _revoke_lease(self) -> None:
+        lease, self._lease = self._lease, 0
+        try:
+            with trio.fail_after(self._client.timeout):
+                await self._client.lease_revoke(lease)
+        except NotFound:
+            pass
+        except (PxfsError, trio.TooSlowError) as exc:
+            # The nodes then stay online until the lease TTL runs out.
+            log.warning("catalog: revoking lease %x failed: %s", lease, exc)
+        else:
+            log.info("catalog: lease %x revoked", lease)
+
+    def _key(self, suffix: str) -> bytes:
+        return (self.prefix + suffix).encode()
+
+    def _volume_key(self, vol_id: str) -> bytes:
+        return self._key("volumes/" + vol_id)
+
+    def _name_key(self, name: str) -> bytes:
+        return self._key("names/" + name)
+
+    def _node_key(self, node_id: str) -> bytes:
+        return self._key("nodes/" + node_id)
+
+    def _alive_key(self, node_id: str) -> bytes:
+        return self._key("alive/" + node_id)
+
+    def _decode_volume(self, kv: KeyValue) -> VolumeRecord:
+        record = self._decode_json(kv)
+        vol_id = kv.key.decode(errors="replace")[len(self._key("volumes/")) :]
+        problem = _volume_entry_problem(vol_id, {"revision": kv.mod_revision, "record": record})
+        if problem or not isinstance(record, dict):
+            raise Corrupted(f"etcd key {kv.key.decode(errors='replace')} {problem}")
+        return record
+
+    def _decode_node(self, kv: KeyValue) -> NodeRecord:
+        record = self._decode_json(kv)
+        node_id = kv.key.decode(errors="replace")[len(self._key("nodes/")) :]
+        if not isinstance(record, dict) or record.get("id") != node_id:
+            raise Corrupted(f"etcd key {kv.key.decode(errors='replace')} has no matching node id")
+        return record
+
+    def _decode_json(self, kv: KeyValue) -> Any:
+        try:
+            return _decode(kv.value)
+        except ValueError as exc:
+            raise Corrupted(
+                f"etcd key {kv.key.decode(errors='replace')} is not valid JSON: {exc}"
+            ) from None
+
+
+@contextlib.asynccontextmanager
+async def open_etcd_catalog(
+    endpoints: Sequence[str],
+    cluster_id: str,
+    *,
+    node_ttl: float = DEFAULT_NODE_TTL,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> AsyncIterator[EtcdCatalog]:
+    """Connect to etcd at `endpoints` and yield the catalog of `cluster_id`, closed at exit."""
+    async with EtcdClient(endpoints, timeout=timeout) as client, trio.open_nursery() as nursery:
+        catalog = EtcdCatalog(client, cluster_id, nursery=nursery, node_ttl=node_ttl)
+        try:
+            yield catalog
+        finally:
+            await catalog.close()
+
+
+def _cluster_prefix(cluster_id: str) -> str:
+    if not isinstance(cluster_id, str) or not cluster_id or "/" in cluster_id:
+        raise InvalidArgument(
+            f"invalid cluster id {cluster_id!r}: expected a non-empty string without '/'"
+        )
+    if not cluster_id.isprintable():
+        raise InvalidArgument(f"invalid cluster id {cluster_id!r}: contains unprintable characters")
+    return f"/pxfs/{cluster_id}/"
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _decode(value: bytes) -> Any:
+    return json.loads(value)
+
+
+def _found(result: object) -> bool:
+    return bool(_as_range(result).kvs)
+
+
+def _as_range(result: object) -> RangeResult:
+    if not isinstance(result, RangeResult):
+        raise InternalError(f"etcd returned {result!r:.200} for a range read in a transaction")
+    return result
