@@ -219,6 +219,8 @@ class Volume:
                 await self._device.grow(needed)
             # The encoded superblock fits in the first 512-byte sector and the rest of block 0
             # is zeros in both versions, so a torn write leaves either the old or the new one.
+            # NOTE: a replica stores the data before its table record, so a crash between the two
+            # leaves block 0 failing its checksum on that replica.
             await self._device.write_blocks([(0, grown.encode())])
             await self._device.flush()
             old_size = self.superblock.size
