@@ -29,6 +29,7 @@ import pyfuse3
 import trio
 
 from pxfs.errors import FileTooLarge, NoSpace, NotFound, PxfsError
+from pxfs.stats import IoMeter
 from pxfs.volume.device import BLOCK_SIZE
 from pxfs.volume.namespace import Attr, Volume
 
@@ -99,9 +100,11 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = True
 
-    def __init__(self, volume: Volume) -> None:
+    def __init__(self, volume: Volume, meter: IoMeter | None = None) -> None:
         super().__init__()
         self._volume = volume
+        #: Counts the reads and writes served, for pxd's volume.stats.
+        self.meter = meter if meter is not None else IoMeter()
         # Per directory handle: the snapshot taken at opendir (or at the last rewind) and the
         # directory's inode, to take a new snapshot when rewinddir restarts at offset 0.
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
@@ -248,15 +251,21 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._volume.read(fh, off, size)
+        with self.meter.measure("read") as request:
+            data = await self._volume.read(fh, off, size)
+            request.nbytes = len(data)
+        return data
 
     @_fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        try:
-            return await self._volume.write(fh, off, buf)
-        except (NoSpace, FileTooLarge) as exc:
-            self._queue_stale(fh, exc)
-            raise
+        with self.meter.measure("write") as request:
+            try:
+                written = await self._volume.write(fh, off, buf)
+            except (NoSpace, FileTooLarge) as exc:
+                self._queue_stale(fh, exc)
+                raise
+            request.nbytes = written
+        return written
 
     async def flush(self, fh: int) -> None:
         # The kernel writes back a file's dirty pages before it sends FLUSH, so nothing is left

@@ -2,13 +2,18 @@
 
     python -m daemon.mount --mountpoint PATH --device-file FILE [--format-size BYTES]
     python -m daemon.mount --mountpoint PATH --peer-socket SOCK --secret-file F \\
-        --volume-id ID --epoch N
+        --volume-id ID --epoch N [--size BYTES] [--control-socket SOCK]
     python -m daemon.mount (--device-file FILE | --peer-socket ...) --check
 
 The child prints `ready` on stdout once the FUSE mount is live. On SIGTERM or SIGINT it detaches
 the mount (lazily, so a busy mount goes too), serves the requests the kernel still sends while it
 writes back, closes the volume and exits 0. `--check` mounts nothing: it prints one problem per
 line and exits 0 only when the volume is consistent.
+
+`--size` grows a volume whose superblock is smaller to that many bytes when it opens. With
+`--control-socket` the child serves pxd's calls on that unix socket (mode 0600, behind the
+cluster secret handshake of --secret-file): `mount.stats` returns the I/O counters of the FUSE
+handlers, and `mount.grow(size)` grows the mounted volume online.
 
 The mount uses allow_other and default_permissions (fuseops.MOUNT_OPTIONS), and FUSE's own
 defaults nosuid and nodev: device nodes on a volume can be created but not opened.
@@ -17,6 +22,7 @@ defaults nosuid and nodev: device nodes on a volume can be created but not opene
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -25,12 +31,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 import trio
 
 from pxfs.errors import Corrupted, InvalidArgument, NotFound, PxfsError
 from pxfs.fuseops import MOUNT_OPTIONS, Operations
+from pxfs.rpc import RpcServer, read_secret
+from pxfs.stats import IoMeter
 from pxfs.volume.check import check_volume
 from pxfs.volume.device import BlockDevice, FileDevice
 from pxfs.volume.format import device_blocks
@@ -59,6 +68,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="BYTES",
         help="format a blank device as a volume of this many bytes (a formatted one is kept)",
     )
+    parser.add_argument(
+        "--size",
+        type=int,
+        metavar="BYTES",
+        help="grow the volume to this many bytes at open if it is smaller",
+    )
+    parser.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="unix socket on which to serve pxd's mount.stats and mount.grow (needs --secret-file)",
+    )
     parser.add_argument("--check", action="store_true", help="check the volume, mount nothing")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
@@ -66,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--peer-socket needs --secret-file, --volume-id and --epoch")
     if not args.check and not args.mountpoint:
         parser.error("--mountpoint is required unless --check is given")
+    if args.control_socket and not args.secret_file:
+        parser.error("--control-socket needs --secret-file")
+    if args.size is not None and args.size <= 0:
+        parser.error(f"--size must be a positive number of bytes, not {args.size}")
     return args
 
 
@@ -109,7 +133,7 @@ async def _run(args: argparse.Namespace) -> int:
                 return await _check(device)
             if args.format_size is not None:
                 await _format_if_blank(device, args.format_size)
-            await _serve(device, args.mountpoint, signals)
+            await _serve(device, args, signals)
     return 0
 
 
@@ -181,14 +205,21 @@ class _Session:
     detached: bool = False
 
 
-async def _serve(device: BlockDevice, mountpoint: str, signals: AsyncIterator[int]) -> None:
+async def _serve(
+    device: BlockDevice, args: argparse.Namespace, signals: AsyncIterator[int]
+) -> None:
+    mountpoint = args.mountpoint
     if not os.path.isdir(mountpoint):
         raise InvalidArgument(f"mountpoint {mountpoint} is not a directory")
     async with trio.open_nursery() as nursery:
         volume = await Volume.open(device, nursery=nursery)
         session = _Session(mountpoint)
         try:
-            operations = _fuse_init(volume, mountpoint)
+            await _grow_at_open(volume, args.size)
+            meter = IoMeter()
+            if args.control_socket:
+                await _start_control(nursery, volume, meter, args)
+            operations = _fuse_init(volume, mountpoint, meter)
         except BaseException:
             await _shielded(volume.close)
             raise
@@ -207,8 +238,62 @@ async def _serve(device: BlockDevice, mountpoint: str, signals: AsyncIterator[in
         nursery.cancel_scope.cancel()
 
 
-def _fuse_init(volume: Volume, mountpoint: str) -> Operations:
-    operations = Operations(volume)
+async def _grow_at_open(volume: Volume, size: int | None) -> None:
+    """Grow a volume whose size pxd raised while it was not mounted."""
+    if size is None or size == volume.superblock.size:
+        return
+    if size < volume.superblock.size:
+        log.warning(
+            "volume %s is %d bytes, more than --size %d; keeping its size",
+            volume.superblock.uuid,
+            volume.superblock.size,
+            size,
+        )
+        return
+    await volume.grow(size)
+
+
+# The control channel
+
+
+class _Control:
+    """The handlers of the control socket that pxd calls."""
+
+    def __init__(self, volume: Volume, meter: IoMeter) -> None:
+        self._volume = volume
+        self._meter = meter
+
+    def handlers(self) -> dict[str, Callable[..., Awaitable[Any]]]:
+        """Return the handlers by method name."""
+        return {"mount.stats": self.stats, "mount.grow": self.grow}
+
+    async def stats(self) -> dict[str, Any]:
+        """Return the I/O counters of this process and the requests in flight."""
+        return self._meter.snapshot()
+
+    async def grow(self, size: Any) -> dict[str, int]:
+        """Grow the volume to `size` bytes; the size it already has is a no-op."""
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise InvalidArgument(f"mount.grow takes a size in bytes, not {size!r}")
+        if size != self._volume.superblock.size:
+            await self._volume.grow(size)
+        return {"size": self._volume.superblock.size}
+
+
+async def _start_control(
+    nursery: trio.Nursery, volume: Volume, meter: IoMeter, args: argparse.Namespace
+) -> None:
+    """Serve the control socket before "ready", so pxd can connect as soon as it reads it."""
+    server = RpcServer(
+        _Control(volume, meter).handlers(),
+        secret=read_secret(args.secret_file),
+        name="mount control rpc",
+    )
+    await nursery.start(functools.partial(server.serve_unix, args.control_socket, mode=0o600))
+
+
+def _fuse_init(volume: Volume, mountpoint: str, meter: IoMeter) -> Operations:
+    operations = Operations(volume, meter)
     try:
         pyfuse3.init(operations, mountpoint, set(MOUNT_OPTIONS))
     except RuntimeError as exc:

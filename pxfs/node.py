@@ -41,9 +41,10 @@ import trio
 from pxfs import errors
 from pxfs.catalog import LocalCatalog, VolumeRecord
 from pxfs.config import Config
-from pxfs.errors import Busy, InvalidArgument, NotFound, PxfsError, Unavailable
+from pxfs.errors import Busy, InvalidArgument, NotFound, NotSupported, PxfsError, Unavailable
 from pxfs.replication import ReplicationClient
 from pxfs.rpc import RpcClient, RpcServer, read_secret
+from pxfs.stats import LIVE_WINDOW, Counters, StatsStore
 from pxfs.store import BLOCK_SIZE, ReplicaStore
 from pxfs.units import check_size, validate_labels, validate_name
 from pxfs.volume.format import device_blocks
@@ -75,6 +76,17 @@ STABLE_AFTER = 60.0
 STDERR_TAIL_LINES = 20
 MAX_HA_LEVEL = 3
 CREATE_FIELDS = {"name", "size", "ha_level", "labels"}
+UPDATE_FIELDS = {"size", "ha_level", "labels"}
+#: Seconds between two samples of a mount child's I/O counters, and how long one may take.
+SAMPLE_INTERVAL = 1.0
+SAMPLE_TIMEOUT = 2.0
+#: Seconds between two saves of the I/O statistics that changed. A crash of pxd loses the I/O
+#: counted since the last save.
+SAVE_INTERVAL = 10.0
+#: How long a mount child may take to grow its volume online.
+GROW_TIMEOUT = 30.0
+#: The longest path of a unix socket that Linux accepts (sun_path is 108 bytes with the NUL).
+MAX_SOCKET_PATH = 107
 LIST_FIELDS = {"name", "labels", "ids"}
 
 
@@ -223,6 +235,8 @@ class MountChild:
 
     vol_id: str
     mountpoint: str
+    #: The unix socket on which the child serves mount.stats and mount.grow.
+    control_socket: str
     paths: list[str] = field(default_factory=list)
     process: trio.Process | None = None
     epoch: int = 0
@@ -261,6 +275,7 @@ class Node:
         self.started_ns = 0
         self.catalog: LocalCatalog | None = None
         self.store: ReplicaStore | None = None
+        self.stats: StatsStore | None = None
         self._lock_fd: int | None = None
         self._nursery: trio.Nursery | None = None
         self._mounts: dict[str, MountChild] = {}
@@ -284,6 +299,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self._start_servers(nursery)
+                nursery.start_soon(self._save_stats_periodically)
                 await self._register_node()
                 await self._remount_volumes()
                 self._remounted = True
@@ -318,8 +334,11 @@ class Node:
         (self.data_dir / REPLICAS_DIR).mkdir(mode=0o700, exist_ok=True)
         (self.data_dir / MOUNTS_DIR).mkdir(mode=0o700, exist_ok=True)
         self.store = ReplicaStore(self.data_dir / REPLICAS_DIR)
+        self.stats = StatsStore(self.data_dir)
 
     async def _close_state(self) -> None:
+        if self.stats is not None:
+            await self.stats.save_changed()
         if self.store is not None:
             await self.store.aclose()
         if self.catalog is not None:
@@ -373,7 +392,7 @@ class Node:
                 log.error("volume %s: %s", record["id"], exc.message)
         child = self._new_child(record["id"])
         try:
-            await self._spawn(child, record["epoch"])
+            await self._spawn(child, record)
         except PxfsError as exc:
             # Handled as a child that died, so the usual restarts with backoff follow.
             log.error("volume %s: mount child failed at start: %s", record["id"], exc.message)
@@ -419,6 +438,11 @@ class Node:
             "volume.mount": self.mount_volume,
             "volume.unmount": self.unmount_volume,
             "volume.check": self.check_volume,
+            "volume.update": self.update_volume,
+            "volume.stats": self.volume_stats,
+            "volume.stats_live": self.volume_stats_live,
+            "volume.stats_history": self.volume_stats_history,
+            "cluster.nodes": self.cluster_nodes,
         }
 
     async def status(self) -> dict[str, Any]:
@@ -467,11 +491,7 @@ class Node:
             raise InvalidArgument(f"unknown volume.create fields: {', '.join(sorted(unknown))}")
         if "size" not in spec:
             raise InvalidArgument("volume.create needs a size in bytes")
-        ha_level = spec.get("ha_level", 1)
-        if isinstance(ha_level, bool) or not isinstance(ha_level, int):
-            raise InvalidArgument(f"ha_level must be an integer 1-3, not {ha_level!r}")
-        if not 1 <= ha_level <= MAX_HA_LEVEL:
-            raise InvalidArgument(f"invalid ha_level {ha_level}: it must be 1, 2 or 3")
+        ha_level = _check_ha_range(spec.get("ha_level", 1))
         name = validate_name(spec.get("name"))
         size = check_size(spec["size"])
         # The metadata regions come on top of the size; this raises for a size below the minimum.
@@ -587,6 +607,7 @@ class Node:
             # A crash in between leaves a marked record, and a new delete finishes the job.
             await self._catalog().update_volume(vol_id, _mark_deleting)
             await self._store().delete(vol_id)
+            self._stats().delete(vol_id)
             await self._catalog().delete_volume(vol_id)
         log.info("volume %s: deleted %r", vol_id, record["name"])
 
@@ -649,7 +670,7 @@ class Node:
                 raise Busy(f"volume {record['name']} is already mounted at {path}")
             _check_mount_path(path)
             try:
-                child = await self._ensure_running(vol_id, record["epoch"])
+                child = await self._ensure_running(record)
                 await self._bind_path(child, path)
                 record = await self._catalog().update_volume(vol_id, _add_path(path))
             except BaseException:
@@ -727,10 +748,105 @@ class Node:
             f"{stderr[-1] if stderr else 'no error output'}"
         )
 
+    async def update_volume(self, ref: Any, changes: Any) -> VolumeRecord:
+        """Apply `changes` (size, ha_level, labels) to a volume, growing it online if mounted."""
+        parsed = _parse_update(changes)
+        record = await self._catalog().find_volume(ref)
+        vol_id = record["id"]
+        async with self._volume_locks[vol_id]:
+            record = (await self._catalog().require_volume(vol_id)).record
+            await self._check_update(record, parsed)
+            if any(record.get(key) != value for key, value in parsed.items()):
+                record = await self._catalog().update_volume(vol_id, _apply_update(parsed))
+                log.info("volume %s: updated %s", vol_id, ", ".join(sorted(parsed)))
+            if "size" in parsed:
+                await self._grow_mounted(record)
+        return await self._public(record)
+
+    async def _check_update(self, record: VolumeRecord, parsed: dict[str, Any]) -> None:
+        """Raise for a change that cannot be applied, before any change is made."""
+        if record.get("deleting"):
+            raise NotFound(f"volume {record['id']} is being deleted")
+        if "size" in parsed:
+            _check_not_shrinking(record, parsed["size"])
+        ha_level = int(parsed["ha_level"] if "ha_level" in parsed else record["ha_level"])
+        if ha_level != record["ha_level"]:
+            await self._check_ha_level(ha_level)
+            # TODO: adding and removing replicas needs the replica resync of a later version.
+            raise NotSupported(
+                f"changing ha_level from {record['ha_level']} to {ha_level} is not supported yet"
+            )
+
+    async def _grow_mounted(self, record: VolumeRecord) -> None:
+        """Have a running mount child grow its volume to the size of `record`."""
+        child = self._mounts.get(record["id"])
+        if child is None or not child.running:
+            # The next mount child is started with --size and grows the volume at open.
+            return
+        try:
+            reply = await self._call_child(child, GROW_TIMEOUT, "mount.grow", record["size"])
+        except PxfsError as exc:
+            raise Unavailable(
+                f"volume {record['name']} is now {record['size']} bytes in the catalog, but the "
+                f"mount child failed to grow it: {exc.message}; it grows at the next mount"
+            ) from None
+        log.info("volume %s: mounted volume is now %d bytes", record["id"], reply["size"])
+
+    async def volume_stats(self, ref: Any, cumulative: Any = True) -> dict[str, int]:
+        """Return the I/O totals since the volume was created; not `cumulative`: the live ones."""
+        if not isinstance(cumulative, bool):
+            raise InvalidArgument(f"cumulative must be true or false, not {cumulative!r}")
+        if not cumulative:
+            return await self.volume_stats_live(ref)
+        record = await self._catalog().find_volume(ref)
+        stats = self._stats().get(record["id"])
+        age_ms = max(0, (_now_ns() - record.get("ctime_ns", 0)) // 1_000_000)
+        return await self._stats_report(record, stats.totals, age_ms)
+
+    async def volume_stats_live(self, ref: Any) -> dict[str, int]:
+        """Return the I/O of the last 2 seconds through the volume's mount."""
+        record = await self._catalog().find_volume(ref)
+        if not self._child_running(record["id"]):
+            return await self._stats_report(record, Counters(), int(LIVE_WINDOW * 1000))
+        counters, interval_ms, _ = self._stats().get(record["id"]).live(trio.current_time())
+        return await self._stats_report(record, counters, interval_ms)
+
+    async def _stats_report(
+        self, record: VolumeRecord, counters: Counters, interval_ms: int
+    ) -> dict[str, int]:
+        stats = self._stats().get(record["id"])
+        in_flight = stats.in_flight if self._child_running(record["id"]) else 0
+        return {
+            **counters.to_report(),
+            "io_progress": in_flight,
+            "bytes_used": await self._usage(record["id"]),
+            "interval_ms": interval_ms,
+        }
+
+    async def volume_stats_history(self, ref: Any) -> dict[str, list[dict[str, Any]]]:
+        """Return the hourly, daily and monthly I/O sums of the volume, oldest first."""
+        record = await self._catalog().find_volume(ref)
+        history = self._stats().get(record["id"]).history
+        history.roll_up(time.time())
+        return history.report()
+
+    async def cluster_nodes(self) -> list[dict[str, Any]]:
+        """Return every node of the cluster: the node.status keys and whether it is online."""
+        nodes = [{**await self.status(), "online": True}]
+        for node in await self._catalog().list_nodes():
+            if node["id"] != self.node_id:
+                nodes.append(_offline_node(node))
+        return nodes
+
     # Mount children
 
+    def _child_running(self, vol_id: str) -> bool:
+        child = self._mounts.get(vol_id)
+        return child is not None and child.running
+
     def _new_child(self, vol_id: str) -> MountChild:
-        child = MountChild(vol_id, str(self.data_dir / MOUNTS_DIR / vol_id))
+        mounts = self.data_dir / MOUNTS_DIR
+        child = MountChild(vol_id, str(mounts / vol_id), str(mounts / f"{vol_id}.sock"))
         self._mounts[vol_id] = child
         return child
 
@@ -751,13 +867,13 @@ class Node:
         env = dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
         return {"env": env, "cwd": "/"}
 
-    async def _ensure_running(self, vol_id: str, epoch: int) -> MountChild:
-        child = self._mounts.get(vol_id)
+    async def _ensure_running(self, record: VolumeRecord) -> MountChild:
+        child = self._mounts.get(record["id"])
         if child is not None and child.running:
             return child
         if child is None:
-            child = self._new_child(vol_id)
-            await self._spawn(child, epoch)
+            child = self._new_child(record["id"])
+            await self._spawn(child, record)
         else:
             await self._respawn(child)
         return child
@@ -769,15 +885,16 @@ class Node:
         child.paths.clear()
         try:
             record = await self._catalog().update_volume(child.vol_id, self._raise_epoch)
-            await self._spawn(child, record["epoch"])
+            await self._spawn(child, record)
         except BaseException:
             child.paths[:] = paths
             raise
         await self._bind_paths(child, paths)
 
-    async def _spawn(self, child: MountChild, epoch: int) -> None:
+    async def _spawn(self, child: MountChild, record: VolumeRecord) -> None:
         """Start the child at its private mountpoint and wait until it prints "ready"."""
-        process = await self._start_process(child, epoch)
+        epoch = record["epoch"]
+        process = await self._start_process(child, epoch, record["size"])
         assert process.stdout is not None
         try:
             ready = await self._wait_ready(child, process.stdout)
@@ -797,10 +914,21 @@ class Node:
             "volume %s: mount child pid %d ready at epoch %d", child.vol_id, process.pid, epoch
         )
         self._live_nursery().start_soon(self._supervise, child, process)
+        self._live_nursery().start_soon(self._sample_periodically, child, process)
 
-    async def _start_process(self, child: MountChild, epoch: int) -> trio.Process:
+    async def _start_process(self, child: MountChild, epoch: int, size: int) -> trio.Process:
         await _lazy_unmount(child.mountpoint)
-        argv = self._child_argv(child.vol_id, epoch) + ["--mountpoint", child.mountpoint]
+        if len(os.fsencode(child.control_socket)) > MAX_SOCKET_PATH:
+            raise Unavailable(
+                f"cannot start the mount child of volume {child.vol_id}: its control socket "
+                f"path {child.control_socket} is longer than {MAX_SOCKET_PATH} bytes; use a "
+                "data directory with a shorter path"
+            )
+        argv = self._child_argv(child.vol_id, epoch) + [
+            "--mountpoint", child.mountpoint,
+            "--size", str(size),
+            "--control-socket", child.control_socket,
+        ]  # fmt: skip
         try:
             os.makedirs(child.mountpoint, mode=0o700, exist_ok=True)
             process = await trio.lowlevel.open_process(
@@ -860,6 +988,7 @@ class Node:
         child.exited.set()
         if child.stopping or child.process is not process:
             return
+        self._stats().get(child.vol_id).child_stopped()
         log.warning(
             "volume %s: mount child pid %d exited unexpectedly with status %d; remounting %s",
             child.vol_id,
@@ -958,6 +1087,9 @@ class Node:
         process = child.process
         if process is not None and child.running:
             await self._sync_kernel_cache(child)
+            # The last I/O, the writeback that syncfs caused included, is counted before the
+            # child goes.
+            await self._sample(child)
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             with trio.move_on_after(STOP_TIMEOUT) as scope:
@@ -988,6 +1120,8 @@ class Node:
             )
             await _lazy_unmount(child.mountpoint)
         child.process = None
+        self._stats().get(child.vol_id).child_stopped()
+        await self._stats().save(child.vol_id)
         if self._mounts.get(child.vol_id) is child:
             del self._mounts[child.vol_id]
 
@@ -1012,6 +1146,52 @@ class Node:
                 child.mountpoint,
                 SYNC_TIMEOUT,
             )
+
+    # The control channel of mount children
+
+    async def _sample_periodically(self, child: MountChild, process: trio.Process) -> None:
+        """Sample the I/O counters of `process` about once a second until it exits."""
+        while child.process is process and not child.exited.is_set():
+            await self._sample(child)
+            await trio.sleep(SAMPLE_INTERVAL)
+
+    async def _sample(self, child: MountChild) -> None:
+        """Fold one sample of the child's counters into the volume's statistics."""
+        try:
+            sample = await self._call_child(child, SAMPLE_TIMEOUT, "mount.stats")
+        except PxfsError as exc:
+            # A child that is starting, stopping or stuck; the next sample tries again.
+            log.debug("volume %s: sampling I/O counters failed: %s", child.vol_id, exc.message)
+            return
+        try:
+            self._stats().get(child.vol_id).apply_sample(sample, time.time(), trio.current_time())
+        except ValueError as exc:
+            log.warning(
+                "volume %s: invalid I/O counters from the mount child: %s", child.vol_id, exc
+            )
+
+    async def _call_child(self, child: MountChild, timeout: float, method: str, *args: Any) -> Any:
+        """Call `method` on the child's control socket; raises Unavailable after `timeout` s."""
+        with trio.move_on_after(timeout):
+            try:
+                client = await RpcClient.connect_unix(child.control_socket, self.secret)
+            except OSError as exc:
+                raise Unavailable(
+                    f"cannot connect to the mount child of volume {child.vol_id}: {exc}"
+                ) from None
+            try:
+                return await client.call(method, *args)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+        raise Unavailable(
+            f"the mount child of volume {child.vol_id} did not answer {method} within {timeout} s"
+        )
+
+    async def _save_stats_periodically(self) -> None:
+        while True:
+            await trio.sleep(SAVE_INTERVAL)
+            await self._stats().save_changed()
 
     # Helpers
 
@@ -1042,6 +1222,10 @@ class Node:
         assert self.store is not None, "pxd is not started"
         return self.store
 
+    def _stats(self) -> StatsStore:
+        assert self.stats is not None, "pxd is not started"
+        return self.stats
+
     def _live_nursery(self) -> trio.Nursery:
         assert self._nursery is not None, "pxd is not started"
         return self._nursery
@@ -1055,6 +1239,71 @@ def _mark_deleting(record: VolumeRecord) -> VolumeRecord:
         )
     record["deleting"] = True
     return record
+
+
+def _parse_update(changes: Any) -> dict[str, Any]:
+    """Validate the fields of volume.update and return them, the size rounded up."""
+    if not isinstance(changes, dict):
+        raise InvalidArgument("volume.update takes a map with any of size, ha_level, labels")
+    unknown = set(changes) - UPDATE_FIELDS
+    if unknown:
+        raise InvalidArgument(f"unknown volume.update fields: {', '.join(sorted(unknown))}")
+    parsed: dict[str, Any] = {}
+    if "size" in changes:
+        parsed["size"] = check_size(changes["size"])
+        device_blocks(parsed["size"])
+    if "ha_level" in changes:
+        parsed["ha_level"] = _check_ha_range(changes["ha_level"])
+    if "labels" in changes:
+        parsed["labels"] = validate_labels(changes["labels"])
+    return parsed
+
+
+def _check_ha_range(ha_level: Any) -> int:
+    if isinstance(ha_level, bool) or not isinstance(ha_level, int):
+        raise InvalidArgument(f"ha_level must be an integer 1-3, not {ha_level!r}")
+    if not 1 <= ha_level <= MAX_HA_LEVEL:
+        raise InvalidArgument(f"invalid ha_level {ha_level}: it must be 1, 2 or 3")
+    return ha_level
+
+
+def _check_not_shrinking(record: VolumeRecord, size: int) -> None:
+    if size < record["size"]:
+        raise InvalidArgument(
+            f"volume {record['name']} is {record['size']} bytes; shrinking is not supported"
+        )
+
+
+def _apply_update(parsed: dict[str, Any]) -> Callable[[VolumeRecord], VolumeRecord]:
+    def change(record: VolumeRecord) -> VolumeRecord:
+        # Checked again inside the transaction: the record may have changed since it was read.
+        if "size" in parsed:
+            _check_not_shrinking(record, parsed["size"])
+        record.update(parsed)
+        return record
+
+    return change
+
+
+def _offline_node(node: dict[str, Any]) -> dict[str, Any]:
+    """Return the node.status keys of a node that this pxd knows only from the catalog."""
+    # NOTE: the single-node catalog holds only this node; a node of a shared catalog is shown
+    # as offline until nodes report their status to each other.
+    return {
+        "node_id": node["id"],
+        "hostname": node.get("hostname", ""),
+        "ip": node.get("ip", ""),
+        "data_dir": "",
+        "version": "",
+        "status": "unknown",
+        "volumes": 0,
+        "mounted": 0,
+        "capacity_bytes": 0,
+        "free_bytes": 0,
+        "used_bytes": 0,
+        "started_ns": node.get("started_ns", 0),
+        "online": False,
+    }
 
 
 def _add_path(path: str) -> Callable[[VolumeRecord], VolumeRecord]:
