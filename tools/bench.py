@@ -1,34 +1,87 @@
-"""Measure a pxfs volume beside the raw filesystem of its data directory, in one run.
+"""Measure pxfs beside the raw filesystem and GlusterFS replica 3 on the same disk, in one run.
 
     python tools/bench.py [--work-dir DIR] [--size-mib 1024] [--seconds 30] [--files 10000]
-                          [--json FILE] [--smoke]
+                          [--tree DIR] [--json FILE] [--smoke]
 
-The tool starts its own pxd on DIR/pxd (so it never touches a running node), creates and mounts
-a volume, and runs the same jobs on DIR/raw and on the mount: fio sequential write of
+Every system gets the same jobs in a directory under DIR: fio (psync engine) sequential write of
 --size-mib with bs=1M and a final fsync, sequential read after dropping caches, random 4 KiB
-reads and writes for --seconds each, then create, stat and unlink of --files files. It prints a
-table with the pxfs/raw ratio and writes the same figures as JSON. --smoke runs tiny sizes so the
-test suite can check that the tool still works. Needs root (drop_caches, FUSE) and fio.
+reads and writes for --seconds each, then create, stat (warm and after dropping caches) and
+unlink of --files empty files, then a real workload: copy --tree (the Python standard library by
+default) onto the filesystem, `git init && git add -A && git commit`, and `git status`, each timed.
+
+The systems are raw (DIR/raw), pxfs ha 1 (a private pxd on DIR/node, so it never touches a
+running node), pxfs ha 3 (a slot that stays empty until pxfs runs three nodes), and GlusterFS
+replica 3: a private glusterd on DIR/gluster with three bricks in DIR/gluster/bricks, FUSE-mounted
+on DIR/mnt-gluster. Everything the tool starts is stopped and unmounted at the end, also after a
+failure, Ctrl-C or SIGTERM. It prints a table with the pxfs/raw and pxfs/GlusterFS ratios, writes
+the same figures as JSON, and reports progress on stderr. --smoke runs tiny sizes so the test
+suite can check that the tool still works. Needs root (drop_caches, FUSE), fio and git;
+GlusterFS is measured when glusterd is installed (Debian: glusterfs-server, glusterfs-client).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
-from collections.abc import Callable
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 from pxfs import errors
 from pxfs.rpc import BlockingClient
 
 GIB = 1024**3
+START_TIMEOUT = 30.0
+
+# Every glusterfsd brick and the self-heal daemon fetch their volfile from glusterd on this port
+# of the brick host (glusterd 10.3 passes no port to them), so the private glusterd must use it.
+GLUSTERD_PORT = 24007
+GLUSTER_VOLUME = "pxfsbench"
+
+FIGURES = {
+    "seq_write": ("sequential write, 1 MiB + fsync", "MiB/s"),
+    "seq_read": ("sequential read, 1 MiB, cold", "MiB/s"),
+    "rand_read_4k": ("random read, 4 KiB", "MiB/s"),
+    "rand_write_4k": ("random write, 4 KiB", "MiB/s"),
+    "create": ("create", "ops/s"),
+    "stat_warm": ("stat, warm", "ops/s"),
+    "stat_cold": ("stat, after dropping caches", "ops/s"),
+    "unlink": ("unlink", "ops/s"),
+    "copy_tree": ("copy the tree", "s"),
+    "git_commit": ("git init, add -A, commit", "s"),
+    "git_status": ("git status", "s"),
+}
+
+SYSTEMS = {
+    "raw": "raw",
+    "pxfs_ha1": "pxfs ha 1",
+    "pxfs_ha3": "pxfs ha 3",
+    "glusterfs_r3": "GlusterFS r3",
+}
+
+Figures = dict[str, float]
+
+
+class BenchError(Exception):
+    """A step of the benchmark failed; the message says which and what to do."""
+
+
+def progress(system: str, step: str) -> None:
+    """Write one progress line to stderr: which system, which job."""
+    stamp = time.strftime("%H:%M:%S")
+    print(f"bench {stamp} [{SYSTEMS.get(system, system)}] {step}", file=sys.stderr, flush=True)
 
 
 def drop_caches() -> None:
@@ -38,24 +91,30 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
+# The jobs.
+
+
 def run_fio(directory: Path, name: str, rw: str, bs: str, size_mib: int, seconds: int) -> float:
     """Run one fio job in `directory` and return its bandwidth in MiB/s."""
     command = [
         "fio", f"--name={name}", f"--directory={directory}", f"--rw={rw}", f"--bs={bs}",
         f"--size={size_mib}M", "--ioengine=psync", "--numjobs=1", "--output-format=json",
         "--filename=fio.data",
-    ]
+    ]  # fmt: skip
     if rw in ("write", "randwrite"):
         command.append("--end_fsync=1")
     if rw.startswith("rand"):
         command += [f"--runtime={seconds}", "--time_based"]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    job = json.loads(output[output.index("{"):])["jobs"][0]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BenchError(f"fio {name} in {directory} failed: {result.stderr.strip()}")
+    output = result.stdout
+    job = json.loads(output[output.index("{") :])["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
     return float(side["bw_bytes"]) / (1024 * 1024)
 
 
-def time_rate(count: int, step: Callable[[int], None]) -> float:
+def time_rate(count: int, step: Callable[[int], object]) -> float:
     """Call step(i) for i in range(count) and return the calls per second."""
     start = time.perf_counter()
     for i in range(count):
@@ -63,7 +122,29 @@ def time_rate(count: int, step: Callable[[int], None]) -> float:
     return count / (time.perf_counter() - start)
 
 
-def metadata_rates(directory: Path, files: int) -> dict[str, float]:
+def time_call(action: Callable[[], object]) -> float:
+    """Call action() once and return the seconds it took."""
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def fio_rates(system: str, directory: Path, size_mib: int, seconds: int) -> Figures:
+    """Run the four fio jobs in `directory` and return their bandwidths."""
+    progress(system, f"sequential write, {size_mib} MiB")
+    figures = {"seq_write": run_fio(directory, "seqwrite", "write", "1M", size_mib, seconds)}
+    drop_caches()
+    progress(system, "sequential read after dropping caches")
+    figures["seq_read"] = run_fio(directory, "seqread", "read", "1M", size_mib, seconds)
+    progress(system, f"random 4 KiB reads, {seconds} s")
+    figures["rand_read_4k"] = run_fio(directory, "randread", "randread", "4k", size_mib, seconds)
+    progress(system, f"random 4 KiB writes, {seconds} s")
+    figures["rand_write_4k"] = run_fio(directory, "randwrite", "randwrite", "4k", size_mib, seconds)
+    os.unlink(directory / "fio.data")
+    return figures
+
+
+def metadata_rates(system: str, directory: Path, files: int) -> Figures:
     """Create, stat (warm and after dropping caches) and unlink `files` empty files."""
     tree = directory / "meta"
     tree.mkdir()
@@ -72,25 +153,126 @@ def metadata_rates(directory: Path, files: int) -> dict[str, float]:
     def create(i: int) -> None:
         os.close(os.open(names[i], os.O_CREAT | os.O_WRONLY, 0o644))
 
+    progress(system, f"create {files} files")
     rates = {"create": time_rate(files, create)}
+    progress(system, "stat, warm")
     rates["stat_warm"] = time_rate(files, lambda i: os.stat(names[i]))
     drop_caches()
+    progress(system, "stat after dropping caches")
     rates["stat_cold"] = time_rate(files, lambda i: os.stat(names[i]))
+    progress(system, f"unlink {files} files")
     rates["unlink"] = time_rate(files, lambda i: os.unlink(names[i]))
     tree.rmdir()
     return rates
 
 
-def measure(directory: Path, size_mib: int, seconds: int, files: int) -> dict[str, float]:
+def run_git(checkout: Path, *args: str) -> None:
+    """Run one git command in `checkout`, isolated from the user's and the system's config."""
+    environment = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
+    command = [
+        "git", "-c", "user.name=pxfs bench", "-c", "user.email=bench@localhost",
+        "-c", "gc.auto=0", *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=checkout, env=environment, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BenchError(f"git {args[0]} in {checkout} failed: {result.stderr.strip()}")
+
+
+def workload_times(system: str, directory: Path, tree: Path) -> Figures:
+    """Copy `tree` into `directory`, commit it to a new git repository, run git status."""
+    checkout = directory / "tree"
+    progress(system, f"copy {tree}")
+    times = {"copy_tree": time_call(lambda: shutil.copytree(tree, checkout, symlinks=True))}
+
+    def commit() -> None:
+        run_git(checkout, "init", "-q")
+        run_git(checkout, "add", "-A")
+        run_git(checkout, "commit", "-q", "-m", "x")
+
+    progress(system, "git init, add -A, commit")
+    times["git_commit"] = time_call(commit)
+    progress(system, "git status")
+    times["git_status"] = time_call(lambda: run_git(checkout, "status"))
+    shutil.rmtree(checkout)
+    return times
+
+
+def measure(system: str, directory: Path, args: argparse.Namespace) -> Figures:
     """Run every job in `directory` and return the figures by name."""
-    figures = {"seq_write": run_fio(directory, "seqwrite", "write", "1M", size_mib, seconds)}
-    drop_caches()
-    figures["seq_read"] = run_fio(directory, "seqread", "read", "1M", size_mib, seconds)
-    figures["rand_read_4k"] = run_fio(directory, "randread", "randread", "4k", size_mib, seconds)
-    figures["rand_write_4k"] = run_fio(directory, "randwrite", "randwrite", "4k", size_mib, seconds)
-    os.unlink(directory / "fio.data")
-    figures.update(metadata_rates(directory, files))
+    figures = fio_rates(system, directory, args.size_mib, args.seconds)
+    figures.update(metadata_rates(system, directory, args.files))
+    figures.update(workload_times(system, directory, args.tree))
     return figures
+
+
+# Mounts and processes the benchmark owns.
+
+
+def is_mounted(path: Path) -> bool:
+    """Tell whether `path` is a mount point, counting a dead FUSE mount as mounted."""
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return True
+
+
+def unmount(path: Path) -> None:
+    """Unmount a FUSE mount, retrying while it is busy; raise BenchError if it stays."""
+    for _ in range(20):
+        if not is_mounted(path):
+            return
+        if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise BenchError(f"could not unmount {path}; unmount it by hand: fusermount3 -u {path}")
+
+
+def stop_process(pid: int, label: str) -> None:
+    """Send SIGTERM to `pid` and wait up to 30 s for it to exit, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not Path(f"/proc/{pid}").exists() or process_state(pid) == "Z":
+                return
+            time.sleep(0.1)
+        print(f"bench: {label} (pid {pid}) did not exit after {sig.name}", file=sys.stderr)
+
+
+def process_state(pid: int) -> str:
+    """Return the one-letter state of `pid` from /proc, or "" if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def process_cmdline(pid: int) -> list[str]:
+    """Return the command line of `pid`, or [] if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def run_cleanup(stack: contextlib.ExitStack, step: str, action: Callable[[], object]) -> None:
+    """Register `action` on `stack`; a failure is reported on stderr so later steps still run."""
+
+    def guarded() -> None:
+        try:
+            action()
+        except (BenchError, OSError, subprocess.SubprocessError) as error:
+            print(f"bench: teardown step {step!r} failed: {error}", file=sys.stderr)
+
+    stack.callback(guarded)
+
+
+# pxfs.
 
 
 class Node:
@@ -105,11 +287,12 @@ class Node:
         """Start pxd and return a client once its control socket answers."""
         self.process = subprocess.Popen(
             [sys.executable, "-m", "daemon.pxd", "--data-dir", str(self.root / "data"),
-             "--socket", str(self.socket)],
+             "--socket", str(self.socket), "--log-level", "warning"],
             cwd=Path(__file__).resolve().parent.parent,
-        )
+            start_new_session=True,
+        )  # fmt: skip
         client = BlockingClient(self.socket)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             try:
                 client.call("node.status")
@@ -119,7 +302,7 @@ class Node:
                     break
                 time.sleep(0.1)
         self.stop()
-        raise SystemExit("bench: pxd did not start; see its log above")
+        raise BenchError("pxd did not start; its log is above")
 
     def stop(self) -> None:
         """Stop pxd (it unmounts its volumes) and wait for it."""
@@ -128,64 +311,432 @@ class Node:
             self.process.wait(timeout=60)
 
 
-def print_table(raw: dict[str, float], pxfs: dict[str, float]) -> None:
-    """Print the figures side by side with the pxfs/raw ratio."""
-    units = {"seq_write": "MiB/s", "seq_read": "MiB/s", "rand_read_4k": "MiB/s",
-             "rand_write_4k": "MiB/s"}
-    print(f"{'figure':<16}{'unit':<8}{'raw':>12}{'pxfs ha1':>12}{'pxfs/raw':>10}")
-    for name, raw_value in raw.items():
-        unit = units.get(name, "ops/s")
-        value = pxfs[name]
-        print(f"{name:<16}{unit:<8}{raw_value:>12.1f}{value:>12.1f}{value / raw_value:>10.2f}")
-
-
-def main() -> int:
-    """Run the benchmark and print its table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", type=Path, help="where raw files and pxd state go "
-                        "(default: a new temporary directory, removed afterwards)")
-    parser.add_argument("--size-mib", type=int, default=1024, help="fio file size in MiB")
-    parser.add_argument("--seconds", type=int, default=30, help="duration of each random job")
-    parser.add_argument("--files", type=int, default=10000, help="files to create, stat, unlink")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to test the tool")
-    args = parser.parse_args()
-    if args.smoke:
-        args.size_mib, args.seconds, args.files = 8, 1, 200
-    if shutil.which("fio") is None:
-        print("bench: fio is not installed (apt-get install fio)", file=sys.stderr)
-        return 1
-
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="pxfs-bench-"))
-    raw_dir, mountpoint = work / "raw", work / "mnt"
-    raw_dir.mkdir(parents=True, exist_ok=True)
+def measure_pxfs_ha1(work: Path, args: argparse.Namespace) -> Figures:
+    """Start a private pxd, mount a volume with one replica, measure it, tear it all down."""
+    mountpoint = work / "mnt-pxfs"
     mountpoint.mkdir(exist_ok=True)
-    print(f"bench: raw filesystem jobs in {raw_dir}", flush=True)
-    raw = measure(raw_dir, args.size_mib, args.seconds, args.files)
-
     node = Node(work / "node")
     node.root.mkdir(exist_ok=True)
-    try:
+    with contextlib.ExitStack() as stack:
+        progress("pxfs_ha1", f"start pxd in {node.root}")
+        run_cleanup(stack, "stop pxd", node.stop)
         client = node.start()
         size = max(2 * GIB, 4 * args.size_mib * 1024 * 1024)
         client.call("volume.create", {"name": "bench", "size": size, "ha_level": 1, "labels": {}})
+        run_cleanup(stack, "delete the volume", lambda: client.call("volume.delete", "bench"))
         client.call("volume.attach", "bench")
+        run_cleanup(stack, "detach the volume", lambda: client.call("volume.detach", "bench"))
         client.call("volume.mount", "bench", str(mountpoint))
-        print(f"bench: pxfs jobs in {mountpoint}", flush=True)
-        pxfs = measure(mountpoint, args.size_mib, args.seconds, args.files)
-        client.call("volume.unmount", "bench", str(mountpoint))
-        client.call("volume.detach", "bench")
-        client.call("volume.delete", "bench")
-    finally:
-        node.stop()
+        run_cleanup(
+            stack, "unmount the volume",
+            lambda: client.call("volume.unmount", "bench", str(mountpoint)),
+        )  # fmt: skip
+        figures = measure("pxfs_ha1", mountpoint, args)
+    return figures
 
-    print_table(raw, pxfs)
-    report = {"raw": raw, "pxfs_ha1": pxfs, "size_mib": args.size_mib, "seconds": args.seconds,
-              "files": args.files}
+
+def pxfs_ha3_unavailable() -> str:
+    """Return why pxfs ha 3 cannot be measured on this host."""
+    # TODO: start three local pxd nodes and measure a volume with ha_level 3 once pxd can join
+    # a cluster; until then a node counts only itself, so volume.create rejects ha_level 3.
+    return "needs the cluster"
+
+
+# GlusterFS.
+
+
+def loopback_host() -> str:
+    """Return a host name that resolves only to 127.x addresses: this host's name, or localhost.
+
+    The gluster CLI rejects 127.0.0.1 as a brick host but accepts a name that resolves to it.
+    """
+    name = socket.gethostname()
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+    except socket.gaierror:
+        return "localhost"
+    if addresses and all(address.startswith("127.") for address in addresses):
+        return name
+    return "localhost"
+
+
+def port_in_use(port: int) -> bool:
+    """Tell whether something accepts TCP connections on 127.0.0.1:`port`."""
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def glusterfs_unavailable() -> str | None:
+    """Return why GlusterFS cannot be measured here, or None if it can."""
+    missing = [name for name in ("glusterd", "gluster", "glusterfs") if shutil.which(name) is None]
+    if missing:
+        return (
+            f"{', '.join(missing)} not installed "
+            "(apt-get install glusterfs-server glusterfs-client)"
+        )
+    if port_in_use(GLUSTERD_PORT):
+        return (
+            f"port {GLUSTERD_PORT} on 127.0.0.1 is in use, probably by another glusterd; "
+            "the bricks can only reach their glusterd on that port"
+        )
+    return None
+
+
+GLUSTERD_VOLFILE = """\
+volume management
+    type mgmt/glusterd
+    option working-directory {state}
+    option run-directory {run}
+    option logging-directory {log}
+    option glusterd-sockfile {sockfile}
+    option transport-type socket
+    option transport.socket.bind-address 127.0.0.1
+    option transport.socket.listen-port {port}
+    option ping-timeout 0
+    option event-threads 1
+end-volume
+"""
+
+
+class Gluster:
+    """A glusterd of the benchmark's own: private state, run and log directories under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / "state"
+        self.run_dir = root / "run"
+        self.log_dir = root / "log"
+        self.sockfile = self.run_dir / "glusterd.socket"
+        self.process: subprocess.Popen[bytes] | None = None
+        # Sockets glusterd 10.3 puts in /var/run/gluster whatever run-directory says; the
+        # benchmark removes the ones its own daemons used.
+        self.foreign_sockets: set[Path] = set()
+
+    def start(self) -> None:
+        """Write a private glusterd.vol, start glusterd in the foreground, wait for its CLI."""
+        for directory in (self.state, self.run_dir, self.log_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        if len(str(self.sockfile)) >= 108:
+            raise BenchError(f"socket path {self.sockfile} is too long; use a shorter --work-dir")
+        volfile = self.root / "glusterd.vol"
+        volfile.write_text(
+            GLUSTERD_VOLFILE.format(
+                state=self.state, run=self.run_dir, log=self.log_dir, sockfile=self.sockfile,
+                port=GLUSTERD_PORT,
+            )
+        )  # fmt: skip
+        log_file = self.log_dir / "glusterd.log"
+        self.process = subprocess.Popen(
+            ["glusterd", "--no-daemon", "-f", str(volfile),
+             "-p", str(self.run_dir / "glusterd.pid"), "-l", str(log_file)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"glusterd exited with {self.process.returncode}; see {log_file}")
+            if self.sockfile.exists() and self.cli("volume", "list", check=False).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise BenchError(f"glusterd did not answer within {START_TIMEOUT:.0f} s; see {log_file}")
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run one gluster CLI command against this glusterd, without prompts."""
+        command = [
+            "gluster", "--mode=script", f"--glusterd-sock={self.sockfile}",
+            f"--log-file={self.log_dir / 'cli.log'}", *args,
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if check and result.returncode != 0:
+            output = (result.stderr or result.stdout).strip()
+            raise BenchError(f"gluster {' '.join(args)} failed: {output}")
+        return result
+
+    def wait_bricks_online(self, volume: str, count: int) -> None:
+        """Wait until `count` bricks of `volume` are online, and note their sockets."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            status = self.cli("volume", "status", volume, "--xml", check=False)
+            online = 0
+            if status.returncode == 0:
+                root = ElementTree.fromstring(status.stdout)
+                for node in root.iter("node"):
+                    if node.findtext("path", "").startswith("/") and node.findtext("status") == "1":
+                        online += 1
+            if online >= count:
+                self.note_sockets()
+                return
+            time.sleep(0.5)
+        raise BenchError(f"the bricks of {volume} did not come online; see {self.log_dir}")
+
+    def child_pids(self) -> list[int]:
+        """Return the pids of bricks and daemons this glusterd started, from its pid files."""
+        pids = []
+        for pid_file in self.run_dir.rglob("*.pid"):
+            if pid_file.name == "glusterd.pid":
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text().strip())
+                if str(self.run_dir) in " ".join(process_cmdline(pid)):
+                    pids.append(pid)
+        return pids
+
+    def note_sockets(self) -> None:
+        """Record the unix sockets outside run-directory that this glusterd's children use."""
+        for pid in self.child_pids():
+            cmdline = process_cmdline(pid)
+            for flag, value in zip(cmdline, cmdline[1:], strict=False):
+                if flag == "-S" and not value.startswith(str(self.run_dir)):
+                    self.foreign_sockets.add(Path(value))
+
+    def stop(self) -> None:
+        """Stop glusterd by pid, then any brick or daemon it left, then remove their sockets."""
+        if self.process is not None and self.process.poll() is None:
+            self.note_sockets()
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        for pid in self.child_pids():
+            stop_process(pid, "a GlusterFS brick or daemon")
+        for path in self.foreign_sockets:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def mount_glusterfs(gluster: Gluster, host: str, mountpoint: Path) -> None:
+    """FUSE-mount the benchmark volume on `mountpoint` and wait until it answers."""
+    command = [
+        "glusterfs", f"--volfile-server={host}", f"--volfile-id={GLUSTER_VOLUME}",
+        f"--log-file={gluster.log_dir / 'mount.log'}",
+        f"--pid-file={gluster.run_dir / 'mount.pid'}", str(mountpoint),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise BenchError(f"glusterfs mount failed: {result.stderr.strip()}; see {gluster.log_dir}")
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if is_mounted(mountpoint):
+            with contextlib.suppress(OSError):
+                os.statvfs(mountpoint)
+                return
+        time.sleep(0.2)
+    raise BenchError(f"the GlusterFS mount on {mountpoint} did not answer; see {gluster.log_dir}")
+
+
+def stop_mount_client(gluster: Gluster) -> None:
+    """Stop the glusterfs client process if unmounting left it running."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int((gluster.run_dir / "mount.pid").read_text().strip())
+        if "glusterfs" in " ".join(process_cmdline(pid)):
+            stop_process(pid, "the glusterfs client")
+
+
+def measure_glusterfs(work: Path, args: argparse.Namespace) -> Figures:
+    """Start a private glusterd, create and mount a replica 3 volume, measure, tear it down."""
+    gluster = Gluster(work / "gluster")
+    volume = GLUSTER_VOLUME
+    host = loopback_host()
+    bricks = [work / "gluster" / "bricks" / f"brick{i}" for i in (1, 2, 3)]
+    for brick in bricks:
+        brick.mkdir(parents=True, exist_ok=True)
+    mountpoint = work / "mnt-gluster"
+    mountpoint.mkdir(exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        progress("glusterfs_r3", f"start glusterd in {gluster.root}, bricks on host {host}")
+        run_cleanup(stack, "stop glusterd", gluster.stop)
+        gluster.start()
+        # force: the three bricks share one server (and here also sit on the root filesystem),
+        # which the CLI rejects without it.
+        gluster.cli(
+            "volume", "create", volume, "replica", "3",
+            *(f"{host}:{brick}" for brick in bricks), "force",
+        )  # fmt: skip
+        run_cleanup(stack, "delete the volume", lambda: gluster.cli("volume", "delete", volume))
+        # A failed start may leave some bricks running: gluster.stop ends them by pid.
+        gluster.cli("volume", "start", volume)
+        run_cleanup(stack, "stop the volume", lambda: gluster.cli("volume", "stop", volume))
+        gluster.wait_bricks_online(volume, len(bricks))
+        run_cleanup(stack, "stop the glusterfs client", lambda: stop_mount_client(gluster))
+        run_cleanup(stack, "unmount GlusterFS", lambda: unmount(mountpoint))
+        mount_glusterfs(gluster, host, mountpoint)
+        figures = measure("glusterfs_r3", mountpoint, args)
+    return figures
+
+
+# The report.
+
+
+def ratio(numerator: Figures | None, denominator: Figures | None, name: str) -> float | None:
+    """Return numerator[name] / denominator[name], or None when either is missing."""
+    if numerator is None or denominator is None or not denominator.get(name):
+        return None
+    return numerator[name] / denominator[name]
+
+
+def format_cell(value: float | None, width: int, digits: int) -> str:
+    """Format one table cell, with a dash for a missing value."""
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def print_table(results: dict[str, Figures | None], not_measured: dict[str, str]) -> None:
+    """Print the figures of every system side by side with the two pxfs ratios."""
+    header = f"{'figure':<34}{'unit':<7}"
+    header += "".join(f"{label:>14}" for label in SYSTEMS.values())
+    header += f"{'pxfs/raw':>10}{'pxfs/GlusterFS':>16}"
+    print(header)
+    pxfs = results["pxfs_ha1"]
+    for name, (label, unit) in FIGURES.items():
+        line = f"{label:<34}{unit:<7}"
+        for system in SYSTEMS:
+            figures = results[system]
+            digits = 2 if unit == "s" else 1
+            line += format_cell(None if figures is None else figures[name], 14, digits)
+        line += format_cell(ratio(pxfs, results["raw"], name), 10, 2)
+        line += format_cell(ratio(pxfs, results["glusterfs_r3"], name), 16, 2)
+        print(line)
+    for system, reason in not_measured.items():
+        print(f"{SYSTEMS[system]}: not measured: {reason}")
+    print("Ratios divide the pxfs ha 1 figure by the other one; for figures in s, lower is better.")
+
+
+def build_report(
+    args: argparse.Namespace, results: dict[str, Figures | None], not_measured: dict[str, str]
+) -> dict[str, object]:
+    """Collect the figures, units, ratios and parameters of a run for the JSON file."""
+    pxfs = results["pxfs_ha1"]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "parameters": {
+            "size_mib": args.size_mib, "seconds": args.seconds, "files": args.files,
+            "tree": str(args.tree), "smoke": args.smoke, "gluster_host": loopback_host(),
+        },
+        "units": {name: unit for name, (_, unit) in FIGURES.items()},
+        "systems": results,
+        "not_measured": not_measured,
+        "ratios": {
+            "pxfs_raw": {name: ratio(pxfs, results["raw"], name) for name in FIGURES},
+            "pxfs_glusterfs": {
+                name: ratio(pxfs, results["glusterfs_r3"], name) for name in FIGURES
+            },
+        },
+    }  # fmt: skip
+
+
+# The command.
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; --smoke replaces the sizes with tiny ones."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where every system's files and state go "
+        "(default: a new temporary directory, removed afterwards)",
+    )
+    parser.add_argument("--size-mib", type=int, default=1024, help="fio file size in MiB")
+    parser.add_argument("--seconds", type=int, default=30, help="duration of each random job in s")
+    parser.add_argument("--files", type=int, default=10000, help="files to create, stat, unlink")
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        help="directory tree to copy and commit to git "
+        "(default: the Python standard library; its json package with --smoke)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes (8 MiB, 1 s, 200 files), to test the tool"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size_mib, args.seconds, args.files = 8, 1, 200
+    if args.tree is None:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        args.tree = stdlib / "json" if args.smoke else stdlib
+    for name in ("size_mib", "seconds", "files"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.tree.is_dir():
+        parser.error(f"--tree {args.tree} is not a directory")
+    return args
+
+
+def check_prerequisites() -> None:
+    """Raise BenchError when a tool every run needs is missing or the user is not root."""
+    if os.geteuid() != 0:
+        raise BenchError("run as root: dropping caches and mounting FUSE need it")
+    for tool, package in (("fio", "fio"), ("git", "git"), ("fusermount3", "fuse3")):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is not installed (apt-get install {package})")
+
+
+def raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so `timeout` gets the same teardown as Ctrl-C."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def leftover_mounts(work: Path) -> list[str]:
+    """Return the mount points under `work` that are still mounted."""
+    prefix = str(work.resolve()) + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts]
+    return [point for point in points if point.startswith(prefix)]
+
+
+@contextlib.contextmanager
+def work_directory(requested: Path | None) -> Iterator[Path]:
+    """Yield the work directory; remove it afterwards if it is a new temporary one."""
+    work = requested or Path(tempfile.mkdtemp(prefix="pxfs-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        # Removing a tree that still has a mount inside would delete files through that mount.
+        if requested is None and not leftover_mounts(work):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """Measure every system in `work`, print the table and return the report."""
+    raw_dir = work / "raw"
+    raw_dir.mkdir(exist_ok=True)
+    results: dict[str, Figures | None] = dict.fromkeys(SYSTEMS)
+    not_measured = {"pxfs_ha3": pxfs_ha3_unavailable()}
+    gluster_reason = glusterfs_unavailable()
+    if gluster_reason is not None:
+        not_measured["glusterfs_r3"] = gluster_reason
+
+    results["raw"] = measure("raw", raw_dir, args)
+    results["pxfs_ha1"] = measure_pxfs_ha1(work, args)
+    for system, reason in not_measured.items():
+        progress(system, f"not measured: {reason}")
+    if "glusterfs_r3" not in not_measured:
+        results["glusterfs_r3"] = measure_glusterfs(work, args)
+
+    print_table(results, not_measured)
+    return build_report(args, results, not_measured)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print its table and write the JSON file."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        check_prerequisites()
+        with work_directory(args.work_dir) as work:
+            report = run(args, work)
+    except BenchError as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -7,7 +7,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${PXFS_VENV:-$repo/.venv}
 run_packages=(fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc)
-test_packages=(fio sqlite3 git util-linux e2fsprogs docker.io busybox-static etcd-server systemd)
+test_packages=(fio sqlite3 git util-linux e2fsprogs docker.io busybox-static etcd-server systemd
+    glusterfs-server glusterfs-client)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (it installs Debian packages and mounts FUSE filesystems)" >&2

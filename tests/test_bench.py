@@ -1,0 +1,189 @@
+"""tools/bench.py in --smoke mode: every system it can measure, its report and its teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "tools" / "bench.py"
+RUN_TIMEOUT = 300
+GLUSTERD_PORT = 24007
+
+FIGURES = [
+    "seq_write", "seq_read", "rand_read_4k", "rand_write_4k", "create", "stat_warm",
+    "stat_cold", "unlink", "copy_tree", "git_commit", "git_status",
+]  # fmt: skip
+
+
+def _missing_prerequisite() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (drop_caches, FUSE mounts)"
+    if not os.path.exists("/dev/fuse"):
+        return "needs /dev/fuse"
+    for tool in ("fio", "git", "fusermount3"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
+
+
+_MISSING = _missing_prerequisite()
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
+
+
+def glusterd_installed() -> bool:
+    """Tell whether the GlusterFS server and client the benchmark drives are installed."""
+    return all(shutil.which(name) for name in ("glusterd", "gluster", "glusterfs"))
+
+
+def glusterd_port_busy() -> bool:
+    """Tell whether some other glusterd already holds the port the bricks must reach."""
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", GLUSTERD_PORT)) == 0
+
+
+def processes_mentioning(marker: str) -> list[str]:
+    """Return the command lines of running processes that contain `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Return the mount points below `path`."""
+    prefix = str(path) + "/"
+    with open("/proc/self/mounts") as mounts:
+        return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+
+
+def bench_command(tmp_path: Path) -> list[str]:
+    """Return the smoke-run command line with its work directory and JSON file under tmp_path."""
+    return [
+        sys.executable, str(BENCH), "--smoke", "--work-dir", str(tmp_path / "work"),
+        "--json", str(tmp_path / "report.json"),
+    ]  # fmt: skip
+
+
+def expect_gluster() -> bool:
+    """Tell whether this run must measure GlusterFS, skipping when another glusterd blocks it."""
+    if not glusterd_installed():
+        return False
+    if glusterd_port_busy():
+        pytest.skip(f"another glusterd holds port {GLUSTERD_PORT}, which the bricks must reach")
+    return True
+
+
+def test_smoke_run_measures_every_system(tmp_path: Path) -> None:
+    with_gluster = expect_gluster()
+    result = subprocess.run(
+        bench_command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+
+    systems = report["systems"]
+    measured = ["raw", "pxfs_ha1"] + (["glusterfs_r3"] if with_gluster else [])
+    for system in measured:
+        assert sorted(systems[system]) == sorted(FIGURES), system
+        for name in FIGURES:
+            assert systems[system][name] > 0, (system, name)
+    assert systems["pxfs_ha3"] is None
+    assert report["not_measured"]["pxfs_ha3"] == "needs the cluster"
+    if with_gluster:
+        assert "glusterfs_r3" not in report["not_measured"]
+    else:
+        assert systems["glusterfs_r3"] is None
+        assert "not installed" in report["not_measured"]["glusterfs_r3"]
+
+    ratios = report["ratios"]
+    for name in FIGURES:
+        expected = systems["pxfs_ha1"][name] / systems["raw"][name]
+        assert ratios["pxfs_raw"][name] == pytest.approx(expected), name
+        if with_gluster:
+            expected = systems["pxfs_ha1"][name] / systems["glusterfs_r3"][name]
+            assert ratios["pxfs_glusterfs"][name] == pytest.approx(expected), name
+    assert report["parameters"]["smoke"] is True
+    assert report["units"]["seq_write"] == "MiB/s"
+    assert report["units"]["git_status"] == "s"
+
+    assert "pxfs/GlusterFS" in result.stdout
+    assert "pxfs ha 3: not measured: needs the cluster" in result.stdout
+    assert "[raw] git status" in result.stderr
+    assert "[pxfs ha 1] sequential write" in result.stderr
+    if with_gluster:
+        assert "[GlusterFS r3] git status" in result.stderr
+
+    assert mounts_under(tmp_path) == []
+    assert processes_mentioning(str(tmp_path)) == []
+    assert not (tmp_path / "work" / "raw" / "fio.data").exists()
+
+
+def test_sigterm_tears_everything_down(tmp_path: Path) -> None:
+    with_gluster = expect_gluster()
+    # Interrupt inside the last system's jobs, so every kind of teardown has something to undo.
+    marker = "[GlusterFS r3] random 4 KiB reads" if with_gluster else "[pxfs ha 1] random 4 KiB"
+    seen = []
+    deadline = time.monotonic() + RUN_TIMEOUT
+    with subprocess.Popen(
+        bench_command(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    ) as process:  # fmt: skip
+        assert process.stderr is not None
+        try:
+            for line in process.stderr:
+                seen.append(line)
+                if marker in line:
+                    process.send_signal(signal.SIGTERM)
+                    break
+                assert time.monotonic() < deadline, "".join(seen[-20:])
+            rest = process.stderr.read()
+            returncode = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    output = "".join(seen) + rest
+    assert any(marker in line for line in seen), output[-4000:]
+
+    assert returncode == 130, output[-4000:]
+    assert "interrupted; everything it started is stopped" in output
+    assert "teardown step" not in output
+    assert mounts_under(tmp_path) == []
+    assert processes_mentioning(str(tmp_path)) == []
+    assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--files", "0"], "--files must be at least 1"),
+        (["--seconds", "-1"], "--seconds must be at least 1"),
+        (["--tree", "/nonexistent/tree"], "--tree /nonexistent/tree is not a directory"),
+    ],
+)
+def test_invalid_arguments_rejected(tmp_path: Path, arguments: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--work-dir", str(tmp_path / "work"), *arguments],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "work").exists()
