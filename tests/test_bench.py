@@ -46,7 +46,7 @@ def glusterd_installed() -> bool:
 
 
 def glusterd_port_busy() -> bool:
-    """Tell whether some other glusterd already holds the port the bricks must reach."""
+    """Tell whether another glusterd already listens on the port the bricks must reach."""
     with socket.socket() as sock:
         sock.settimeout(1.0)
         return sock.connect_ex(("127.0.0.1", GLUSTERD_PORT)) == 0
@@ -87,7 +87,7 @@ def expect_gluster() -> bool:
     if not glusterd_installed():
         return False
     if glusterd_port_busy():
-        pytest.skip(f"another glusterd holds port {GLUSTERD_PORT}, which the bricks must reach")
+        pytest.skip(f"another glusterd listens on port {GLUSTERD_PORT}, which the bricks need")
     return True
 
 

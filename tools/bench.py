@@ -73,9 +73,12 @@ SYSTEMS = {
 
 Figures = dict[str, float]
 
+# Names of the teardown steps that failed in this run; main reports them in its exit status.
+TEARDOWN_FAILURES: list[str] = []
+
 
 class BenchError(Exception):
-    """A step of the benchmark failed; the message says which and what to do."""
+    """A benchmark step failed; the message names the step and what to do next."""
 
 
 def progress(system: str, step: str) -> None:
@@ -217,14 +220,14 @@ def is_mounted(path: Path) -> bool:
 
 
 def unmount(path: Path) -> None:
-    """Unmount a FUSE mount, retrying while it is busy; raise BenchError if it stays."""
+    """Unmount a FUSE mount, retrying while it is busy, and raise BenchError if it stays."""
     for _ in range(20):
         if not is_mounted(path):
             return
         if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True).returncode == 0:
             return
         time.sleep(0.5)
-    raise BenchError(f"could not unmount {path}; unmount it by hand: fusermount3 -u {path}")
+    raise BenchError(f"unmount of {path} failed; unmount it by hand: fusermount3 -u {path}")
 
 
 def stop_process(pid: int, label: str) -> None:
@@ -261,12 +264,13 @@ def process_cmdline(pid: int) -> list[str]:
 
 
 def run_cleanup(stack: contextlib.ExitStack, step: str, action: Callable[[], object]) -> None:
-    """Register `action` on `stack`; a failure is reported on stderr so later steps still run."""
+    """Register `action` on `stack` so that its failure is reported and later steps still run."""
 
     def guarded() -> None:
         try:
             action()
         except (BenchError, OSError, subprocess.SubprocessError) as error:
+            TEARDOWN_FAILURES.append(step)
             print(f"bench: teardown step {step!r} failed: {error}", file=sys.stderr)
 
     stack.callback(guarded)
@@ -302,7 +306,7 @@ class Node:
                     break
                 time.sleep(0.1)
         self.stop()
-        raise BenchError("pxd did not start; its log is above")
+        raise BenchError("pxd failed to start; its log is on stderr above")
 
     def stop(self) -> None:
         """Stop pxd (it unmounts its volumes) and wait for it."""
@@ -338,7 +342,7 @@ def measure_pxfs_ha1(work: Path, args: argparse.Namespace) -> Figures:
 def pxfs_ha3_unavailable() -> str:
     """Return why pxfs ha 3 cannot be measured on this host."""
     # TODO: start three local pxd nodes and measure a volume with ha_level 3 once pxd can join
-    # a cluster; until then a node counts only itself, so volume.create rejects ha_level 3.
+    # a cluster. Until then a node counts only itself, so volume.create rejects ha_level 3.
     return "needs the cluster"
 
 
@@ -409,8 +413,8 @@ class Gluster:
         self.log_dir = root / "log"
         self.sockfile = self.run_dir / "glusterd.socket"
         self.process: subprocess.Popen[bytes] | None = None
-        # Sockets glusterd 10.3 puts in /var/run/gluster whatever run-directory says; the
-        # benchmark removes the ones its own daemons used.
+        # glusterd 10.3 puts brick sockets in /var/run/gluster even with a run-directory, so
+        # the benchmark notes the ones its own daemons use and removes them at the end.
         self.foreign_sockets: set[Path] = set()
 
     def start(self) -> None:
@@ -439,7 +443,7 @@ class Gluster:
             if self.sockfile.exists() and self.cli("volume", "list", check=False).returncode == 0:
                 return
             time.sleep(0.2)
-        raise BenchError(f"glusterd did not answer within {START_TIMEOUT:.0f} s; see {log_file}")
+        raise BenchError(f"glusterd timed out after {START_TIMEOUT:.0f} s; see {log_file}")
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run one gluster CLI command against this glusterd, without prompts."""
@@ -468,7 +472,7 @@ class Gluster:
                 self.note_sockets()
                 return
             time.sleep(0.5)
-        raise BenchError(f"the bricks of {volume} did not come online; see {self.log_dir}")
+        raise BenchError(f"timed out waiting for the bricks of {volume}; see {self.log_dir}")
 
     def child_pids(self) -> list[int]:
         """Return the pids of bricks and daemons this glusterd started, from its pid files."""
@@ -508,7 +512,7 @@ class Gluster:
 
 
 def mount_glusterfs(gluster: Gluster, host: str, mountpoint: Path) -> None:
-    """FUSE-mount the benchmark volume on `mountpoint` and wait until it answers."""
+    """FUSE-mount the benchmark volume on `mountpoint` and wait until statvfs succeeds."""
     command = [
         "glusterfs", f"--volfile-server={host}", f"--volfile-id={GLUSTER_VOLUME}",
         f"--log-file={gluster.log_dir / 'mount.log'}",
@@ -524,7 +528,7 @@ def mount_glusterfs(gluster: Gluster, host: str, mountpoint: Path) -> None:
                 os.statvfs(mountpoint)
                 return
         time.sleep(0.2)
-    raise BenchError(f"the GlusterFS mount on {mountpoint} did not answer; see {gluster.log_dir}")
+    raise BenchError(f"timed out waiting for the mount on {mountpoint}; see {gluster.log_dir}")
 
 
 def stop_mount_client(gluster: Gluster) -> None:
@@ -651,12 +655,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes (8 MiB, 1 s, 200 files), to test the tool"
     )
+
     args = parser.parse_args(argv)
     if args.smoke:
         args.size_mib, args.seconds, args.files = 8, 1, 200
     if args.tree is None:
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         args.tree = stdlib / "json" if args.smoke else stdlib
+
     for name in ("size_mib", "seconds", "files"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -721,6 +727,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
     return build_report(args, results, not_measured)
 
 
+def teardown_outcome() -> str:
+    """Describe whether every teardown step succeeded."""
+    if TEARDOWN_FAILURES:
+        return f"teardown failed at: {', '.join(TEARDOWN_FAILURES)} (details above)"
+    return "everything it started is stopped"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print its table and write the JSON file."""
     args = parse_args(argv)
@@ -733,8 +746,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+        print(f"bench: interrupted; {teardown_outcome()}", file=sys.stderr)
         return 130
+    if TEARDOWN_FAILURES:
+        print(f"bench: {teardown_outcome()}", file=sys.stderr)
+        return 1
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
