@@ -25,6 +25,10 @@ MAX_HA_LEVEL = 3
 #: Exit code of `volume check` when the check found problems.
 CHECK_FAILED_EXIT = errors.Corrupted.exit_code
 _LABEL_WIDTH = 16
+#: Default seconds between two lines of `volume stats`: the window of volume.stats_live.
+DEFAULT_INTERVAL = 2.0
+MIN_INTERVAL = 0.1
+MAX_INTERVAL = 3600.0
 
 Command = Callable[[BlockingClient, argparse.Namespace], int]
 
@@ -83,6 +87,27 @@ def parse_repl_option(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"invalid replica count {text!r}: expected 1 to {MAX_HA_LEVEL}"
         )
+    return int(text)
+
+
+def parse_interval_option(text: str) -> float:
+    """Parse --interval: seconds between two lines of `volume stats`, 0.1 to 3600."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    # The comparison is False for NaN, so NaN is rejected with the other bad values.
+    if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"invalid interval {text!r}: expected {MIN_INTERVAL:g} to {MAX_INTERVAL:g} seconds"
+        )
+    return seconds
+
+
+def parse_count_option(text: str) -> int:
+    """Parse --count: a positive number of lines."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer")
     return int(text)
 
 
@@ -147,7 +172,72 @@ def volume_inspect(client: BlockingClient, args: argparse.Namespace) -> int:
     for index, record in enumerate(records):
         if index:
             print()
-        print("\n".join(inspect_lines(record)))
+        stats = client.call("volume.stats", record["id"], True)
+        print("\n".join(inspect_lines(record, stats)))
+    return 0
+
+
+def volume_update(client: BlockingClient, args: argparse.Namespace) -> int:
+    """Resize a volume or change its labels."""
+    changes: dict[str, Any] = {}
+    if args.size is not None:
+        changes["size"] = args.size
+    if args.label:
+        changes["labels"] = _updated_labels(client, args.ref, args.label)
+    if not changes:
+        raise errors.InvalidArgument("volume update needs --size or --label")
+    record = client.call("volume.update", args.ref, changes)
+    if args.json:
+        _print_json(volume_to_osd(record, _node_id(client)))
+    else:
+        print(f"Update Volume: Volume update successful for volume {args.ref}")
+    return 0
+
+
+def _updated_labels(
+    client: BlockingClient, ref: str, groups: list[dict[str, str]]
+) -> dict[str, str]:
+    """Merge --label groups into the volume's labels; an empty value removes the label."""
+    # NOTE: volume.update replaces the whole label map, so labels set by another client between
+    # this inspect and the update are lost.
+    labels = dict(client.call("volume.inspect", ref).get("labels") or {})
+    for group in groups:
+        for key, value in group.items():
+            if value:
+                labels[key] = value
+            else:
+                labels.pop(key, None)
+    return labels
+
+
+def volume_ha_update(client: BlockingClient, args: argparse.Namespace) -> int:
+    """Change the number of replicas of a volume."""
+    current = int(client.call("volume.inspect", args.ref)["ha_level"])
+    if current == args.repl:
+        print(f"Volume {args.ref} already has {current} replica(s)")
+        return 0
+    client.call("volume.update", args.ref, {"ha_level": args.repl})
+    print(
+        f"Update Volume Replication: Replication update started successfully for volume {args.ref}"
+    )
+    return 0
+
+
+def volume_stats(client: BlockingClient, args: argparse.Namespace) -> int:
+    """Print the I/O of the last 2 seconds of a volume, one line per interval."""
+    if not args.json:
+        print(stats_header())
+    sample = 0
+    while args.count is None or sample < args.count:
+        if sample:
+            time.sleep(args.interval)
+        stats = client.call("volume.stats_live", args.ref)
+        now = time.time()
+        if args.json:
+            print(json.dumps({"time": format_rfc3339(now), **stats}, sort_keys=True), flush=True)
+        else:
+            print(stats_line(stats, now), flush=True)
+        sample += 1
     return 0
 
 
@@ -208,6 +298,17 @@ def host_unmount(client: BlockingClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cluster_list(client: BlockingClient, args: argparse.Namespace) -> int:
+    """Print the nodes of the cluster as a table."""
+    nodes = client.call("cluster.nodes")
+    if args.json:
+        _print_json(nodes)
+        return 0
+    header = ["ID", "HOSTNAME", "IP", "CAPACITY", "USED", "FREE", "VOLUMES", "VERSION", "STATUS"]
+    _print_table(header, [_node_row(node) for node in nodes])
+    return 0
+
+
 def node_status(client: BlockingClient, args: argparse.Namespace) -> int:
     """Print the status of this node."""
     status = client.call("node.status")
@@ -221,8 +322,8 @@ def node_status(client: BlockingClient, args: argparse.Namespace) -> int:
 # --- Output -------------------------------------------------------------------------------------
 
 
-def inspect_lines(record: Mapping[str, Any]) -> list[str]:
-    """Return the `volume inspect` text of one volume record."""
+def inspect_lines(record: Mapping[str, Any], stats: Mapping[str, Any]) -> list[str]:
+    """Return the `volume inspect` text of one volume record and its cumulative Stats."""
     attached_on = record.get("attached_on") or ""
     mounted = record.get("mounted")
     paths = mounted if mounted is not None else record.get("mount_paths") or []
@@ -242,7 +343,14 @@ def inspect_lines(record: Mapping[str, Any]) -> list[str]:
         ("Mount paths", ", ".join(str(path) for path in paths) or "none"),
         ("Labels", labels or "none"),
         ("Epoch", str(record.get("epoch", 0))),
-        ("Bytes used", units.format_size(int(record.get("usage") or 0))),
+        ("Reads", _counter(stats, "reads")),
+        ("Reads MS", _counter(stats, "read_ms")),
+        ("Bytes Read", _counter(stats, "read_bytes")),
+        ("Writes", _counter(stats, "writes")),
+        ("Writes MS", _counter(stats, "write_ms")),
+        ("Bytes Written", _counter(stats, "write_bytes")),
+        ("IOs in progress", _counter(stats, "io_progress")),
+        ("Bytes used", units.format_size(int(stats.get("bytes_used") or 0))),
     ]
     lines = [f"Volume{' ' * (_LABEL_WIDTH - 6)}:  {record['id']}"]
     lines += [f"\t{label:<{_LABEL_WIDTH}}:  {value}" for label, value in fields]
@@ -276,6 +384,60 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+#: Column titles and widths of `volume stats`; the lines stream, so the widths are fixed.
+_STATS_COLUMNS = [
+    ("TIME", 20),
+    ("READS", 8),
+    ("BYTES READ", 11),
+    ("WRITES", 8),
+    ("BYTES WRITTEN", 13),
+    ("IOPS", 8),
+    ("IO DEPTH", 8),
+    ("READ TPUT", 12),
+    ("WRITE TPUT", 12),
+    ("LATENCY (ms)", 12),
+]
+
+
+def stats_header() -> str:
+    """Return the header line of `volume stats`."""
+    return _stats_row([title for title, _ in _STATS_COLUMNS])
+
+
+def stats_line(stats: Mapping[str, Any], now: float) -> str:
+    """Return one line of `volume stats` for a volume.stats_live result taken at `now`."""
+    reads = int(stats.get("reads") or 0)
+    writes = int(stats.get("writes") or 0)
+    requests = reads + writes
+    seconds = max(int(stats.get("interval_ms") or 0), 1) / 1000
+    busy_ms = int(stats.get("read_ms") or 0) + int(stats.get("write_ms") or 0)
+    latency = busy_ms / requests if requests else 0.0
+    cells = [
+        format_rfc3339(now),
+        str(reads),
+        units.format_size(int(stats.get("read_bytes") or 0)),
+        str(writes),
+        units.format_size(int(stats.get("write_bytes") or 0)),
+        f"{requests / seconds:.1f}",
+        str(int(stats.get("io_progress") or 0)),
+        units.format_size(int(int(stats.get("read_bytes") or 0) / seconds)) + "/s",
+        units.format_size(int(int(stats.get("write_bytes") or 0) / seconds)) + "/s",
+        f"{latency:.2f}",
+    ]
+    return _stats_row(cells)
+
+
+def _stats_row(cells: Sequence[str]) -> str:
+    padded = [cell.rjust(width) for cell, (_, width) in zip(cells, _STATS_COLUMNS, strict=True)]
+    padded[0] = cells[0].ljust(_STATS_COLUMNS[0][1])
+    return "  ".join(padded).rstrip()
+
+
+def format_rfc3339(seconds: float) -> str:
+    """Format seconds since the epoch as an RFC 3339 UTC time to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
 def format_time(ns: int | None) -> str:
     """Format nanoseconds since the epoch the way pxctl prints times, in UTC."""
     if not ns:
@@ -297,6 +459,30 @@ def _list_row(record: Mapping[str, Any]) -> list[str]:
         "LOW",
         status,
     ]
+
+
+def _node_row(node: Mapping[str, Any]) -> list[str]:
+    if not node.get("online"):
+        status = "Offline"
+    elif node.get("status") == "up":
+        status = "Online"
+    else:
+        status = f"Online ({node.get('status', 'unknown')})"
+    return [
+        str(node.get("node_id", "")),
+        str(node.get("hostname", "")),
+        str(node.get("ip", "")),
+        units.format_size(int(node.get("capacity_bytes") or 0)),
+        units.format_size(int(node.get("used_bytes") or 0)),
+        units.format_size(int(node.get("free_bytes") or 0)),
+        str(node.get("volumes", 0)),
+        str(node.get("version", "")),
+        status,
+    ]
+
+
+def _counter(stats: Mapping[str, Any], key: str) -> str:
+    return str(int(stats.get(key) or 0))
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -331,6 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_volume_commands(commands)
     _add_host_commands(commands)
+    cluster = commands.add_parser("cluster", help="show the nodes of the cluster")
+    cluster_verbs = cluster.add_subparsers(dest="verb", metavar="VERB", required=True)
+    cluster_list_parser = cluster_verbs.add_parser(
+        "list", aliases=["l"], help="list the nodes of the cluster"
+    )
+    _add_json(cluster_list_parser)
+    cluster_list_parser.set_defaults(func=cluster_list)
     status = commands.add_parser("status", help="show the status of this node")
     _add_json(status)
     status.set_defaults(func=node_status)
@@ -399,6 +592,51 @@ def _add_volume_commands(commands: Any) -> None:
     check.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
     _add_json(check)
     check.set_defaults(func=volume_check)
+    _add_volume_update_commands(verbs)
+
+
+def _add_volume_update_commands(verbs: Any) -> None:
+    update = verbs.add_parser("update", help="resize a volume or change its labels")
+    update.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
+    update.add_argument(
+        "--size",
+        type=parse_size_option,
+        help="new size in GiB, or with a suffix such as 512M or 2T; volumes only grow",
+    )
+    update.add_argument(
+        "--label",
+        type=parse_labels,
+        action="append",
+        metavar="KEY=VALUE,...",
+        help="labels to set, comma-separated; KEY= removes a label; may be repeated",
+    )
+    _add_json(update)
+    update.set_defaults(func=volume_update)
+
+    ha_update = verbs.add_parser("ha-update", help="change the number of replicas of a volume")
+    ha_update.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
+    ha_update.add_argument(
+        "--repl", type=parse_repl_option, required=True, help="new number of replicas, 1 to 3"
+    )
+    ha_update.set_defaults(func=volume_ha_update)
+
+    stats = verbs.add_parser("stats", help="show the I/O of a volume, one line per interval")
+    stats.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
+    stats.add_argument(
+        "--interval",
+        type=parse_interval_option,
+        default=DEFAULT_INTERVAL,
+        metavar="SECONDS",
+        help=f"seconds between two lines (default: {DEFAULT_INTERVAL:g})",
+    )
+    stats.add_argument(
+        "--count",
+        type=parse_count_option,
+        metavar="N",
+        help="stop after N lines (default: run until interrupted)",
+    )
+    _add_json(stats)
+    stats.set_defaults(func=volume_stats)
 
 
 def _add_host_commands(commands: Any) -> None:

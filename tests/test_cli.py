@@ -487,3 +487,222 @@ def test_socket_path_is_regular_file(tmp_path: Path) -> None:
     result = pxctl(path, "status")
     assert_one_line_error(result, errors.Unavailable.exit_code)
     assert f"{path} is not a socket" in result.stderr
+
+
+# --- volume inspect counters, update, ha-update, stats ------------------------------------------
+
+
+def inspect_fields(stdout: str) -> dict[str, str]:
+    """Parse the `label : value` lines of `volume inspect` output."""
+    return {
+        line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip()
+        for line in stdout.splitlines()
+        if line.startswith("\t") and not line.startswith("\t\t") and ":" in line
+    }
+
+
+def test_inspect_shows_counters(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1")
+    pxd.volumes[volume_id]["usage"] = 3 << 20
+    pxd.totals[volume_id] = {
+        "reads": 5,
+        "read_ms": 7,
+        "read_bytes": 20480,
+        "writes": 64,
+        "write_ms": 90,
+        "write_bytes": 4 << 20,
+        "io_progress": 1,
+    }
+    result = pxctl(pxd.socket, "volume", "inspect", "vol1")
+    assert result.returncode == 0, result.stderr
+    fields = inspect_fields(result.stdout)
+    assert fields["Reads"] == "5"
+    assert fields["Reads MS"] == "7"
+    assert fields["Bytes Read"] == "20480"
+    assert fields["Writes"] == "64"
+    assert fields["Writes MS"] == "90"
+    assert fields["Bytes Written"] == str(4 << 20)
+    assert fields["IOs in progress"] == "1"
+    assert fields["Bytes used"] == "3.0 MiB"
+
+
+def test_update_size(pxd: Any) -> None:
+    create(pxd, "vol1", "--size", "1")
+    result = pxctl(pxd.socket, "volume", "update", "--size", "3", "vol1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Update Volume: Volume update successful for volume vol1\n"
+    assert pxd.find("vol1")["size"] == 3 * GIB
+
+
+def test_update_shrink_exit_code(pxd: Any) -> None:
+    create(pxd, "vol1", "--size", "2")
+    result = pxctl(pxd.socket, "volume", "update", "--size", "1", "vol1")
+    assert_one_line_error(result, errors.InvalidArgument.exit_code)
+    assert "shrinking is not supported" in result.stderr
+    assert pxd.find("vol1")["size"] == 2 * GIB
+
+
+def test_update_labels_merge_and_remove(pxd: Any) -> None:
+    create(pxd, "vol1", "--label", "app=db,tier=gold")
+    result = pxctl(pxd.socket, "volume", "update", "--label", "tier=,env=prod", "vol1")
+    assert result.returncode == 0, result.stderr
+    assert pxd.find("vol1")["labels"] == {"app": "db", "env": "prod"}
+
+
+def test_update_json(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1")
+    result = pxctl(pxd.socket, "volume", "update", "--size", "2G", "vol1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == volume_to_osd(pxd.volumes[volume_id], pxd.node_id)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["volume", "update", "vol1"], "needs --size or --label"),
+        (["volume", "update", "--size", "0", "vol1"], "invalid size"),
+        (["volume", "update", "--size", "ten", "vol1"], "invalid size"),
+        (["volume", "update", "--label", "novalue", "vol1"], "expected KEY=VALUE"),
+        (["volume", "update", "--size", "2"], "required"),
+        (["volume", "ha-update", "vol1"], "--repl"),
+        (["volume", "ha-update", "--repl", "4", "vol1"], "invalid replica count"),
+        (["volume", "stats", "vol1", "--interval", "0"], "invalid interval"),
+        (["volume", "stats", "vol1", "--interval", "nan"], "invalid interval"),
+        (["volume", "stats", "vol1", "--interval", "x"], "invalid interval"),
+        (["volume", "stats", "vol1", "--count", "0"], "invalid count"),
+        (["volume", "stats", "vol1", "--count", "-1"], "invalid count"),
+        (["cluster"], "required"),
+    ],
+)
+def test_new_commands_bad_arguments(pxd: Any, args: list[str], expected: str) -> None:
+    create(pxd, "vol1")
+    before = json.dumps(pxd.volumes, sort_keys=True)
+    result = pxctl(pxd.socket, *args)
+    assert_one_line_error(result, errors.InvalidArgument.exit_code)
+    assert expected in result.stderr
+    assert json.dumps(pxd.volumes, sort_keys=True) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["volume", "update", "--size", "2", "ghost"],
+        ["volume", "update", "--label", "a=b", "ghost"],
+        ["volume", "ha-update", "--repl", "2", "ghost"],
+        ["volume", "stats", "ghost", "--count", "1"],
+    ],
+)
+def test_new_commands_unknown_volume(pxd: Any, args: list[str]) -> None:
+    result = pxctl(pxd.socket, *args)
+    assert_one_line_error(result, errors.NotFound.exit_code)
+    assert "volume ghost not found" in result.stderr
+
+
+def test_ha_update_needs_nodes(pxd: Any) -> None:
+    create(pxd, "vol1")
+    result = pxctl(pxd.socket, "volume", "ha-update", "--repl", "2", "vol1")
+    assert_one_line_error(result, errors.InvalidArgument.exit_code)
+    assert "needs 2 nodes" in result.stderr
+
+
+def test_ha_update_not_supported_yet(pxd: Any) -> None:
+    pxd.other_nodes = [{"node_id": "node-b2", "online": True, "status": "up"}]
+    create(pxd, "vol1")
+    result = pxctl(pxd.socket, "volume", "ha-update", "--repl", "2", "vol1")
+    assert_one_line_error(result, errors.NotSupported.exit_code)
+    assert "changing ha_level from 1 to 2 is not supported yet" in result.stderr
+
+
+def test_ha_update_same_level(pxd: Any) -> None:
+    create(pxd, "vol1")
+    result = pxctl(pxd.socket, "volume", "ha-update", "--repl", "1", "vol1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Volume vol1 already has 1 replica(s)\n"
+
+
+def test_stats_lines(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1")
+    pxd.live[volume_id] = {
+        "reads": 10,
+        "read_bytes": 2 << 20,
+        "read_ms": 10,
+        "writes": 30,
+        "write_bytes": 4 << 20,
+        "write_ms": 50,
+        "io_progress": 3,
+    }
+    result = pxctl(pxd.socket, "volume", "stats", "vol1", "--interval", "0.1", "--count", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4
+    assert lines[0].split() == [
+        "TIME", "READS", "BYTES", "READ", "WRITES", "BYTES", "WRITTEN", "IOPS", "IO", "DEPTH",
+        "READ", "TPUT", "WRITE", "TPUT", "LATENCY", "(ms)",
+    ]  # fmt: skip
+    cells = lines[1].split()
+    assert cells[0].endswith("Z")
+    # 40 requests over the 2 s window; (10 + 50) ms over 40 requests.
+    assert cells[1:] == [
+        "10", "2.0", "MiB", "30", "4.0", "MiB", "20.0", "3", "1.0", "MiB/s", "2.0", "MiB/s",
+        "1.50",
+    ]  # fmt: skip
+    assert [name for name, _ in pxd.calls].count("volume.stats_live") == 3
+
+
+def test_stats_idle_volume(pxd: Any) -> None:
+    create(pxd, "vol1")
+    result = pxctl(pxd.socket, "volume", "stats", "vol1", "--count", "1")
+    assert result.returncode == 0, result.stderr
+    cells = result.stdout.splitlines()[1].split()
+    assert cells[1:] == [
+        "0", "0", "B", "0", "0", "B", "0.0", "0", "0", "B/s", "0", "B/s", "0.00",
+    ]  # fmt: skip
+
+
+def test_stats_json_lines(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1")
+    pxd.live[volume_id] = {"writes": 2}
+    result = pxctl(pxd.socket, "-j", "volume", "stats", "vol1", "--count", "2", "--interval", "0.1")
+    assert result.returncode == 0, result.stderr
+    samples = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(samples) == 2
+    assert samples[0]["writes"] == 2
+    assert samples[0]["interval_ms"] == 2000
+    assert samples[0]["time"].endswith("Z")
+
+
+# --- cluster list -------------------------------------------------------------------------------
+
+
+def test_cluster_list_table(pxd: Any) -> None:
+    pxd.other_nodes = [
+        {"node_id": "node-b2", "hostname": "hb", "ip": "127.0.0.2", "online": False},
+        {"node_id": "node-c3", "hostname": "hc", "online": True, "status": "starting"},
+    ]
+    result = pxctl(pxd.socket, "cluster", "list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == [
+        "ID", "HOSTNAME", "IP", "CAPACITY", "USED", "FREE", "VOLUMES", "VERSION", "STATUS",
+    ]  # fmt: skip
+    assert lines[1].split() == [
+        pxd.node_id, "fakehost", "127.0.0.1", "100.0", "GiB", "40.0", "GiB", "60.0", "GiB",
+        "0", "0.1.0", "Online",
+    ]  # fmt: skip
+    assert lines[2].startswith("node-b2")
+    assert lines[2].endswith("Offline")
+    assert lines[3].endswith("Online (starting)")
+
+
+def test_cluster_list_json(pxd: Any) -> None:
+    result = pxctl(pxd.socket, "cluster", "l", "--json")
+    assert result.returncode == 0, result.stderr
+    nodes = json.loads(result.stdout)
+    assert [node["node_id"] for node in nodes] == [pxd.node_id]
+    assert nodes[0]["online"] is True
+
+
+def test_cluster_list_pxd_down(tmp_path: Path) -> None:
+    result = pxctl(tmp_path / "absent.sock", "cluster", "list")
+    assert_one_line_error(result, errors.Unavailable.exit_code)
+    assert "pxd is not running" in result.stderr
