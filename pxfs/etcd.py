@@ -56,6 +56,7 @@ _GRPC_ERRORS: dict[int, type[PxfsError]] = {
     16: AuthenticationFailed,  # UNAUTHENTICATED
 }
 _GRPC_UNAVAILABLE = 14
+_MAX_LINES_AFTER_CLOSE = 1000
 
 
 @dataclass(frozen=True)
@@ -356,8 +357,8 @@ class EtcdClient:
             request["prev_kv"] = True
         async with contextlib.AsyncExitStack() as stack:
             endpoint, response = await self._open_stream({"create_request": request})
-            stack.push_async_callback(_close_response, response)
             watch = Watch(endpoint, response)
+            stack.push_async_callback(watch.aclose)
             with trio.fail_after(self.timeout):
                 await watch.wait_created()
             yield watch
@@ -442,6 +443,7 @@ class Watch:
         self.endpoint = endpoint
         self.watch_id = 0
         self.revision = 0
+        self._response = response
         self._lines = response.aiter_lines()
         self._pending: list[WatchEvent] = []
 
@@ -452,6 +454,20 @@ class Watch:
         while not self._pending:
             self._pending = await self._next_events()
         return self._pending.pop(0)
+
+    async def aclose(self) -> None:
+        """Close the stream's connection, which ends the watch on the server too."""
+        with trio.CancelScope(shield=True):
+            await self._response.aclose()
+            # aiter_lines sits on four nested httpx generators, and closing the outer one
+            # leaves the inner ones open until garbage collection, where trio warns about
+            # each. Reading from the closed stream raises through all of them, which ends
+            # them in order. The bound only guards against lines still in httpx's buffer.
+            for _ in range(_MAX_LINES_AFTER_CLOSE):
+                try:
+                    await anext(self._lines)
+                except (StopAsyncIteration, httpx.HTTPError, httpx.StreamError):
+                    return
 
     async def wait_created(self) -> None:
         """Wait for etcd's confirmation that the watch exists."""
@@ -491,7 +507,10 @@ class Watch:
                 f"etcd at {self.endpoint} sent invalid JSON: {line!r:.200}"
             ) from None
         if "error" in message:
-            raise _error_from_body(message["error"], "/v3/watch")
+            error = _error_from_body(message["error"], "/v3/watch")
+            if isinstance(error, Unavailable):
+                raise self._broken(error.message)
+            raise error
         result = message.get("result")
         if not isinstance(result, dict):
             raise ProtocolError(f"etcd at {self.endpoint} sent no watch result: {line!r:.200}")
@@ -520,11 +539,6 @@ def _check_endpoints(endpoints: Sequence[str]) -> list[str]:
             )
         checked.append(endpoint.rstrip("/"))
     return checked
-
-
-async def _close_response(response: httpx.Response) -> None:
-    with trio.CancelScope(shield=True):
-        await response.aclose()
 
 
 def _decode_reply(response: httpx.Response, path: str, endpoint: str) -> dict[str, Any] | None:
@@ -569,7 +583,9 @@ def _error_from_response(response: httpx.Response, path: str, endpoint: str) -> 
 
 
 def _error_from_body(body: dict[str, Any], path: str) -> PxfsError:
-    code = body.get("code")
+    # Unary calls report {"code": ..., "message": ...}; streams report the error of the stream
+    # as {"grpc_code": ..., "http_code": ..., "message": ...}.
+    code = body.get("code", body.get("grpc_code"))
     message = body.get("message") or body.get("error") or "no message"
     cls = _GRPC_ERRORS.get(code, InternalError) if isinstance(code, int) else InternalError
     if cls is InternalError:
