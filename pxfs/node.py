@@ -238,6 +238,8 @@ class MountChild:
     #: The unix socket on which the child serves mount.stats and mount.grow.
     control_socket: str
     paths: list[str] = field(default_factory=list)
+    #: Failed samples of the I/O counters in a row.
+    sample_failures: int = 0
     process: trio.Process | None = None
     epoch: int = 0
     started_at: float = 0.0
@@ -941,6 +943,7 @@ class Node:
             ) from None
 
         child.generation += 1
+        child.sample_failures = 0
         child.process, child.epoch, child.stopping = process, epoch, False
         child.exited, child.stderr_closed = trio.Event(), trio.Event()
         child.started_at = trio.current_time()
@@ -1160,9 +1163,15 @@ class Node:
         try:
             sample = await self._call_child(child, SAMPLE_TIMEOUT, "mount.stats")
         except PxfsError as exc:
-            # A child that is starting, stopping or stuck; the next sample tries again.
-            log.debug("volume %s: sampling I/O counters failed: %s", child.vol_id, exc.message)
+            if child.exited.is_set():
+                return
+            # The child is starting, stopping or stuck, and the next sample tries again. Only
+            # the first failure in a row is a warning, so a stuck child does not flood the log.
+            level = logging.DEBUG if child.sample_failures else logging.WARNING
+            child.sample_failures += 1
+            log.log(level, "volume %s: sampling I/O counters failed: %s", child.vol_id, exc.message)
             return
+        child.sample_failures = 0
         try:
             self._stats().get(child.vol_id).apply_sample(sample, time.time(), trio.current_time())
         except ValueError as exc:
@@ -1185,7 +1194,7 @@ class Node:
                 with trio.CancelScope(shield=True):
                     await client.aclose()
         raise Unavailable(
-            f"the mount child of volume {child.vol_id} did not answer {method} within {timeout} s"
+            f"{method} to the mount child of volume {child.vol_id} timed out after {timeout} s"
         )
 
     async def _save_stats_periodically(self) -> None:
@@ -1286,9 +1295,9 @@ def _apply_update(parsed: dict[str, Any]) -> Callable[[VolumeRecord], VolumeReco
 
 
 def _offline_node(node: dict[str, Any]) -> dict[str, Any]:
-    """Return the node.status keys of a node that this pxd knows only from the catalog."""
-    # NOTE: the single-node catalog holds only this node; a node of a shared catalog is shown
-    # as offline until nodes report their status to each other.
+    """Return the node.status keys of a node that this pxd has only a catalog record of."""
+    # NOTE: nodes do not report their status to each other yet, so every other node of a
+    # shared catalog is shown as offline. The single-node catalog contains only this node.
     return {
         "node_id": node["id"],
         "hostname": node.get("hostname", ""),
