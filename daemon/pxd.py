@@ -122,8 +122,8 @@ async def serve(config: Config) -> None:
             nursery.start_soon(_stop_on_signal, node, signals, notifier)
             async with trio.open_nursery() as node_nursery:
                 await node_nursery.start(node.run)
-                # A signal during start-up has already sent STOPPING=1; READY=1 after it
-                # would make systemd consider the service started again.
+                # A signal during start-up has already sent STOPPING=1, and a READY=1 after
+                # it would make systemd consider the service started again.
                 if not node.stopping:
                     notifier.ready(f"serving {config.control_socket}")
             nursery.cancel_scope.cancel()

@@ -1,6 +1,6 @@
 """The sd_notify(3) protocol of systemd, by hand: state datagrams to the socket in NOTIFY_SOCKET.
 
-A service of Type=notify tells systemd its state by sending one datagram of newline-separated
+A service of Type=notify reports its state to systemd by sending one datagram of newline-separated
 assignments ("READY=1", "STOPPING=1", "STATUS=text") to the AF_UNIX datagram socket named in
 the NOTIFY_SOCKET environment variable. An address that starts with "@" is in the abstract
 namespace: the "@" stands for a leading NUL byte. Without NOTIFY_SOCKET every call does nothing,
@@ -41,7 +41,7 @@ class Notifier:
         return self.address is not None
 
     def notify(self, *assignments: str) -> bool:
-        """Send the assignments in one datagram; return True if it was sent.
+        """Send the assignments in one datagram and return True if it was sent.
 
         Returns False without sending when no socket is configured, and False after logging
         when the address is invalid or the send fails.
@@ -81,10 +81,10 @@ class Notifier:
 
 
 def socket_address(address: str) -> str | bytes:
-    """Convert a NOTIFY_SOCKET value into an AF_UNIX address; raise ValueError if invalid.
+    """Convert a NOTIFY_SOCKET value into an AF_UNIX address, or raise ValueError if invalid.
 
     An absolute path is used as it is, and "@name" becomes the abstract address "\\0name".
-    Other forms (systemd 254 and later also accept "vsock:CID:PORT") are not supported.
+    Any other form, such as an AF_VSOCK address, is rejected.
     """
     if address.startswith("/"):
         return address

@@ -90,7 +90,7 @@ def test_invalid_address_does_not_raise(caplog: pytest.LogCaptureFixture) -> Non
 
 
 def test_full_queue_does_not_block(receiver: tuple[socket.socket, str]) -> None:
-    # Nobody reads the receiver, so its queue fills; a blocking send would then hang.
+    # The test never reads from the receiver, so its queue fills and a blocking send hangs.
     _, path = receiver
     notifier = Notifier(path)
     results: list[bool] = []

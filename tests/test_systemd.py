@@ -216,7 +216,8 @@ def test_example_config_documents_fields(tmp_path: Path) -> None:
             continue
         keys.append(match.group(1))
         above = lines[number - 1]
-        assert above.startswith("# ") and not KEY_LINE.match(above), f"{line!r} has no comment"
+        assert above.startswith("# "), f"{line!r} has no comment above it"
+        assert not KEY_LINE.match(above), f"{line!r} has no comment above it"
     fields = [field.name for field in Config.__dataclass_fields__.values()]
     assert sorted(keys) == sorted(fields)
 
