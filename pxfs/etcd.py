@@ -6,7 +6,7 @@ has its zero value. This client covers what the catalog needs: ranges, puts, del
 transactions, leases and watches.
 
 Every call is bounded by the client's timeout and tries the endpoints in turn, starting with the
-one that answered last. A request that never reached a server (connection refused, connect
+one that responded last. A request that never reached a server (connection refused, connect
 timeout) always moves on to the next endpoint. A request that was sent but got no reply moves on
 only when repeating it is harmless (reads, lease keepalives). For a write, the outcome is then
 unknown, so the call raises Unavailable instead of risking a second application.
@@ -381,8 +381,8 @@ class EtcdClient:
                     continue
                 reply = _decode_reply(response, path, endpoint)
                 if reply is None:
-                    # etcd answered that it cannot serve now (no leader, say): another member
-                    # may, but a write that etcd reports this way may still have been applied.
+                    # etcd reported that it cannot serve now (no leader, say). Another member
+                    # may serve it, but a write that failed this way may still be applied.
                     if not idempotent:
                         raise _unknown_outcome(path, endpoint, "etcd reported it is unavailable")
                     tried.append(f"{endpoint} (etcd reported it is unavailable)")
@@ -391,7 +391,9 @@ class EtcdClient:
                 return reply
             raise Unavailable(f"etcd is unavailable: {path} failed on {', '.join(tried)}")
         tried.append(f"{current} (no reply)")
-        message = f"etcd did not answer {path} within {self.timeout:g} s; tried {', '.join(tried)}"
+        message = (
+            f"etcd request {path} timed out after {self.timeout:g} s; tried {', '.join(tried)}"
+        )
         if not idempotent:
             message += "; the write may or may not have been applied"
         raise Unavailable(message)
@@ -399,8 +401,8 @@ class EtcdClient:
     async def _open_stream(self, body: dict[str, Any]) -> tuple[str, httpx.Response]:
         tried: list[str] = []
         current = ""
-        # The stream stays open for as long as the caller watches, so only its connect and the
-        # first reply are bounded; `read=None` lets it sit idle while nothing changes.
+        # The stream stays open for as long as the caller watches. Only its connect and first
+        # reply are bounded, and `read=None` lets it sit idle while nothing changes.
         timeout = httpx.Timeout(self.timeout, connect=self.connect_timeout, read=None)
         with trio.move_on_after(self.timeout):
             for index, endpoint in self._endpoint_order():
@@ -422,7 +424,7 @@ class EtcdClient:
             raise Unavailable(f"etcd is unavailable: /v3/watch failed on {', '.join(tried)}")
         tried.append(f"{current} (no reply)")
         raise Unavailable(
-            f"etcd did not answer /v3/watch within {self.timeout:g} s; tried {', '.join(tried)}"
+            f"etcd request /v3/watch timed out after {self.timeout:g} s; tried {', '.join(tried)}"
         )
 
     def _endpoint_order(self) -> list[tuple[int, str]]:
@@ -576,7 +578,7 @@ def _error_from_response(response: httpx.Response, path: str, endpoint: str) -> 
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("code"), int):
         return ProtocolError(
-            f"etcd at {endpoint} answered {path} with HTTP {response.status_code}: "
+            f"etcd at {endpoint} returned HTTP {response.status_code} for {path}: "
             f"{response.text!r:.200}"
         )
     return _error_from_body(body, path)
@@ -595,7 +597,7 @@ def _error_from_body(body: dict[str, Any], path: str) -> PxfsError:
 
 def _unknown_outcome(path: str, endpoint: str, reason: str) -> Unavailable:
     return Unavailable(
-        f"etcd at {endpoint} did not answer {path} ({reason}); "
+        f"etcd at {endpoint} sent no response to {path} ({reason}); "
         "the write may or may not have been applied"
     )
 

@@ -123,11 +123,11 @@ class EtcdCatalog(Catalog):
         failure = [Get(key) for key in unique]
         result = await self._client.txn([key_missing(key) for key in unique], success, failure)
         if not result.succeeded:
-            taken = {
+            existing = {
                 key for key, found in zip(unique, result.responses, strict=True) if _found(found)
             }
             for key, message in checks:
-                if key in taken:
+                if key in existing:
                     raise AlreadyExists(message)
             raise InternalError(f"creating volume {vol_id} failed, but no conflicting key exists")
         log.debug("catalog: created volume %s (%s)", vol_id, name)
@@ -282,8 +282,8 @@ class EtcdCatalog(Catalog):
                     await self._refresh_lease()
                 except PxfsError as exc:
                     failures += 1
-                    # Every failure is logged at first, then one in ten, so an etcd outage
-                    # does not flood the log.
+                    # The first three failures in a row are logged, then every tenth, so an
+                    # etcd outage does not flood the log.
                     if failures <= 3 or failures % 10 == 0:
                         log.warning(
                             "catalog: refreshing lease %x failed (%d in a row): %s",

@@ -92,7 +92,7 @@ class EtcdProcess:
         self.start()
 
     def pause(self) -> None:
-        """SIGSTOP etcd: its sockets still accept connections but nothing answers them."""
+        """SIGSTOP etcd: its sockets still accept connections, but it sends no responses."""
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
         self.paused = True
@@ -111,7 +111,7 @@ class EtcdProcess:
             return ""
 
     def _serves_reads(self) -> bool:
-        # A range read needs a leader, so an answer means the member is ready for every call.
+        # A range read needs a leader, so a response means the member is ready for every call.
         request = urllib.request.Request(
             f"{self.endpoint}/v3/kv/range", data=b'{"key": "AA=="}', method="POST"
         )

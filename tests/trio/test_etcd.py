@@ -269,7 +269,7 @@ async def test_failover_to_next_endpoint(shared_etcd: EtcdProcess) -> None:
         assert watch.endpoint == shared_etcd.endpoint
 
 
-async def test_no_endpoint_answers() -> None:
+async def test_no_endpoint_responds() -> None:
     dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
     async with EtcdClient(dead, timeout=TIMEOUT) as client:
         with pytest.raises(Unavailable, match="etcd is unavailable") as caught:
@@ -308,7 +308,7 @@ async def test_hung_etcd_times_out(own_etcd: EtcdProcess) -> None:
         own_etcd.pause()
         try:
             started = trio.current_time()
-            with pytest.raises(Unavailable, match="did not answer") as read_error:
+            with pytest.raises(Unavailable, match="timed out after") as read_error:
                 await client.get(b"k")
             elapsed = trio.current_time() - started
             with pytest.raises(Unavailable, match="may or may not have been applied"):

@@ -150,9 +150,7 @@ async def test_racing_compare_and_set_has_one_winner(
             created = reset
 
 
-async def test_racing_updates_from_two_catalogs_all_apply(
-    shared_etcd: EtcdProcess, cluster_id: str
-) -> None:
+async def test_racing_updates_all_apply(shared_etcd: EtcdProcess, cluster_id: str) -> None:
     endpoints = [shared_etcd.endpoint]
     async with (
         open_etcd_catalog(endpoints, cluster_id) as first,
