@@ -73,6 +73,9 @@ class BlockCache:
         self._dirty: dict[int, int] = {}
         self._generation = 0
         self._writing: dict[int, trio.Event] = {}
+        # Each write in flight -> the oldest dirty generation among its blocks, so that flush
+        # can wait for the writes that carry blocks dirtied before it started.
+        self._oldest_in_write: dict[trio.Event, int] = {}
         self._loading: dict[int, trio.Event] = {}
         self._write_done = trio.Event()
         self._wakeup = trio.Event()
@@ -207,18 +210,20 @@ class BlockCache:
     async def flush(self) -> None:
         """Write every block dirty now, and wait for the writes in flight now."""
         snapshot = self._generation
-        waiting = set(self._writing.values())
         while True:
-            for event in waiting:
-                await event.wait()
+            # Another task may take due blocks into a write of its own at any await below, so
+            # both sets are computed again on every pass.
+            waiting = [
+                event for event, oldest in self._oldest_in_write.items() if oldest <= snapshot
+            ]
             due = [blockno for blockno, gen in self._dirty.items() if gen <= snapshot]
-            if not due:
+            if not due and not waiting:
                 return
             ready = [blockno for blockno in due if blockno not in self._writing]
             if ready:
                 await self._write_all(ready)
-            # Another task may have taken some of these blocks into a write of its own.
-            waiting = {self._writing[b] for b in due if b in self._writing}
+            for event in waiting:
+                await event.wait()
 
     async def _write_all(self, blocknos: list[int]) -> None:
         ordered = sorted(blocknos)
@@ -247,6 +252,7 @@ class BlockCache:
                 return
             payload = [(blockno, bytes(self._blocks[blockno])) for blockno in batch]
             event = trio.Event()
+            self._oldest_in_write[event] = min(self._dirty[blockno] for blockno in batch)
             for blockno in batch:
                 del self._dirty[blockno]
                 self._writing[blockno] = event
@@ -262,6 +268,7 @@ class BlockCache:
             finally:
                 for blockno in batch:
                     del self._writing[blockno]
+                del self._oldest_in_write[event]
                 event.set()
                 self._write_done.set()
                 self._write_done = trio.Event()
