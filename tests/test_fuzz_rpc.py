@@ -1,0 +1,279 @@
+"""Property and fuzz tests of the RPC frame codec of pxfs.rpc (encode_frame, FrameDecoder).
+
+The documented errors are InvalidArgument from encode_frame and ProtocolError from
+FrameDecoder.feed, parse_request and error_from_payload. Any other exception, or a decoder that
+waits for more bytes than a frame can hold, is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import tempfile
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pxfs import errors, rpc
+
+# No example database: a fuzz run leaves no files in the working tree, and each run draws new
+# inputs. The deadline catches a decoder that loops; a frame here takes well under a millisecond.
+FUZZ = settings(database=None, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+
+
+def fuzz(examples: int) -> settings:
+    """Return the fuzz settings with `examples` inputs per run."""
+    return settings(FUZZ, max_examples=examples)
+
+
+LENGTH = struct.Struct(">I")
+
+# Values that msgpack round-trips unchanged with use_bin_type=True and raw=False: no NaN (it is
+# not equal to itself) and no tuples (they come back as lists).
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.binary(max_size=12)
+)
+keys = st.text(max_size=6) | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+messages = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4),
+    max_leaves=10,
+)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """Split `data` at the offsets `cuts` (taken modulo its length) into consecutive chunks."""
+    points = sorted({cut % (len(data) + 1) for cut in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[start:stop] for start, stop in zip(bounds, bounds[1:], strict=False)]
+
+
+def feed_all(decoder: rpc.FrameDecoder, chunks: list[bytes]) -> list[Any]:
+    """Feed every chunk and return all the messages that came out."""
+    out: list[Any] = []
+    for chunk in chunks:
+        out.extend(decoder.feed(chunk))
+    return out
+
+
+@fuzz(150)
+@given(st.lists(messages, min_size=1, max_size=5), st.lists(st.integers(0, 1 << 20), max_size=12))
+def test_round_trip_split_anywhere(batch: list[Any], cuts: list[int]) -> None:
+    """150 batches of 1-5 valid messages, cut at up to 12 random points, decode unchanged."""
+    stream = b"".join(rpc.encode_frame(message) for message in batch)
+    decoder = rpc.FrameDecoder()
+    assert feed_all(decoder, split(stream, cuts)) == batch
+    assert decoder.pending == 0
+
+
+@fuzz(150)
+@given(messages)
+def test_truncated_frame_waits(message: Any) -> None:
+    """150 valid frames, each cut short at every one of its bytes, yield nothing."""
+    frame = rpc.encode_frame(message)
+    for cut in range(len(frame)):
+        decoder = rpc.FrameDecoder()
+        assert decoder.feed(frame[:cut]) == []
+        assert decoder.pending == cut
+
+
+@fuzz(300)
+@given(st.integers(0, 1 << 16), st.integers(1, 2**32 - 1), st.binary(max_size=64))
+def test_oversized_length_rejected_at_once(max_frame: int, excess: int, tail: bytes) -> None:
+    """300 length prefixes above max_frame raise ProtocolError before any body byte arrives."""
+    length = min(max_frame + excess, 2**32 - 1)
+    decoder = rpc.FrameDecoder(max_frame=max_frame)
+    with pytest.raises(errors.ProtocolError):
+        decoder.feed(LENGTH.pack(length) + tail)
+
+
+def test_default_limit_rejects_every_prefix_above_it() -> None:
+    """The default decoder rejects a prefix of MAX_FRAME + 1 and accepts MAX_FRAME as pending."""
+    decoder = rpc.FrameDecoder()
+    assert decoder.feed(LENGTH.pack(rpc.MAX_FRAME)) == []
+    with pytest.raises(errors.ProtocolError):
+        rpc.FrameDecoder().feed(LENGTH.pack(rpc.MAX_FRAME + 1))
+
+
+@fuzz(600)
+@given(st.binary(max_size=256), st.lists(st.integers(0, 1 << 10), max_size=6))
+def test_random_stream_only_protocol_error(stream: bytes, cuts: list[int]) -> None:
+    """600 random byte streams in random chunks: messages or ProtocolError, nothing else."""
+    decoder = rpc.FrameDecoder(max_frame=1024)
+    try:
+        feed_all(decoder, split(stream, cuts))
+    except errors.ProtocolError:
+        return
+    assert decoder.pending < LENGTH.size + 1024
+
+
+MUTATIONS = 20
+
+
+def mutants(body: bytes, seed: int) -> list[bytes]:
+    """Return MUTATIONS copies of `body` with 1 to 4 bytes overwritten, cut or inserted."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(MUTATIONS):
+        mutant = bytearray(body)
+        for _ in range(rng.randint(1, 4)):
+            action = rng.randrange(3)
+            index = rng.randrange(len(mutant) + 1)
+            if action == 0 and index < len(mutant):
+                mutant[index] = rng.randrange(256)
+            elif action == 1:
+                del mutant[index:]
+            else:
+                mutant[index:index] = bytes([rng.randrange(256)])
+        out.append(bytes(mutant))
+    return out
+
+
+def is_known_key_bug(exc: TypeError) -> bool:
+    """Tell whether `exc` is the unhashable-map-key bug that the xfail tests below record."""
+    return "unhashable type" in str(exc)
+
+
+@fuzz(150)
+@given(messages, st.integers(0, 2**32))
+def test_framed_garbage_only_protocol_error(message: Any, seed: int) -> None:
+    """150 valid bodies, 20 mutants each (3000 frames) with a right prefix: a message or
+    ProtocolError."""
+    body = msgpack.packb(message, use_bin_type=True)
+    for mutant in mutants(body, seed):
+        decoder = rpc.FrameDecoder()
+        try:
+            out = decoder.feed(LENGTH.pack(len(mutant)) + mutant)
+        except errors.ProtocolError:
+            continue
+        except TypeError as exc:
+            # NOTE: remove this branch once FrameDecoder maps TypeError to ProtocolError.
+            if is_known_key_bug(exc):
+                continue
+            raise
+        assert len(out) == 1
+        assert decoder.pending == 0
+
+
+# msgpack's unpacker raises TypeError, not ValueError, when a map key is an array or a map,
+# because Python cannot hash a list or dict. _unpack catches only ValueError and UnpackException.
+UNHASHABLE_KEY_BODIES = [b"\x81\x90\x00", b"\x81\x80\x00", b"\x91\x81\x91\x00\x00"]
+
+
+@pytest.mark.xfail(strict=True, reason="FrameDecoder lets TypeError out for an array map key")
+@pytest.mark.parametrize("body", UNHASHABLE_KEY_BODIES)
+def test_unhashable_map_key_is_protocol_error(body: bytes) -> None:
+    decoder = rpc.FrameDecoder()
+    with pytest.raises(errors.ProtocolError):
+        decoder.feed(LENGTH.pack(len(body)) + body)
+
+
+@pytest.mark.xfail(strict=True, reason="a frame with an array map key kills the RpcServer")
+def test_server_survives_unhashable_map_key() -> None:
+    """A peer that sends one 7-byte frame must lose its connection, not stop the server."""
+
+    async def echo(*args: Any) -> list[Any]:
+        return list(args)
+
+    async def main(path: str) -> list[Any]:
+        server = rpc.RpcServer({"echo": echo}, name="fuzz")
+        replies: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve_unix, path)
+            with trio.fail_after(5):
+                async with await trio.open_unix_socket(path) as bad:
+                    await bad.send_all(LENGTH.pack(3) + b"\x81\x90\x00")
+                    await trio.sleep(0.2)
+                    async with await trio.open_unix_socket(path) as good:
+                        await good.send_all(rpc.encode_frame([rpc.REQUEST, 1, "echo", [7]]))
+                        decoder = rpc.FrameDecoder()
+                        while not replies:
+                            replies = decoder.feed(await good.receive_some(4096))
+            nursery.cancel_scope.cancel()
+        return replies
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+        replies = trio.run(main, os.path.join(directory, "rpc.sock"))
+    assert replies == [[rpc.REPLY, 1, None, [7]]]
+
+
+# --- wrong message types -----------------------------------------------------------------------
+
+
+@fuzz(150)
+@given(messages | st.lists(messages, min_size=4, max_size=4))
+def test_parse_request_any_value(message: Any) -> None:
+    """150 decoded values: parse_request returns a typed triple or raises ProtocolError."""
+    try:
+        request_id, method, args = rpc.parse_request(message)
+    except errors.ProtocolError:
+        return
+    assert isinstance(request_id, int)
+    assert isinstance(method, str)
+    assert isinstance(args, list)
+    assert message[0] == rpc.REQUEST
+
+
+@fuzz(150)
+@given(st.integers() | messages, st.text(max_size=20) | messages, messages)
+def test_parse_request_four_items(request_id: Any, method: Any, args: Any) -> None:
+    """150 four-item REQUEST lists with random fields: accepted only with the documented types."""
+    message = [rpc.REQUEST, request_id, method, args]
+    field_types_ok = (
+        isinstance(request_id, int) and isinstance(method, str) and isinstance(args, list)
+    )
+    try:
+        rpc.parse_request(message)
+    except errors.ProtocolError:
+        assert not field_types_ok
+        return
+    assert field_types_ok
+
+
+@fuzz(150)
+@given(messages)
+def test_error_from_payload_any_value(payload: Any) -> None:
+    """150 reply error payloads of any type give a PxfsError and never raise."""
+    error = rpc.error_from_payload(payload)
+    assert isinstance(error, errors.PxfsError)
+    assert isinstance(error.message, str)
+
+
+@fuzz(200)
+@given(st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1))
+def test_encode_lone_surrogate_invalid_argument(text: str) -> None:
+    """200 strings of lone surrogates make encode_frame raise InvalidArgument."""
+    with pytest.raises(errors.InvalidArgument):
+        rpc.encode_frame([rpc.REQUEST, 1, "volume.inspect", [text]])
+
+
+def test_encode_over_max_frame_invalid_argument() -> None:
+    with pytest.raises(errors.InvalidArgument):
+        rpc.encode_frame(b"x" * rpc.MAX_FRAME)
+
+
+# encode_frame promises InvalidArgument for a message it cannot pack, but it only catches
+# UnicodeEncodeError; msgpack raises OverflowError or TypeError for these.
+UNPACKABLE = [
+    pytest.param(2**64, id="int-over-64-bits"),
+    pytest.param(-(2**63) - 1, id="int-under-int64"),
+    pytest.param({1, 2}, id="set"),
+    pytest.param(object(), id="object"),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="encode_frame lets msgpack's own errors out")
+@pytest.mark.parametrize("value", UNPACKABLE)
+def test_encode_unpackable_invalid_argument(value: Any) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        rpc.encode_frame([rpc.REQUEST, 1, "echo", [value]])
