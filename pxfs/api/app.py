@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 #: ones get 413 before any of them is parsed.
 MAX_BODY = 256 * 1024
 
+INCOMPLETE_BODY = "request body is incomplete: the client closed the connection"
+
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 #: Seconds to wait at start-up for pxd's first reply before serving without it.
@@ -79,6 +81,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         response = _http_error(request, exc)
+    except ConnectionResetError:
+        # aiohttp raises this from request.read() when the client hangs up before the end of
+        # the body; nobody reads the reply, but the request must not count as a server fault.
+        log.debug("%s %s: the client closed the connection mid-request", request.method,
+                  request.path_qs)  # fmt: skip
+        response = plain_error(INCOMPLETE_BODY, 400)
     except Exception:
         log.exception("%s %s failed", request.method, request.path_qs)
         response = plain_error("internal error; the pxd-sidecar log has the details", 500)

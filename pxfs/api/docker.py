@@ -693,6 +693,11 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise errors.InvalidArgument(f"request body is too large: {exc.text}") from None
+    except ConnectionResetError:
+        # The client hung up before the end of the body; a client fault, not a server one.
+        raise errors.InvalidArgument(
+            "request body is incomplete: the client closed the connection"
+        ) from None
     if not raw.strip():
         return {}
     try:
