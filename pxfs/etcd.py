@@ -246,7 +246,10 @@ class EtcdClient:
             )
         self.timeout = timeout
         self.connect_timeout = min(connect_timeout, timeout)
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        # Only the connect has an httpx timeout. Each call bounds the rest with a trio deadline
+        # over all its attempts, and a watch stream may sit idle while nothing changes.
+        http_timeout = httpx.Timeout(None, connect=self.connect_timeout)
+        self._http = httpx.AsyncClient(timeout=http_timeout)
         self._preferred = 0
 
     async def __aenter__(self) -> EtcdClient:
@@ -317,6 +320,9 @@ class EtcdClient:
         # A grant repeated after a lost reply leaves an extra lease that nothing uses, and
         # etcd drops it once its TTL runs out, so a retry is harmless.
         reply = await self._post("/v3/lease/grant", {"TTL": str(ttl)}, idempotent=True)
+        if not reply.get("ID"):
+            message = reply.get("error") or f"no lease id in {reply!r:.200}"
+            raise Unavailable(f"etcd failed /v3/lease/grant: {message}")
         return Lease(int(reply["ID"]), int(reply.get("TTL", 0)))
 
     async def lease_keepalive(self, lease_id: int) -> int:
@@ -359,8 +365,12 @@ class EtcdClient:
             endpoint, response = await self._open_stream({"create_request": request})
             watch = Watch(endpoint, response)
             stack.push_async_callback(watch.aclose)
-            with trio.fail_after(self.timeout):
+            with trio.move_on_after(self.timeout):
                 await watch.wait_created()
+            if not watch.watch_created:
+                raise Unavailable(
+                    f"etcd at {endpoint} did not confirm the watch within {self.timeout:g} s"
+                )
             yield watch
 
     async def _post(self, path: str, body: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
@@ -401,15 +411,10 @@ class EtcdClient:
     async def _open_stream(self, body: dict[str, Any]) -> tuple[str, httpx.Response]:
         tried: list[str] = []
         current = ""
-        # The stream stays open for as long as the caller watches. Only its connect and first
-        # reply are bounded, and `read=None` lets it sit idle while nothing changes.
-        timeout = httpx.Timeout(self.timeout, connect=self.connect_timeout, read=None)
         with trio.move_on_after(self.timeout):
             for index, endpoint in self._endpoint_order():
                 current = endpoint
-                request = self._http.build_request(
-                    "POST", endpoint + "/v3/watch", json=body, timeout=timeout
-                )
+                request = self._http.build_request("POST", endpoint + "/v3/watch", json=body)
                 try:
                     response = await self._http.send(request, stream=True)
                 except httpx.TransportError as exc:
@@ -444,6 +449,7 @@ class Watch:
     def __init__(self, endpoint: str, response: httpx.Response) -> None:
         self.endpoint = endpoint
         self.watch_id = 0
+        self.watch_created = False
         self.revision = 0
         self._response = response
         self._lines = response.aiter_lines()
@@ -477,6 +483,7 @@ class Watch:
         if not result.get("created"):
             raise ProtocolError(f"etcd at {self.endpoint} did not confirm the watch: {result!r}")
         self.watch_id = int(result.get("watch_id", 0))
+        self.watch_created = True
         # Compaction may already cancel the watch in the next message, which iteration reports.
 
     async def _next_events(self) -> list[WatchEvent]:

@@ -156,9 +156,9 @@ class EtcdCatalog(Catalog):
     async def update_volume(self, vol_id: str, change: Change) -> VolumeRecord:
         """Apply `change` to the record of `vol_id` as one transaction and return the result.
 
-        Transactions of this catalog object run one at a time, so writers in one process do
-        not make each other retry. Writers in other processes still can, and `change` may then
-        run more than once.
+        The update_volume and delete_volume calls of one catalog object run one at a time, so
+        they do not make each other retry. Writers in other processes still can, and `change`
+        may then run more than once.
         """
         async with self._lock:
             return await super().update_volume(vol_id, change)

@@ -313,6 +313,9 @@ async def test_hung_etcd_times_out(own_etcd: EtcdProcess) -> None:
             elapsed = trio.current_time() - started
             with pytest.raises(Unavailable, match="may or may not have been applied"):
                 await client.put(b"k", b"w")
+            with pytest.raises(Unavailable, match="timed out after"):
+                async with client.watch(b"k"):
+                    pass
         finally:
             own_etcd.resume()
         assert "/v3/kv/range" in read_error.value.message

@@ -77,13 +77,13 @@ async def wait_for_node_state(
     return trio.current_time() - started
 
 
-def test_cluster_id_is_checked() -> None:
-    client = EtcdClient(["http://127.0.0.1:1"])
-    for bad in ["", "a/b", "tab\there", None]:
-        with pytest.raises(InvalidArgument, match="invalid cluster id"):
-            EtcdCatalog(client, bad)  # type: ignore[arg-type]
-    with pytest.raises(InvalidArgument, match="invalid node TTL"):
-        EtcdCatalog(client, "c", node_ttl=0)
+async def test_cluster_id_is_checked() -> None:
+    async with EtcdClient(["http://127.0.0.1:1"]) as client:
+        for bad in ["", "a/b", "tab\there", None]:
+            with pytest.raises(InvalidArgument, match="invalid cluster id"):
+                EtcdCatalog(client, bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="invalid node TTL"):
+            EtcdCatalog(client, "c", node_ttl=0)
 
 
 async def test_keys_live_under_cluster_prefix(
