@@ -143,7 +143,8 @@ class ReplicationClient:
         """Grow every in-sync replica to `nblocks` blocks; equal is a no-op, smaller raises.
 
         The client takes the new size only once write_quorum replicas have it. A replica that
-        fails while another grows leaves the in-sync set, as after a failed write.
+        fails while another grows leaves the in-sync set, as after a failed write. A replica
+        that already has `nblocks` or more is left as it is.
         """
         if isinstance(nblocks, bool) or not isinstance(nblocks, int):
             raise InvalidArgument(f"volume {self.vol_id}: invalid block count {nblocks!r}")
@@ -154,7 +155,17 @@ class ReplicationClient:
             )
         if nblocks == self.nblocks:
             return
-        outcomes = await self._fan_out("store.grow", self.vol_id, self.epoch, nblocks)
+
+        async def grow_replica(replica: RpcClient) -> None:
+            info = await replica.call("store.info", self.vol_id)
+            if not isinstance(info, dict) or not isinstance(info.get("nblocks"), int):
+                raise ProtocolError(f"replica {replica.description} sent a malformed info reply")
+            # A grow whose superblock never became durable leaves replicas larger than the
+            # volume, and store.grow rejects a smaller size.
+            if info["nblocks"] < nblocks:
+                await replica.call("store.grow", self.vol_id, self.epoch, nblocks)
+
+        outcomes = await self._fan_out_each(grow_replica)
         self._settle("grow", outcomes)
         log.info(
             "volume %s: grew replicas from %d to %d blocks", self.vol_id, self.nblocks, nblocks
@@ -192,12 +203,22 @@ class ReplicationClient:
 
     async def _fan_out(self, method: str, *args: Any) -> list[tuple[RpcClient, PxfsError | None]]:
         """Call `method` on every in-sync replica at once and return each one's error or None."""
+
+        async def call(replica: RpcClient) -> None:
+            await replica.call(method, *args)
+
+        return await self._fan_out_each(call)
+
+    async def _fan_out_each(
+        self, job: Callable[[RpcClient], Awaitable[None]]
+    ) -> list[tuple[RpcClient, PxfsError | None]]:
+        """Run `job` for every in-sync replica at once and return each one's error or None."""
         replicas = list(self._in_sync)
         outcomes: list[PxfsError | None] = [None] * len(replicas)
 
         async def call(index: int, replica: RpcClient) -> None:
             try:
-                await replica.call(method, *args)
+                await job(replica)
             except PxfsError as exc:
                 outcomes[index] = exc
 

@@ -387,3 +387,18 @@ async def test_grow_without_space_keeps_old_size(tiny_fs, cluster):
     assert device.nblocks == NBLOCKS
     assert len(device.in_sync_replicas) == 1
     await device.write_blocks([(NBLOCKS - 1, block(3))])
+
+
+async def test_grow_skips_replica_already_larger(cluster, nodes):
+    device = await cluster.device(nodes)
+    # As a grow whose superblock never became durable leaves it: one replica already larger.
+    await nodes[0].store.grow(VOL, 1, 4 * NBLOCKS)
+    await device.grow(2 * NBLOCKS)
+    assert device.nblocks == 2 * NBLOCKS
+    assert len(device.in_sync_replicas) == 2
+    assert nodes[0].calls["store.grow"] == 0
+    assert nodes[1].calls["store.grow"] == 1
+    assert (await nodes[0].store.info(VOL))["nblocks"] == 4 * NBLOCKS
+    assert (await nodes[1].store.info(VOL))["nblocks"] == 2 * NBLOCKS
+    await device.write_blocks([(2 * NBLOCKS - 1, block(4))])
+    assert await device.read_blocks([2 * NBLOCKS - 1]) == [block(4)]

@@ -208,6 +208,26 @@ async def test_grow_device_already_larger(tmp_path: Path) -> None:
     assert await check_volume(device) == []
 
 
+async def test_grow_replicas_already_larger(replicas: Replicas) -> None:
+    # A new client after a crash: the replica grew, the superblock and catalog did not.
+    await replicas.store.create(VOL, device_blocks(SIZE))
+    await replicas.store.grow(VOL, 1, device_blocks(4 * NEW_SIZE))
+    device = await replicas.device(1, device_blocks(SIZE))
+    await Volume.format(device, "grow-uuid", SIZE)
+    volume = await Volume.open(device)
+    await volume.grow(NEW_SIZE)
+    assert device.nblocks == device_blocks(NEW_SIZE)
+    assert (await replicas.store.info(VOL))["nblocks"] == device_blocks(4 * NEW_SIZE)
+    data = pattern(12, 5 * MIB)
+    await write_file(volume, b"f", data)
+    await volume.close()
+    volume = await Volume.open(device)
+    assert volume.superblock.size == NEW_SIZE
+    assert await read_file(volume, b"f") == data
+    await volume.close()
+    assert await check_volume(device) == []
+
+
 # Crash safety
 
 
