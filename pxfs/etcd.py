@@ -499,7 +499,14 @@ class Watch:
             reason = result.get("cancel_reason") or "no reason given"
             raise Unavailable(f"etcd at {self.endpoint} canceled the watch: {reason}")
         events = [_watch_event(item) for item in result.get("events", [])]
-        self.revision = max(self.revision, _revision(result))
+        # While a watch catches up on old revisions, etcd sends them in batches whose header
+        # carries the current store revision (syncWatchers in etcd's mvcc/watchable_store.go),
+        # so only the events show how far delivery has come. A response without events is
+        # up to date.
+        if events:
+            self.revision = max(self.revision, events[-1].kv.mod_revision)
+        else:
+            self.revision = max(self.revision, _revision(result))
         return events
 
     async def _next_result(self) -> dict[str, Any]:
