@@ -228,6 +228,33 @@ async def test_grow_replicas_already_larger(replicas: Replicas) -> None:
     assert await check_volume(device) == []
 
 
+async def test_grow_while_writers_and_flusher_run() -> None:
+    device = await format_small()
+    contents = {f"w{n}".encode(): pattern(20 + n, 8 * BLOCK_SIZE) for n in range(3)}
+    async with trio.open_nursery() as nursery:
+        volume = await Volume.open(device, nursery=nursery)
+
+        async def write_slowly(name: bytes, data: bytes) -> None:
+            ino = volume.create(ROOT, name, FILE, 0, 0).ino
+            for offset in range(0, len(data), BLOCK_SIZE):
+                await volume.write(ino, offset, data[offset : offset + BLOCK_SIZE])
+                await volume.sync()
+
+        async with trio.open_nursery() as writers:
+            for name, data in contents.items():
+                writers.start_soon(write_slowly, name, data)
+            writers.start_soon(volume.grow, NEW_SIZE)
+        contents[b"after"] = pattern(30, 5 * MIB)
+        await write_file(volume, b"after", contents[b"after"])
+        await volume.close()
+    volume = await Volume.open(device)
+    assert volume.superblock.size == NEW_SIZE
+    for name, data in contents.items():
+        assert await read_file(volume, name) == data
+    await volume.close()
+    assert await check_volume(device) == []
+
+
 # Crash safety
 
 
