@@ -74,13 +74,13 @@ def write_with_dd(path: Path, mebibytes: int) -> None:
     )
 
 
-def poll(read: Callable[[], Any], accept: Callable[[Any], bool], what: str) -> Any:
+def poll(read: Callable[[], Any], accept: Callable[[Any], bool], failure: str) -> Any:
     """Call `read` until `accept` takes its result or SAMPLE_DEADLINE passes."""
     deadline = time.monotonic() + SAMPLE_DEADLINE
     value = read()
     while not accept(value):
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {SAMPLE_DEADLINE:g} s; last value: {value!r}")
+            raise AssertionError(f"{failure} within {SAMPLE_DEADLINE:g} s; last value: {value!r}")
         time.sleep(0.2)
         value = read()
     return value

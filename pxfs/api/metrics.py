@@ -1,7 +1,7 @@
 """The sidecar's Prometheus endpoint, /metrics on the REST port.
 
-Nothing is sampled in the background: each scrape asks pxd for its volumes, their cumulative
-Stats and the cluster's nodes, and a collector turns that answer into metric families. A pxd
+Nothing is sampled in the background. Each scrape calls pxd for its volumes, their cumulative
+Stats and the cluster's nodes, and a collector turns the results into metric families. A pxd
 that is down or too slow gives a scrape of 200 with `pxfs_up 0` and no other family, so
 Prometheus records the outage instead of a failed scrape.
 """
@@ -25,8 +25,8 @@ from pxfs.api.control import ControlClient
 
 log = logging.getLogger(__name__)
 
-#: Seconds that one scrape may wait for pxd; below Prometheus's default scrape timeout of 10 s,
-#: so that a slow pxd still gives a scrape with pxfs_up 0.
+#: Seconds that one scrape may wait for pxd. Prometheus's default scrape timeout is 10 s, so a
+#: slow pxd still gives a scrape with pxfs_up 0.
 DEFAULT_SCRAPE_TIMEOUT = 8.0
 SCRAPE_TIMEOUT: web.AppKey[float] = web.AppKey("scrape_timeout", float)
 
@@ -46,7 +46,7 @@ class VolumeSample:
 
 @dataclass
 class Snapshot:
-    """What pxd answered during one scrape; `up` is False when it did not answer."""
+    """The results of pxd's calls during one scrape; `up` is False when a call failed."""
 
     up: bool
     volumes: list[VolumeSample] = field(default_factory=list)
@@ -72,7 +72,7 @@ async def fetch_snapshot(control: ControlClient, timeout: float) -> Snapshot:
             nodes = await control.call("cluster.nodes")
             samples = await asyncio.gather(*(_sample(control, record) for record in records))
     except TimeoutError:
-        log.warning("metrics scrape: pxd did not answer within %g s", timeout)
+        log.warning("metrics scrape: pxd did not respond within %g s", timeout)
         return Snapshot(up=False)
     except errors.PxfsError as exc:
         log.warning("metrics scrape: pxd failed: %s", exc.message)
@@ -97,7 +97,7 @@ class PxdCollector(Collector):
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        """Yield pxfs_up, then the volume, replica and node families when pxd answered."""
+        """Yield pxfs_up, then the volume, replica and node families when pxd responded."""
         yield GaugeMetricFamily(
             "pxfs_up", "1 when pxd answered this scrape, 0 when it did not", value=self.snapshot.up
         )
@@ -155,7 +155,7 @@ def replica_family(
     for sample in volumes:
         for node_id in sample.record.get("replica_nodes") or []:
             # NOTE: volume records carry no write set yet, so a replica counts as in sync
-            # whenever its node is online; a replica that missed writes still shows 1.
+            # whenever its node is online. A replica that missed writes still shows 1.
             in_sync = str(node_id) in online
             gauge.add_metric([*_volume_labels(sample.record), str(node_id)], in_sync)
     return gauge

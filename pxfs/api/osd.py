@@ -250,7 +250,7 @@ def node_to_osd(node: Mapping[str, Any], now_ns: int) -> dict[str, Any]:
 
 
 def cluster_to_osd(nodes: list[Mapping[str, Any]], node_id: str, now_ns: int) -> dict[str, Any]:
-    """Build the OSD Cluster object from cluster.nodes, as answered by node `node_id`."""
+    """Build the OSD Cluster object from cluster.nodes for the request served by `node_id`."""
     own = next((node for node in nodes if node.get("node_id") == node_id), None)
     return {
         "Status": node_status_code(own) if own is not None else STATUS_ERROR,

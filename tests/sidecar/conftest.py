@@ -52,7 +52,7 @@ class FakePxd:
         #: When set, the next call raises this instead of running.
         self.fail_next: Exception | None = None
         #: Per volume id: the cumulative counters, the live window and the history that the
-        #: stats methods return; tests set them, missing ones are zero or empty.
+        #: stats methods return. Tests set them, and a missing one is zero or empty.
         self.totals: dict[str, dict[str, int]] = {}
         self.live: dict[str, dict[str, int]] = {}
         self.history: dict[str, dict[str, list[dict[str, Any]]]] = {}

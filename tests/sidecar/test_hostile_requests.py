@@ -38,7 +38,7 @@ async def create(client: Client, name: str) -> str:
 
 
 async def assert_still_serving(client: Client, name: str) -> None:
-    """Check that the app still answers, and that volume `name` is unchanged at 1 GiB."""
+    """Check that the app still serves requests and that volume `name` is still 1 GiB."""
     response = await client.get(f"/v1/osd-volumes/{name}")
     assert response.status == 200
     volumes = await response.json()
@@ -209,7 +209,7 @@ class Sidecar:
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        """Start the process and wait until both listeners answer."""
+        """Start the process and wait until both listeners respond."""
         self.process = await asyncio.create_subprocess_exec(
             *self.args, cwd=REPO, stderr=asyncio.subprocess.PIPE
         )
