@@ -220,9 +220,12 @@ class EtcdCatalog(Catalog):
         self._closed = True
         if self._keepalive_scope is not None:
             self._keepalive_scope.cancel()
-        if self._lease:
-            with trio.CancelScope(shield=True):
-                await self._revoke_lease()
+        with trio.CancelScope(shield=True):
+            # The lock waits out a lease replacement in progress, so the lease revoked is the
+            # one that the node keys are under.
+            async with self._lease_lock:
+                if self._lease:
+                    await self._revoke_lease()
 
     async def _delete(self, old: VolumeRecord, revision: int) -> Versioned | None:
         vol_id = old["id"]
@@ -299,12 +302,16 @@ class EtcdCatalog(Catalog):
                 failures = 0
 
     async def _refresh_lease(self) -> None:
-        if self._lease and await self._client.lease_keepalive(self._lease) > 0:
+        expired = self._lease
+        if expired and await self._client.lease_keepalive(expired) > 0:
             return
         async with self._lease_lock:
+            if self._lease != expired:
+                # put_node replaced the lease meanwhile and put its keys under the new one.
+                return
             # The lease expired, so etcd deleted the alive keys: register every node again.
-            if self._lease:
-                log.warning("catalog: lease %x expired; registering nodes again", self._lease)
+            if expired:
+                log.warning("catalog: lease %x expired; registering nodes again", expired)
             self._lease = 0
             lease = await self._ensure_lease()
             for node_id, value in list(self._registered.items()):
