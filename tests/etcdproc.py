@@ -26,10 +26,16 @@ def free_port() -> int:
 
 
 class EtcdProcess:
-    """One single-member etcd whose data lives in `root`; it keeps its ports across restarts."""
+    """One etcd member whose data lives in `root`. It keeps its ports across restarts.
 
-    def __init__(self, root: Path) -> None:
+    Alone it is a single-member cluster. `start_etcd_cluster` makes several members know each
+    other through `initial_cluster`.
+    """
+
+    def __init__(self, root: Path, name: str = "test") -> None:
         self.root = root
+        self.name = name
+        self.initial_cluster = ""
         self.data_dir = root / "data"
         self.log_path = root / "etcd.log"
         self.client_port = free_port()
@@ -42,24 +48,38 @@ class EtcdProcess:
         """The client URL of this etcd."""
         return f"http://127.0.0.1:{self.client_port}"
 
+    @property
+    def peer_url(self) -> str:
+        """The URL on which this member talks to the other members."""
+        return f"http://127.0.0.1:{self.peer_port}"
+
     def start(self) -> None:
         """Start etcd and wait until it serves reads; raises AssertionError if it does not."""
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the etcd process without waiting for it to serve."""
         assert self.process is None, "etcd is already running"
         self.root.mkdir(parents=True, exist_ok=True)
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
         command = [
             ETCD,
-            "--name", "test",
+            "--name", self.name,
             "--data-dir", str(self.data_dir),
             "--listen-client-urls", self.endpoint,
             "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"test={peer}",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={peer}",
             "--log-outputs", "stderr",
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> None:
+        """Wait until etcd serves reads; raises AssertionError (and stops it) if it does not."""
+        assert self.process is not None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self._serves_reads():
@@ -120,6 +140,26 @@ class EtcdProcess:
                 return bool(reply.status == 200)
         except (OSError, urllib.error.URLError):
             return False
+
+
+def start_etcd_cluster(root: Path, size: int = 3) -> list[EtcdProcess]:
+    """Start a cluster of `size` etcd members under `root`, or skip when etcd is missing."""
+    if not Path(ETCD).exists():
+        pytest.skip("etcd is not installed")
+    members = [EtcdProcess(root / f"member{index}", f"member{index}") for index in range(size)]
+    initial_cluster = ",".join(f"{member.name}={member.peer_url}" for member in members)
+    try:
+        # A member serves only once a majority runs, so all start before the wait on any.
+        for member in members:
+            member.initial_cluster = initial_cluster
+            member.launch()
+        for member in members:
+            member.wait_ready()
+    except BaseException:
+        for member in members:
+            member.stop()
+        raise
+    return members
 
 
 def start_etcd(root: Path) -> EtcdProcess:

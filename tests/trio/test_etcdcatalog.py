@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from etcdproc import EtcdProcess, start_etcd
+from etcdproc import EtcdProcess, start_etcd, start_etcd_cluster
 
 from pxfs.catalog import VolumeRecord
 from pxfs.errors import AlreadyExists, Corrupted, InvalidArgument, Unavailable
@@ -339,3 +339,38 @@ async def test_etcd_outage_and_recovery(own_etcd: EtcdProcess, cluster_id: str) 
         assert (await catalog.require_volume("1")).record["name"] == "vol"
         await catalog.create_volume(make_record("2", "other"))
         await wait_for_node_state(catalog, "n1", True, 10)
+
+
+async def test_cluster_member_failures(tmp_path: Path, cluster_id: str) -> None:
+    members = start_etcd_cluster(tmp_path / "cluster")
+    try:
+        endpoints = [member.endpoint for member in members]
+        async with open_etcd_catalog(endpoints, cluster_id, timeout=TIMEOUT) as catalog:
+            await catalog.create_volume(make_record("1", "vol", counter=0))
+            await catalog.put_node({"id": "n1"})
+
+            # With the first endpoint gone, every call moves on to the next member.
+            members[0].stop()
+            await catalog.update_volume("1", lambda record: {**record, "counter": 1})
+            assert (await catalog.require_volume("1")).record["counter"] == 1
+            assert await node_states(catalog) == {"n1": True}
+
+            # Without a quorum, no member serves, and the call gives up within its timeout.
+            members[1].stop()
+            started = trio.current_time()
+            with pytest.raises(Unavailable, match="timed out after"):
+                await catalog.get_volume("1")
+            assert trio.current_time() - started < TIMEOUT + 1
+
+            members[0].start()
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        found = await catalog.require_volume("1")
+                        break
+                    except Unavailable:
+                        await trio.sleep(0.2)
+            assert found.record["counter"] == 1
+    finally:
+        for member in members:
+            member.stop()
