@@ -419,6 +419,9 @@ class Gluster:
 
     def start(self) -> None:
         """Write a private glusterd.vol, start glusterd in the foreground, wait for its CLI."""
+        # NOTE: even with a private working-directory, glusterd 10.3 creates the empty
+        # /var/lib/glusterd/ss_brick, geo-replication/gsyncd_template.conf there and
+        # /var/run/gluster/snaps if they are missing. They are left in place for the package.
         for directory in (self.state, self.run_dir, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
         if len(str(self.sockfile)) >= 108:
