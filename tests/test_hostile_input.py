@@ -482,10 +482,13 @@ def test_rest_put_partial_and_repeated(node: Node, tmp_path: Path) -> None:
         assert put(node, "putvol", {"spec": {"size": GIB}})[1]["volume_response"] == {}
         assert put(node, "putvol", {"spec": {"ha_level": 1}})[1]["volume_response"] == {}
 
-        before = catalog_state(node)
         status, reply = put(node, "putvol", {"spec": {"size": 2 * GIB}})
-        assert status == 501
-        assert "resizing volume putvol is not supported" in reply
+        assert status == 200
+        assert int(reply["volume"]["spec"]["size"]) == 2 * GIB
+        before = catalog_state(node)
+        status, reply = put(node, "putvol", {"spec": {"size": GIB}})
+        assert status == 400
+        assert "shrinking is not supported" in reply
         assert put(node, "putvol", {"action": {"attach": 3}})[0] == 400
         assert put(node, "putvol", {"action": {"attach": "2"}})[0] == 400
         assert catalog_state(node) == before
