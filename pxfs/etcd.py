@@ -46,6 +46,7 @@ DEFAULT_CONNECT_TIMEOUT = 2.0
 
 #: gRPC status codes in the gateway's error bodies, and the pxfs error for each.
 _GRPC_ERRORS: dict[int, type[PxfsError]] = {
+    1: Unavailable,  # CANCELLED: "the client connection is closing" while etcd shuts down
     3: InvalidArgument,  # INVALID_ARGUMENT, such as a duplicate key in a transaction
     4: Unavailable,  # DEADLINE_EXCEEDED
     5: NotFound,  # NOT_FOUND: an unknown or expired lease
@@ -55,7 +56,8 @@ _GRPC_ERRORS: dict[int, type[PxfsError]] = {
     14: Unavailable,  # UNAVAILABLE: no leader, or the request timed out inside etcd
     16: AuthenticationFailed,  # UNAUTHENTICATED
 }
-_GRPC_UNAVAILABLE = 14
+#: The codes that mean this member cannot serve now, though another member may.
+_GRPC_TRY_ANOTHER_MEMBER = {1, 14}
 _MAX_LINES_AFTER_CLOSE = 1000
 
 
@@ -558,7 +560,7 @@ def _check_endpoints(endpoints: Sequence[str]) -> list[str]:
 
 
 def _decode_reply(response: httpx.Response, path: str, endpoint: str) -> dict[str, Any] | None:
-    """Return the JSON body of a success, None for an "unavailable" error, or raise the error."""
+    """Return the JSON body of a success, None when another member may serve, or raise."""
     if response.status_code == 200:
         try:
             reply = response.json()
@@ -570,7 +572,7 @@ def _decode_reply(response: httpx.Response, path: str, endpoint: str) -> dict[st
             raise ProtocolError(f"etcd at {endpoint} sent {reply!r:.200} for {path}")
         return reply
     error = _error_from_response(response, path, endpoint)
-    if isinstance(error, Unavailable) and _grpc_code(response) == _GRPC_UNAVAILABLE:
+    if _grpc_code(response) in _GRPC_TRY_ANOTHER_MEMBER:
         log.warning("etcd at %s: %s", endpoint, error.message)
         return None
     raise error
