@@ -1,8 +1,8 @@
 """The replica store: the blocks of every volume replica that this node hosts.
 
 A replica lives in ROOT/<vol_id>/ as three files: `data`, a sparse file of nblocks * BLOCK_SIZE
-bytes; `table`, one 16-byte record per block with the version that last wrote it and the crc32 of
-its data; and `meta`, a msgpack map with the volume id, nblocks and the highest epoch seen.
+bytes; `table`, one 16-byte record per block with the version that last wrote or trimmed it and
+the crc32 of its data; and `meta`, a msgpack map with the volume id, nblocks and the highest epoch seen.
 docs/store-format.md describes the layout and what a crash or a full disk leaves behind.
 
 All file I/O runs in worker threads. Each replica has one trio lock that every operation on its
@@ -54,11 +54,18 @@ MAX_BLOCKS_PER_CALL = 240
 #: Block numbers per trim call. A trim sends no data back, so this only bounds the work of one
 #: call; 2**20 block numbers take at most 9 MiB of msgpack.
 MAX_TRIMS_PER_CALL = 2**20
+#: Blocks per versions call: 2**20 versions are an 8 MiB reply, half of an RPC frame.
+MAX_VERSIONS_PER_CALL = 2**20
 
-# One table record: version (u64), crc32 (u32) and 4 bytes of zero padding, little-endian. The
-# padding makes each version an aligned u64, which _count_unwritten relies on.
-_RECORD = struct.Struct("<QI4x")
+# One table record: version (u64), crc32 (u32) and flags (u32), little-endian. The flags word
+# makes each version an aligned u64, which _count_unwritten relies on.
+_RECORD = struct.Struct("<QII")
 RECORD_SIZE = _RECORD.size
+#: Flag of a record that a versioned trim left: the block reads as unwritten, but the record keeps
+#: the trim's version so that replicas can tell an old trim from a newer one. Its crc32 is 0.
+TRIMMED = 1
+# The second u64 word of a trimmed record: crc32 0 in the low half, TRIMMED in the high half.
+_TRIMMED_WORD = TRIMMED << 32
 _VOL_ID = re.compile(r"[0-9]{1,20}")
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _SCAN_BLOCKS = 65536
@@ -107,15 +114,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _count_unwritten(records: bytes) -> int:
-    """Count the records of `records` whose version is 0."""
+def _record_words(records: bytes) -> array.array[int]:
     words = array.array("Q")
     words.frombytes(records)
     if sys.byteorder == "big":
         words.byteswap()
-    # Each record is two u64 words, and the version is the first. array.count runs in C,
-    # which keeps the scan of a large table at load time fast.
-    return words[0::2].count(0)
+    return words
+
+
+def _count_unwritten(records: bytes) -> int:
+    """Count the records of `records` that are unwritten: version 0, or trimmed."""
+    words = _record_words(records)
+    # Each record is two u64 words, the version first. A trimmed record has a non-zero version,
+    # so no record is counted twice. array.count runs in C, which keeps the scan of a large
+    # table at load time fast.
+    return words[0::2].count(0) + words[1::2].count(_TRIMMED_WORD)
+
+
+def _versions_of(records: bytes) -> bytes:
+    """Return the versions of `records` as little-endian u64s, 8 bytes per block."""
+    words = _record_words(records)[0::2]
+    if sys.byteorder == "big":
+        words.byteswap()
+    return words.tobytes()
+
+
+def _unwritten(version: int, flags: int) -> bool:
+    return version == 0 or bool(flags & TRIMMED)
 
 
 def _runs(blocknos: Sequence[int]) -> list[tuple[int, int]]:
@@ -207,9 +232,9 @@ class _Replica:
             )
         return records
 
-    def _read_record(self, blockno: int) -> tuple[int, int]:
-        version, crc = _RECORD.unpack(self._read_records(blockno, 1))
-        return version, crc
+    def _read_record(self, blockno: int) -> tuple[int, int, int]:
+        version, crc, flags = _RECORD.unpack(self._read_records(blockno, 1))
+        return version, crc, flags
 
     def save_meta(self, nblocks: int, epoch: int) -> None:
         """Write the meta file, raising NoSpace when the disk is full."""
@@ -224,14 +249,48 @@ class _Replica:
         """Read blocks (None for a never-written one), raising ChecksumMismatch on a bad one."""
         result: list[bytes | None] = []
         for blockno in blocknos:
-            version, crc = self._read_record(blockno)
-            if version == 0:
+            version, crc, flags = self._read_record(blockno)
+            if _unwritten(version, flags):
                 result.append(None)
                 continue
             data = os.pread(self.data_fd, BLOCK_SIZE, blockno * BLOCK_SIZE)
             self._check_block(blockno, data, crc)
             result.append(data)
         return result
+
+    def read_versioned(self, blocknos: Sequence[int]) -> list[tuple[int, bytes | None | bool]]:
+        """Read blocks as (version, data): data None when unwritten, False when it fails its crc32."""
+        result: list[tuple[int, bytes | None | bool]] = []
+        for blockno in blocknos:
+            version, crc, flags = self._read_record(blockno)
+            if _unwritten(version, flags):
+                result.append((version, None))
+                continue
+            data = os.pread(self.data_fd, BLOCK_SIZE, blockno * BLOCK_SIZE)
+            try:
+                self._check_block(blockno, data, crc)
+            except ChecksumMismatch:
+                result.append((version, False))
+            else:
+                result.append((version, data))
+        return result
+
+    def versions(self, first: int, count: int) -> bytes:
+        """Return the versions of blocks [first, first + count) as little-endian u64s."""
+        self.check_data_file()
+        return _versions_of(self._read_records(first, count))
+
+    def check_data_file(self) -> None:
+        """Raise Corrupted when the data file was removed, replaced or truncated while open."""
+        try:
+            on_disk = os.stat(self.directory / _DATA)
+        except FileNotFoundError:
+            raise Corrupted(f"data file of volume {self.vol_id} is missing") from None
+        opened = os.fstat(self.data_fd)
+        if (on_disk.st_dev, on_disk.st_ino) != (opened.st_dev, opened.st_ino):
+            raise Corrupted(f"data file of volume {self.vol_id} was replaced")
+        if opened.st_size < self.nblocks * BLOCK_SIZE:
+            raise Corrupted(f"data file of volume {self.vol_id} is shorter than its nblocks")
 
     def _check_block(self, blockno: int, data: bytes, crc: int) -> None:
         if len(data) != BLOCK_SIZE:
@@ -254,13 +313,13 @@ class _Replica:
         the failing block keeps its old content.
         """
         for index, (blockno, data) in enumerate(blocks):
-            old_version, _ = self._read_record(blockno)
+            old_version, _, old_flags = self._read_record(blockno)
             try:
                 _pwrite_all(self.data_fd, data, blockno * BLOCK_SIZE)
             except OSError as exc:
                 if not _no_space(exc):
                     raise
-                self._release_failed_block(blockno, old_version)
+                self._release_failed_block(blockno, _unwritten(old_version, old_flags))
                 raise NoSpace(
                     f"no space left on this node for block {blockno} of volume {self.vol_id} "
                     f"({index} of the {len(blocks)} blocks of the write were stored)"
@@ -268,28 +327,47 @@ class _Replica:
             # NOTE: an overwrite cut short here (kill -9 inside the pwrite, or a power loss
             # before the next flush) leaves new data under the old record. The block then reads
             # as ChecksumMismatch rather than as its old content.
-            record = _RECORD.pack(version, zlib.crc32(data))
+            record = _RECORD.pack(version, zlib.crc32(data), 0)
             _pwrite_all(self.table_fd, record, blockno * RECORD_SIZE)
-            if old_version == 0:
+            if _unwritten(old_version, old_flags):
                 self.used_blocks += 1
 
-    def _release_failed_block(self, blockno: int, old_version: int) -> None:
-        # A failed write into a never-written block may have allocated part of it. The table
+    def _release_failed_block(self, blockno: int, was_unwritten: bool) -> None:
+        # A failed write into an unwritten block may have allocated part of it. The table
         # still marks the block unwritten, so that space is given back. On filesystems that
         # overwrite in place, a written block is fully allocated and cannot fail this way.
-        if old_version == 0:
+        if was_unwritten:
             self._punch(blockno, 1)
 
-    def trim_blocks(self, blocknos: Sequence[int]) -> None:
-        """Mark blocks unwritten and free their space."""
+    def trim_blocks(self, blocknos: Sequence[int], version: int = 0) -> None:
+        """Mark blocks unwritten, as trimmed by `version` when it is not 0, and free their space."""
+        record = _RECORD.pack(version, 0, TRIMMED) if version else bytes(RECORD_SIZE)
         for first, count in _runs(sorted(set(blocknos))):
             records = self._read_records(first, count)
             written = count - _count_unwritten(records)
             # The table is cleared before the hole is punched. A crash in between then leaves
             # an unwritten block with stale bytes, never a written block whose data is gone.
-            _pwrite_all(self.table_fd, bytes(count * RECORD_SIZE), first * RECORD_SIZE)
+            _pwrite_all(self.table_fd, record * count, first * RECORD_SIZE)
             self.used_blocks -= written
             self._punch(first, count)
+
+    def copy_blocks(self, blocks: Sequence[tuple[int, int, int, bytes | None]]) -> int:
+        """Store (blockno, expected, version, data) where the block's version is `expected`.
+
+        data None trims the block under `version`. Returns how many blocks were stored; the
+        others had changed since their version was read, and are left alone.
+        """
+        stored = 0
+        for blockno, expected, version, data in blocks:
+            current, _, _ = self._read_record(blockno)
+            if current != expected:
+                continue
+            if data is None:
+                self.trim_blocks([blockno], version)
+            else:
+                self.write_blocks(version, [(blockno, data)])
+            stored += 1
+        return stored
 
     def _punch(self, first: int, count: int) -> None:
         if _punch_hole(self.data_fd, first * BLOCK_SIZE, count * BLOCK_SIZE):
@@ -357,8 +435,8 @@ class _Replica:
         """Return the written blocks in [first, stop) whose data fails its checksum."""
         bad = []
         records = self._read_records(first, stop - first)
-        for index, (version, crc) in enumerate(_RECORD.iter_unpack(records)):
-            if version == 0:
+        for index, (version, crc, flags) in enumerate(_RECORD.iter_unpack(records)):
+            if _unwritten(version, flags):
                 continue
             blockno = first + index
             data = os.pread(self.data_fd, BLOCK_SIZE, blockno * BLOCK_SIZE)
@@ -385,9 +463,9 @@ def _open_replica(root: Path, vol_id: str) -> _Replica | None:
             raise Corrupted(f"replica directory {directory} has no meta file") from None
         return None
     nblocks, epoch = _parse_meta(raw, vol_id, meta_path)
-    data_fd = os.open(directory / _DATA, os.O_RDWR | os.O_CLOEXEC)
+    data_fd = _open_file(directory / _DATA, vol_id)
     try:
-        table_fd = os.open(directory / _TABLE, os.O_RDWR | os.O_CLOEXEC)
+        table_fd = _open_file(directory / _TABLE, vol_id)
     except BaseException:
         os.close(data_fd)
         raise
@@ -399,6 +477,13 @@ def _open_replica(root: Path, vol_id: str) -> _Replica | None:
         replica.close()
         raise
     return replica
+
+
+def _open_file(path: Path, vol_id: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Corrupted(f"replica of volume {vol_id} has no {path.name} file") from None
 
 
 def _check_file_sizes(replica: _Replica) -> None:
@@ -472,6 +557,20 @@ def _create_files(directory: Path, vol_id: str, nblocks: int) -> None:
         raise NoSpace(f"no space left on this node for the metadata of volume {vol_id}") from None
 
 
+def _check_reset_epoch(root: Path, vol_id: str, epoch: int) -> None:
+    """Raise StaleEpoch when the meta file of the replica, if readable, has a higher epoch."""
+    meta_path = root / vol_id / _META
+    try:
+        _, seen = _parse_meta(meta_path.read_bytes(), vol_id, meta_path)
+    except (FileNotFoundError, Corrupted):
+        return
+    if epoch < seen:
+        raise StaleEpoch(
+            f"volume {vol_id}: epoch {epoch} is older than epoch {seen} seen by this replica; "
+            "the volume was attached again since"
+        )
+
+
 def _delete_replica(root: Path, vol_id: str) -> bool:
     """Remove the replica directory and return whether there was one."""
     doomed = root / (_DELETING + vol_id)
@@ -529,14 +628,38 @@ def _check_blocks(replica: _Replica, blocks: object) -> list[tuple[int, bytes]]:
         if not isinstance(entry, (list, tuple)) or len(entry) != 2:
             raise InvalidArgument("invalid block entry: expected [block number, data]")
         blockno = _check_int("block number", entry[0], 0, replica.nblocks - 1)
-        data = entry[1]
-        if not isinstance(data, (bytes, bytearray)):
-            raise InvalidArgument(f"invalid data for block {blockno}: expected bytes")
-        if len(data) != BLOCK_SIZE:
+        checked.append((blockno, _check_data(blockno, entry[1])))
+    return checked
+
+
+def _check_data(blockno: int, data: object) -> bytes:
+    if not isinstance(data, (bytes, bytearray)):
+        raise InvalidArgument(f"invalid data for block {blockno}: expected bytes")
+    if len(data) != BLOCK_SIZE:
+        raise InvalidArgument(
+            f"invalid data for block {blockno}: {len(data)} bytes, expected {BLOCK_SIZE}"
+        )
+    return bytes(data)
+
+
+def _check_copies(
+    replica: _Replica, blocks: object
+) -> list[tuple[int, int, int, bytes | None]]:
+    items = _check_list("blocks", blocks)
+    _check_count("blocks", items, MAX_BLOCKS_PER_CALL)
+    checked: list[tuple[int, int, int, bytes | None]] = []
+    for entry in items:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 4:
             raise InvalidArgument(
-                f"invalid data for block {blockno}: {len(data)} bytes, expected {BLOCK_SIZE}"
+                "invalid copy entry: expected [block number, expected version, version, data]"
             )
-        checked.append((blockno, bytes(data)))
+        blockno = _check_int("block number", entry[0], 0, replica.nblocks - 1)
+        expected = _check_int("expected version", entry[1], 0, MAX_VERSION)
+        version = _check_int("version", entry[2], 0, MAX_VERSION)
+        data = None if entry[3] is None else _check_data(blockno, entry[3])
+        if data is not None and version == 0:
+            raise InvalidArgument(f"invalid copy of block {blockno}: data needs a version")
+        checked.append((blockno, expected, version, data))
     return checked
 
 
@@ -563,6 +686,10 @@ class ReplicaStore:
             "store.resize": self.resize,
             "store.grow": self.grow,
             "store.verify": self.verify,
+            "store.versions": self.versions,
+            "store.read_versioned": self.read_versioned,
+            "store.copy": self.copy,
+            "store.reset": self.reset,
         }
 
     async def _replica(self, vol_id: str) -> _Replica:
@@ -641,12 +768,66 @@ class ReplicaStore:
             await trio.to_thread.run_sync(replica.write_blocks, version, checked)
         log.debug("volume %s: wrote %d blocks at version %x", vol_id, len(checked), version)
 
-    async def trim(self, vol_id: str, epoch: int, blocknos: list[int]) -> None:
-        """Mark blocks unwritten and free their space, so that later reads return None."""
+    async def trim(self, vol_id: str, epoch: int, blocknos: list[int], version: int = 0) -> None:
+        """Mark blocks unwritten and free their space, so that later reads return None.
+
+        A non-zero `version` stays in the table as the version of the trim; 0 clears the records.
+        """
         async with self._locked(vol_id) as replica:
             checked = _check_blocknos(replica, blocknos, MAX_TRIMS_PER_CALL)
+            version = _check_int("version", version, 0, MAX_VERSION)
             await self._accept_epoch(replica, epoch)
-            await trio.to_thread.run_sync(replica.trim_blocks, checked)
+            await trio.to_thread.run_sync(replica.trim_blocks, checked, version)
+
+    async def versions(self, vol_id: str, first: int, count: int) -> bytes:
+        """Return the versions of blocks [first, first + count), 8 little-endian bytes each.
+
+        Raises Corrupted when the data file is missing or shorter than the replica.
+        """
+        async with self._locked(vol_id) as replica:
+            first = _check_int("first block", first, 0, replica.nblocks - 1)
+            limit = min(MAX_VERSIONS_PER_CALL, replica.nblocks - first)
+            count = _check_int("block count", count, 0, limit)
+            return await trio.to_thread.run_sync(replica.versions, first, count)
+
+    async def read_versioned(
+        self, vol_id: str, blocknos: list[int]
+    ) -> list[tuple[int, bytes | None | bool]]:
+        """Read blocks as [version, data]: data None when unwritten, False when it is damaged."""
+        async with self._locked(vol_id) as replica:
+            checked = _check_blocknos(replica, blocknos, MAX_BLOCKS_PER_CALL)
+            return await trio.to_thread.run_sync(replica.read_versioned, checked)
+
+    async def copy(self, vol_id: str, epoch: int, blocks: list[Any]) -> int:
+        """Store [blockno, expected, version, data] entries whose block is still at `expected`.
+
+        Resync and repair use it: a block changed by a newer write since its version was read is
+        left alone. data None trims the block under `version`. Returns the blocks stored.
+        """
+        async with self._locked(vol_id) as replica:
+            checked = _check_copies(replica, blocks)
+            await self._accept_epoch(replica, epoch)
+            return await trio.to_thread.run_sync(replica.copy_blocks, checked)
+
+    async def reset(self, vol_id: str, epoch: int, nblocks: int) -> None:
+        """Replace the replica of `vol_id` with an empty one of `nblocks` blocks at `epoch`.
+
+        A resync calls it before a full copy, for a replica whose files are damaged or gone.
+        Raises StaleEpoch when the old replica's meta file names a higher epoch.
+        """
+        vol_id = _check_vol_id(vol_id)
+        epoch = _check_int("epoch", epoch, 0, MAX_EPOCH)
+        nblocks = _check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
+        async with self._lock:
+            await trio.to_thread.run_sync(_check_reset_epoch, self.root, vol_id, epoch)
+            replica = self._replicas.pop(vol_id, None)
+            if replica is not None:
+                async with replica.lock:
+                    replica.close()
+            await trio.to_thread.run_sync(_delete_replica, self.root, vol_id)
+            await trio.to_thread.run_sync(_create_replica, self.root, vol_id, nblocks)
+            await trio.to_thread.run_sync(_write_meta, self.root / vol_id, vol_id, nblocks, epoch)
+        log.warning("reset replica of volume %s to %d empty blocks for a full copy", vol_id, nblocks)
 
     async def flush(self, vol_id: str) -> None:
         """Return once every write completed before the call is durable (fdatasync)."""

@@ -1,4 +1,5 @@
 import os
+import struct
 
 import msgpack
 import pytest
@@ -11,6 +12,7 @@ from pxfs.store import (
     BLOCK_SIZE,
     MAX_BLOCKS_PER_CALL,
     MAX_TRIMS_PER_CALL,
+    MAX_VERSIONS_PER_CALL,
     RECORD_SIZE,
     ReplicaStore,
 )
@@ -356,6 +358,10 @@ def test_handlers_cover_the_rpc_table(tmp_path):
         "resize",
         "grow",
         "verify",
+        "versions",
+        "read_versioned",
+        "copy",
+        "reset",
     }
     assert names == {f"store.{name}" for name in expected}
 
@@ -465,3 +471,151 @@ def test_call_limits_fit_rpc_and_replication_frames():
     assert len(packed) <= MAX_FRAME
     assert BLOCKS_PER_FRAME <= MAX_BLOCKS_PER_CALL
     assert TRIMS_PER_FRAME <= MAX_TRIMS_PER_CALL
+
+
+def unpack_versions(raw: bytes) -> list[int]:
+    return [version for (version,) in struct.iter_unpack("<Q", raw)]
+
+
+def flip_byte(store: ReplicaStore, blockno: int) -> None:
+    with open(data_path(store), "r+b") as f:
+        f.seek(blockno * BLOCK_SIZE + 99)
+        byte = f.read(1)
+        f.seek(blockno * BLOCK_SIZE + 99)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
+async def test_versions_of_a_block_range(volume):
+    await volume.write(VOL, 0, 7, [[2, block(2)], [4, block(4)]])
+    await volume.write(VOL, 0, 9, [[4, block(5)]])
+    raw = await volume.versions(VOL, 1, 5)
+    assert isinstance(raw, bytes)
+    assert unpack_versions(raw) == [0, 7, 0, 9, 0]
+
+
+async def test_versions_range_is_checked(volume):
+    with pytest.raises(errors.InvalidArgument, match="first block"):
+        await volume.versions(VOL, 1024, 1)
+    with pytest.raises(errors.InvalidArgument, match="block count"):
+        await volume.versions(VOL, 1000, 25)
+    assert await volume.versions(VOL, 1000, 24) == bytes(24 * 8)
+    assert MAX_VERSIONS_PER_CALL * 8 < MAX_FRAME
+
+
+async def test_versioned_trim_keeps_its_version(volume):
+    await volume.write(VOL, 0, 3, [[n, block(n)] for n in range(4)])
+    await volume.trim(VOL, 0, [1, 2], 8)
+    assert unpack_versions(await volume.versions(VOL, 0, 4)) == [3, 8, 8, 3]
+    assert await volume.read(VOL, [1, 2, 3]) == [None, None, block(3)]
+    assert (await volume.info(VOL))["used_blocks"] == 2
+    await volume.write(VOL, 0, 9, [[1, block(9)]])
+    assert (await volume.info(VOL))["used_blocks"] == 3
+    assert await volume.verify(VOL) == []
+
+
+async def test_trimmed_blocks_counted_after_reopen(store):
+    await store.create(VOL, 64)
+    await store.write(VOL, 0, 1, [[n, block(n)] for n in range(10)])
+    await store.trim(VOL, 0, [0, 1, 2], 2)
+    await store.aclose()
+    assert (await store.info(VOL))["used_blocks"] == 7
+
+
+async def test_read_versioned_marks_bad_copy(volume):
+    await volume.write(VOL, 0, 5, [[1, block(1)], [2, block(2)]])
+    await volume.trim(VOL, 0, [3], 6)
+    flip_byte(volume, 2)
+    result = await volume.read_versioned(VOL, [1, 2, 3, 4])
+    assert result == [(5, block(1)), (5, False), (6, None), (0, None)]
+
+
+async def test_copy_applies_only_at_expected_version(volume):
+    await volume.write(VOL, 0, 4, [[0, block(0)], [1, block(1)]])
+    stored = await volume.copy(
+        VOL, 0, [[0, 4, 10, block(10)], [1, 3, 11, block(11)], [2, 0, 12, block(12)]]
+    )
+    assert stored == 2
+    assert await volume.read(VOL, [0, 1, 2]) == [block(10), block(1), block(12)]
+    assert unpack_versions(await volume.versions(VOL, 0, 3)) == [10, 4, 12]
+    assert (await volume.info(VOL))["used_blocks"] == 3
+
+
+async def test_copy_can_lower_a_version_and_trim(volume):
+    await volume.write(VOL, 0, 20, [[0, block(0)], [1, block(1)]])
+    stored = await volume.copy(VOL, 0, [[0, 20, 6, block(6)], [1, 20, 7, None]])
+    assert stored == 2
+    assert await volume.read(VOL, [0, 1]) == [block(6), None]
+    assert unpack_versions(await volume.versions(VOL, 0, 2)) == [6, 7]
+    assert (await volume.info(VOL))["used_blocks"] == 1
+
+
+async def test_copy_rewrites_bad_copy_at_same_version(volume):
+    await volume.write(VOL, 0, 5, [[2, block(2)]])
+    flip_byte(volume, 2)
+    assert await volume.verify(VOL) == [2]
+    assert await volume.copy(VOL, 0, [[2, 5, 5, block(2)]]) == 1
+    assert await volume.verify(VOL) == []
+    assert await volume.read(VOL, [2]) == [block(2)]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ([0, 1, 2], "invalid copy entry"),
+        ([0, 0, 0, block(0)], "data needs a version"),
+        ([0, -1, 2, None], "expected version"),
+        ([5000, 0, 2, None], "block number"),
+        ([0, 0, 2, b"short"], "5 bytes"),
+    ],
+)
+async def test_bad_copy_rejected(volume, entry, message):
+    with pytest.raises(errors.InvalidArgument, match=message):
+        await volume.copy(VOL, 0, [entry])
+    assert (await volume.info(VOL))["used_blocks"] == 0
+
+
+async def test_copy_checks_epoch(volume):
+    await volume.open(VOL, 3)
+    with pytest.raises(errors.StaleEpoch):
+        await volume.copy(VOL, 2, [[0, 0, 1, block(1)]])
+    assert await volume.read(VOL, [0]) == [None]
+
+
+async def test_versions_report_missing_data_file(volume):
+    await volume.write(VOL, 0, 1, [[0, block(0)]])
+    data_path(volume).unlink()
+    with pytest.raises(errors.Corrupted, match="missing"):
+        await volume.versions(VOL, 0, 8)
+
+
+async def test_versions_report_truncated_data_file(volume):
+    os.truncate(data_path(volume), 100 * BLOCK_SIZE)
+    with pytest.raises(errors.Corrupted, match="shorter"):
+        await volume.versions(VOL, 0, 8)
+
+
+async def test_missing_data_file_at_open_is_corrupted(store):
+    await store.create(VOL, 16)
+    await store.aclose()
+    data_path(store).unlink()
+    with pytest.raises(errors.Corrupted, match="no data file"):
+        await store.info(VOL)
+
+
+async def test_reset_replaces_damaged_replica(store):
+    await store.create(VOL, 16)
+    await store.open(VOL, 4)
+    await store.write(VOL, 4, 1, [[3, block(3)]])
+    data_path(store).unlink()
+    await store.reset(VOL, 5, 32)
+    assert await store.info(VOL) == {"nblocks": 32, "used_blocks": 0, "epoch": 5}
+    assert await store.read(VOL, [3]) == [None]
+
+
+async def test_reset_rejects_stale_epoch(store):
+    await store.create(VOL, 16)
+    await store.open(VOL, 4)
+    await store.write(VOL, 4, 1, [[3, block(3)]])
+    with pytest.raises(errors.StaleEpoch):
+        await store.reset(VOL, 3, 16)
+    assert await store.read(VOL, [3]) == [block(3)]
