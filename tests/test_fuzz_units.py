@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pxfs import units
 from pxfs.errors import InvalidArgument
 
-# No example database, so a run leaves no files behind; the deadline catches a parser that loops.
+# No example database, so a run leaves no files behind. The deadline catches a parser that loops.
 FUZZ = settings(database=None, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -45,19 +45,19 @@ def parse_or_none(text: Any) -> int | None:
         return None
 
 
-@fuzz(600)
+@fuzz(400)
 @given(st.text(max_size=80))
 def test_parse_size_any_text(text: str) -> None:
-    """600 arbitrary strings: a valid size or InvalidArgument."""
+    """400 arbitrary strings: a valid size or InvalidArgument."""
     size = parse_or_none(text)
     if size is not None:
         check_accepted_size(size)
 
 
-@fuzz(600)
+@fuzz(400)
 @given(st.text(alphabet=SIZE_ALPHABET, max_size=24))
 def test_parse_size_size_like_text(text: str) -> None:
-    """600 strings of digits, signs, spaces and suffix letters: a valid size or InvalidArgument."""
+    """400 strings of digits, signs, spaces and suffix letters: a valid size or InvalidArgument."""
     size = parse_or_none(text)
     if size is not None:
         check_accepted_size(size)
@@ -84,10 +84,10 @@ def size_texts(draw: st.DrawFn) -> tuple[str, Fraction, int]:
     return padding + number + space + suffix + padding, Fraction(number), SHIFTS[letter]
 
 
-@fuzz(600)
+@fuzz(400)
 @given(size_texts())
 def test_parse_size_matches_model(case: tuple[str, Fraction, int]) -> None:
-    """600 well-formed sizes: the exact value rounded up to 64 KiB, or InvalidArgument."""
+    """400 well-formed sizes: the exact value rounded up to 64 KiB, or InvalidArgument."""
     text, number, shift = case
     exact = number * (1 << shift)
     blocks = -(-exact // units.BLOCK_SIZE)
@@ -160,10 +160,10 @@ names = (
 )
 
 
-@fuzz(800)
+@fuzz(600)
 @given(names)
 def test_validate_name_matches_rules(name: str) -> None:
-    """800 names: accepted exactly when the documented rules hold, else InvalidArgument."""
+    """600 names: accepted exactly when the documented rules hold, else InvalidArgument."""
     try:
         assert units.validate_name(name) == name
     except InvalidArgument:
@@ -209,10 +209,10 @@ label_maps = st.dictionaries(label_keys, label_values, max_size=4) | st.dictiona
 )
 
 
-@fuzz(150)
+@fuzz(100)
 @given(label_maps)
 def test_validate_labels_matches_rules(labels: dict[Any, Any]) -> None:
-    """150 label maps: accepted exactly when every documented rule holds, else InvalidArgument."""
+    """100 label maps: accepted exactly when every documented rule holds, else InvalidArgument."""
     valid = len(labels) <= units.MAX_LABELS and all(
         label_key_is_valid(key) and label_value_is_valid(value) for key, value in labels.items()
     )

@@ -1,7 +1,7 @@
 """Property and fuzz tests of the Docker volume plugin: DriverOpts, inline specs, every endpoint.
 
 The parsers may raise only InvalidArgument or NotSupported, and what they accept must satisfy
-the volume rules of pxfs.units. Every endpoint must answer HTTP 200 with a JSON object whose
+the volume rules of pxfs.units. Every endpoint must reply with HTTP 200 with a JSON object whose
 Err, when present, is a message of a PxfsError and never the reply to an unexpected exception.
 """
 
@@ -25,7 +25,7 @@ from pxfs.api.control import ControlClient
 from pxfs.api.docker import DockerPlugin, RefStore
 
 # No example database, so a run leaves no files behind. The fixtures are created once per test
-# function and shared by its examples, which is what the fuzz tests want: state piles up.
+# function and shared by its examples, so volumes and counts from earlier examples stay.
 FUZZ = settings(
     database=None,
     deadline=5000,
@@ -149,10 +149,10 @@ def test_parse_inline_any_text(text: str) -> None:
         assert key == key.strip().lower()
 
 
-@fuzz(400)
+@fuzz(300)
 @given(docker_names, st.none() | docker_opts)
 def test_parse_create_any_opts(name: str, opts: dict[str, str] | None) -> None:
-    """400 Names and DriverOpts: a spec within the volume rules or InvalidArgument/NotSupported."""
+    """300 Names and DriverOpts: a spec within the volume rules or InvalidArgument/NotSupported."""
     try:
         spec = docker.parse_create(name, opts)
     except (errors.InvalidArgument, errors.NotSupported):
@@ -177,10 +177,10 @@ json_values = st.recursive(
 )
 
 
-@fuzz(250)
+@fuzz(200)
 @given(json_values | docker_names, json_values | docker_opts)
 def test_parse_create_wrong_types(name: Any, opts: Any) -> None:
-    """250 Names and Opts of any JSON type: a valid spec or InvalidArgument/NotSupported."""
+    """200 Names and Opts of any JSON type: a valid spec or InvalidArgument/NotSupported."""
     try:
         spec = docker.parse_create(name, opts)
     except (errors.InvalidArgument, errors.NotSupported):
@@ -234,12 +234,12 @@ async def post_plugin(client: Any, path: str, data: bytes) -> dict[str, Any]:
 
 
 @pytest.mark.asyncio
-@fuzz(250)
+@fuzz(200)
 @given(st.sampled_from(ENDPOINTS), plugin_bodies())
 async def test_endpoints_structured_bodies(
     plugin_client: Any, path: str, body: dict[str, Any]
 ) -> None:
-    """250 endpoint and body pairs with Name, Opts and ID fields: 200 and an Err or a result."""
+    """200 endpoint and body pairs with Name, Opts and ID fields: 200 and an Err or a result."""
     reply = await post_plugin(plugin_client, path, json.dumps(body).encode())
     if path == "/VolumeDriver.Mount" and not reply["Err"]:
         assert reply["Mountpoint"]

@@ -119,11 +119,11 @@ async def check_reply(response: Any, statuses: set[int]) -> Any:
 
 
 @pytest.mark.asyncio
-@fuzz(300)
+@fuzz(150)
 @given(bodies)
 @example(body={"Locator": {"name": "fuzz-ok"}, "spec": {"SIZE": GIB + 1, "ha_level": 2}})
 async def test_create_structured_bodies(rest_client: Any, fake_pxd: Any, body: Any) -> None:
-    """300 VolumeCreateRequest bodies with random fields and types: a documented reply."""
+    """150 VolumeCreateRequest bodies with random fields and types: a documented reply."""
     response = await rest_client.post("/v1/osd-volumes", data=json.dumps(body).encode())
     reply = await check_reply(response, CREATE_STATUSES)
     if reply is None:
