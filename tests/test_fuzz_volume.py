@@ -188,9 +188,11 @@ def test_ring_cut_or_zeroed_replays_prefix(seed: int, keep: int) -> None:
     """150 rings zeroed from a random byte inside a record: the records before it load."""
     built = image()
     start, end = built.spans[keep]
-    cut = random.Random(seed).randrange(start, end)
     device = built.device()
     ring = bytearray(b"".join(device.peek(GEOMETRY.journal_start + i) for i in range(4)))
+    # Zeroing must change the record: a cut after its last non-zero byte would leave it intact.
+    last_nonzero = max(offset for offset in range(start, end) if ring[offset])
+    cut = random.Random(seed).randrange(start, last_nonzero + 1)
     ring[cut:] = bytes(len(ring) - cut)
     for index in range(4):
         chunk = bytes(ring[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE])
