@@ -1,13 +1,12 @@
 """The replication client: a BlockDevice for one volume over RPC to the stores of its replicas.
 
-Writes, trims and flushes go to every in-sync replica at once. Reads go to the first in-sync
-replica and move on to the next when it fails. A call with many blocks is split into RPC frames
-of at most BATCH_BYTES of block data, with up to MAX_IN_FLIGHT frames in flight.
+The client coordinates the I/O of one attached volume. Writes, trims and flushes go to every
+replica of the write set, and to the replicas that are resyncing. Reads go to the local replica
+of the write set first, then to the others. docs/replication.md gives the rules: the write
+quorum, how the write set shrinks and grows, resync, reconcile and read repair.
 
-A replica that fails a write which another replica stored leaves the in-sync set of this client:
-it missed blocks, so it must not serve reads. A call that reaches fewer than `write_quorum`
-replicas raises. A call that no replica stored changes no replica, so nothing leaves the set
-(a volume with one replica stays usable after a NoSpace).
+A call with many blocks is split into RPC frames of at most BATCH_BYTES of block data, with up to
+MAX_IN_FLIGHT frames in flight.
 """
 
 from __future__ import annotations
@@ -18,15 +17,19 @@ from typing import Any
 
 import trio
 
+from pxfs import resync
 from pxfs.errors import (
-    ChecksumMismatch,
+    Busy,
+    Corrupted,
     InvalidArgument,
     NoSpace,
+    NotFound,
     ProtocolError,
     PxfsError,
     StaleEpoch,
     Unavailable,
 )
+from pxfs.resync import ResyncProgress
 from pxfs.rpc import RpcClient
 from pxfs.store import BLOCK_SIZE, MAX_EPOCH
 
@@ -40,8 +43,64 @@ MAX_IN_FLIGHT = 4
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 #: A version is (epoch << 32) | counter, so one epoch has 2**32 - 1 write calls to replicas.
 MAX_COUNTER = 2**32 - 1
+#: Seconds a replica has to answer a read, write or trim before it counts as failed.
+DEFAULT_TIMEOUT = 5.0
+#: Seconds for calls that sync or allocate files: flush, grow, and the reset before a full copy.
+SLOW_TIMEOUT = 60.0
+#: The fewest replicas a write set may shrink to, by ha level: ha 2 stays writable on one.
+MIN_WRITE_SET = {1: 1, 2: 1, 3: 2}
 
 Job = Callable[[], Awaitable[None]]
+#: Called with the write set and the out-of-sync replicas, by id, after each change.
+WriteSetCallback = Callable[[list[str], list[str]], Awaitable[None]]
+Outcomes = list[tuple["_Replica", PxfsError | None]]
+
+
+class _Replica:
+    """One replica of the volume: its id, its connection, and the timeout of its calls."""
+
+    def __init__(self, replica_id: str, client: RpcClient, timeout: float) -> None:
+        self.id = replica_id
+        self.client = client
+        self.timeout = timeout
+
+    @property
+    def name(self) -> str:
+        """The replica id and the address of its connection, for messages."""
+        if self.id == self.client.description:
+            return self.id
+        return f"{self.id} ({self.client.description})"
+
+    async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """Call `method` on the replica; raises Unavailable past the timeout."""
+        limit = self.timeout if timeout is None else timeout
+        client = self.client
+        timed_out = False
+
+        async def watchdog() -> None:
+            nonlocal timed_out
+            await trio.sleep(limit)
+            timed_out = True
+            # RpcClient shields a send from cancellation, so a replica that stopped reading its
+            # socket would hold the call past any deadline. Closing the connection ends it.
+            await client.aclose()
+
+        result: Any = None
+        error: PxfsError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog)
+            try:
+                result = await client.call(method, *args)
+            except PxfsError as exc:
+                # Raised after the nursery, which would wrap it in an ExceptionGroup.
+                error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if timed_out and isinstance(error, Unavailable):
+            raise Unavailable(f"replica {self.name}: {method} timed out after {limit:g} s")
+        if error is not None:
+            raise error
+        return result
 
 
 class ReplicationClient:
@@ -53,35 +112,146 @@ class ReplicationClient:
         epoch: int,
         nblocks: int,
         replicas: Sequence[RpcClient],
-        write_quorum: int = 1,
+        write_quorum: int | None = None,
+        *,
+        ha_level: int | None = None,
+        replica_ids: Sequence[str] | None = None,
+        local: str | None = None,
+        out_of_sync: Sequence[str] = (),
+        on_write_set_change: WriteSetCallback | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        if not replicas:
-            raise InvalidArgument(f"volume {vol_id}: a replication client needs a replica")
-        if not 1 <= write_quorum <= len(replicas):
-            raise InvalidArgument(
-                f"volume {vol_id}: write quorum {write_quorum} is not between 1 and the "
-                f"{len(replicas)} replicas"
-            )
-        if not 0 <= epoch <= MAX_EPOCH:
-            raise InvalidArgument(f"volume {vol_id}: invalid epoch {epoch}")
-        if nblocks < 1:
-            raise InvalidArgument(f"volume {vol_id}: invalid nblocks {nblocks}")
+        """Coordinate `replicas`, local replica first unless `local` names another id.
+
+        `write_quorum` is the fewest replicas that a write set may shrink to; by default it
+        follows `ha_level` (MIN_WRITE_SET), which defaults to the number of replicas.
+        `replica_ids` name the replicas (node ids) in the callback and the runtime state; they
+        default to the connection addresses. `out_of_sync` lists the replicas that the catalog
+        records as outside the write set: they get no I/O until `resync` brings them back.
+        """
+        ids = [client.description for client in replicas] if replica_ids is None else replica_ids
+        _check_arguments(vol_id, epoch, nblocks, replicas, ids, out_of_sync, ha_level, timeout)
         self.vol_id = vol_id
         self.epoch = epoch
         self.nblocks = nblocks
-        self.write_quorum = write_quorum
-        self._in_sync = list(replicas)
+        self.ha_level = ha_level or min(len(replicas), 3)
+        minimum = MIN_WRITE_SET[self.ha_level] if write_quorum is None else write_quorum
+        write_set = [replica_id for replica_id in ids if replica_id not in out_of_sync]
+        if not 1 <= minimum <= len(write_set):
+            raise InvalidArgument(
+                f"volume {vol_id}: write quorum {minimum} is not between 1 and the "
+                f"{len(write_set)} replicas of the write set"
+            )
+        self.write_quorum = minimum
+        self._replicas = {
+            replica_id: _Replica(replica_id, client, timeout)
+            for replica_id, client in zip(ids, replicas, strict=True)
+        }
+        self._local = ids[0] if local is None else local
+        if self._local not in self._replicas:
+            raise InvalidArgument(f"volume {vol_id}: local replica {local!r} is not a replica")
+        self._write_set = write_set
+        self._out_of_sync = [replica_id for replica_id in ids if replica_id in out_of_sync]
+        self._resyncing: dict[str, ResyncProgress] = {}
+        self._resynced: dict[str, int] = dict.fromkeys(ids, 0)
+        self._full_copies: set[str] = set()
+        self._on_change = on_write_set_change
+        self._changes = 0
+        self._reported = 0
+        self._report_lock = trio.Lock()
+        self._reconcile_lock = trio.Lock()
+        self._pause: trio.Event | None = None
+        self._unsettled: set[int] = set()
+        self._in_flight: dict[int, trio.Event] = {}
+        self._stale: StaleEpoch | None = None
         self._counter = 0
+        self.repaired_blocks = 0
+
+    # --- state -----------------------------------------------------------------------------
 
     @property
     def in_sync_replicas(self) -> list[RpcClient]:
-        """The replicas that have every write of this client, in read order."""
-        return list(self._in_sync)
+        """The connections of the write set, in read order: the replicas that have every write."""
+        return [replica.client for replica in self._read_order()]
+
+    @property
+    def write_set(self) -> list[str]:
+        """The ids of the replicas that every acknowledged write reached."""
+        return list(self._write_set)
+
+    @property
+    def out_of_sync(self) -> list[str]:
+        """The ids of the replicas that missed writes, resyncing ones included."""
+        return list(self._out_of_sync)
+
+    def write_quorum_now(self) -> int:
+        """Return how many replicas of the write set a write reaches when none fails."""
+        return max(self.write_quorum, min(len(self._write_set), 2))
+
+    def runtime_state(self) -> dict[str, str]:
+        """Return the runtime state in the string form of Portworx's runtime_state map.
+
+        Replica sets are lists of indexes into the replica list. ResyncBlocks pairs each index
+        with the blocks copied to it by resyncs of this client; ResyncProgress gives, per
+        resyncing replica, the blocks scanned of the total.
+        """
+        index = {replica_id: number for number, replica_id in enumerate(self._replicas)}
+
+        def indexes(ids: Sequence[str]) -> str:
+            return "[" + " ".join(str(index[replica_id]) for replica_id in ids) + "]"
+
+        def pairs(values: dict[str, Any]) -> str:
+            return (
+                "[" + " ".join(f"{{{index[key]} {value}}}" for key, value in values.items()) + "]"
+            )
+
+        copied = dict(self._resynced)
+        for key, progress_of in self._resyncing.items():
+            copied[key] += progress_of.copied
+        progress = {key: f"{p.scanned}/{p.total}" for key, p in self._resyncing.items()}
+        full = {key: copied[key] for key in self._full_copies}
+        return {
+            "RuntimeState": self._state_name(),
+            "ReadQuorum": "1",
+            "WriteQuorum": str(self.write_quorum_now()),
+            "ReadSet": indexes([replica.id for replica in self._read_order()]),
+            "WriteSet": indexes(self._write_set),
+            "ReplicaSetCurr": indexes(list(self._replicas)),
+            "ReplicaSetNext": indexes(list(self._replicas)),
+            "ResyncBlocks": pairs(copied),
+            "FullResyncBlocks": pairs(full),
+            "ResyncProgress": pairs(progress),
+            "RepairedBlocks": str(self.repaired_blocks),
+        }
+
+    def _state_name(self) -> str:
+        if self._resyncing:
+            return "resync"
+        if len(self._write_set) < len(self._replicas):
+            return "degraded"
+        return "clean"
+
+    def _read_order(self) -> list[_Replica]:
+        order = [self._replicas[replica_id] for replica_id in self._write_set]
+        order.sort(key=lambda replica: replica.id != self._local)
+        return order
+
+    def _targets(self) -> list[_Replica]:
+        ids = self._write_set + list(self._resyncing)
+        return [self._replicas[replica_id] for replica_id in ids]
+
+    # --- BlockDevice -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Send the epoch to every replica, raising StaleEpoch after a newer attach."""
-        outcomes = await self._fan_out("store.open", self.vol_id, self.epoch)
-        self._settle("open", outcomes)
+        """Send the epoch to the write set and reconcile it; StaleEpoch after a newer attach."""
+        self._check_usable()
+        members = [self._replicas[replica_id] for replica_id in self._write_set]
+        outcomes = await self._fan_out(members, "store.open", self.vol_id, self.epoch)
+        await self._settle("open", outcomes, ())
+        if len(self._write_set) > 1:
+            # A coordinator that stopped after a write below the quorum leaves replicas that
+            # disagree; every acknowledged write is on every replica of the write set.
+            await self._reconcile([(0, self.nblocks)])
         log.debug(
             "volume %s: opened %d replicas at epoch %d", self.vol_id, len(outcomes), self.epoch
         )
@@ -102,49 +272,48 @@ class ReplicationClient:
         return result
 
     async def write_blocks(self, blocks: Sequence[tuple[int, bytes]]) -> None:
-        """Write blocks to every in-sync replica, and succeed once write_quorum stored them."""
+        """Write blocks to the write set; return once a write quorum stored each of them."""
         checked = [self._check_block(blockno, data) for blockno, data in blocks]
 
         def job(first: int) -> Job:
             async def write_frame() -> None:
                 frame = checked[first : first + BLOCKS_PER_FRAME]
-                version = self._next_version()
-                outcomes = await self._fan_out(
-                    "store.write", self.vol_id, self.epoch, version, frame
-                )
-                self._settle("write", outcomes)
+                blocknos = [blockno for blockno, _ in frame]
+                await self._versioned_call("write", blocknos, "store.write", frame)
 
             return write_frame
 
-        # NOTE: each frame waits for the reply of every in-sync replica, not only a quorum,
-        # because returning early would leave writes in flight that a failure could lose.
+        # NOTE: each frame waits for the reply or the timeout of every target, not only a
+        # quorum, because returning early would leave writes in flight that a failure could lose.
         await _run_jobs([job(first) for first in range(0, len(checked), BLOCKS_PER_FRAME)])
 
     async def trim_blocks(self, blocknos: Sequence[int]) -> None:
-        """Free blocks on every in-sync replica, so that later reads return zeros."""
+        """Free blocks on the write set, so that later reads return zeros."""
         checked = [self._check_blockno(blockno) for blockno in blocknos]
 
         def job(first: int) -> Job:
             async def trim_frame() -> None:
                 frame = checked[first : first + TRIMS_PER_FRAME]
-                outcomes = await self._fan_out("store.trim", self.vol_id, self.epoch, frame)
-                self._settle("trim", outcomes)
+                await self._versioned_call("trim", frame, "store.trim", frame)
 
             return trim_frame
 
         await _run_jobs([job(first) for first in range(0, len(checked), TRIMS_PER_FRAME)])
 
     async def flush(self) -> None:
-        """Return once every completed write is durable on write_quorum replicas."""
-        outcomes = await self._fan_out("store.flush", self.vol_id)
-        self._settle("flush", outcomes)
+        """Return once every completed write is durable on a write quorum."""
+        self._check_usable()
+        outcomes = await self._fan_out(
+            self._targets(), "store.flush", self.vol_id, timeout=SLOW_TIMEOUT
+        )
+        await self._settle("flush", outcomes, ())
 
     async def grow(self, nblocks: int) -> None:
-        """Grow every in-sync replica to `nblocks` blocks; equal is a no-op, smaller raises.
+        """Grow the replicas to `nblocks` blocks; equal is a no-op, smaller raises.
 
-        The client takes the new size only once write_quorum replicas have it. A replica that
-        fails while another grows leaves the in-sync set, as after a failed write. A replica
-        that already has `nblocks` or more is left as it is.
+        The client takes the new size only once a write quorum has it. A replica that fails
+        while others grow leaves the write set, as after a failed write. A replica that already
+        has `nblocks` or more is left as it is.
         """
         if isinstance(nblocks, bool) or not isinstance(nblocks, int):
             raise InvalidArgument(f"volume {self.vol_id}: invalid block count {nblocks!r}")
@@ -155,22 +324,307 @@ class ReplicationClient:
             )
         if nblocks == self.nblocks:
             return
+        self._check_usable()
 
-        async def grow_replica(replica: RpcClient) -> None:
-            info = await replica.call("store.info", self.vol_id)
-            if not isinstance(info, dict) or not isinstance(info.get("nblocks"), int):
-                raise ProtocolError(f"replica {replica.description} sent a malformed info reply")
-            # A grow whose superblock never became durable leaves replicas larger than the
-            # volume, and store.grow rejects a smaller size.
-            if info["nblocks"] < nblocks:
-                await replica.call("store.grow", self.vol_id, self.epoch, nblocks)
+        async def grow_replica(replica: _Replica) -> None:
+            await self._grow_replica(replica, nblocks)
 
-        outcomes = await self._fan_out_each(grow_replica)
-        self._settle("grow", outcomes)
+        outcomes = await self._fan_out_each(self._targets(), grow_replica)
+        await self._settle("grow", outcomes, ())
         log.info(
             "volume %s: grew replicas from %d to %d blocks", self.vol_id, self.nblocks, nblocks
         )
         self.nblocks = nblocks
+
+    async def _grow_replica(self, replica: _Replica, nblocks: int) -> None:
+        info = await replica.call("store.info", self.vol_id)
+        if not isinstance(info, dict) or not isinstance(info.get("nblocks"), int):
+            raise ProtocolError(f"replica {replica.name} sent a malformed info reply")
+        # A grow whose superblock never became durable leaves replicas larger than the
+        # volume, and store.grow rejects a smaller size.
+        if info["nblocks"] < nblocks:
+            await replica.call("store.grow", self.vol_id, self.epoch, nblocks, timeout=SLOW_TIMEOUT)
+
+    # --- resync ----------------------------------------------------------------------------
+
+    async def resync(self, replica_id: str, client: RpcClient | None = None) -> int:
+        """Bring a returning replica back into the write set; return the blocks copied to it.
+
+        `client` replaces the replica's connection. A replica of the write set only gets the
+        epoch: it missed no acknowledged write. An out-of-sync replica receives every block
+        whose version differs from the write set's, while writes go on and reach it too, and
+        then rejoins the write set. A replica whose files are damaged or gone gets a full copy.
+        """
+        self._check_usable()
+        replica = self._replicas.get(replica_id)
+        if replica is None:
+            raise NotFound(f"volume {self.vol_id}: {replica_id!r} is not one of its replicas")
+        if replica_id in self._resyncing:
+            raise Busy(f"volume {self.vol_id}: replica {replica_id} is resyncing already")
+        if client is not None:
+            replica.client = client
+        if replica_id in self._write_set:
+            await replica.call("store.open", self.vol_id, self.epoch)
+            await self._settle_unsettled()
+            return 0
+        await self._settle_unsettled()
+        progress = ResyncProgress(target=replica_id, total=self.nblocks)
+        await self._prepare_target(replica, progress)
+        return await self._run_resync(replica, progress)
+
+    async def _prepare_target(self, replica: _Replica, progress: ResyncProgress) -> None:
+        """Open the target, or reset it for a full copy when its files are damaged or gone."""
+        try:
+            await replica.call("store.open", self.vol_id, self.epoch)
+            # A versions scan checks that the data file is still the one the store opened.
+            await replica.call("store.versions", self.vol_id, 0, 1)
+        except (NotFound, Corrupted) as exc:
+            log.warning(
+                "volume %s: replica %s is marked failed and gets a full copy: %s",
+                self.vol_id,
+                replica.name,
+                exc.message,
+            )
+            await replica.call(
+                "store.reset", self.vol_id, self.epoch, self.nblocks, timeout=SLOW_TIMEOUT
+            )
+            progress.full = True
+            self._full_copies.add(replica.id)
+            self._resynced[replica.id] = 0
+            return
+        await self._grow_replica(replica, self.nblocks)
+
+    async def _run_resync(self, replica: _Replica, progress: ResyncProgress) -> int:
+        # No await between taking the floor and adding the target: every write with a version
+        # from the floor on is sent to the target as well.
+        floor = (self.epoch << 32) | (self._counter + 1)
+        self._resyncing[replica.id] = progress
+        log.info("volume %s: resync of replica %s started", self.vol_id, replica.name)
+        try:
+            await self._wait_for_writes(below=floor)
+            sources = self._read_order()
+            await resync.resync(
+                self.vol_id, self.epoch, progress.total, sources, replica, floor, progress
+            )
+        except BaseException as exc:
+            self._resyncing.pop(replica.id, None)
+            self._resynced[replica.id] += progress.copied
+            message = exc.message if isinstance(exc, PxfsError) else type(exc).__name__
+            log.warning("volume %s: resync of %s failed: %s", self.vol_id, replica.name, message)
+            raise
+        if progress.aborted:
+            self._resynced[replica.id] += progress.copied
+            raise Unavailable(
+                f"volume {self.vol_id}: resync of {replica.name} stopped: {progress.aborted}"
+            )
+        self._rejoin(replica, progress)
+        try:
+            await self._ensure_reported()
+        except Unavailable as exc:
+            # The replica stays in the write set here; the next write retries the report.
+            log.warning("volume %s: %s", self.vol_id, exc.message)
+        return progress.copied
+
+    def _rejoin(self, replica: _Replica, progress: ResyncProgress) -> None:
+        # No await in here: the replica goes from the resync targets to the write set in one
+        # step, so every write reaches it.
+        del self._resyncing[replica.id]
+        self._write_set = [
+            key for key in self._replicas if key in self._write_set or key == replica.id
+        ]
+        self._out_of_sync.remove(replica.id)
+        self._full_copies.discard(replica.id)
+        self._resynced[replica.id] += progress.copied
+        self._changes += 1
+        log.info(
+            "volume %s: replica %s caught up after copying %d blocks and rejoined the write set",
+            self.vol_id,
+            replica.name,
+            progress.copied,
+        )
+
+    # --- writes and settling -----------------------------------------------------------------
+
+    async def _versioned_call(
+        self, operation: str, blocknos: Sequence[int], method: str, frame: Sequence[Any]
+    ) -> None:
+        await self._before_write()
+        # No await from the end of _before_write to the fan-out's start: the version and the
+        # targets are taken together, which the resync floor relies on.
+        version = self._next_version()
+        done = trio.Event()
+        self._in_flight[version] = done
+        try:
+            if operation == "write":
+                args: tuple[Any, ...] = (self.vol_id, self.epoch, version, frame)
+            else:
+                args = (self.vol_id, self.epoch, frame, version)
+            outcomes = await self._fan_out(self._targets(), method, *args)
+            await self._settle(operation, outcomes, blocknos)
+        finally:
+            del self._in_flight[version]
+            done.set()
+
+    async def _before_write(self) -> None:
+        while True:
+            self._check_usable()
+            if self._pause is not None:
+                await self._pause.wait()
+            elif self._unsettled:
+                await self._settle_unsettled()
+            else:
+                return
+
+    async def _wait_for_writes(self, below: int | None = None) -> None:
+        for version, done in list(self._in_flight.items()):
+            if below is None or version < below:
+                await done.wait()
+
+    async def _settle(self, operation: str, outcomes: Outcomes, blocknos: Sequence[int]) -> None:
+        """Drop the replicas that failed a call, report the change, and raise without quorum."""
+        failed = [(replica, exc) for replica, exc in outcomes if exc is not None]
+        for _, exc in failed:
+            # A newer attach, or a request that is invalid everywhere, is no replica's fault.
+            if isinstance(exc, StaleEpoch):
+                self._stop(exc)
+                raise exc
+            if isinstance(exc, InvalidArgument):
+                raise exc
+        for replica, exc in failed:
+            if replica.id in self._resyncing:
+                self._abort_resync(replica, operation, exc)
+        members = [replica for replica, _ in outcomes if replica.id in self._write_set]
+        failed_members = [(r, exc) for r, exc in failed if r.id in self._write_set]
+        stored = len(members) - len(failed_members)
+        if failed_members and stored >= self.write_quorum:
+            for replica, exc in failed_members:
+                self._leave_write_set(replica, operation, exc)
+        elif stored < self.write_quorum:
+            if blocknos and len(self._write_set) > 1:
+                # Some replicas may hold this write and others not. Until they agree again, the
+                # blocks are neither read nor written (docs/replication.md).
+                self._unsettled.update(blocknos)
+            raise self._quorum_error(operation, stored, failed_members)
+        await self._ensure_reported()
+
+    def _leave_write_set(self, replica: _Replica, operation: str, exc: PxfsError) -> None:
+        self._write_set.remove(replica.id)
+        self._out_of_sync = [
+            key for key in self._replicas if key in self._out_of_sync or key == replica.id
+        ]
+        self._changes += 1
+        log.warning(
+            "volume %s: replica %s left the write set after a failed %s (%d left): %s",
+            self.vol_id,
+            replica.name,
+            operation,
+            len(self._write_set),
+            exc.message,
+        )
+
+    def _abort_resync(self, replica: _Replica, operation: str, exc: PxfsError) -> None:
+        progress = self._resyncing.pop(replica.id)
+        progress.aborted = f"a {operation} failed on it: {exc.message}"
+        log.warning(
+            "volume %s: resync of replica %s stopped after a failed %s: %s",
+            self.vol_id,
+            replica.name,
+            operation,
+            exc.message,
+        )
+
+    async def _ensure_reported(self) -> None:
+        """Return once the catalog callback has the current write set; Unavailable if it fails."""
+        if self._reported == self._changes:
+            return
+        async with self._report_lock:
+            changes = self._changes
+            if self._reported >= changes:
+                return
+            write_set, out_of_sync = list(self._write_set), list(self._out_of_sync)
+            if self._on_change is not None:
+                try:
+                    await self._on_change(write_set, out_of_sync)
+                except Exception as exc:
+                    log.exception("volume %s: recording the write set failed", self.vol_id)
+                    raise Unavailable(
+                        f"volume {self.vol_id}: recording the write set {write_set} failed: {exc}"
+                    ) from exc
+            self._reported = changes
+            log.info(
+                "volume %s: write set is now %s, out of sync %s",
+                self.vol_id,
+                write_set,
+                out_of_sync,
+            )
+
+    async def _settle_unsettled(self) -> None:
+        """Reconcile the blocks of writes that failed below the quorum, or raise Unavailable."""
+        async with self._reconcile_lock:
+            if not self._unsettled:
+                return
+            pause = trio.Event()
+            self._pause = pause
+            try:
+                await self._wait_for_writes()
+                blocknos = sorted(self._unsettled)
+                await self._reconcile(_runs(blocknos))
+                self._unsettled.difference_update(blocknos)
+            except StaleEpoch:
+                raise
+            except PxfsError as exc:
+                raise Unavailable(
+                    f"volume {self.vol_id}: {len(self._unsettled)} blocks hold a write that "
+                    "reached fewer replicas than the write quorum; writes resume once the "
+                    f"write set {self._write_set} answers again ({exc.message})"
+                ) from None
+            finally:
+                self._pause = None
+                pause.set()
+
+    async def _reconcile(self, ranges: Sequence[tuple[int, int]]) -> None:
+        members = self._read_order()
+        try:
+            await resync.reconcile(self.vol_id, self.epoch, members, ranges)
+        except StaleEpoch as exc:
+            self._stop(exc)
+            raise
+
+    def _stop(self, exc: StaleEpoch) -> None:
+        if self._stale is None:
+            log.error("volume %s: a newer attach took over, stopping: %s", self.vol_id, exc.message)
+            self._stale = exc
+
+    def _check_usable(self) -> None:
+        if self._stale is not None:
+            raise StaleEpoch(self._stale.message)
+
+    def _quorum_error(
+        self, operation: str, stored: int, failed: list[tuple[_Replica, PxfsError]]
+    ) -> PxfsError:
+        for _, exc in failed:
+            if isinstance(exc, NoSpace):
+                return NoSpace(exc.message)
+        detail = "; ".join(f"{replica.name}: {exc.message}" for replica, exc in failed)
+        return Unavailable(
+            f"volume {self.vol_id}: {operation} reached {stored} replicas, {self.write_quorum} "
+            f"needed ({detail or 'no replica is in sync'})"
+        )
+
+    # --- reads -------------------------------------------------------------------------------
+
+    async def _read_frame(self, blocknos: list[int]) -> list[bytes]:
+        self._check_usable()
+        if self._unsettled.intersection(blocknos):
+            await self._settle_unsettled()
+        entries, bad = await resync.read_good(self.vol_id, self._read_order(), blocknos)
+        if bad:
+            self.repaired_blocks += await resync.repair(
+                self.vol_id, self.epoch, blocknos, entries, bad
+            )
+        return [data if isinstance(data, bytes) else ZERO_BLOCK for _, data in entries]
+
+    # --- helpers -----------------------------------------------------------------------------
 
     def _check_blockno(self, blockno: int) -> int:
         if isinstance(blockno, bool) or not isinstance(blockno, int):
@@ -201,22 +655,23 @@ class ReplicationClient:
         self._counter += 1
         return (self.epoch << 32) | self._counter
 
-    async def _fan_out(self, method: str, *args: Any) -> list[tuple[RpcClient, PxfsError | None]]:
-        """Call `method` on every in-sync replica at once and return each one's error or None."""
+    async def _fan_out(
+        self, replicas: list[_Replica], method: str, *args: Any, timeout: float | None = None
+    ) -> Outcomes:
+        """Call `method` on every replica of `replicas` at once and return each one's error."""
 
-        async def call(replica: RpcClient) -> None:
-            await replica.call(method, *args)
+        async def call(replica: _Replica) -> None:
+            await replica.call(method, *args, timeout=timeout)
 
-        return await self._fan_out_each(call)
+        return await self._fan_out_each(replicas, call)
 
     async def _fan_out_each(
-        self, job: Callable[[RpcClient], Awaitable[None]]
-    ) -> list[tuple[RpcClient, PxfsError | None]]:
-        """Run `job` for every in-sync replica at once and return each one's error or None."""
-        replicas = list(self._in_sync)
+        self, replicas: list[_Replica], job: Callable[[_Replica], Awaitable[None]]
+    ) -> Outcomes:
+        """Run `job` for every replica of `replicas` at once and return each one's error."""
         outcomes: list[PxfsError | None] = [None] * len(replicas)
 
-        async def call(index: int, replica: RpcClient) -> None:
+        async def call(index: int, replica: _Replica) -> None:
             try:
                 await job(replica)
             except PxfsError as exc:
@@ -227,89 +682,43 @@ class ReplicationClient:
                 nursery.start_soon(call, index, replica)
         return list(zip(replicas, outcomes, strict=True))
 
-    def _settle(self, operation: str, outcomes: list[tuple[RpcClient, PxfsError | None]]) -> None:
-        """Drop the replicas that missed a call that others stored, and raise without quorum."""
-        failed = [(replica, exc) for replica, exc in outcomes if exc is not None]
-        for _, exc in failed:
-            # A newer attach, or a request that is invalid everywhere, is no replica's fault.
-            if isinstance(exc, (StaleEpoch, InvalidArgument)):
-                raise exc
-        stored = len(outcomes) - len(failed)
-        if stored and failed:
-            for replica, exc in failed:
-                self._drop(replica, operation, exc)
-        if stored < self.write_quorum:
-            raise self._quorum_error(operation, stored, failed)
 
-    def _drop(self, replica: RpcClient, operation: str, exc: PxfsError) -> None:
-        if replica not in self._in_sync:
-            return
-        self._in_sync.remove(replica)
-        # TODO: record the blocks this replica missed and report it to the catalog, so that
-        # it leaves the write set and catches up later. Until then it is only left out of this
-        # client's I/O, and a later attach would trust it again.
-        log.warning(
-            "volume %s: replica %s left the in-sync set after a failed %s (%d left): %s",
-            self.vol_id,
-            replica.description,
-            operation,
-            len(self._in_sync),
-            exc.message,
-        )
+def _check_arguments(
+    vol_id: str,
+    epoch: int,
+    nblocks: int,
+    replicas: Sequence[RpcClient],
+    ids: Sequence[str],
+    out_of_sync: Sequence[str],
+    ha_level: int | None,
+    timeout: float,
+) -> None:
+    if not replicas:
+        raise InvalidArgument(f"volume {vol_id}: a replication client needs a replica")
+    if len(ids) != len(replicas) or len(set(ids)) != len(ids):
+        raise InvalidArgument(f"volume {vol_id}: replica ids {list(ids)} are not one per replica")
+    unknown = [replica_id for replica_id in out_of_sync if replica_id not in ids]
+    if unknown:
+        raise InvalidArgument(f"volume {vol_id}: out-of-sync replicas {unknown} are not replicas")
+    if ha_level is not None and ha_level not in MIN_WRITE_SET:
+        raise InvalidArgument(f"volume {vol_id}: invalid ha level {ha_level!r}, expected 1 to 3")
+    if not 0 <= epoch <= MAX_EPOCH:
+        raise InvalidArgument(f"volume {vol_id}: invalid epoch {epoch}")
+    if nblocks < 1:
+        raise InvalidArgument(f"volume {vol_id}: invalid nblocks {nblocks}")
+    if not timeout > 0:
+        raise InvalidArgument(f"volume {vol_id}: invalid timeout {timeout!r}, expected seconds > 0")
 
-    def _quorum_error(
-        self, operation: str, stored: int, failed: list[tuple[RpcClient, PxfsError]]
-    ) -> PxfsError:
-        for _, exc in failed:
-            if isinstance(exc, NoSpace):
-                return NoSpace(exc.message)
-        detail = "; ".join(f"{replica.description}: {exc.message}" for replica, exc in failed)
-        return Unavailable(
-            f"volume {self.vol_id}: {operation} reached {stored} replicas, {self.write_quorum} "
-            f"needed ({detail or 'no replica is in sync'})"
-        )
 
-    async def _read_frame(self, blocknos: list[int]) -> list[bytes]:
-        failures: list[tuple[RpcClient, PxfsError]] = []
-        for replica in list(self._in_sync):
-            try:
-                reply = await replica.call("store.read", self.vol_id, blocknos)
-                return self._decode_read(replica, reply, len(blocknos))
-            except InvalidArgument:
-                raise
-            except PxfsError as exc:
-                # Reads change nothing, so any other replica may serve this one.
-                log.warning(
-                    "volume %s: read from replica %s failed, trying the next: %s",
-                    self.vol_id,
-                    replica.description,
-                    exc.message,
-                )
-                failures.append((replica, exc))
-        # TODO: rewrite a copy that failed its checksum from the good one. A rewrite racing a
-        # newer write of the same block would undo it on that replica, so it needs ordering.
-        raise self._read_error(failures)
-
-    def _decode_read(self, replica: RpcClient, reply: Any, count: int) -> list[bytes]:
-        if not isinstance(reply, list) or len(reply) != count:
-            raise ProtocolError(f"replica {replica.description} sent a malformed read reply")
-        blocks = []
-        for data in reply:
-            if data is None:
-                blocks.append(ZERO_BLOCK)
-            elif isinstance(data, bytes) and len(data) == BLOCK_SIZE:
-                blocks.append(data)
-            else:
-                raise ProtocolError(f"replica {replica.description} sent a malformed block")
-        return blocks
-
-    def _read_error(self, failures: list[tuple[RpcClient, PxfsError]]) -> PxfsError:
-        if not failures:
-            return Unavailable(f"volume {self.vol_id}: no in-sync replica is left to read from")
-        detail = "; ".join(f"{replica.description}: {exc.message}" for replica, exc in failures)
-        if any(isinstance(exc, ChecksumMismatch) for _, exc in failures):
-            return ChecksumMismatch(f"volume {self.vol_id}: no good copy left ({detail})")
-        return Unavailable(f"volume {self.vol_id}: no replica could serve the read ({detail})")
+def _runs(blocknos: Sequence[int]) -> list[tuple[int, int]]:
+    """Split sorted, distinct block numbers into (first, count) runs of consecutive blocks."""
+    runs: list[tuple[int, int]] = []
+    for blockno in blocknos:
+        if runs and runs[-1][0] + runs[-1][1] == blockno:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((blockno, 1))
+    return runs
 
 
 async def _run_jobs(jobs: list[Job]) -> None:

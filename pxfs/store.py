@@ -2,7 +2,8 @@
 
 A replica lives in ROOT/<vol_id>/ as three files: `data`, a sparse file of nblocks * BLOCK_SIZE
 bytes; `table`, one 16-byte record per block with the version that last wrote or trimmed it and
-the crc32 of its data; and `meta`, a msgpack map with the volume id, nblocks and the highest epoch seen.
+the crc32 of its data; and `meta`, a msgpack map with the volume id, nblocks and the highest
+epoch seen.
 docs/store-format.md describes the layout and what a crash or a full disk leaves behind.
 
 All file I/O runs in worker threads. Each replica has one trio lock that every operation on its
@@ -259,7 +260,7 @@ class _Replica:
         return result
 
     def read_versioned(self, blocknos: Sequence[int]) -> list[tuple[int, bytes | None | bool]]:
-        """Read blocks as (version, data): data None when unwritten, False when it fails its crc32."""
+        """Read blocks as (version, data): data None when unwritten, False when its crc32 fails."""
         result: list[tuple[int, bytes | None | bool]] = []
         for blockno in blocknos:
             version, crc, flags = self._read_record(blockno)
@@ -642,9 +643,7 @@ def _check_data(blockno: int, data: object) -> bytes:
     return bytes(data)
 
 
-def _check_copies(
-    replica: _Replica, blocks: object
-) -> list[tuple[int, int, int, bytes | None]]:
+def _check_copies(replica: _Replica, blocks: object) -> list[tuple[int, int, int, bytes | None]]:
     items = _check_list("blocks", blocks)
     _check_count("blocks", items, MAX_BLOCKS_PER_CALL)
     checked: list[tuple[int, int, int, bytes | None]] = []
@@ -827,7 +826,9 @@ class ReplicaStore:
             await trio.to_thread.run_sync(_delete_replica, self.root, vol_id)
             await trio.to_thread.run_sync(_create_replica, self.root, vol_id, nblocks)
             await trio.to_thread.run_sync(_write_meta, self.root / vol_id, vol_id, nblocks, epoch)
-        log.warning("reset replica of volume %s to %d empty blocks for a full copy", vol_id, nblocks)
+        log.warning(
+            "reset replica of volume %s to %d empty blocks for a full copy", vol_id, nblocks
+        )
 
     async def flush(self, vol_id: str) -> None:
         """Return once every write completed before the call is durable (fdatasync)."""

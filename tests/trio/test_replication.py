@@ -164,8 +164,8 @@ async def test_one_mib_write_is_one_rpc(cluster, nodes):
     await device.write_blocks(blocks)
     assert [node.calls["store.write"] for node in nodes] == [1, 1]
     assert await device.read_blocks(list(range(16))) == [data for _, data in blocks]
-    assert nodes[0].calls["store.read"] == 1
-    assert nodes[1].calls["store.read"] == 0
+    assert nodes[0].calls["store.read_versioned"] == 1
+    assert nodes[1].calls["store.read_versioned"] == 0
 
 
 async def test_large_write_split_into_frames(cluster, nodes):
@@ -174,7 +174,7 @@ async def test_large_write_split_into_frames(cluster, nodes):
     await device.write_blocks([(n, block(n)) for n in range(count)])
     assert [node.calls["store.write"] for node in nodes] == [5, 5]
     assert await device.read_blocks(list(range(count))) == [block(n) for n in range(count)]
-    assert nodes[0].calls["store.read"] == 5
+    assert nodes[0].calls["store.read_versioned"] == 5
 
 
 async def test_frames_in_flight_capped_at_four(cluster, nodes):
@@ -210,7 +210,7 @@ async def test_corrupt_copy_read_from_other_replica(cluster, nodes):
     await device.write_blocks([(7, block(7)), (8, block(8))])
     nodes[0].flip_byte(8)
     assert await device.read_blocks([7, 8]) == [block(7), block(8)]
-    assert nodes[1].calls["store.read"] == 1
+    assert nodes[1].calls["store.read_versioned"] == 1
 
 
 async def test_both_copies_corrupt_raises(cluster, nodes):
@@ -236,7 +236,7 @@ async def test_write_with_replica_down_degrades(cluster, nodes):
     remaining = [client.description for client in device.in_sync_replicas]
     assert remaining == [str(nodes[1].socket_path)]
     assert await device.read_blocks([2]) == [block(2)]
-    assert nodes[1].calls["store.read"] == 1
+    assert nodes[1].calls["store.read_versioned"] == 1
 
 
 async def test_write_below_quorum_raises(cluster, nodes):
@@ -254,7 +254,7 @@ async def test_all_replicas_down_raises_unavailable(cluster, nodes):
         node.scope.cancel()
     with pytest.raises(errors.Unavailable):
         await device.write_blocks([(0, block(0))])
-    with pytest.raises(errors.Unavailable, match="no replica could serve"):
+    with pytest.raises(errors.Unavailable, match="reached fewer replicas than the write quorum"):
         await device.read_blocks([0])
     assert len(device.in_sync_replicas) == 2
 
@@ -295,7 +295,7 @@ async def test_bad_read_rejected_before_rpc(cluster, nodes):
     device = await cluster.device(nodes)
     with pytest.raises(errors.InvalidArgument, match="outside"):
         await device.read_blocks([0, NBLOCKS])
-    assert nodes[0].calls["store.read"] == 0
+    assert nodes[0].calls["store.read_versioned"] == 0
 
 
 def test_constructor_rejects_no_replicas():
@@ -314,7 +314,7 @@ async def test_empty_calls_send_nothing(cluster, nodes):
     assert await device.read_blocks([]) == []
     await device.write_blocks([])
     await device.trim_blocks([])
-    assert nodes[0].calls["store.read"] == 0
+    assert nodes[0].calls["store.read_versioned"] == 0
     assert nodes[0].calls["store.write"] == 0
     assert nodes[0].calls["store.trim"] == 0
 

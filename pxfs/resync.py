@@ -1,0 +1,322 @@
+"""Resync, reconcile and read repair: copy blocks between the replicas of a volume.
+
+Every block of a replica carries the version of the write or trim that last changed it
+(docs/store-format.md). Two replicas hold the same content for a block exactly when their versions
+match, so a table scan of both finds the blocks that one of them missed. Copies go through
+`store.copy`, which stores a block only while the target still holds the version that the scan
+read. A write that reaches the target after the scan therefore wins over the copy.
+
+The rules for which copy is authoritative are in docs/replication.md.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from pxfs.errors import ChecksumMismatch, InvalidArgument, ProtocolError, PxfsError, Unavailable
+from pxfs.store import BLOCK_SIZE
+
+log = logging.getLogger(__name__)
+
+#: Blocks per version scan call: 65536 versions are a 512 KiB reply and cover 4 GiB of volume.
+SCAN_BLOCKS = 65536
+#: Blocks per copy call: 4 MiB of data, the size of the replication client's write frames.
+COPY_BLOCKS = 64
+#: Copy calls in flight at once, so that reading from the source overlaps writing the target.
+COPY_IN_FLIGHT = 4
+
+#: A block as `store.read_versioned` returns it: (version, data). data is None for an unwritten
+#: block and False for a copy that fails its checksum.
+Entry = tuple[int, bytes | None | bool]
+
+
+class Peer(Protocol):
+    """A replica as the functions of this module use it."""
+
+    @property
+    def name(self) -> str:
+        """The replica's id and address, for messages."""
+        ...
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Call a `store.*` method of the replica, raising PxfsError on failure or timeout."""
+        ...
+
+
+@dataclass
+class ResyncProgress:
+    """How far the resync of one replica has come, in blocks."""
+
+    target: str
+    total: int
+    scanned: int = 0
+    copied: int = 0
+    full: bool = False
+    aborted: str = ""
+
+
+@dataclass
+class BadCopy:
+    """A copy of a block that failed its checksum: where it is and the version it claims."""
+
+    peer: Peer
+    index: int
+    version: int
+
+
+async def fetch_versions(peer: Peer, vol_id: str, first: int, count: int) -> array.array[int]:
+    """Return the versions of blocks [first, first + count) of `peer`."""
+    raw = await peer.call("store.versions", vol_id, first, count)
+    if not isinstance(raw, bytes) or len(raw) != 8 * count:
+        raise ProtocolError(f"replica {peer.name} sent a malformed versions reply")
+    versions = array.array("Q")
+    versions.frombytes(raw)
+    if sys.byteorder == "big":
+        versions.byteswap()
+    return versions
+
+
+async def read_versioned(peer: Peer, vol_id: str, blocknos: Sequence[int]) -> list[Entry]:
+    """Read blocks from `peer` as (version, data) entries, checking the reply's shape."""
+    reply = await peer.call("store.read_versioned", vol_id, list(blocknos))
+    if not isinstance(reply, list) or len(reply) != len(blocknos):
+        raise ProtocolError(f"replica {peer.name} sent a malformed read reply")
+    entries: list[Entry] = []
+    for item in reply:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ProtocolError(f"replica {peer.name} sent a malformed block entry")
+        version, data = item
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ProtocolError(f"replica {peer.name} sent a malformed block version")
+        good_data = isinstance(data, bytes) and len(data) == BLOCK_SIZE
+        if not (good_data or data is None or data is False):
+            raise ProtocolError(f"replica {peer.name} sent a malformed block")
+        entries.append((version, data))
+    return entries
+
+
+async def read_good(
+    vol_id: str, peers: Sequence[Peer], blocknos: Sequence[int]
+) -> tuple[list[Entry], list[BadCopy]]:
+    """Read each block from the first peer that has a good copy, in the order of `peers`.
+
+    Returns the entries and the copies that failed their checksum on the way. Raises
+    ChecksumMismatch when some block has no good copy on any peer, and Unavailable when no peer
+    could be read for it.
+    """
+    found: list[Entry | None] = [None] * len(blocknos)
+    pending = list(range(len(blocknos)))
+    bad: list[BadCopy] = []
+    failures: list[str] = []
+    for peer in peers:
+        if not pending:
+            break
+        try:
+            entries = await read_versioned(peer, vol_id, [blocknos[i] for i in pending])
+        except InvalidArgument:
+            raise
+        except PxfsError as exc:
+            log.warning(
+                "volume %s: read from replica %s failed: %s", vol_id, peer.name, exc.message
+            )
+            failures.append(f"{peer.name}: {exc.message}")
+            continue
+        still = []
+        for index, (version, data) in zip(pending, entries, strict=True):
+            if data is False:
+                bad.append(BadCopy(peer, index, version))
+                still.append(index)
+            else:
+                found[index] = (version, data)
+        pending = still
+    if pending:
+        raise _read_error(vol_id, [blocknos[i] for i in pending], bad, failures, peers)
+    return [entry for entry in found if entry is not None], bad
+
+
+def _read_error(
+    vol_id: str,
+    blocknos: list[int],
+    bad: list[BadCopy],
+    failures: list[str],
+    peers: Sequence[Peer],
+) -> PxfsError:
+    if not peers:
+        return Unavailable(f"volume {vol_id}: no in-sync replica is left to read from")
+    shown = ", ".join(str(blockno) for blockno in blocknos[:8])
+    if bad:
+        detail = "; ".join(failures + [f"{copy.peer.name}: bad checksum" for copy in bad])
+        return ChecksumMismatch(f"volume {vol_id}: no good copy left of blocks {shown} ({detail})")
+    return Unavailable(
+        f"volume {vol_id}: no replica could serve the read of blocks {shown} "
+        f"({'; '.join(failures)})"
+    )
+
+
+async def repair(
+    vol_id: str, epoch: int, blocknos: Sequence[int], entries: list[Entry], bad: list[BadCopy]
+) -> int:
+    """Rewrite each bad copy with the good data of the same version; return the blocks fixed.
+
+    A bad copy whose version differs from the good one is left alone: a write is then in flight,
+    and it replaces the bad copy itself.
+    """
+    repaired = 0
+    for copy in bad:
+        version, data = entries[copy.index]
+        blockno = blocknos[copy.index]
+        if version != copy.version or not isinstance(data, bytes):
+            continue
+        try:
+            stored = await copy.peer.call(
+                "store.copy", vol_id, epoch, [[blockno, version, version, data]]
+            )
+        except PxfsError as exc:
+            log.warning(
+                "volume %s: repair of block %d on replica %s failed: %s",
+                vol_id,
+                blockno,
+                copy.peer.name,
+                exc.message,
+            )
+            continue
+        if stored:
+            repaired += 1
+            log.warning(
+                "volume %s: repaired block %d (version %x) on replica %s from a good copy",
+                vol_id,
+                blockno,
+                version,
+                copy.peer.name,
+            )
+    return repaired
+
+
+async def resync(
+    vol_id: str,
+    epoch: int,
+    nblocks: int,
+    sources: Sequence[Peer],
+    target: Peer,
+    floor: int,
+    progress: ResyncProgress,
+) -> None:
+    """Copy to `target` every block whose version differs from the first source's.
+
+    `floor` is the first version that the writes sent to `target` as well carry. A target block
+    at `floor` or above came from such a write, so it is current and is not copied.
+    """
+    for first in range(0, nblocks, SCAN_BLOCKS):
+        if progress.aborted:
+            raise Unavailable(
+                f"volume {vol_id}: resync of {target.name} stopped: {progress.aborted}"
+            )
+        count = min(SCAN_BLOCKS, nblocks - first)
+        source_versions = await fetch_versions(sources[0], vol_id, first, count)
+        target_versions = await fetch_versions(target, vol_id, first, count)
+        plan = _differing(first, source_versions, target_versions, floor)
+        progress.copied += await copy_blocks(vol_id, epoch, sources, target, plan)
+        progress.scanned += count
+
+
+def _differing(
+    first: int, source: array.array[int], target: array.array[int], floor: int
+) -> list[tuple[int, int]]:
+    """Return (blockno, target version) of the blocks that the target must get from the source."""
+    if source == target:
+        return []
+    return [
+        (first + index, theirs)
+        for index, (ours, theirs) in enumerate(zip(source, target, strict=True))
+        if ours != theirs and theirs < floor
+    ]
+
+
+async def copy_blocks(
+    vol_id: str,
+    epoch: int,
+    sources: Sequence[Peer],
+    target: Peer,
+    plan: Sequence[tuple[int, int]],
+) -> int:
+    """Copy the (blockno, expected version) blocks of `plan` to `target`; return those stored."""
+    stored = 0
+    limiter = trio.CapacityLimiter(COPY_IN_FLIGHT)
+
+    async def copy_batch(batch: Sequence[tuple[int, int]]) -> None:
+        nonlocal stored
+        async with limiter:
+            blocknos = [blockno for blockno, _ in batch]
+            entries, _ = await read_good(vol_id, sources, blocknos)
+            copies = [
+                [blockno, expected, version, data]
+                for (blockno, expected), (version, data) in zip(batch, entries, strict=True)
+            ]
+            count = await target.call("store.copy", vol_id, epoch, copies)
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise ProtocolError(f"replica {target.name} sent a malformed copy reply")
+            stored += count
+
+    async with trio.open_nursery() as nursery:
+        for start in range(0, len(plan), COPY_BLOCKS):
+            nursery.start_soon(copy_batch, plan[start : start + COPY_BLOCKS])
+    return stored
+
+
+async def reconcile(
+    vol_id: str, epoch: int, members: Sequence[Peer], ranges: Sequence[tuple[int, int]]
+) -> int:
+    """Make `members` agree on the blocks of the (first, count) ranges; return the blocks copied.
+
+    Where the members' versions of a block differ, the lowest version wins and is copied over
+    the others (docs/replication.md says why). The caller makes sure no write is in flight.
+    """
+    copied = 0
+    for first, count in _split(ranges):
+        versions = [await fetch_versions(member, vol_id, first, count) for member in members]
+        for holders, plans in _disagreements(first, members, versions).items():
+            for target, plan in plans.items():
+                copied += await copy_blocks(vol_id, epoch, holders, target, plan)
+    if copied:
+        log.warning(
+            "volume %s: reconciled %d blocks that a write below the write quorum left behind",
+            vol_id,
+            copied,
+        )
+    return copied
+
+
+def _split(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    pieces = []
+    for first, count in ranges:
+        for start in range(first, first + count, SCAN_BLOCKS):
+            pieces.append((start, min(SCAN_BLOCKS, first + count - start)))
+    return pieces
+
+
+def _disagreements(
+    first: int, members: Sequence[Peer], versions: list[array.array[int]]
+) -> dict[tuple[Peer, ...], dict[Peer, list[tuple[int, int]]]]:
+    """Group the blocks to copy by the members that hold the winning version, then by target."""
+    groups: dict[tuple[Peer, ...], dict[Peer, list[tuple[int, int]]]] = {}
+    if all(column == versions[0] for column in versions[1:]):
+        return groups
+    for index, row in enumerate(zip(*versions, strict=True)):
+        lowest = min(row)
+        if lowest == max(row):
+            continue
+        holders = tuple(
+            member for member, version in zip(members, row, strict=True) if version == lowest
+        )
+        plans = groups.setdefault(holders, {})
+        for member, version in zip(members, row, strict=True):
+            if version != lowest:
+                plans.setdefault(member, []).append((first + index, version))
+    return groups
