@@ -60,6 +60,10 @@ def encode_frame(message: Any) -> bytes:
         raise errors.InvalidArgument(
             f"invalid string {bad!r} in RPC message: not valid UTF-8"
         ) from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        # msgpack raises TypeError for a type it has no form for (a set, an arbitrary object),
+        # OverflowError for an integer outside int64 and uint64, ValueError for deep nesting.
+        raise errors.InvalidArgument(f"RPC message cannot be encoded: {exc}") from None
     if len(body) > MAX_FRAME:
         raise errors.InvalidArgument(f"RPC message of {len(body)} bytes exceeds {MAX_FRAME}")
     return _LENGTH.pack(len(body)) + body
@@ -101,7 +105,8 @@ class FrameDecoder:
 def _unpack(body: bytes | memoryview) -> Any:
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.UnpackException) as exc:
+    # TypeError comes from a map whose key is an array or a map, which Python cannot hash.
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
         raise errors.ProtocolError(f"undecodable frame: {exc}") from None
 
 
@@ -228,6 +233,10 @@ class RpcServer:
             pass
         except errors.ProtocolError as exc:
             log.warning("%s: dropping connection: %s", self.name, exc.message)
+        except Exception:
+            # trio.serve_listeners lets a handler's exception end the whole server, so a defect
+            # that one peer's bytes reach must cost only that peer its connection.
+            log.exception("%s: dropping connection after an unexpected error", self.name)
         finally:
             self.connections -= 1
             await trio.aclose_forcefully(stream)
@@ -272,6 +281,8 @@ class RpcServer:
                 pass
             except errors.ProtocolError as exc:
                 log.warning("%s: dropping connection: %s", self.name, exc.message)
+            except Exception:
+                log.exception("%s: dropping connection after an unexpected error", self.name)
             nursery.cancel_scope.cancel()
 
     async def _answer(
@@ -292,7 +303,7 @@ class RpcServer:
             limiter.release_on_behalf_of(token)
         try:
             frame = encode_frame(reply)
-        except (errors.PxfsError, TypeError) as exc:
+        except errors.PxfsError as exc:
             log.exception("%s: reply to %s could not be encoded", self.name, method)
             failure = errors.InternalError(f"reply to {method} could not be encoded: {exc}")
             frame = encode_frame([REPLY, request_id, error_payload(failure), None])

@@ -139,11 +139,6 @@ def mutants(body: bytes, seed: int) -> list[bytes]:
     return out
 
 
-def is_known_key_bug(exc: TypeError) -> bool:
-    """Tell whether `exc` is the unhashable-map-key bug that the xfail tests below record."""
-    return "unhashable type" in str(exc)
-
-
 @fuzz(150)
 @given(messages, st.integers(0, 2**32))
 def test_framed_garbage_only_protocol_error(message: Any, seed: int) -> None:
@@ -156,23 +151,15 @@ def test_framed_garbage_only_protocol_error(message: Any, seed: int) -> None:
             out = decoder.feed(LENGTH.pack(len(mutant)) + mutant)
         except errors.ProtocolError:
             continue
-        except TypeError as exc:
-            # NOTE: remove this branch once FrameDecoder maps TypeError to ProtocolError.
-            if is_known_key_bug(exc):
-                continue
-            raise
         assert len(out) == 1
         assert decoder.pending == 0
 
 
 # msgpack's unpacker raises TypeError, not ValueError, when a map key is an array or a map,
-# because Python cannot hash a list or dict. _unpack catches only ValueError and UnpackException.
+# because Python cannot hash a list or dict.
 UNHASHABLE_KEY_BODIES = [b"\x81\x90\x00", b"\x81\x80\x00", b"\x91\x81\x91\x00\x00"]
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TypeError, reason="FrameDecoder lets TypeError out for an array map key"
-)
 @pytest.mark.parametrize("body", UNHASHABLE_KEY_BODIES)
 def test_unhashable_map_key_is_protocol_error(body: bytes) -> None:
     decoder = rpc.FrameDecoder()
@@ -180,33 +167,66 @@ def test_unhashable_map_key_is_protocol_error(body: bytes) -> None:
         decoder.feed(LENGTH.pack(len(body)) + body)
 
 
-@pytest.mark.xfail(strict=True, reason="a frame with an array map key kills the RpcServer")
-def test_server_survives_unhashable_map_key() -> None:
+SECRET = b"fuzz-secret"
+
+
+async def echo(*args: Any) -> list[Any]:
+    """Return the call's arguments."""
+    return list(args)
+
+
+async def call_after_bad_peer(path: str, secret: bytes | None, bad_body: bytes) -> Any:
+    """Let one peer send `bad_body` as a frame, then return a second peer's echo reply."""
+    server = rpc.RpcServer({"echo": echo}, secret=secret, name="fuzz")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve_unix, path)
+        with trio.fail_after(5):
+            async with await trio.open_unix_socket(path) as bad:
+                await bad.send_all(LENGTH.pack(len(bad_body)) + bad_body)
+                # The server closes the bad connection: the peer reads end of stream,
+                # after the challenge when the server authenticates.
+                while await bad.receive_some(4096):
+                    pass
+            client = await rpc.RpcClient.connect_unix(path, secret)
+            try:
+                reply = await client.call("echo", 7)
+            finally:
+                await client.aclose()
+        nursery.cancel_scope.cancel()
+    return reply
+
+
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["open", "authenticated"])
+def test_server_survives_unhashable_map_key(secret: bytes | None) -> None:
     """A peer that sends one 7-byte frame must lose its connection, not stop the server."""
-
-    async def echo(*args: Any) -> list[Any]:
-        return list(args)
-
-    async def main(path: str) -> list[Any]:
-        server = rpc.RpcServer({"echo": echo}, name="fuzz")
-        replies: list[Any] = []
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve_unix, path)
-            with trio.fail_after(5):
-                async with await trio.open_unix_socket(path) as bad:
-                    await bad.send_all(LENGTH.pack(3) + b"\x81\x90\x00")
-                    await trio.sleep(0.2)
-                    async with await trio.open_unix_socket(path) as good:
-                        await good.send_all(rpc.encode_frame([rpc.REQUEST, 1, "echo", [7]]))
-                        decoder = rpc.FrameDecoder()
-                        while not replies:
-                            replies = decoder.feed(await good.receive_some(4096))
-            nursery.cancel_scope.cancel()
-        return replies
-
     with tempfile.TemporaryDirectory(dir="/tmp") as directory:
-        replies = trio.run(main, os.path.join(directory, "rpc.sock"))
-    assert replies == [[rpc.REPLY, 1, None, [7]]]
+        path = os.path.join(directory, "rpc.sock")
+        reply = trio.run(call_after_bad_peer, path, secret, b"\x81\x90\x00")
+    assert reply == [7]
+
+
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["open", "authenticated"])
+def test_server_survives_decoder_defect(
+    secret: bytes | None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception the decoder does not document closes that connection and is logged."""
+    trigger = b"\x92\x01\x02"
+    unpack = rpc._unpack
+
+    def defective_unpack(body: bytes | memoryview) -> Any:
+        if bytes(body) == trigger:
+            raise RuntimeError("injected decoder defect")
+        return unpack(body)
+
+    monkeypatch.setattr(rpc, "_unpack", defective_unpack)
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+        path = os.path.join(directory, "rpc.sock")
+        reply = trio.run(call_after_bad_peer, path, secret, trigger)
+    assert reply == [7]
+    logged = [record for record in caplog.records if "unexpected error" in record.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].exc_info is not None
+    assert "injected decoder defect" in str(logged[0].exc_info[1])
 
 
 # --- wrong message types -----------------------------------------------------------------------
@@ -264,8 +284,8 @@ def test_encode_over_max_frame_invalid_argument() -> None:
         rpc.encode_frame(b"x" * rpc.MAX_FRAME)
 
 
-# encode_frame promises InvalidArgument for a message it cannot pack, but it only catches
-# UnicodeEncodeError; msgpack raises OverflowError or TypeError for these.
+# msgpack raises OverflowError or TypeError for these, which encode_frame turns into
+# InvalidArgument.
 UNPACKABLE = [
     pytest.param(2**64, id="int-over-64-bits"),
     pytest.param(-(2**63) - 1, id="int-under-int64"),
@@ -274,11 +294,6 @@ UNPACKABLE = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(OverflowError, TypeError),
-    reason="encode_frame lets msgpack's own errors out",
-)
 @pytest.mark.parametrize("value", UNPACKABLE)
 def test_encode_unpackable_invalid_argument(value: Any) -> None:
     with pytest.raises(errors.InvalidArgument):
