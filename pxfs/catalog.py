@@ -273,13 +273,16 @@ def _load(path: Path) -> dict[str, Any]:
         state = json.loads(text)
     except ValueError as exc:
         raise Corrupted(f"catalog {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        # json.loads recurses once per level of nesting, and no catalog nests this deep.
+        raise Corrupted(f"catalog {path} is not valid JSON: nested too deeply") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise Corrupted(f"catalog {path} has an unknown format; expected format {FORMAT_VERSION}")
     for key, kind in (("revision", int), ("volumes", dict), ("nodes", dict)):
         if not isinstance(state.get(key), kind):
             raise Corrupted(f"catalog {path}: {key!r} is missing or of the wrong type")
     for key, entry in state["volumes"].items():
-        problem = _volume_entry_problem(key, entry)
+        problem = volume_entry_problem(key, entry)
         if problem:
             raise Corrupted(f"catalog {path}: volume {key!r} {problem}: {entry!r:.200}")
     for key, node in state["nodes"].items():
@@ -303,7 +306,7 @@ _RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _volume_entry_problem(key: str, entry: Any) -> str | None:
+def volume_entry_problem(key: str, entry: Any) -> str | None:
     """Return what is wrong with one entry of the catalog's volumes, or None if nothing is."""
     if not isinstance(entry, dict) or not isinstance(entry.get("revision"), int):
         return "is not a map with a revision and a record"
@@ -318,8 +321,12 @@ def _volume_entry_problem(key: str, entry: Any) -> str | None:
             return f"has a missing or invalid {name!r}"
     if record["id"] != key:
         return f"has a record with id {record['id']!r}"
-    if not all(isinstance(path, str) for path in record.get("mount_paths", [])):
+    # A null mount_paths or labels passed the loop above as absent, like any other null field.
+    if not all(isinstance(path, str) for path in record.get("mount_paths") or []):
         return "has a mount path that is not a string"
+    labels = record.get("labels") or {}
+    if not all(isinstance(value, str) for value in labels.values()):
+        return "has a label value that is not a string"
     return None
 
 

@@ -29,7 +29,7 @@ from pxfs.catalog import (
     NodeRecord,
     Versioned,
     VolumeRecord,
-    _volume_entry_problem,
+    volume_entry_problem,
 )
 from pxfs.errors import (
     AlreadyExists,
@@ -348,7 +348,7 @@ class EtcdCatalog(Catalog):
     def _decode_volume(self, kv: KeyValue) -> VolumeRecord:
         record = self._decode_json(kv)
         vol_id = kv.key.decode(errors="replace")[len(self._key("volumes/")) :]
-        problem = _volume_entry_problem(vol_id, {"revision": kv.mod_revision, "record": record})
+        problem = volume_entry_problem(vol_id, {"revision": kv.mod_revision, "record": record})
         if problem or not isinstance(record, dict):
             raise Corrupted(f"etcd key {kv.key.decode(errors='replace')} {problem}")
         return record

@@ -97,6 +97,8 @@ def check_loaded_catalog(state: dict[str, Any]) -> None:
         assert isinstance(record["name"], str)
         for path in record.get("mount_paths") or []:
             assert isinstance(path, str)
+        for value in (record.get("labels") or {}).values():
+            assert isinstance(value, str)
     for key, node in state["nodes"].items():
         assert node["id"] == key
 
@@ -111,13 +113,6 @@ def load_catalog(directory: Path, data: bytes) -> dict[str, Any] | None:
         return None
 
 
-def is_known_catalog_bug(exc: Exception) -> bool:
-    """Tell whether `exc` is one of the two `_load` bugs that the xfail tests below record."""
-    if isinstance(exc, RecursionError):
-        return True
-    return isinstance(exc, TypeError) and "'NoneType' object is not iterable" in str(exc)
-
-
 @fuzz(150)
 @given(st.integers(0, 4), st.integers(0, 2**32), st.booleans())
 def test_mutated_catalog_loads_or_corrupted(
@@ -126,13 +121,7 @@ def test_mutated_catalog_loads_or_corrupted(
     """150 valid catalogs, 10 mutants each (1500 files): a checked state or Corrupted."""
     text = json.dumps(valid_catalog(volumes), indent=1 if indent else None).encode()
     for mutant in mutants(text, seed):
-        try:
-            state = load_catalog(state_dir, mutant)
-        except (RecursionError, TypeError) as exc:
-            # NOTE: remove this branch once _load maps these to Corrupted.
-            if is_known_catalog_bug(exc):
-                continue
-            raise
+        state = load_catalog(state_dir, mutant)
         if state is not None:
             check_loaded_catalog(state)
 
@@ -192,30 +181,28 @@ def test_random_catalog_bytes_corrupted(state_dir: Path, data: bytes) -> None:
         check_loaded_catalog(loaded)
 
 
-# json.loads raises RecursionError for deep nesting, which is not a ValueError; and a record
-# whose mount_paths is null passes the field check, which skips None, but then is iterated.
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="catalog _load lets RecursionError out for deep nesting",
-)
+# json.loads raises RecursionError for deep nesting, which is not a ValueError.
 def test_deeply_nested_catalog_corrupted(state_dir: Path) -> None:
     with pytest.raises(Corrupted):
         catalog._load(write(state_dir, b"[" * 100_000))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TypeError, reason="catalog _load lets TypeError out for null mount_paths"
-)
-def test_null_mount_paths_catalog(state_dir: Path) -> None:
+@pytest.mark.parametrize("field", ["mount_paths", "labels"])
+def test_null_optional_field_loads(state_dir: Path, field: str) -> None:
+    """A null optional field counts as absent, as the field check treats every null."""
     state = valid_catalog(1)
-    state["volumes"]["1000"]["record"]["mount_paths"] = None
-    path = write(state_dir, json.dumps(state).encode())
-    # Either answer is fine, a record without mount paths or Corrupted, but not TypeError.
-    try:
-        catalog._load(path)
-    except Corrupted:
-        pass
+    state["volumes"]["1000"]["record"][field] = None
+    loaded = catalog._load(write(state_dir, json.dumps(state).encode()))
+    assert loaded["volumes"]["1000"]["record"][field] is None
+    check_loaded_catalog(loaded)
+
+
+@pytest.mark.parametrize("value", [1, None, ["db"], {"nested": "map"}])
+def test_non_string_label_corrupted(state_dir: Path, value: Any) -> None:
+    state = valid_catalog(1)
+    state["volumes"]["1000"]["record"]["labels"] = {"app": value}
+    with pytest.raises(Corrupted, match="label value"):
+        catalog._load(write(state_dir, json.dumps(state).encode()))
 
 
 def write(directory: Path, data: bytes) -> Path:
