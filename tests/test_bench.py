@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -89,6 +91,15 @@ def expect_gluster() -> bool:
     if glusterd_port_busy():
         pytest.skip(f"another glusterd listens on port {GLUSTERD_PORT}, which the bricks need")
     return True
+
+
+def load_bench() -> ModuleType:
+    """Import tools/bench.py, which is a script and not part of a package."""
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_smoke_run_measures_every_system(tmp_path: Path) -> None:
@@ -187,3 +198,27 @@ def test_invalid_arguments_rejected(tmp_path: Path, arguments: list[str], messag
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_failed_job_tears_glusterfs_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not expect_gluster():
+        pytest.skip("glusterd is not installed")
+    bench = load_bench()
+    mounted = []
+
+    def fail_job(system: str, directory: Path, args: object) -> None:
+        mounted.append(bench.is_mounted(directory))
+        raise bench.BenchError("injected job failure")
+
+    monkeypatch.setattr(bench, "measure", fail_job)
+    args = bench.parse_args(["--smoke", "--work-dir", str(tmp_path / "work")])
+    with pytest.raises(bench.BenchError, match="injected job failure"):
+        bench.measure_glusterfs(tmp_path / "work", args)
+
+    assert mounted == [True]
+    assert mounts_under(tmp_path) == []
+    assert processes_mentioning(str(tmp_path)) == []
+    assert bench.TEARDOWN_FAILURES == []
+    history = (tmp_path / "work" / "gluster" / "log" / "cmd_history.log").read_text()
+    assert "volume stop pxfsbench : SUCCESS" in history
+    assert "volume delete pxfsbench : SUCCESS" in history

@@ -269,7 +269,7 @@ def run_cleanup(stack: contextlib.ExitStack, step: str, action: Callable[[], obj
     def guarded() -> None:
         try:
             action()
-        except (BenchError, OSError, subprocess.SubprocessError) as error:
+        except (BenchError, errors.PxfsError, OSError, subprocess.SubprocessError) as error:
             TEARDOWN_FAILURES.append(step)
             print(f"bench: teardown step {step!r} failed: {error}", file=sys.stderr)
 
@@ -745,8 +745,9 @@ def main(argv: list[str] | None = None) -> int:
         check_prerequisites()
         with work_directory(args.work_dir) as work:
             report = run(args, work)
-    except BenchError as error:
+    except (BenchError, errors.PxfsError) as error:
         print(f"bench: {error}", file=sys.stderr)
+        print(f"bench: {teardown_outcome()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"bench: interrupted; {teardown_outcome()}", file=sys.stderr)
