@@ -1,0 +1,124 @@
+"""Mounts of the host as pxd sees them: mountinfo, bind mounts, lazy unmounts, syncfs.
+
+pxd runs the mount tools (mount, umount, fusermount3) as subprocesses and reads
+/proc/self/mountinfo, because a FUSE mount whose daemon died fails every stat of its path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+from typing import Any
+
+import trio
+
+from pxfs import errors
+from pxfs.errors import Busy, InvalidArgument, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mountinfo() -> dict[str, str]:
+    """Return the filesystem type of every mountpoint of this mount namespace."""
+    mounts: dict[str, str] = {}
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            separator = fields.index(b"-")
+            mounts[_unescape_mount_path(fields[4])] = os.fsdecode(fields[separator + 1])
+    return mounts
+
+
+def _unescape_mount_path(raw: bytes) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as three octal digits.
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), raw))
+
+
+def is_mounted(path: str) -> bool:
+    """True if `path` is a mountpoint, also when it is a FUSE mount whose daemon died."""
+    # os.path.ismount stats the path, which fails on a dead FUSE mount.
+    return os.path.realpath(path) in mountinfo() or os.path.ismount(path)
+
+
+async def run_tool(*argv: str) -> str | None:
+    """Run a mount tool; return None on success, else its error output."""
+    try:
+        result = await trio.run_process(
+            list(argv), capture_stdout=True, capture_stderr=True, check=False
+        )
+    except FileNotFoundError:
+        return f"{argv[0]} is not installed"
+    except OSError as exc:
+        return f"{argv[0]} could not run: {exc.strerror}"
+    if result.returncode == 0:
+        return None
+    return (result.stderr or result.stdout).decode(errors="replace").strip() or (
+        f"exit status {result.returncode}"
+    )
+
+
+async def lazy_unmount(path: str) -> None:
+    """Detach `path` now, even if busy or dead; the kernel finishes when the last user goes."""
+    if not is_mounted(path):
+        return
+    failure = await run_tool("fusermount3", "-u", "-z", path)
+    if failure is not None and is_mounted(path):
+        failure = await run_tool("umount", "-l", path)
+    if failure is not None and is_mounted(path):
+        log.error("lazy unmount of %s failed: %s", path, failure)
+
+
+async def unmount(path: str) -> None:
+    """Unmount `path`; raises Busy when a process still uses it."""
+    failure = await run_tool("umount", path)
+    if failure is not None and is_mounted(path):
+        raise Busy(f"cannot unmount {path}: {failure}")
+
+
+def syncfs(path: str) -> None:
+    """Make the kernel write the dirty pages of the filesystem at `path`: syncfs(2)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+    finally:
+        os.close(fd)
+
+
+async def bind(source: str, target: str) -> None:
+    """Bind-mount `source` onto `target`; raises Unavailable when mount fails."""
+    failure = await run_tool("mount", "--bind", source, target)
+    if failure is not None:
+        raise Unavailable(f"bind mount of the volume at {target} failed: {failure}")
+
+
+def normalize_path(path: Any) -> str:
+    """Return the normalized form of a mount path; raises InvalidArgument for a bad one."""
+    if not isinstance(path, str) or not path:
+        raise InvalidArgument(f"mount path must be a non-empty string, not {path!r}")
+    if "\0" in path:
+        raise InvalidArgument(f"mount path {path!r} contains a NUL byte")
+    if not os.path.isabs(path):
+        raise InvalidArgument(f"mount path {path!r} is not absolute")
+    return os.path.normpath(path)
+
+
+def check_mount_path(path: str) -> None:
+    """Raise unless `path` is an existing empty directory that is not a mountpoint."""
+    if is_mounted(path):
+        raise Busy(f"mount path {path} is already a mountpoint")
+    if not os.path.exists(path):
+        raise NotFound(f"mount path {path} does not exist")
+    if not os.path.isdir(path):
+        raise errors.NotADirectory(f"mount path {path} is not a directory")
+    try:
+        with os.scandir(path) as entries:
+            if next(entries, None) is not None:
+                raise errors.NotEmpty(f"mount path {path} is not empty")
+    except OSError as exc:
+        raise InvalidArgument(f"mount path {path} cannot be read: {exc.strerror}") from None

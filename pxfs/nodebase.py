@@ -1,0 +1,149 @@
+"""The state that every part of pxd's Node shares, and the accessors that the parts use.
+
+Node is built from layers, each a class that extends the one before:
+`NodeBase` (this module), `StatsSampling` (pxfs/sampling.py), `ChildSupervisor`
+(pxfs/children.py), `VolumeControl` (pxfs/volumes.py) and `Node` (pxfs/node.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from pxfs.catalog import LocalCatalog, VolumeRecord
+from pxfs.config import Config
+from pxfs.datadir import SECRET_FILE
+from pxfs.errors import NotFound, Unavailable
+from pxfs.stats import StatsStore
+from pxfs.store import BLOCK_SIZE, ReplicaStore
+
+STDERR_TAIL_LINES = 20
+
+
+def version() -> str:
+    """Return the installed version of pxfs, or "unknown" when run from a source tree."""
+    try:
+        return importlib.metadata.version("pxfs")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def now_ns() -> int:
+    """Return the wall-clock time in nanoseconds, as the records store it."""
+    return time.time_ns()
+
+
+@dataclass
+class MountChild:
+    """The mount child process of one volume and the host paths it is bound to."""
+
+    vol_id: str
+    mountpoint: str
+    #: The unix socket on which the child serves mount.stats and mount.grow.
+    control_socket: str
+    paths: list[str] = field(default_factory=list)
+    #: Failed samples of the I/O counters in a row.
+    sample_failures: int = 0
+    process: trio.Process | None = None
+    epoch: int = 0
+    started_at: float = 0.0
+    failures: int = 0
+    #: Counts the processes started, so a waiting restart notices that another one ran.
+    generation: int = 0
+    stopping: bool = False
+    exited: trio.Event = field(default_factory=trio.Event)
+    stderr_closed: trio.Event = field(default_factory=trio.Event)
+    stderr_tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
+    )
+
+    @property
+    def running(self) -> bool:
+        """True while a child process serves the volume."""
+        return self.process is not None and not self.exited.is_set()
+
+    def last_error(self) -> str:
+        """Return the last line that the child wrote to stderr, for error messages."""
+        return self.stderr_tail[-1] if self.stderr_tail else "no error output"
+
+
+class NodeBase:
+    """The configuration, identity and open state of one pxd."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.data_dir = config.data_dir
+        self.control_socket = config.control_socket
+        self.peer_socket = config.peer_socket_path
+        self.node_id = ""
+        self.secret = b""
+        self.secret_file = self.data_dir / SECRET_FILE
+        self.started_ns = 0
+        self.catalog: LocalCatalog | None = None
+        self.store: ReplicaStore | None = None
+        self.stats: StatsStore | None = None
+        self._lock_fd: int | None = None
+        self._nursery: trio.Nursery | None = None
+        self._mounts: dict[str, MountChild] = {}
+        self._volume_locks: collections.defaultdict[str, trio.Lock] = collections.defaultdict(
+            trio.Lock
+        )
+        self._create_lock = trio.Lock()
+        self._stop = trio.Event()
+        self._shutting_down = False
+        #: Set once start-up has remounted the volumes; node.status says "starting" until then.
+        self._remounted = False
+
+    def stop(self) -> None:
+        """Ask run() to unmount every volume and return."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() was called."""
+        return self._stop.is_set()
+
+    # Helpers
+
+    def _child_running(self, vol_id: str) -> bool:
+        child = self._mounts.get(vol_id)
+        return child is not None and child.running
+
+    async def _public(self, record: VolumeRecord) -> VolumeRecord:
+        """The record as the control methods return it, with usage and live mount paths."""
+        public = dict(record)
+        public["usage"] = await self._usage(record["id"])
+        child = self._mounts.get(record["id"])
+        public["mounted"] = list(child.paths) if child is not None and child.running else []
+        return public
+
+    async def _usage(self, vol_id: str) -> int:
+        try:
+            info = await self._store().info(vol_id)
+        except NotFound:
+            return 0
+        return int(info["used_blocks"]) * BLOCK_SIZE
+
+    def _reject_while_stopping(self) -> None:
+        if self._shutting_down or self._stop.is_set():
+            raise Unavailable("pxd is shutting down")
+
+    def _catalog(self) -> LocalCatalog:
+        assert self.catalog is not None, "pxd is not started"
+        return self.catalog
+
+    def _store(self) -> ReplicaStore:
+        assert self.store is not None, "pxd is not started"
+        return self.store
+
+    def _stats(self) -> StatsStore:
+        assert self.stats is not None, "pxd is not started"
+        return self.stats
+
+    def _live_nursery(self) -> trio.Nursery:
+        assert self._nursery is not None, "pxd is not started"
+        return self._nursery

@@ -1,0 +1,457 @@
+"""The volume methods of pxd's control RPC: create, list, attach, mount, update, delete.
+
+Every volume operation runs under that volume's lock, so attach, mount, unmount, check, delete
+and the restart of a child never interleave on one volume. Catalog changes go through catalog
+transactions, which order them against other nodes as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from pxfs import errors
+from pxfs.catalog import VolumeRecord
+from pxfs.children import ChildSupervisor
+from pxfs.errors import Busy, InvalidArgument, NotFound, NotSupported, PxfsError, Unavailable
+from pxfs.hostmounts import check_mount_path, normalize_path
+from pxfs.nodebase import now_ns
+from pxfs.replication import ReplicationClient
+from pxfs.rpc import RpcClient
+from pxfs.units import check_size, validate_labels, validate_name
+from pxfs.volume.format import device_blocks
+from pxfs.volume.namespace import Volume
+
+log = logging.getLogger(__name__)
+
+#: A volume check reads all metadata of the volume; large volumes take a while.
+CHECK_TIMEOUT = 600.0
+MAX_HA_LEVEL = 3
+CREATE_FIELDS = {"name", "size", "ha_level", "labels"}
+UPDATE_FIELDS = {"size", "ha_level", "labels"}
+LIST_FIELDS = {"name", "labels", "ids"}
+#: How long a mount child may take to grow its volume online.
+GROW_TIMEOUT = 30.0
+
+
+class VolumeControl(ChildSupervisor):
+    """The volume.* methods of the control RPC."""
+
+    async def create_volume(self, spec: Any) -> VolumeRecord:
+        """Create and format a volume; the same name, size and ha_level returns the existing one."""
+        name, size, ha_level, labels = self._parse_create(spec)
+        self._reject_while_stopping()
+        async with self._create_lock:
+            existing = await self._find_by_name(name)
+            if existing is not None:
+                return await self._existing_for_create(existing, size, ha_level)
+            await self._check_ha_level(ha_level)
+            record = await self._make_volume(name, size, ha_level, labels)
+        log.info("volume %s: created %r, %d bytes, ha %d", record["id"], name, size, ha_level)
+        return await self._public(record)
+
+    def _parse_create(self, spec: Any) -> tuple[str, int, int, dict[str, str]]:
+        if not isinstance(spec, dict):
+            raise InvalidArgument("volume.create takes a map with name, size, ha_level, labels")
+        unknown = set(spec) - CREATE_FIELDS
+        if unknown:
+            raise InvalidArgument(f"unknown volume.create fields: {', '.join(sorted(unknown))}")
+        if "size" not in spec:
+            raise InvalidArgument("volume.create needs a size in bytes")
+        ha_level = _check_ha_range(spec.get("ha_level", 1))
+        name = validate_name(spec.get("name"))
+        size = check_size(spec["size"])
+        # The metadata regions come on top of the size; this raises for a size below the minimum.
+        device_blocks(size)
+        return name, size, ha_level, validate_labels(spec.get("labels"))
+
+    async def _find_by_name(self, name: str) -> VolumeRecord | None:
+        with contextlib.suppress(NotFound):
+            record = await self._catalog().find_volume(name)
+            if record["name"] == name:
+                return record
+        return None
+
+    async def _existing_for_create(
+        self, record: VolumeRecord, size: int, ha_level: int
+    ) -> VolumeRecord:
+        if record.get("deleting"):
+            raise errors.AlreadyExists(
+                f"volume {record['name']!r} is being deleted; delete it again to finish"
+            )
+        if record["size"] != size or record["ha_level"] != ha_level:
+            raise errors.AlreadyExists(
+                f"volume {record['name']!r} already exists with size {record['size']} and "
+                f"ha_level {record['ha_level']}"
+            )
+        return await self._public(record)
+
+    async def _check_ha_level(self, ha_level: int) -> None:
+        nodes = len(await self._catalog().list_nodes())
+        if ha_level > nodes:
+            raise InvalidArgument(
+                f"ha_level {ha_level} needs {ha_level} nodes, but the cluster has {nodes}"
+            )
+
+    async def _make_volume(
+        self, name: str, size: int, ha_level: int, labels: dict[str, str]
+    ) -> VolumeRecord:
+        vol_id = await self._new_volume_id()
+        fs_uuid = str(uuid.uuid4())
+        record: VolumeRecord = {
+            "id": vol_id,
+            "name": name,
+            "labels": labels,
+            "size": size,
+            "ha_level": ha_level,
+            "ctime_ns": now_ns(),
+            "uuid": fs_uuid,
+            "replica_nodes": [self.node_id],
+            "epoch": 1,
+            "attached_on": "",
+            "attach_time_ns": 0,
+            "detach_time_ns": 0,
+            "mount_paths": [],
+        }
+        nblocks = device_blocks(size)
+        await self._store().create(vol_id, nblocks)
+        try:
+            await self._format(vol_id, nblocks, fs_uuid, size, record["epoch"])
+            await self._catalog().create_volume(record)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._delete_replica_after_failure(vol_id)
+            raise
+        return record
+
+    async def _delete_replica_after_failure(self, vol_id: str) -> None:
+        try:
+            await self._store().delete(vol_id)
+        except PxfsError as exc:
+            log.error(
+                "volume %s: deleting the replica of a failed create failed: %s", vol_id, exc.message
+            )
+
+    async def _new_volume_id(self) -> str:
+        while True:
+            vol_id = str(secrets.randbits(63))
+            if await self._catalog().get_volume(vol_id) is None and vol_id != "0":
+                return vol_id
+
+    async def _format(self, vol_id: str, nblocks: int, fs_uuid: str, size: int, epoch: int) -> None:
+        client = await RpcClient.connect_unix(self.peer_socket, self.secret)
+        try:
+            device = ReplicationClient(vol_id, epoch, nblocks, [client])
+            await device.open()
+            await Volume.format(device, fs_uuid, size)
+        finally:
+            await client.aclose()
+
+    async def list_volumes(self, filters: Any = None) -> list[VolumeRecord]:
+        """Return the records that match every given filter: name, labels (subset), ids."""
+        name, labels, ids = _parse_list_filters(filters)
+        found = []
+        for record in await self._catalog().list_volumes():
+            if name is not None and record["name"] != name:
+                continue
+            if ids is not None and record["id"] not in ids:
+                continue
+            if any(record["labels"].get(key) != value for key, value in labels.items()):
+                continue
+            found.append(await self._public(record))
+        return found
+
+    async def inspect_volume(self, ref: Any) -> VolumeRecord:
+        """Return the record of the volume `ref` (a name or an id)."""
+        return await self._public(await self._catalog().find_volume(ref))
+
+    async def delete_volume(self, ref: Any) -> None:
+        """Delete a detached volume: its replica, then its record."""
+        record = await self._catalog().find_volume(ref)
+        vol_id = record["id"]
+        async with self._volume_locks[vol_id]:
+            # The mark makes attach fail from here on, so the replica can go before the record.
+            # A crash in between leaves a marked record, and a new delete finishes the job.
+            await self._catalog().update_volume(vol_id, _mark_deleting)
+            await self._store().delete(vol_id)
+            self._stats().delete(vol_id)
+            await self._catalog().delete_volume(vol_id)
+        log.info("volume %s: deleted %r", vol_id, record["name"])
+
+    async def attach_volume(self, ref: Any) -> VolumeRecord:
+        """Attach the volume to this node, raising its epoch; a no-op if already attached here."""
+        record = await self._catalog().find_volume(ref)
+        async with self._volume_locks[record["id"]]:
+            record = (await self._catalog().require_volume(record["id"])).record
+            if record["attached_on"] == self.node_id:
+                return await self._public(record)
+            updated = await self._catalog().update_volume(record["id"], self._attach_change)
+        log.info("volume %s: attached with epoch %d", updated["id"], updated["epoch"])
+        return await self._public(updated)
+
+    def _attach_change(self, record: VolumeRecord) -> VolumeRecord:
+        if record.get("deleting"):
+            raise NotFound(f"volume {record['id']} is being deleted")
+        if record["attached_on"] not in ("", self.node_id):
+            raise Busy(f"volume {record['name']} is attached on node {record['attached_on']}")
+        record["attached_on"] = self.node_id
+        record["epoch"] += 1
+        record["attach_time_ns"] = now_ns()
+        return record
+
+    async def detach_volume(self, ref: Any) -> VolumeRecord:
+        """Detach the volume from this node; Busy while it is mounted."""
+        record = await self._catalog().find_volume(ref)
+        async with self._volume_locks[record["id"]]:
+            record = (await self._catalog().require_volume(record["id"])).record
+            if not record["attached_on"]:
+                return await self._public(record)
+            updated = await self._catalog().update_volume(record["id"], self._detach_change)
+        log.info("volume %s: detached", updated["id"])
+        return await self._public(updated)
+
+    def _detach_change(self, record: VolumeRecord) -> VolumeRecord:
+        if not record["attached_on"]:
+            return record
+        if record["attached_on"] != self.node_id:
+            raise Busy(f"volume {record['name']} is attached on node {record['attached_on']}")
+        if record["mount_paths"]:
+            raise Busy(
+                f"volume {record['name']} is mounted at {', '.join(record['mount_paths'])}; "
+                "unmount it first"
+            )
+        record["attached_on"] = ""
+        record["detach_time_ns"] = now_ns()
+        return record
+
+    async def mount_volume(self, ref: Any, path: Any) -> VolumeRecord:
+        """Mount an attached volume at `path`, an empty directory that is not a mountpoint."""
+        self._reject_while_stopping()
+        record = await self._catalog().find_volume(ref)
+        vol_id = record["id"]
+        async with self._volume_locks[vol_id]:
+            record = (await self._catalog().require_volume(vol_id)).record
+            self._require_attached_here(record)
+            path = normalize_path(path)
+            if path in record["mount_paths"]:
+                raise Busy(f"volume {record['name']} is already mounted at {path}")
+            check_mount_path(path)
+            try:
+                child = await self._ensure_running(record)
+                await self._bind_path(child, path)
+                record = await self._catalog().update_volume(vol_id, _add_path(path))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._undo_mount(vol_id, path)
+                raise
+        log.info("volume %s: mounted at %s", vol_id, path)
+        return await self._public(record)
+
+    async def _undo_mount(self, vol_id: str, path: str) -> None:
+        child = self._mounts.get(vol_id)
+        if child is None:
+            return
+        if path in child.paths:
+            await self._unbind(child, path, lazy_if_busy=True)
+        if not child.paths:
+            await self._stop_child(child)
+
+    def _require_attached_here(self, record: VolumeRecord) -> None:
+        if record["attached_on"] == self.node_id:
+            return
+        if record["attached_on"]:
+            raise Busy(f"volume {record['name']} is attached on node {record['attached_on']}")
+        raise InvalidArgument(f"volume {record['name']} is not attached; attach it first")
+
+    async def unmount_volume(self, ref: Any, path: Any) -> VolumeRecord:
+        """Unmount the volume from `path`; the child stops when no path is left."""
+        record = await self._catalog().find_volume(ref)
+        vol_id = record["id"]
+        path = normalize_path(path)
+        async with self._volume_locks[vol_id]:
+            record = (await self._catalog().require_volume(vol_id)).record
+            if path not in record["mount_paths"]:
+                raise NotFound(f"volume {record['name']} is not mounted at {path}")
+            child = self._mounts.get(vol_id)
+            if child is not None and path in child.paths:
+                await self._unbind(child, path, lazy_if_busy=not child.running)
+            else:
+                await self._clear_stale_mount(path)
+            record = await self._catalog().update_volume(vol_id, _remove_path(path))
+            if child is not None and not child.paths:
+                await self._stop_child(child)
+        log.info("volume %s: unmounted from %s", vol_id, path)
+        return await self._public(record)
+
+    async def check_volume(self, ref: Any) -> dict[str, Any]:
+        """Check the metadata of a detached volume; return clean and the problems found."""
+        record = await self._catalog().find_volume(ref)
+        vol_id = record["id"]
+        async with self._volume_locks[vol_id]:
+            record = (await self._catalog().require_volume(vol_id)).record
+            if record["attached_on"]:
+                raise Busy(f"volume {record['name']} is attached; detach it before a check")
+            result = await self._run_check(record)
+        log.info("volume %s: check found %d problems", vol_id, len(result["problems"]))
+        return result
+
+    async def _run_check(self, record: VolumeRecord) -> dict[str, Any]:
+        argv = self._child_argv(record["id"], record["epoch"]) + ["--check"]
+        with trio.move_on_after(CHECK_TIMEOUT) as scope:
+            result = await trio.run_process(
+                argv, capture_stdout=True, capture_stderr=True, check=False, **self._child_env()
+            )
+        if scope.cancelled_caught:
+            raise Unavailable(f"volume check of {record['id']} timed out after {CHECK_TIMEOUT} s")
+        problems = result.stdout.decode(errors="replace").splitlines()
+        problems = [line for line in problems if line.strip()]
+        if result.returncode == 0:
+            return {"clean": True, "problems": problems}
+        if problems:
+            return {"clean": False, "problems": problems}
+        stderr = result.stderr.decode(errors="replace").strip().splitlines()
+        raise errors.InternalError(
+            f"volume check of {record['id']} failed with exit status {result.returncode}: "
+            f"{stderr[-1] if stderr else 'no error output'}"
+        )
+
+    async def update_volume(self, ref: Any, changes: Any) -> VolumeRecord:
+        """Apply `changes` (size, ha_level, labels) to a volume, growing it online if mounted."""
+        parsed = _parse_update(changes)
+        record = await self._catalog().find_volume(ref)
+        vol_id = record["id"]
+        async with self._volume_locks[vol_id]:
+            record = (await self._catalog().require_volume(vol_id)).record
+            await self._check_update(record, parsed)
+            if any(record.get(key) != value for key, value in parsed.items()):
+                record = await self._catalog().update_volume(vol_id, _apply_update(parsed))
+                log.info("volume %s: updated %s", vol_id, ", ".join(sorted(parsed)))
+            if "size" in parsed:
+                await self._grow_mounted(record)
+        return await self._public(record)
+
+    async def _check_update(self, record: VolumeRecord, parsed: dict[str, Any]) -> None:
+        """Raise for a change that cannot be applied, before any change is made."""
+        if record.get("deleting"):
+            raise NotFound(f"volume {record['id']} is being deleted")
+        if "size" in parsed:
+            _check_not_shrinking(record, parsed["size"])
+        ha_level = int(parsed["ha_level"] if "ha_level" in parsed else record["ha_level"])
+        if ha_level != record["ha_level"]:
+            await self._check_ha_level(ha_level)
+            # TODO: adding and removing replicas needs the replica resync of a later version.
+            raise NotSupported(
+                f"changing ha_level from {record['ha_level']} to {ha_level} is not supported yet"
+            )
+
+    async def _grow_mounted(self, record: VolumeRecord) -> None:
+        """Have a running mount child grow its volume to the size of `record`."""
+        child = self._mounts.get(record["id"])
+        if child is None or not child.running:
+            # The next mount child is started with --size and grows the volume at open.
+            return
+        try:
+            reply = await self._call_child(child, GROW_TIMEOUT, "mount.grow", record["size"])
+        except PxfsError as exc:
+            raise Unavailable(
+                f"volume {record['name']} is now {record['size']} bytes in the catalog, but the "
+                f"mount child failed to grow it: {exc.message}; it grows at the next mount"
+            ) from None
+        log.info("volume %s: mounted volume is now %d bytes", record["id"], reply["size"])
+
+
+def _mark_deleting(record: VolumeRecord) -> VolumeRecord:
+    if record["attached_on"]:
+        raise Busy(
+            f"volume {record['name']} is attached on node {record['attached_on']}; "
+            "detach it before deleting"
+        )
+    record["deleting"] = True
+    return record
+
+
+def _parse_update(changes: Any) -> dict[str, Any]:
+    """Validate the fields of volume.update and return them, the size rounded up."""
+    if not isinstance(changes, dict):
+        raise InvalidArgument("volume.update takes a map with any of size, ha_level, labels")
+    unknown = set(changes) - UPDATE_FIELDS
+    if unknown:
+        raise InvalidArgument(f"unknown volume.update fields: {', '.join(sorted(unknown))}")
+    parsed: dict[str, Any] = {}
+    if "size" in changes:
+        parsed["size"] = check_size(changes["size"])
+        device_blocks(parsed["size"])
+    if "ha_level" in changes:
+        parsed["ha_level"] = _check_ha_range(changes["ha_level"])
+    if "labels" in changes:
+        parsed["labels"] = validate_labels(changes["labels"])
+    return parsed
+
+
+def _check_ha_range(ha_level: Any) -> int:
+    if isinstance(ha_level, bool) or not isinstance(ha_level, int):
+        raise InvalidArgument(f"ha_level must be an integer 1-3, not {ha_level!r}")
+    if not 1 <= ha_level <= MAX_HA_LEVEL:
+        raise InvalidArgument(f"invalid ha_level {ha_level}: it must be 1, 2 or 3")
+    return ha_level
+
+
+def _check_not_shrinking(record: VolumeRecord, size: int) -> None:
+    if size < record["size"]:
+        raise InvalidArgument(
+            f"volume {record['name']} is {record['size']} bytes; shrinking is not supported"
+        )
+
+
+def _apply_update(parsed: dict[str, Any]) -> Callable[[VolumeRecord], VolumeRecord]:
+    def change(record: VolumeRecord) -> VolumeRecord:
+        # Checked again inside the transaction: the record may have changed since it was read.
+        if "size" in parsed:
+            _check_not_shrinking(record, parsed["size"])
+        record.update(parsed)
+        return record
+
+    return change
+
+
+def _add_path(path: str) -> Callable[[VolumeRecord], VolumeRecord]:
+    def change(record: VolumeRecord) -> VolumeRecord:
+        if path not in record["mount_paths"]:
+            record["mount_paths"].append(path)
+        return record
+
+    return change
+
+
+def _remove_path(path: str) -> Callable[[VolumeRecord], VolumeRecord]:
+    def change(record: VolumeRecord) -> VolumeRecord:
+        record["mount_paths"] = [p for p in record["mount_paths"] if p != path]
+        return record
+
+    return change
+
+
+def _parse_list_filters(filters: Any) -> tuple[str | None, dict[str, str], set[str] | None]:
+    if filters is None:
+        filters = {}
+    if not isinstance(filters, dict):
+        raise InvalidArgument("volume.list takes a map of filters: name, labels, ids")
+    unknown = set(filters) - LIST_FIELDS
+    if unknown:
+        raise InvalidArgument(f"unknown volume.list filters: {', '.join(sorted(unknown))}")
+    name = filters.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgument("the name filter must be a string")
+    labels = validate_labels(filters.get("labels"))
+    ids = filters.get("ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise InvalidArgument("the ids filter must be a list of strings")
+        ids = set(ids)
+    return name, labels, ids
