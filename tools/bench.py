@@ -263,7 +263,7 @@ def process_cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def run_cleanup(stack: contextlib.ExitStack, step: str, action: Callable[[], object]) -> None:
+def register_teardown(stack: contextlib.ExitStack, step: str, action: Callable[[], object]) -> None:
     """Register `action` on `stack` so that its failure is reported and later steps still run."""
 
     def guarded() -> None:
@@ -323,15 +323,15 @@ def measure_pxfs_ha1(work: Path, args: argparse.Namespace) -> Figures:
     node.root.mkdir(exist_ok=True)
     with contextlib.ExitStack() as stack:
         progress("pxfs_ha1", f"start pxd in {node.root}")
-        run_cleanup(stack, "stop pxd", node.stop)
+        register_teardown(stack, "stop pxd", node.stop)
         client = node.start()
         size = max(2 * GIB, 4 * args.size_mib * 1024 * 1024)
         client.call("volume.create", {"name": "bench", "size": size, "ha_level": 1, "labels": {}})
-        run_cleanup(stack, "delete the volume", lambda: client.call("volume.delete", "bench"))
+        register_teardown(stack, "delete the volume", lambda: client.call("volume.delete", "bench"))
         client.call("volume.attach", "bench")
-        run_cleanup(stack, "detach the volume", lambda: client.call("volume.detach", "bench"))
+        register_teardown(stack, "detach the volume", lambda: client.call("volume.detach", "bench"))
         client.call("volume.mount", "bench", str(mountpoint))
-        run_cleanup(
+        register_teardown(
             stack, "unmount the volume",
             lambda: client.call("volume.unmount", "bench", str(mountpoint)),
         )  # fmt: skip
@@ -554,7 +554,7 @@ def measure_glusterfs(work: Path, args: argparse.Namespace) -> Figures:
     mountpoint.mkdir(exist_ok=True)
     with contextlib.ExitStack() as stack:
         progress("glusterfs_r3", f"start glusterd in {gluster.root}, bricks on host {host}")
-        run_cleanup(stack, "stop glusterd", gluster.stop)
+        register_teardown(stack, "stop glusterd", gluster.stop)
         gluster.start()
         # force: the three bricks share one server (and here also sit on the root filesystem),
         # which the CLI rejects without it.
@@ -562,13 +562,15 @@ def measure_glusterfs(work: Path, args: argparse.Namespace) -> Figures:
             "volume", "create", volume, "replica", "3",
             *(f"{host}:{brick}" for brick in bricks), "force",
         )  # fmt: skip
-        run_cleanup(stack, "delete the volume", lambda: gluster.cli("volume", "delete", volume))
+        register_teardown(
+            stack, "delete the volume", lambda: gluster.cli("volume", "delete", volume)
+        )
         # A failed start may leave some bricks running: gluster.stop ends them by pid.
         gluster.cli("volume", "start", volume)
-        run_cleanup(stack, "stop the volume", lambda: gluster.cli("volume", "stop", volume))
+        register_teardown(stack, "stop the volume", lambda: gluster.cli("volume", "stop", volume))
         gluster.wait_bricks_online(volume, len(bricks))
-        run_cleanup(stack, "stop the glusterfs client", lambda: stop_mount_client(gluster))
-        run_cleanup(stack, "unmount GlusterFS", lambda: unmount(mountpoint))
+        register_teardown(stack, "stop the glusterfs client", lambda: stop_mount_client(gluster))
+        register_teardown(stack, "unmount GlusterFS", lambda: unmount(mountpoint))
         mount_glusterfs(gluster, host, mountpoint)
         figures = measure("glusterfs_r3", mountpoint, args)
     return figures
