@@ -365,7 +365,10 @@ class ReplicationClient:
             replica.client = client
         if replica_id in self._write_set:
             await replica.call("store.open", self.vol_id, self.epoch)
-            await self._settle_unsettled()
+            try:
+                await self._settle_unsettled()
+            except Unavailable as exc:
+                log.warning("volume %s: %s", self.vol_id, exc.message)
             return 0
         await self._settle_unsettled()
         progress = ResyncProgress(target=replica_id, total=self.nblocks)
@@ -570,6 +573,7 @@ class ReplicationClient:
                 blocknos = sorted(self._unsettled)
                 await self._reconcile(_runs(blocknos))
                 self._unsettled.difference_update(blocknos)
+                await self._ensure_reported()
             except StaleEpoch:
                 raise
             except PxfsError as exc:
@@ -583,7 +587,18 @@ class ReplicationClient:
                 pause.set()
 
     async def _reconcile(self, ranges: Sequence[tuple[int, int]]) -> None:
-        members = self._read_order()
+        # A write quorum of the write set holds every acknowledged write, and a version that
+        # a quorum agrees on reached the quorum, so the replicas that answer are enough. The
+        # others leave the write set: they may hold the write, and a resync replaces it.
+        members = [replica for replica in self._read_order() if not replica.client.broken]
+        if len(members) < self.write_quorum_now():
+            raise Unavailable(
+                f"{len(members)} replicas of the write set are connected, "
+                f"{self.write_quorum_now()} needed"
+            )
+        for replica in self._read_order():
+            if replica not in members:
+                self._leave_write_set(replica, "reconcile", Unavailable("not connected"))
         try:
             await resync.reconcile(self.vol_id, self.epoch, members, ranges)
         except StaleEpoch as exc:
@@ -619,9 +634,9 @@ class ReplicationClient:
             await self._settle_unsettled()
         entries, bad = await resync.read_good(self.vol_id, self._read_order(), blocknos)
         if bad:
-            self.repaired_blocks += await resync.repair(
-                self.vol_id, self.epoch, blocknos, entries, bad
-            )
+            repaired = await resync.repair(self.vol_id, self.epoch, blocknos, entries, bad)
+            # Added after the await, because frames of one read run at once.
+            self.repaired_blocks += repaired
         return [data if isinstance(data, bytes) else ZERO_BLOCK for _, data in entries]
 
     # --- helpers -----------------------------------------------------------------------------

@@ -249,25 +249,47 @@ async def copy_blocks(
     """Copy the (blockno, expected version) blocks of `plan` to `target`; return those stored."""
     stored = 0
     limiter = trio.CapacityLimiter(COPY_IN_FLIGHT)
+    failures: list[PxfsError] = []
 
     async def copy_batch(batch: Sequence[tuple[int, int]]) -> None:
         nonlocal stored
         async with limiter:
-            blocknos = [blockno for blockno, _ in batch]
-            entries, _ = await read_good(vol_id, sources, blocknos)
-            copies = [
-                [blockno, expected, version, data]
-                for (blockno, expected), (version, data) in zip(batch, entries, strict=True)
-            ]
-            count = await target.call("store.copy", vol_id, epoch, copies)
-            if isinstance(count, bool) or not isinstance(count, int):
-                raise ProtocolError(f"replica {target.name} sent a malformed copy reply")
+            if failures:
+                return
+            try:
+                count = await _copy_batch(vol_id, epoch, sources, target, batch)
+            except PxfsError as exc:
+                # Kept and raised after the nursery, which would wrap it in an ExceptionGroup.
+                failures.append(exc)
+                return
+            # Added after the await, so that batches finishing together do not lose counts.
             stored += count
 
     async with trio.open_nursery() as nursery:
         for start in range(0, len(plan), COPY_BLOCKS):
             nursery.start_soon(copy_batch, plan[start : start + COPY_BLOCKS])
+    if failures:
+        raise failures[0]
     return stored
+
+
+async def _copy_batch(
+    vol_id: str,
+    epoch: int,
+    sources: Sequence[Peer],
+    target: Peer,
+    batch: Sequence[tuple[int, int]],
+) -> int:
+    blocknos = [blockno for blockno, _ in batch]
+    entries, _ = await read_good(vol_id, sources, blocknos)
+    copies = [
+        [blockno, expected, version, data]
+        for (blockno, expected), (version, data) in zip(batch, entries, strict=True)
+    ]
+    count = await target.call("store.copy", vol_id, epoch, copies)
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise ProtocolError(f"replica {target.name} sent a malformed copy reply")
+    return count
 
 
 async def reconcile(

@@ -1,4 +1,5 @@
 import collections
+import errno
 import functools
 import struct
 
@@ -402,3 +403,47 @@ async def test_grow_skips_replica_already_larger(cluster, nodes):
     assert (await nodes[1].store.info(VOL))["nblocks"] == 2 * NBLOCKS
     await device.write_blocks([(2 * NBLOCKS - 1, block(4))])
     assert await device.read_blocks([2 * NBLOCKS - 1]) == [block(4)]
+
+
+async def test_bit_rot_repaired_on_read(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(8, block(8)), (9, block(9))])
+    version = table_version(nodes[0], 8)
+    nodes[0].flip_byte(8)
+    assert await nodes[0].store.verify(VOL) == [8]
+    assert await device.read_blocks([8, 9]) == [block(8), block(9)]
+    assert await nodes[0].store.verify(VOL) == []
+    assert await nodes[0].store.read(VOL, [8]) == [block(8)]
+    assert table_version(nodes[0], 8) == version
+    assert device.repaired_blocks == 1
+    assert device.runtime_state()["RepairedBlocks"] == "1"
+    assert await device.read_blocks([8]) == [block(8)]
+    assert nodes[1].calls["store.read_versioned"] == 1
+
+
+async def test_two_bad_copies_repaired_from_third(cluster):
+    nodes = [await cluster.start_node(name) for name in ("a", "b", "c")]
+    device = await cluster.device(nodes)
+    await device.write_blocks([(n, block(n)) for n in range(4)])
+    nodes[0].flip_byte(2)
+    nodes[1].flip_byte(2)
+    # Block 3 is read from the first replica only, so its bad copy on the second stays bad.
+    nodes[1].flip_byte(3)
+    assert await device.read_blocks(list(range(4))) == [block(n) for n in range(4)]
+    assert device.repaired_blocks == 2
+    assert await nodes[0].store.verify(VOL) == []
+    assert await nodes[1].store.verify(VOL) == [3]
+    assert nodes[2].calls["store.read_versioned"] == 1
+
+
+async def test_all_copies_rotten_raise_eio(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(8, block(8)), (9, block(9))])
+    for node in nodes:
+        node.flip_byte(9)
+    with pytest.raises(errors.ChecksumMismatch, match="no good copy left of blocks 9") as caught:
+        await device.read_blocks([8, 9])
+    assert caught.value.errno == errno.EIO
+    assert device.repaired_blocks == 0
+    for node in nodes:
+        assert await node.store.verify(VOL) == [9]
