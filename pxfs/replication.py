@@ -43,11 +43,11 @@ MAX_IN_FLIGHT = 4
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 #: A version is (epoch << 32) | counter, so one epoch has 2**32 - 1 write calls to replicas.
 MAX_COUNTER = 2**32 - 1
-#: Seconds a replica has to answer a read, write or trim before it counts as failed.
+#: Seconds within which a replica must reply to a read, write or trim call, or count as failed.
 DEFAULT_TIMEOUT = 5.0
 #: Seconds for calls that sync or allocate files: flush, grow, and the reset before a full copy.
 SLOW_TIMEOUT = 60.0
-#: The fewest replicas a write set may shrink to, by ha level: ha 2 stays writable on one.
+#: The minimum size of the write set, by ha level: ha 2 stays writable on one replica.
 MIN_WRITE_SET = {1: 1, 2: 1, 3: 2}
 
 Job = Callable[[], Awaitable[None]]
@@ -123,8 +123,8 @@ class ReplicationClient:
     ) -> None:
         """Coordinate `replicas`, local replica first unless `local` names another id.
 
-        `write_quorum` is the fewest replicas that a write set may shrink to; by default it
-        follows `ha_level` (MIN_WRITE_SET), which defaults to the number of replicas.
+        `write_quorum` is the minimum size of the write set. By default it follows `ha_level`
+        (MIN_WRITE_SET), which defaults to the number of replicas.
         `replica_ids` name the replicas (node ids) in the callback and the runtime state; they
         default to the connection addresses. `out_of_sync` lists the replicas that the catalog
         records as outside the write set: they get no I/O until `resync` brings them back.
@@ -587,9 +587,9 @@ class ReplicationClient:
                 pause.set()
 
     async def _reconcile(self, ranges: Sequence[tuple[int, int]]) -> None:
-        # A write quorum of the write set holds every acknowledged write, and a version that
-        # a quorum agrees on reached the quorum, so the replicas that answer are enough. The
-        # others leave the write set: they may hold the write, and a resync replaces it.
+        # Every acknowledged write is on a write quorum of the write set, and a version that a
+        # quorum agrees on reached the quorum, so the connected replicas are enough. The others
+        # leave the write set because they may contain the failed write, which a resync replaces.
         members = [replica for replica in self._read_order() if not replica.client.broken]
         if len(members) < self.write_quorum_now():
             raise Unavailable(

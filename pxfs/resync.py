@@ -1,10 +1,10 @@
 """Resync, reconcile and read repair: copy blocks between the replicas of a volume.
 
 Every block of a replica carries the version of the write or trim that last changed it
-(docs/store-format.md). Two replicas hold the same content for a block exactly when their versions
-match, so a table scan of both finds the blocks that one of them missed. Copies go through
-`store.copy`, which stores a block only while the target still holds the version that the scan
-read. A write that reaches the target after the scan therefore wins over the copy.
+(docs/store-format.md). Two replicas contain the same content for a block exactly when their
+versions match, so a table scan of both finds the blocks that one of them missed. Copies go
+through `store.copy`, which stores a block only while the target still has the version that the
+scan read. A write that reaches the target after the scan therefore wins over the copy.
 
 The rules for which copy is authoritative are in docs/replication.md.
 """
@@ -150,12 +150,14 @@ def _read_error(
 ) -> PxfsError:
     if not peers:
         return Unavailable(f"volume {vol_id}: no in-sync replica is left to read from")
-    shown = ", ".join(str(blockno) for blockno in blocknos[:8])
+    first_blocks = ", ".join(str(blockno) for blockno in blocknos[:8])
     if bad:
         detail = "; ".join(failures + [f"{copy.peer.name}: bad checksum" for copy in bad])
-        return ChecksumMismatch(f"volume {vol_id}: no good copy left of blocks {shown} ({detail})")
+        return ChecksumMismatch(
+            f"volume {vol_id}: no good copy left of blocks {first_blocks} ({detail})"
+        )
     return Unavailable(
-        f"volume {vol_id}: no replica could serve the read of blocks {shown} "
+        f"volume {vol_id}: no replica could serve the read of blocks {first_blocks} "
         f"({'; '.join(failures)})"
     )
 
@@ -210,8 +212,8 @@ async def resync(
 ) -> None:
     """Copy to `target` every block whose version differs from the first source's.
 
-    `floor` is the first version that the writes sent to `target` as well carry. A target block
-    at `floor` or above came from such a write, so it is current and is not copied.
+    `floor` is the lowest version of the writes that the client also sends to `target`. A
+    target block at `floor` or above came from such a write, so it is current and is not copied.
     """
     for first in range(0, nblocks, SCAN_BLOCKS):
         if progress.aborted:
@@ -298,7 +300,7 @@ async def reconcile(
     """Make `members` agree on the blocks of the (first, count) ranges; return the blocks copied.
 
     Where the members' versions of a block differ, the lowest version wins and is copied over
-    the others (docs/replication.md says why). The caller makes sure no write is in flight.
+    the others (docs/replication.md explains why). The caller makes sure no write is in flight.
     """
     copied = 0
     for first, count in _split(ranges):

@@ -1,8 +1,8 @@
 """The replica store: the blocks of every volume replica that this node hosts.
 
-A replica lives in ROOT/<vol_id>/ as three files: `data`, a sparse file of nblocks * BLOCK_SIZE
-bytes; `table`, one 16-byte record per block with the version that last wrote or trimmed it and
-the crc32 of its data; and `meta`, a msgpack map with the volume id, nblocks and the highest
+A replica lives in ROOT/<vol_id>/ as three files. `data` is a sparse file of nblocks * BLOCK_SIZE
+bytes. `table` has one 16-byte record per block with the version that last wrote or trimmed it
+and the crc32 of its data. `meta` is a msgpack map with the volume id, nblocks and the highest
 epoch seen.
 docs/store-format.md describes the layout and what a crash or a full disk leaves behind.
 
