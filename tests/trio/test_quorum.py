@@ -28,7 +28,7 @@ class Replica:
     """A replica store behind an RPC server that a test can stop, restart or hold up.
 
     A method named in `gates` waits for its event before it runs, so a gate that is never set
-    makes a replica that accepts calls and never answers them.
+    makes a replica that accepts calls and never replies.
     """
 
     def __init__(self, nursery: trio.Nursery, root, name: str) -> None:
