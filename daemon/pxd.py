@@ -1,4 +1,4 @@
-"""pxd, the pxfs node daemon: `pxd --data-dir DIR --socket PATH`.
+"""pxd, the pxfs node daemon: `pxd --data-dir DIR --socket PATH [--etcd URL,... --listen H:P]`.
 
 Logs go to stderr. SIGINT and SIGTERM unmount every volume (the next start mounts them again),
 close the sockets and exit 0. A failure to start prints "pxd: <reason>" and exits 1.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from pxfs.config import CONFIG_FILE, Config, load_config
+from pxfs.config import CONFIG_FILE, Config, load_config, parse_endpoints, parse_listen
 from pxfs.errors import PxfsError
 from pxfs.node import Node
 from pxfs.sdnotify import Notifier
@@ -60,6 +60,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default peer.sock in the directory of --socket)",
     )  # fmt: skip
     parser.add_argument(
+        "--etcd", metavar="URL[,URL...]",
+        help="client URLs of the etcd that stores the cluster catalog; without it the catalog "
+        "is DIR/catalog.json and the node is a cluster of its own",
+    )  # fmt: skip
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT",
+        help="address of the peer RPC over TCP, served with --etcd only "
+        "(default node_ip and peer_port of the configuration, 127.0.0.1:9002)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--secret-file", type=Path, metavar="FILE",
+        help="the cluster secret, the same file on every node (default DIR/cluster.secret, "
+        "created if missing)",
+    )  # fmt: skip
+    parser.add_argument(
         "--config", type=Path, metavar="FILE",
         help=f"TOML configuration file; flags override its keys (default {CONFIG_FILE}, "
         "read only if it exists)",
@@ -89,13 +104,22 @@ def setup_logging(level: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # httpx logs every request to etcd at INFO, and the lease and status refreshes send one
+    # every few seconds.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def build_config(args: argparse.Namespace) -> Config:
     """Read the configuration file and apply the command-line flags over it."""
     config = load_config(args.config)
+    if args.listen is not None:
+        parse_listen(args.listen, config.peer_port)
     return config.replace(
-        data_dir=args.data_dir, control_socket=args.socket, peer_socket=args.peer_socket
+        data_dir=args.data_dir,
+        control_socket=args.socket,
+        peer_socket=args.peer_socket,
+        etcd_endpoints=parse_endpoints(args.etcd) if args.etcd is not None else None,
+        listen=args.listen,
     )
 
 
@@ -109,13 +133,13 @@ async def _stop_on_signal(node: Node, signals: AsyncIterator[int], notifier: Not
         node.stop()
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, secret_file: Path | None = None) -> None:
     """Run the node until SIGINT or SIGTERM, then stop it.
 
     Under systemd (Type=notify) pxd sends READY=1 once both sockets listen and the volumes of
     the last run are mounted again, and STOPPING=1 when a signal starts the shutdown.
     """
-    node = Node(config)
+    node = Node(config, secret_file=secret_file)
     notifier = Notifier.from_environment()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -149,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         config = build_config(args)
-        trio.run(serve, config)
+        trio.run(serve, config, args.secret_file)
     except (PxfsError, OSError, BaseExceptionGroup) as exc:
         message = _startup_failure(exc)
         if message is None:

@@ -53,14 +53,17 @@ class ChildSupervisor(StatsSampling):
         self._mounts[vol_id] = child
         return child
 
-    def _child_argv(self, vol_id: str, epoch: int) -> list[str]:
-        return [
+    async def _child_argv(self, record: VolumeRecord, epoch: int) -> list[str]:
+        argv = [
             sys.executable, "-m", "daemon.mount",
             "--peer-socket", str(self.peer_socket),
             "--secret-file", str(self.secret_file),
-            "--volume-id", vol_id,
+            "--volume-id", record["id"],
             "--epoch", str(epoch),
         ]  # fmt: skip
+        for address in await self.peers.addresses(record["replica_nodes"]):
+            argv += ["--replica", address]
+        return argv
 
     def _child_env(self) -> dict[str, Any]:
         # The child must import daemon.mount from the tree of this pxd, whatever its cwd; the
@@ -97,7 +100,7 @@ class ChildSupervisor(StatsSampling):
     async def _spawn(self, child: MountChild, record: VolumeRecord) -> None:
         """Start the child at its private mountpoint and wait until it prints "ready"."""
         epoch = record["epoch"]
-        process = await self._start_process(child, epoch, record["size"])
+        process = await self._start_process(child, record)
         assert process.stdout is not None
         try:
             ready = await self._wait_ready(child, process.stdout)
@@ -119,7 +122,8 @@ class ChildSupervisor(StatsSampling):
         self._live_nursery().start_soon(self._supervise, child, process)
         self._live_nursery().start_soon(self._sample_periodically, child, process)
 
-    async def _start_process(self, child: MountChild, epoch: int, size: int) -> trio.Process:
+    async def _start_process(self, child: MountChild, record: VolumeRecord) -> trio.Process:
+        epoch = record["epoch"]
         await lazy_unmount(child.mountpoint)
         if len(os.fsencode(child.control_socket)) > MAX_SOCKET_PATH:
             raise Unavailable(
@@ -127,9 +131,9 @@ class ChildSupervisor(StatsSampling):
                 f"path {child.control_socket} is longer than {MAX_SOCKET_PATH} bytes; use a "
                 "data directory with a shorter path"
             )
-        argv = self._child_argv(child.vol_id, epoch) + [
+        argv = await self._child_argv(record, epoch) + [
             "--mountpoint", child.mountpoint,
-            "--size", str(size),
+            "--size", str(record["size"]),
             "--control-socket", child.control_socket,
         ]  # fmt: skip
         try:

@@ -11,6 +11,9 @@ Every key of the configuration file is optional and overrides the default of the
     peer_port = 9002
     docker_mount_base = "/var/lib/osd/mounts"
     node_ip = "127.0.0.1"
+    etcd_endpoints = []                      # e.g. ["http://127.0.0.1:2379"]; empty: local
+    listen = ""                              # peer RPC over TCP; default node_ip:peer_port
+    cluster_id = "default"
 
 Command-line flags override the file in turn.
 """
@@ -46,6 +49,13 @@ class Config:
     docker_mount_base: Path = Path("/var/lib/osd/mounts")
     # The address that node.status and the REST API report for this node.
     node_ip: str = "127.0.0.1"
+    #: The etcd client URLs of the cluster's catalog. Empty: the single-node LocalCatalog.
+    etcd_endpoints: tuple[str, ...] = ()
+    #: HOST:PORT (or HOST) of the peer RPC over TCP, served only with etcd_endpoints. Empty:
+    #: node_ip and peer_port.
+    listen: str = ""
+    #: The name under which the cluster's keys live in etcd, so clusters can share one etcd.
+    cluster_id: str = "default"
 
     @property
     def peer_socket_path(self) -> Path:
@@ -53,6 +63,13 @@ class Config:
         if self.peer_socket is not None:
             return self.peer_socket
         return self.control_socket.parent / "peer.sock"
+
+    @property
+    def peer_address(self) -> tuple[str, int]:
+        """The host and port of the peer RPC over TCP: `listen`, or node_ip and peer_port."""
+        if not self.listen:
+            return self.node_ip, self.peer_port
+        return parse_listen(self.listen, self.peer_port)
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with the given fields changed; None values are ignored."""
@@ -63,6 +80,30 @@ class Config:
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 _PATH_KEYS = {"data_dir", "control_socket", "peer_socket", "plugin_socket", "docker_mount_base"}
 _PORT_KEYS = {"rest_port", "peer_port"}
+_ENDPOINT_PREFIXES = ("http://", "https://")
+
+
+def parse_listen(value: str, default_port: int) -> tuple[str, int]:
+    """Split HOST:PORT, or a bare HOST with `default_port`; raises InvalidArgument."""
+    host, colon, port_text = value.rpartition(":")
+    if not colon:
+        host, port_text = value, str(default_port)
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise InvalidArgument(f"invalid listen address {value!r}: expected HOST:PORT")
+    return host, int(port_text)
+
+
+def parse_endpoints(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Return etcd client URLs from a comma-separated string or a list; raises InvalidArgument."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    endpoints = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip().startswith(_ENDPOINT_PREFIXES):
+            raise InvalidArgument(
+                f"invalid etcd endpoint {item!r}: expected a URL such as http://127.0.0.1:2379"
+            )
+        endpoints.append(item.strip())
+    return tuple(endpoints)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -102,6 +143,23 @@ def _convert(file: Path, key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
             raise InvalidArgument(f"{file}: {key} must be a port number 1-65535, not {value!r}")
         return value
+    if key == "etcd_endpoints":
+        if not isinstance(value, list):
+            raise InvalidArgument(f"{file}: {key} must be a list of URLs, not {value!r}")
+        return _with_file(file, key, parse_endpoints, value)
+    if key == "listen":
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{file}: {key} must be a string HOST:PORT, not {value!r}")
+        if value:
+            _with_file(file, key, parse_listen, value, 9002)
+        return value
     if not isinstance(value, str) or not value:
         raise InvalidArgument(f"{file}: {key} must be a non-empty string, not {value!r}")
     return value
+
+
+def _with_file(file: Path, key: str, parse: Any, *args: Any) -> Any:
+    try:
+        return parse(*args)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{file}: {key}: {exc.message}") from None

@@ -1,4 +1,4 @@
-"""Mounts of the host as pxd sees them: mountinfo, bind mounts, lazy unmounts, syncfs.
+"""Host mounts for pxd: mountinfo, bind mounts, lazy unmounts, syncfs.
 
 pxd runs the mount tools (mount, umount, fusermount3) as subprocesses and reads
 /proc/self/mountinfo, because a FUSE mount whose daemon died fails every stat of its path.

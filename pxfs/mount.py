@@ -2,13 +2,19 @@
 
     python -m daemon.mount --mountpoint PATH --device-file FILE [--format-size BYTES]
     python -m daemon.mount --mountpoint PATH --peer-socket SOCK --secret-file F \\
-        --volume-id ID --epoch N [--size BYTES] [--control-socket SOCK]
+        --volume-id ID --epoch N [--replica ADDR ...] [--size BYTES] [--control-socket SOCK]
     python -m daemon.mount (--device-file FILE | --peer-socket ...) --check
 
 The child prints `ready` on stdout once the FUSE mount is live. On SIGTERM or SIGINT it detaches
 the mount (lazily, so a busy mount goes too), serves the requests the kernel still sends while it
 writes back, closes the volume and exits 0. `--check` mounts nothing: it prints one problem per
 line and exits 0 only when the volume is consistent.
+
+Each `--replica` is one replica of the volume, in read order: `local` is the replica store
+behind --peer-socket, and HOST:PORT the peer RPC of another node, over TCP with the same
+cluster secret. Without `--replica` the volume has its one replica behind --peer-socket. The
+number of replicas is the volume's ha level, which sets the write quorum of the replication
+client.
 
 `--size` grows a volume whose superblock is smaller to that many bytes when it opens. With
 `--control-socket` the child serves pxd's calls on that unix socket (mode 0600, behind the
@@ -36,9 +42,10 @@ from typing import Any
 import pyfuse3
 import trio
 
+from pxfs.config import parse_listen
 from pxfs.errors import Corrupted, InvalidArgument, NotFound, PxfsError
 from pxfs.fuseops import MOUNT_OPTIONS, Operations
-from pxfs.rpc import RpcServer, read_secret
+from pxfs.rpc import RpcClient, RpcServer, read_secret
 from pxfs.stats import IoMeter
 from pxfs.volume.check import check_volume
 from pxfs.volume.device import BlockDevice, FileDevice
@@ -62,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--secret-file", help="cluster secret for --peer-socket")
     parser.add_argument("--volume-id", help="volume id for --peer-socket")
     parser.add_argument("--epoch", type=int, help="attach epoch for --peer-socket")
+    parser.add_argument(
+        "--replica",
+        action="append",
+        metavar="ADDR",
+        help='a replica of the volume: "local" for the store behind --peer-socket, or HOST:PORT '
+        "of another node's peer RPC; repeat it for each replica (default: local only)",
+    )
     parser.add_argument(
         "--format-size",
         type=int,
@@ -162,18 +176,35 @@ def _open_file_device(path: str, format_size: int | None) -> FileDevice:
 @asynccontextmanager
 async def _open_replication(args: argparse.Namespace) -> AsyncIterator[BlockDevice]:
     from pxfs.replication import ReplicationClient
-    from pxfs.rpc import RpcClient, read_secret
 
     secret = read_secret(args.secret_file)
-    client = await RpcClient.connect_unix(args.peer_socket, secret)
+    clients: list[RpcClient] = []
     try:
-        info = await client.call("store.info", args.volume_id)
-        device = ReplicationClient(args.volume_id, args.epoch, info["nblocks"], [client])
+        for address in args.replica or ["local"]:
+            clients.append(await _connect_replica(address, args.peer_socket, secret))
+        info = await clients[0].call("store.info", args.volume_id)
+        device = ReplicationClient(
+            args.volume_id, args.epoch, info["nblocks"], clients, ha_level=len(clients)
+        )
         await device.open()
         yield device
     finally:
         with trio.CancelScope(shield=True):
-            await client.aclose()
+            for client in clients:
+                await client.aclose()
+
+
+async def _connect_replica(address: str, peer_socket: str, secret: bytes) -> RpcClient:
+    """Connect to one --replica: "local" over the unix peer socket, else HOST:PORT over TCP."""
+    if address == "local":
+        return await RpcClient.connect_unix(peer_socket, secret)
+    try:
+        host, port = parse_listen(address, 9002)
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"invalid --replica {address!r}: expected local or HOST:PORT"
+        ) from None
+    return await RpcClient.connect_tcp(host, port, secret)
 
 
 async def _format_if_blank(device: BlockDevice, size: int) -> None:

@@ -11,19 +11,22 @@ cluster methods.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from pxfs.catalog import LocalCatalog, VolumeRecord
+from pxfs.catalog import Catalog, LocalCatalog, VolumeRecord
 from pxfs.datadir import MOUNTS_DIR, REPLICAS_DIR, ensure_secret, load_node_id, lock_data_dir
-from pxfs.errors import Busy, PxfsError
-from pxfs.nodebase import now_ns, version
+from pxfs.errors import Busy, PxfsError, Unavailable
+from pxfs.etcd import EtcdClient
+from pxfs.etcdcatalog import EtcdCatalog
+from pxfs.membership import STATUS_INTERVAL, Peers, check_secret_fingerprint
+from pxfs.nodebase import now_ns
 from pxfs.rpc import RpcServer, read_secret
 from pxfs.stats import StatsStore
 from pxfs.store import ReplicaStore
@@ -42,37 +45,58 @@ class Node(VolumeControl):
         self._lock_fd = lock_data_dir(self.data_dir)
         try:
             self._load_identity()
-            self._open_state()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await self._open_state(nursery)
                 await self._start_servers(nursery)
                 nursery.start_soon(self._save_stats_periodically)
                 await self._register_node()
                 await self._remount_volumes()
                 self._remounted = True
+                if self._etcd is not None:
+                    await self._register_node()
+                    nursery.start_soon(self._publish_status_periodically)
                 log.info("pxd ready: node %s, control socket %s", self.node_id, self.control_socket)
                 task_status.started()
                 await self._stop.wait()
                 await self._shutdown()
                 nursery.cancel_scope.cancel()
         finally:
-            await self._close_state()
+            with trio.CancelScope(shield=True):
+                await self._close_state()
             os.close(self._lock_fd)
             self._lock_fd = None
         log.info("pxd stopped")
 
     def _load_identity(self) -> None:
         self.node_id = load_node_id(self.data_dir)
-        self.secret_file = ensure_secret(self.data_dir)
+        if self.given_secret_file is None:
+            self.secret_file = ensure_secret(self.data_dir)
         self.secret = read_secret(self.secret_file)
         self.started_ns = now_ns()
 
-    def _open_state(self) -> None:
-        self.catalog = LocalCatalog(self.data_dir)
+    async def _open_state(self, nursery: trio.Nursery) -> None:
+        self.catalog = await self._open_catalog(nursery)
+        self._peers = Peers(self.catalog, self.node_id, self.secret, self.peer_socket)
         (self.data_dir / REPLICAS_DIR).mkdir(mode=0o700, exist_ok=True)
         (self.data_dir / MOUNTS_DIR).mkdir(mode=0o700, exist_ok=True)
         self.store = ReplicaStore(self.data_dir / REPLICAS_DIR)
         self.stats = StatsStore(self.data_dir)
+
+    async def _open_catalog(self, nursery: trio.Nursery) -> Catalog:
+        """Open the LocalCatalog, or with etcd endpoints the cluster's EtcdCatalog."""
+        if not self.config.etcd_endpoints:
+            return LocalCatalog(self.data_dir)
+        cluster_id = self.config.cluster_id
+        self._etcd = EtcdClient(self.config.etcd_endpoints)
+        catalog = EtcdCatalog(self._etcd, cluster_id, nursery=nursery)
+        await check_secret_fingerprint(
+            self._etcd, catalog.prefix, cluster_id, self.secret, self.secret_file
+        )
+        log.info(
+            "catalog: cluster %s in etcd at %s", cluster_id, ", ".join(self.config.etcd_endpoints)
+        )
+        return catalog
 
     async def _close_state(self) -> None:
         if self.stats is not None:
@@ -81,6 +105,8 @@ class Node(VolumeControl):
             await self.store.aclose()
         if self.catalog is not None:
             await self.catalog.close()
+        if self._etcd is not None:
+            await self._etcd.aclose()
 
     async def _start_servers(self, nursery: trio.Nursery) -> None:
         assert self.store is not None
@@ -89,19 +115,48 @@ class Node(VolumeControl):
             await _reject_live_socket(path)
         peer = RpcServer(self.store.handlers(), secret=self.secret, name="peer rpc")
         await nursery.start(_serve_unix, peer, self.peer_socket)
+        if self._etcd is not None:
+            host, port = self.config.peer_address
+            try:
+                await nursery.start(functools.partial(peer.serve_tcp, host, port))
+            except OSError as exc:
+                raise Unavailable(
+                    f"cannot serve the peer RPC on {host}:{port}: {exc.strerror}"
+                ) from None
         control = RpcServer(self.handlers(), name="control rpc")
         await nursery.start(_serve_unix, control, self.control_socket)
 
     async def _register_node(self) -> None:
+        """Write this node's record, with its status, to the catalog."""
+        host, port = self.config.peer_address
+        status = await self.status()
         await self._catalog().put_node(
             {
+                **status,
                 "id": self.node_id,
-                "hostname": socket.gethostname(),
-                "ip": self.config.node_ip,
+                "peer_address": f"{host}:{port}" if self._etcd is not None else "",
                 "peer_socket": str(self.peer_socket),
-                "started_ns": self.started_ns,
+                "published_ns": now_ns(),
             }
         )
+
+    async def _publish_status_periodically(self) -> None:
+        """Refresh this node's record, so the other nodes see its current status and space."""
+        failures = 0
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            try:
+                await self._register_node()
+            except PxfsError as exc:
+                failures += 1
+                # Only the first failure in a row is a warning, so an etcd outage does not flood
+                # the log. The lease task of the catalog logs the outage as well.
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "publishing the node status failed: %s", exc.message)
+                continue
+            if failures:
+                log.info("publishing the node status works again after %d failures", failures)
+            failures = 0
 
     async def _remount_volumes(self) -> None:
         for record in await self._catalog().list_volumes():
@@ -174,58 +229,33 @@ class Node(VolumeControl):
             "cluster.nodes": self.cluster_nodes,
         }
 
-    async def status(self) -> dict[str, Any]:
-        """Return the node's identity, state, volume counts and the space of its data directory.
-
-        The state is "starting" until the volumes of the last run are mounted again, then "up".
-        """
-        volumes = await self._catalog().list_volumes()
-        fs = os.statvfs(self.data_dir)
-        used = 0
-        for record in volumes:
-            used += await self._usage(record["id"])
-        return {
-            "node_id": self.node_id,
-            "hostname": socket.gethostname(),
-            "ip": self.config.node_ip,
-            "data_dir": str(self.data_dir),
-            "version": version(),
-            "status": "up" if self._remounted else "starting",
-            "volumes": len(volumes),
-            "mounted": sum(1 for child in self._mounts.values() if child.running),
-            "capacity_bytes": fs.f_blocks * fs.f_frsize,
-            "free_bytes": fs.f_bavail * fs.f_frsize,
-            "used_bytes": used,
-            "started_ns": self.started_ns,
-        }
-
     async def cluster_nodes(self) -> list[dict[str, Any]]:
         """Return every node of the cluster: the node.status keys and whether it is online."""
         nodes = [{**await self.status(), "online": True}]
         for node in await self._catalog().list_nodes():
             if node["id"] != self.node_id:
-                nodes.append(_offline_node(node))
+                nodes.append(_published_node(node))
         return nodes
 
 
-def _offline_node(node: dict[str, Any]) -> dict[str, Any]:
-    """Return the node.status keys of a node that this pxd has only a catalog record of."""
-    # NOTE: nodes do not report their status to each other yet, so every other node of a
-    # shared catalog is shown as offline. The single-node catalog contains only this node.
+def _published_node(node: dict[str, Any]) -> dict[str, Any]:
+    """Return the node.status keys that another node last published, and `online`."""
+    # A record without a key (written by an older pxd, or a LocalCatalog of several nodes)
+    # shows the key's zero value.
     return {
         "node_id": node["id"],
         "hostname": node.get("hostname", ""),
         "ip": node.get("ip", ""),
-        "data_dir": "",
-        "version": "",
-        "status": "unknown",
-        "volumes": 0,
-        "mounted": 0,
-        "capacity_bytes": 0,
-        "free_bytes": 0,
-        "used_bytes": 0,
+        "data_dir": node.get("data_dir", ""),
+        "version": node.get("version", ""),
+        "status": node.get("status", "unknown"),
+        "volumes": node.get("volumes", 0),
+        "mounted": node.get("mounted", 0),
+        "capacity_bytes": node.get("capacity_bytes", 0),
+        "free_bytes": node.get("free_bytes", 0),
+        "used_bytes": node.get("used_bytes", 0),
         "started_ns": node.get("started_ns", 0),
-        "online": False,
+        "online": bool(node.get("online", False)),
     }
 
 

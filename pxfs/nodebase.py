@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
+import os
+import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import trio
 
-from pxfs.catalog import LocalCatalog, VolumeRecord
+from pxfs.catalog import Catalog, VolumeRecord
 from pxfs.config import Config
 from pxfs.datadir import SECRET_FILE
 from pxfs.errors import NotFound, Unavailable
+from pxfs.etcd import EtcdClient
+from pxfs.membership import Peers
 from pxfs.stats import StatsStore
 from pxfs.store import BLOCK_SIZE, ReplicaStore
 
@@ -74,18 +80,23 @@ class MountChild:
 class NodeBase:
     """The configuration, identity and open state of one pxd."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, secret_file: Path | None = None) -> None:
         self.config = config
         self.data_dir = config.data_dir
         self.control_socket = config.control_socket
         self.peer_socket = config.peer_socket_path
         self.node_id = ""
         self.secret = b""
-        self.secret_file = self.data_dir / SECRET_FILE
+        #: The cluster secret given by the operator; None: DIR/cluster.secret, made if missing.
+        self.given_secret_file = secret_file
+        self.secret_file = secret_file or self.data_dir / SECRET_FILE
         self.started_ns = 0
-        self.catalog: LocalCatalog | None = None
+        self.catalog: Catalog | None = None
         self.store: ReplicaStore | None = None
         self.stats: StatsStore | None = None
+        #: The etcd client of an EtcdCatalog; None with the LocalCatalog.
+        self._etcd: EtcdClient | None = None
+        self._peers: Peers | None = None
         self._lock_fd: int | None = None
         self._nursery: trio.Nursery | None = None
         self._mounts: dict[str, MountChild] = {}
@@ -106,6 +117,31 @@ class NodeBase:
     def stopping(self) -> bool:
         """True once stop() was called."""
         return self._stop.is_set()
+
+    async def status(self) -> dict[str, Any]:
+        """Return the node's identity, state, volume counts and the space of its data directory.
+
+        The state is "starting" until the volumes of the last run are mounted again, then "up".
+        """
+        volumes = await self._catalog().list_volumes()
+        fs = os.statvfs(self.data_dir)
+        used = 0
+        for record in volumes:
+            used += await self._usage(record["id"])
+        return {
+            "node_id": self.node_id,
+            "hostname": socket.gethostname(),
+            "ip": self.config.node_ip,
+            "data_dir": str(self.data_dir),
+            "version": version(),
+            "status": "up" if self._remounted else "starting",
+            "volumes": len(volumes),
+            "mounted": sum(1 for child in self._mounts.values() if child.running),
+            "capacity_bytes": fs.f_blocks * fs.f_frsize,
+            "free_bytes": fs.f_bavail * fs.f_frsize,
+            "used_bytes": used,
+            "started_ns": self.started_ns,
+        }
 
     # Helpers
 
@@ -132,7 +168,7 @@ class NodeBase:
         if self._shutting_down or self._stop.is_set():
             raise Unavailable("pxd is shutting down")
 
-    def _catalog(self) -> LocalCatalog:
+    def _catalog(self) -> Catalog:
         assert self.catalog is not None, "pxd is not started"
         return self.catalog
 
@@ -143,6 +179,12 @@ class NodeBase:
     def _stats(self) -> StatsStore:
         assert self.stats is not None, "pxd is not started"
         return self.stats
+
+    @property
+    def peers(self) -> Peers:
+        """The peer RPC clients of the cluster's replica stores."""
+        assert self._peers is not None, "pxd is not started"
+        return self._peers
 
     def _live_nursery(self) -> trio.Nursery:
         assert self._nursery is not None, "pxd is not started"

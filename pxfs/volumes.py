@@ -21,9 +21,9 @@ from pxfs.catalog import VolumeRecord
 from pxfs.children import ChildSupervisor
 from pxfs.errors import Busy, InvalidArgument, NotFound, NotSupported, PxfsError, Unavailable
 from pxfs.hostmounts import check_mount_path, normalize_path
+from pxfs.membership import choose_replica_nodes, parse_requested_nodes
 from pxfs.nodebase import now_ns
 from pxfs.replication import ReplicationClient
-from pxfs.rpc import RpcClient
 from pxfs.units import check_size, validate_labels, validate_name
 from pxfs.volume.format import device_blocks
 from pxfs.volume.namespace import Volume
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: A volume check reads all metadata of the volume; large volumes take a while.
 CHECK_TIMEOUT = 600.0
 MAX_HA_LEVEL = 3
-CREATE_FIELDS = {"name", "size", "ha_level", "labels"}
+CREATE_FIELDS = {"name", "size", "ha_level", "labels", "nodes"}
 UPDATE_FIELDS = {"size", "ha_level", "labels"}
 LIST_FIELDS = {"name", "labels", "ids"}
 #: How long a mount child may take to grow its volume online.
@@ -51,9 +51,18 @@ class VolumeControl(ChildSupervisor):
             existing = await self._find_by_name(name)
             if existing is not None:
                 return await self._existing_for_create(existing, size, ha_level)
-            await self._check_ha_level(ha_level)
-            record = await self._make_volume(name, size, ha_level, labels)
-        log.info("volume %s: created %r, %d bytes, ha %d", record["id"], name, size, ha_level)
+            replica_nodes = choose_replica_nodes(
+                await self._nodes_with_status(), ha_level, parse_requested_nodes(spec.get("nodes"))
+            )
+            record = await self._make_volume(name, size, ha_level, labels, replica_nodes)
+        log.info(
+            "volume %s: created %r, %d bytes, ha %d, replicas on %s",
+            record["id"],
+            name,
+            size,
+            ha_level,
+            ", ".join(record["replica_nodes"]),
+        )
         return await self._public(record)
 
     def _parse_create(self, spec: Any) -> tuple[str, int, int, dict[str, str]]:
@@ -92,15 +101,24 @@ class VolumeControl(ChildSupervisor):
             )
         return await self._public(record)
 
+    async def _nodes_with_status(self) -> list[dict[str, Any]]:
+        """Return the catalog's node records with `online`; this node's with its live status."""
+        nodes = []
+        for node in await self._catalog().list_nodes():
+            if node["id"] == self.node_id:
+                node = {**node, **await self.status(), "online": True}
+            nodes.append(node)
+        return nodes
+
     async def _check_ha_level(self, ha_level: int) -> None:
-        nodes = len(await self._catalog().list_nodes())
+        nodes = sum(1 for node in await self._nodes_with_status() if node.get("online"))
         if ha_level > nodes:
             raise InvalidArgument(
                 f"ha_level {ha_level} needs {ha_level} nodes, but the cluster has {nodes}"
             )
 
     async def _make_volume(
-        self, name: str, size: int, ha_level: int, labels: dict[str, str]
+        self, name: str, size: int, ha_level: int, labels: dict[str, str], replica_nodes: list[str]
     ) -> VolumeRecord:
         vol_id = await self._new_volume_id()
         fs_uuid = str(uuid.uuid4())
@@ -112,7 +130,7 @@ class VolumeControl(ChildSupervisor):
             "ha_level": ha_level,
             "ctime_ns": now_ns(),
             "uuid": fs_uuid,
-            "replica_nodes": [self.node_id],
+            "replica_nodes": replica_nodes,
             "epoch": 1,
             "attached_on": "",
             "attach_time_ns": 0,
@@ -120,23 +138,30 @@ class VolumeControl(ChildSupervisor):
             "mount_paths": [],
         }
         nblocks = device_blocks(size)
-        await self._store().create(vol_id, nblocks)
+        created: list[str] = []
         try:
-            await self._format(vol_id, nblocks, fs_uuid, size, record["epoch"])
+            for node_id in replica_nodes:
+                await self.peers.call_each([node_id], "store.create", vol_id, nblocks)
+                created.append(node_id)
+            await self._format(vol_id, nblocks, fs_uuid, size, record["epoch"], replica_nodes)
             await self._catalog().create_volume(record)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self._delete_replica_after_failure(vol_id)
+                await self._delete_replicas_after_failure(vol_id, created)
             raise
         return record
 
-    async def _delete_replica_after_failure(self, vol_id: str) -> None:
-        try:
-            await self._store().delete(vol_id)
-        except PxfsError as exc:
-            log.error(
-                "volume %s: deleting the replica of a failed create failed: %s", vol_id, exc.message
-            )
+    async def _delete_replicas_after_failure(self, vol_id: str, node_ids: list[str]) -> None:
+        for node_id in node_ids:
+            try:
+                await self.peers.call_each([node_id], "store.delete", vol_id)
+            except PxfsError as exc:
+                log.error(
+                    "volume %s: deleting the replica on node %s of a failed create failed: %s",
+                    vol_id,
+                    node_id,
+                    exc.message,
+                )
 
     async def _new_volume_id(self) -> str:
         while True:
@@ -144,14 +169,14 @@ class VolumeControl(ChildSupervisor):
             if await self._catalog().get_volume(vol_id) is None and vol_id != "0":
                 return vol_id
 
-    async def _format(self, vol_id: str, nblocks: int, fs_uuid: str, size: int, epoch: int) -> None:
-        client = await RpcClient.connect_unix(self.peer_socket, self.secret)
-        try:
-            device = ReplicationClient(vol_id, epoch, nblocks, [client])
+    async def _format(
+        self, vol_id: str, nblocks: int, fs_uuid: str, size: int, epoch: int, nodes: list[str]
+    ) -> None:
+        async with self.peers.connect(nodes) as clients:
+            # Every replica must hold the new filesystem, so the quorum is all of them.
+            device = ReplicationClient(vol_id, epoch, nblocks, clients, len(clients))
             await device.open()
             await Volume.format(device, fs_uuid, size)
-        finally:
-            await client.aclose()
 
     async def list_volumes(self, filters: Any = None) -> list[VolumeRecord]:
         """Return the records that match every given filter: name, labels (subset), ids."""
@@ -179,7 +204,7 @@ class VolumeControl(ChildSupervisor):
             # The mark makes attach fail from here on, so the replica can go before the record.
             # A crash in between leaves a marked record, and a new delete finishes the job.
             await self._catalog().update_volume(vol_id, _mark_deleting)
-            await self._store().delete(vol_id)
+            await self.peers.call_each(record["replica_nodes"], "store.delete", vol_id)
             self._stats().delete(vol_id)
             await self._catalog().delete_volume(vol_id)
         log.info("volume %s: deleted %r", vol_id, record["name"])
@@ -302,7 +327,7 @@ class VolumeControl(ChildSupervisor):
         return result
 
     async def _run_check(self, record: VolumeRecord) -> dict[str, Any]:
-        argv = self._child_argv(record["id"], record["epoch"]) + ["--check"]
+        argv = await self._child_argv(record, record["epoch"]) + ["--check"]
         with trio.move_on_after(CHECK_TIMEOUT) as scope:
             result = await trio.run_process(
                 argv, capture_stdout=True, capture_stderr=True, check=False, **self._child_env()

@@ -1,0 +1,242 @@
+"""A cluster of three real pxd processes on one real etcd: membership and replicated volumes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from clusterproc import REPO, Cluster, ClusterNode, write_secret
+from nodeproc import is_mountpoint
+
+from pxfs import errors
+from pxfs.etcdcatalog import DEFAULT_NODE_TTL
+from pxfs.rpc import RpcClient, read_secret
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
+
+MIB = 1 << 20
+#: How long after a kill -9 a node may still show online: the lease TTL, one status period
+#: and the time etcd takes to expire a lease.
+OFFLINE_DEADLINE = DEFAULT_NODE_TTL + 10.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), 3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _create(node: ClusterNode, name: str, ha_level: int, **extra: object) -> dict[str, object]:
+    spec = {"name": name, "size": 64 * MIB, "ha_level": ha_level, "labels": {}, **extra}
+    record: dict[str, object] = node.call("volume.create", spec)
+    return record
+
+
+def _unmount(node: ClusterNode, name: str, path: Path) -> None:
+    node.call("volume.unmount", name, str(path))
+    node.call("volume.detach", name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_cluster_lists_every_node_online(cluster: Cluster) -> None:
+    expected = sorted(node.node_id for node in cluster.nodes[:3])
+    for node in cluster.nodes[:3]:
+        listed = node.call("cluster.nodes")
+        assert listed[0]["node_id"] == node.node_id
+        assert sorted(entry["node_id"] for entry in listed) == expected
+        for entry in listed:
+            assert entry["online"] is True, entry
+            assert entry["status"] == "up", entry
+            assert entry["capacity_bytes"] > 0, entry
+
+
+def test_cluster_nodes_show_published_addresses(cluster: Cluster) -> None:
+    listed = {entry["node_id"]: entry for entry in cluster.nodes[0].call("cluster.nodes")}
+    for node in cluster.nodes[:3]:
+        assert listed[node.node_id]["ip"] == node.ip
+
+
+def test_volume_created_on_one_node_listed_on_all(cluster: Cluster) -> None:
+    first, _, third = cluster.nodes[:3]
+    record = _create(first, "shared", 1)
+    names = [volume["name"] for volume in third.call("volume.list")]
+    assert "shared" in names
+    inspected = third.call("volume.inspect", "shared")
+    assert inspected["id"] == record["id"]
+    assert inspected["replica_nodes"] == record["replica_nodes"]
+    holders = [node for node in cluster.nodes[:3] if node.replica_dir(str(record["id"])).is_dir()]
+    assert [node.node_id for node in holders] == record["replica_nodes"]
+    first.call("volume.delete", "shared")
+    assert third.call("volume.list", {"name": "shared"}) == []
+
+
+def test_ha2_places_replicas_on_distinct_nodes(cluster: Cluster) -> None:
+    nodes = cluster.nodes[:3]
+    record = _create(nodes[0], "ha2", 2)
+    vol_id = str(record["id"])
+    replica_nodes = record["replica_nodes"]
+    assert isinstance(replica_nodes, list)
+    assert len(set(replica_nodes)) == 2
+    for node in nodes:
+        assert node.replica_dir(vol_id).is_dir() == (node.node_id in replica_nodes), node.ip
+
+    nodes[2].call("volume.delete", "ha2")
+    for node in nodes:
+        assert not node.replica_dir(vol_id).exists(), node.ip
+
+
+def test_create_on_named_nodes(cluster: Cluster) -> None:
+    nodes = cluster.nodes[:3]
+    chosen = [nodes[2].node_id, nodes[0].node_id]
+    record = _create(nodes[1], "named", 2, nodes=chosen)
+    assert record["replica_nodes"] == chosen
+    assert not nodes[1].replica_dir(str(record["id"])).exists()
+    nodes[1].call("volume.delete", "named")
+
+
+def test_create_on_unknown_node_fails(cluster: Cluster) -> None:
+    with pytest.raises(errors.InvalidArgument, match="is not an online node"):
+        _create(cluster.nodes[0], "nowhere", 2, nodes=[cluster.nodes[0].node_id, "no-such-node"])
+    assert cluster.nodes[0].call("volume.list", {"name": "nowhere"}) == []
+
+
+def test_ha4_is_invalid(cluster: Cluster) -> None:
+    with pytest.raises(errors.InvalidArgument, match="ha_level"):
+        _create(cluster.nodes[0], "ha4", 4)
+
+
+def test_remote_mount_writes_every_replica(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    record = _create(first, "data", 2, nodes=[first.node_id, second.node_id])
+    vol_id = str(record["id"])
+    path = tmp_path / "third"
+    path.mkdir()
+    payload = os.urandom(16 * MIB)
+    expected = hashlib.sha256(payload).hexdigest()
+    try:
+        third.call("volume.attach", "data")
+        third.call("volume.mount", "data", str(path))
+        with open(path / "blob", "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        assert _sha256(path / "blob") == expected
+    finally:
+        if is_mountpoint(path):
+            _unmount(third, "data", path)
+    assert not third.replica_dir(vol_id).exists()
+
+    # The mount child closed the volume at unmount, so both replicas are final now.
+    tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in (first, second)]
+    assert tables[0] == tables[1]
+    data = [_sha256(node.replica_dir(vol_id) / "data") for node in (first, second)]
+    assert data[0] == data[1]
+
+    # Read it back through a node that has a replica.
+    again = tmp_path / "second"
+    again.mkdir()
+    try:
+        second.call("volume.attach", "data")
+        second.call("volume.mount", "data", str(again))
+        assert _sha256(again / "blob") == expected
+    finally:
+        if is_mountpoint(again):
+            _unmount(second, "data", again)
+    first.call("volume.delete", "data")
+
+
+def test_wrong_secret_rejected(cluster: Cluster, tmp_path: Path) -> None:
+    other = write_secret(tmp_path / "other.secret")
+    node = cluster.new_node("127.0.0.9", "stranger", secret_file=other)
+    node.launch()
+    assert node.pxd is not None
+    try:
+        status = node.pxd.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        raise
+    assert status == 1
+    assert "does not match the secret of cluster" in node.log_text()
+    ids = [entry["node_id"] for entry in cluster.nodes[0].call("cluster.nodes")]
+    assert len(ids) == 3
+
+
+def test_pxctl_cluster_list_shows_every_node(cluster: Cluster) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pxfs.cli", "--socket", str(cluster.nodes[1].socket),
+         "cluster", "list"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for node in cluster.nodes[:3]:
+        assert node.node_id in result.stdout
+        assert node.ip in result.stdout
+    assert result.stdout.count("Online") == 3
+
+
+def test_peer_tcp_rejects_wrong_secret(cluster: Cluster) -> None:
+    node = cluster.nodes[0]
+
+    async def connect() -> None:
+        await RpcClient.connect_tcp(node.ip, node.peer_port, b"0" * 32)
+
+    with pytest.raises(errors.AuthenticationFailed):
+        trio.run(connect)
+    deadline = time.monotonic() + 10
+    while "rejected a connection that failed the handshake" not in node.log_text():
+        assert time.monotonic() < deadline, "pxd did not log the failed handshake"
+        time.sleep(0.1)
+
+
+def test_peer_tcp_serves_store_with_secret(cluster: Cluster) -> None:
+    node = cluster.nodes[0]
+    secret = read_secret(cluster.secret_file)
+
+    async def info() -> object:
+        client = await RpcClient.connect_tcp(node.ip, node.peer_port, secret)
+        try:
+            return await client.call("store.info", "12345")
+        finally:
+            await client.aclose()
+
+    with pytest.raises(errors.NotFound):
+        trio.run(info)
+
+
+def test_killed_node_goes_offline(cluster: Cluster) -> None:
+    first, second, third = cluster.nodes[:3]
+    third.kill()
+    deadline = time.monotonic() + OFFLINE_DEADLINE
+    while time.monotonic() < deadline:
+        listed = {entry["node_id"]: entry for entry in first.call("cluster.nodes")}
+        if not listed[third.node_id]["online"]:
+            break
+        time.sleep(0.5)
+    assert listed[third.node_id]["online"] is False
+    assert listed[second.node_id]["online"] is True
+
+    # Two online nodes cannot hold three replicas.
+    with pytest.raises(errors.InvalidArgument, match="needs 3 nodes, but the cluster has 2"):
+        _create(first, "ha3", 3)
+
+    third.start()
+    listed = {entry["node_id"]: entry for entry in first.call("cluster.nodes")}
+    assert listed[third.node_id]["online"] is True
