@@ -405,9 +405,8 @@ class ReplicationClient:
         log.info("volume %s: resync of replica %s started", self.vol_id, replica.name)
         try:
             await self._wait_for_writes(below=floor)
-            sources = self._read_order()
             await resync.resync(
-                self.vol_id, self.epoch, progress.total, sources, replica, floor, progress
+                self.vol_id, self.epoch, progress.total, self._read_order, replica, floor, progress
             )
         except BaseException as exc:
             self._resyncing.pop(replica.id, None)
@@ -504,9 +503,14 @@ class ReplicationClient:
                 self._leave_write_set(replica, operation, exc)
         elif stored < self.write_quorum:
             if blocknos and len(self._write_set) > 1:
-                # Some replicas may hold this write and others not. Until they agree again, the
-                # blocks are neither read nor written (docs/replication.md).
+                # Some replicas may contain this write and others not. Until they agree again,
+                # the blocks are neither read nor written (docs/replication.md).
                 self._unsettled.update(blocknos)
+            if blocknos:
+                # A resyncing replica may have stored the write as well, at a version above its
+                # floor that its resync would keep, so its resync starts over later.
+                for replica in [self._replicas[key] for key in self._resyncing]:
+                    self._abort_resync(replica, operation, Unavailable("the write set failed it"))
             raise self._quorum_error(operation, stored, failed_members)
         await self._ensure_reported()
 

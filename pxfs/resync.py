@@ -14,7 +14,7 @@ from __future__ import annotations
 import array
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -205,12 +205,15 @@ async def resync(
     vol_id: str,
     epoch: int,
     nblocks: int,
-    sources: Sequence[Peer],
+    sources: Callable[[], Sequence[Peer]],
     target: Peer,
     floor: int,
     progress: ResyncProgress,
 ) -> None:
     """Copy to `target` every block whose version differs from the first source's.
+
+    `sources` returns the replicas of the write set at the time of the call, so that a replica
+    that leaves the write set during the resync stops being a source.
 
     `floor` is the lowest version of the writes that the client also sends to `target`. A
     target block at `floor` or above came from such a write, so it is current and is not copied.
@@ -221,7 +224,10 @@ async def resync(
                 f"volume {vol_id}: resync of {target.name} stopped: {progress.aborted}"
             )
         count = min(SCAN_BLOCKS, nblocks - first)
-        source_versions = await fetch_versions(sources[0], vol_id, first, count)
+        current = sources()
+        if not current:
+            raise Unavailable(f"volume {vol_id}: no replica of the write set is left to copy from")
+        source_versions = await fetch_versions(current[0], vol_id, first, count)
         target_versions = await fetch_versions(target, vol_id, first, count)
         plan = _differing(first, source_versions, target_versions, floor)
         progress.copied += await copy_blocks(vol_id, epoch, sources, target, plan)
@@ -244,11 +250,14 @@ def _differing(
 async def copy_blocks(
     vol_id: str,
     epoch: int,
-    sources: Sequence[Peer],
+    sources: Callable[[], Sequence[Peer]],
     target: Peer,
     plan: Sequence[tuple[int, int]],
 ) -> int:
-    """Copy the (blockno, expected version) blocks of `plan` to `target`; return those stored."""
+    """Copy the (blockno, expected version) blocks of `plan` to `target`; return those stored.
+
+    Each batch reads from the replicas that `sources` returns when the batch starts.
+    """
     stored = 0
     limiter = trio.CapacityLimiter(COPY_IN_FLIGHT)
     failures: list[PxfsError] = []
@@ -259,7 +268,7 @@ async def copy_blocks(
             if failures:
                 return
             try:
-                count = await _copy_batch(vol_id, epoch, sources, target, batch)
+                count = await _copy_batch(vol_id, epoch, sources(), target, batch)
             except PxfsError as exc:
                 # Kept and raised after the nursery, which would wrap it in an ExceptionGroup.
                 failures.append(exc)
@@ -307,7 +316,7 @@ async def reconcile(
         versions = [await fetch_versions(member, vol_id, first, count) for member in members]
         for holders, plans in _disagreements(first, members, versions).items():
             for target, plan in plans.items():
-                copied += await copy_blocks(vol_id, epoch, holders, target, plan)
+                copied += await copy_blocks(vol_id, epoch, _fixed(holders), target, plan)
     if copied:
         log.warning(
             "volume %s: reconciled %d blocks that a write below the write quorum left behind",
@@ -315,6 +324,10 @@ async def reconcile(
             copied,
         )
     return copied
+
+
+def _fixed(peers: Sequence[Peer]) -> Callable[[], Sequence[Peer]]:
+    return lambda: peers
 
 
 def _split(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

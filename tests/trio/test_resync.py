@@ -329,3 +329,37 @@ async def test_resync_throughput(harness):
     # NOTE: a loose bound, so that a loaded machine does not fail the test. The rates measured
     # so far, and the 200 MiB/s target, are in docs/replication.md.
     assert rate > 50
+
+
+async def test_write_below_quorum_restarts_resync(harness):
+    a, b, c = await harness.start("a", "b", "c")
+    device = await harness.device([a, b, c], ha_level=3)
+    await device.write_blocks([(40, block(40))])
+    c.stop()
+    await device.write_blocks([(n, block(n)) for n in range(64)])
+    await c.start()
+    c.gates["store.copy"] = trio.Event()
+    failures = []
+
+    async def resync_c(client) -> None:
+        try:
+            await device.resync("c", client)
+        except errors.Unavailable as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(resync_c, await harness.connect(c))
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        b.stop()
+        # Stored on a and on the resyncing c, but not on a write quorum.
+        with pytest.raises(errors.Unavailable, match="reached 1 replicas, 2 needed"):
+            await device.write_blocks([(40, block(4000))])
+        c.gates["store.copy"].set()
+    assert len(failures) == 1
+    assert await c.block(40) == block(4000)
+    await b.start()
+    await device.resync("b", await harness.connect(b))
+    assert await device.resync("c", await harness.connect(c)) >= 1
+    assert device.write_set == ["a", "b", "c"]
+    assert await device.read_blocks([40]) == [block(40)]
+    await assert_replicas_match([a, b, c])
