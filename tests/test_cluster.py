@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from nodeproc import is_mountpoint
 
 from pxfs import errors
 from pxfs.etcdcatalog import DEFAULT_NODE_TTL
-from pxfs.rpc import RpcClient, read_secret
+from pxfs.rpc import BlockingClient, RpcClient, read_secret
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
 
@@ -240,3 +241,49 @@ def test_killed_node_goes_offline(cluster: Cluster) -> None:
     third.start()
     listed = {entry["node_id"]: entry for entry in first.call("cluster.nodes")}
     assert listed[third.node_id]["online"] is True
+
+
+def test_cluster_tool_starts_and_stops(tmp_path: Path) -> None:
+    tool = [sys.executable, str(REPO / "tools" / "cluster")]
+    directory = tmp_path / "tool"
+    mountpoint = tmp_path / "mnt"
+    started = subprocess.run(
+        [*tool, "start", "2", "--dir", str(directory)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    state = json.loads((directory / "cluster.json").read_text()) if started.returncode == 0 else {}
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "--socket" in started.stdout
+        sockets = [node["socket"] for node in state["nodes"]]
+        with BlockingClient(sockets[1]) as client:
+            listed = client.call("cluster.nodes")
+        assert len(listed) == 2
+        assert all(entry["online"] for entry in listed)
+        mountpoint.mkdir()
+        with BlockingClient(sockets[0]) as client:
+            client.call("volume.create", {"name": "tool", "size": 64 * MIB})
+            client.call("volume.attach", "tool")
+            client.call("volume.mount", "tool", str(mountpoint))
+        assert is_mountpoint(mountpoint)
+    finally:
+        stopped = subprocess.run(
+            [*tool, "stop", "--dir", str(directory)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+    assert stopped.returncode == 0, stopped.stderr
+    pids = [state["etcd"]["pid"]]
+    for node in state["nodes"]:
+        pids += [node["pxd_pid"], node["sidecar_pid"]]
+    for pid in pids:
+        assert not _runs_in(pid, directory), pid
+    assert not (directory / "cluster.json").exists()
+    assert not is_mountpoint(mountpoint)
+
+
+def _runs_in(pid: int, directory: Path) -> bool:
+    """Return whether `pid` is alive with `directory` on its command line."""
+    try:
+        return str(directory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
