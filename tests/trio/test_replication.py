@@ -405,7 +405,7 @@ async def test_grow_skips_replica_already_larger(cluster, nodes):
     assert await device.read_blocks([2 * NBLOCKS - 1]) == [block(4)]
 
 
-async def test_bit_rot_repaired_on_read(cluster, nodes):
+async def test_bit_rot_repaired_on_read(cluster, nodes, caplog):
     device = await cluster.device(nodes)
     await device.write_blocks([(8, block(8)), (9, block(9))])
     version = table_version(nodes[0], 8)
@@ -417,6 +417,10 @@ async def test_bit_rot_repaired_on_read(cluster, nodes):
     assert table_version(nodes[0], 8) == version
     assert device.repaired_blocks == 1
     assert device.runtime_state()["RepairedBlocks"] == "1"
+    repairs = [record for record in caplog.records if "repaired block" in record.getMessage()]
+    assert len(repairs) == 1
+    assert f"repaired block 8 (version {version:x}) on replica" in repairs[0].getMessage()
+    assert repairs[0].levelname == "WARNING"
     assert await device.read_blocks([8]) == [block(8)]
     assert nodes[1].calls["store.read_versioned"] == 1
 
