@@ -27,7 +27,7 @@ import msgpack
 
 from pxfs.errors import ChecksumMismatch, Corrupted, InvalidArgument, NoSpace
 from pxfs.volume.device import BLOCK_SIZE, BlockDevice
-from pxfs.volume.format import Change, Geometry, Superblock, Tree
+from pxfs.volume.format import FORMAT_ID_BYTES, Change, Geometry, Superblock, Tree
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,37 @@ def _parse_checkpoint_header(block: bytes, sb: Superblock) -> dict[str, Any] | N
     expected = hashlib.blake2b(body, digest_size=_IMAGE_DIGEST).digest()
     if block[start + length : start + length + _IMAGE_DIGEST] != expected:
         return None
-    fields: dict[str, Any] = msgpack.unpackb(body)
-    if fields.get("uuid") != sb.uuid:
+    try:
+        fields = msgpack.unpackb(body)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        log.warning("a checkpoint header passed its digest but does not decode: %s", exc)
         return None
-    if not 0 <= fields["image_len"] <= checkpoint_capacity(sb):
+    if not isinstance(fields, dict) or fields.get("uuid") != sb.uuid:
+        return None
+    problem = _checkpoint_header_problem(fields, sb)
+    if problem is not None:
+        log.warning("a checkpoint header passed its digest but %s", problem)
         return None
     return fields
+
+
+def _checkpoint_header_problem(fields: dict[str, Any], sb: Superblock) -> str | None:
+    """Return what is wrong with the fields of a checkpoint header, or None if nothing is."""
+    limits = {
+        "image_len": checkpoint_capacity(sb),
+        "counter": 2**64 - 1,
+        "seq": 2**64 - 1,
+        "position": sb.geometry.journal_bytes,
+    }
+    for name, high in limits.items():
+        value = fields.get(name)
+        if type(value) is not int or not 0 <= value <= high:
+            return f"has an invalid {name} {value!r:.40}: expected 0 to {high}"
+    for name, length in (("digest", _CHAIN_DIGEST), ("image_digest", _IMAGE_DIGEST)):
+        value = fields.get(name)
+        if type(value) is not bytes or len(value) != length:
+            return f"has an invalid {name} {value!r:.40}: expected {length} bytes"
+    return None
 
 
 async def _read_image(device: BlockDevice, first: int, length: int) -> bytes:
@@ -251,7 +276,8 @@ async def replay_journal(device: BlockDevice, sb: Superblock, anchor: Anchor) ->
 def _decode_body(seq: int, body: bytes) -> list[Change]:
     try:
         changes = msgpack.unpackb(body)
-    except (ValueError, msgpack.UnpackException) as exc:
+    # TypeError comes from a map whose key is an array or a map, which Python cannot hash.
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise Corrupted(
             f"journal record {seq} passed its digest but does not decode: {exc}"
         ) from None
@@ -313,12 +339,12 @@ async def load_metadata(device: BlockDevice) -> Loaded:
     """Read the superblock and newest checkpoint and replay the journal onto its tree."""
     sb = await read_superblock(device)
     checkpoint = await newest_checkpoint(device, sb)
-    tree = Tree.decode(checkpoint.image)
+    tree = Tree.decode(checkpoint.image, sb.geometry)
     replay = await replay_journal(device, sb, checkpoint.anchor)
     for seq, changes in replay.records:
         try:
             for change in changes:
-                tree.apply(change)
+                tree.apply(change, sb.geometry)
         except Corrupted as exc:
             raise Corrupted(f"journal record {seq}: {exc.message}") from None
     log.debug(
@@ -340,7 +366,7 @@ async def format_volume(
             f"a volume of {size} bytes needs {geometry.nblocks} device blocks, "
             f"the device has {device.nblocks}"
         )
-    sb = Superblock(uuid, size, geometry, secrets.token_bytes(16))
+    sb = Superblock(uuid, size, geometry, secrets.token_bytes(FORMAT_ID_BYTES))
     image = Tree.new(time.time_ns()).encode()
     await erase_checkpoint(device, sb, 1)
     await write_checkpoint(device, sb, 0, 1, Anchor(0, 0, sb.chain_seed), image)
