@@ -57,9 +57,12 @@ Outcomes = list[tuple["_Replica", PxfsError | None]]
 
 
 class _Replica:
-    """One replica of the volume: its id, its connection, and the timeout of its calls."""
+    """One replica of the volume: its id, its connection, and the timeout of its calls.
 
-    def __init__(self, replica_id: str, client: RpcClient, timeout: float) -> None:
+    A timeout of None waits as long as the call takes.
+    """
+
+    def __init__(self, replica_id: str, client: RpcClient, timeout: float | None) -> None:
         self.id = replica_id
         self.client = client
         self.timeout = timeout
@@ -73,7 +76,9 @@ class _Replica:
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         """Call `method` on the replica; raises Unavailable past the timeout."""
-        limit = self.timeout if timeout is None else timeout
+        limit = self.timeout if timeout is None or self.timeout is None else timeout
+        if limit is None:
+            return await self.client.call(method, *args)
         client = self.client
         timed_out = False
 
@@ -81,8 +86,10 @@ class _Replica:
             nonlocal timed_out
             await trio.sleep(limit)
             timed_out = True
-            # RpcClient shields a send from cancellation, so a replica that stopped reading its
-            # socket would hold the call past any deadline. Closing the connection ends it.
+            # Closing the connection makes the server cancel the calls of it that have not
+            # started, so a write that timed out cannot land after a later reconcile. It also
+            # ends a send that RpcClient shields from cancellation, which a replica that stopped
+            # reading its socket would hold forever.
             await client.aclose()
 
         result: Any = None
@@ -119,7 +126,7 @@ class ReplicationClient:
         local: str | None = None,
         out_of_sync: Sequence[str] = (),
         on_write_set_change: WriteSetCallback | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         """Coordinate `replicas`, local replica first unless `local` names another id.
 
@@ -128,6 +135,8 @@ class ReplicationClient:
         `replica_ids` name the replicas (node ids) in the callback and the runtime state; they
         default to the connection addresses. `out_of_sync` lists the replicas that the catalog
         records as outside the write set: they get no I/O until `resync` brings them back.
+        `timeout` bounds each call to a replica in seconds. A client of one replica has none,
+        because no other replica could carry on without it, and None turns timeouts off.
         """
         ids = [client.description for client in replicas] if replica_ids is None else replica_ids
         _check_arguments(vol_id, epoch, nblocks, replicas, ids, out_of_sync, ha_level, timeout)
@@ -143,6 +152,8 @@ class ReplicationClient:
                 f"{len(write_set)} replicas of the write set"
             )
         self.write_quorum = minimum
+        if len(replicas) == 1:
+            timeout = None
         self._replicas = {
             replica_id: _Replica(replica_id, client, timeout)
             for replica_id, client in zip(ids, replicas, strict=True)
@@ -710,7 +721,7 @@ def _check_arguments(
     ids: Sequence[str],
     out_of_sync: Sequence[str],
     ha_level: int | None,
-    timeout: float,
+    timeout: float | None,
 ) -> None:
     if not replicas:
         raise InvalidArgument(f"volume {vol_id}: a replication client needs a replica")
@@ -725,7 +736,7 @@ def _check_arguments(
         raise InvalidArgument(f"volume {vol_id}: invalid epoch {epoch}")
     if nblocks < 1:
         raise InvalidArgument(f"volume {vol_id}: invalid nblocks {nblocks}")
-    if not timeout > 0:
+    if timeout is not None and not timeout > 0:
         raise InvalidArgument(f"volume {vol_id}: invalid timeout {timeout!r}, expected seconds > 0")
 
 

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 
 from pxfs import errors
 from pxfs.replication import ReplicationClient
@@ -296,10 +297,9 @@ async def test_write_below_quorum_leaves_no_trace(harness):
 
 async def test_write_below_quorum_reconciled_once_reachable(harness):
     a, b = await harness.start("a", "b")
-    device = await harness.device([a, b], ha_level=2, write_quorum=2)
+    device = await harness.device([a, b], ha_level=2, write_quorum=2, timeout=0.3)
     await device.write_blocks([(16, block(16))])
     b.gates["store.write"] = trio.Event()
-    device._replicas["b"].timeout = 0.3
     with pytest.raises(errors.Unavailable, match="timed out"):
         await device.write_blocks([(16, block(61))])
     b.gates.clear()
@@ -394,3 +394,20 @@ async def test_constructor_rejects_bad_options(harness, options, message):
     options = {"replica_ids": ["a", "b"], **options}
     with pytest.raises(errors.InvalidArgument, match=message):
         ReplicationClient(VOL, 1, NBLOCKS, clients, **options)
+
+
+async def test_single_replica_waits_without_timeout(harness):
+    (a,) = await harness.start("a")
+    device = await harness.device([a], ha_level=1, timeout=0.2)
+    a.gates["store.write"] = trio.Event()
+
+    async def open_gate_later() -> None:
+        # Everything idles for more than twice the timeout before the replica replies.
+        await trio.testing.wait_all_tasks_blocked(cushion=0.5)
+        a.gates["store.write"].set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_gate_later)
+        await device.write_blocks([(1, block(1))])
+    assert await a.block(1) == block(1)
+    assert device.write_set == ["a"]

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 from test_quorum import NBLOCKS, VOL, Harness, block
 
 from pxfs import errors
