@@ -593,7 +593,7 @@ class ReplicationClient:
                 raise
             except PxfsError as exc:
                 raise Unavailable(
-                    f"volume {self.vol_id}: {len(self._unsettled)} blocks hold a write that "
+                    f"volume {self.vol_id}: {len(self._unsettled)} blocks contain a write that "
                     "reached fewer replicas than the write quorum; writes resume once the "
                     f"write set {self._write_set} answers again ({exc.message})"
                 ) from None
@@ -726,7 +726,9 @@ def _check_arguments(
     if not replicas:
         raise InvalidArgument(f"volume {vol_id}: a replication client needs a replica")
     if len(ids) != len(replicas) or len(set(ids)) != len(ids):
-        raise InvalidArgument(f"volume {vol_id}: replica ids {list(ids)} are not one per replica")
+        raise InvalidArgument(
+            f"volume {vol_id}: replica ids {list(ids)} are not one distinct id per replica"
+        )
     unknown = [replica_id for replica_id in out_of_sync if replica_id not in ids]
     if unknown:
         raise InvalidArgument(f"volume {vol_id}: out-of-sync replicas {unknown} are not replicas")

@@ -380,8 +380,8 @@ async def test_out_of_sync_replica_gets_no_io(harness):
     ("options", "message"),
     [
         ({"ha_level": 4}, "invalid ha level 4"),
-        ({"replica_ids": ["a"]}, "not one per replica"),
-        ({"replica_ids": ["a", "a"]}, "not one per replica"),
+        ({"replica_ids": ["a"]}, "not one distinct id per replica"),
+        ({"replica_ids": ["a", "a"]}, "not one distinct id per replica"),
         ({"out_of_sync": ["z"]}, "are not replicas"),
         ({"out_of_sync": ["a", "b"]}, "write quorum 1 is not between 1 and the 0"),
         ({"local": "z"}, "local replica 'z'"),
