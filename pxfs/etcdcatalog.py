@@ -363,7 +363,7 @@ class EtcdCatalog(Catalog):
     def _decode_json(self, kv: KeyValue) -> Any:
         try:
             return _decode(kv.value)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise Corrupted(
                 f"etcd key {kv.key.decode(errors='replace')} is not valid JSON: {exc}"
             ) from None

@@ -410,8 +410,8 @@ def test_rest_body_over_limit(node: Node) -> None:
     ("method", "path"),
     [
         ("GET", "/v1/nothing"),
-        ("GET", "/v1/osd-volumes/stats/x"),
-        ("GET", "/v1/cluster/enumerate"),
+        ("GET", "/v1/osd-volumes/stats/x/y"),
+        ("GET", "/v1/cluster/enumerate/x"),
         ("POST", "/v2/osd-volumes"),
         ("GET", "/"),
     ],
