@@ -31,7 +31,7 @@ async def check_volume(device: BlockDevice) -> list[str]:
     try:
         sb = await read_superblock(device)
         checkpoint = await newest_checkpoint(device, sb)
-        tree = Tree.decode(checkpoint.image, sb.geometry)
+        tree = Tree.decode(checkpoint.image)
         replay = await replay_journal(device, sb, checkpoint.anchor)
     except (NotFound, Corrupted, ChecksumMismatch) as exc:
         return [exc.message]
@@ -39,7 +39,7 @@ async def check_volume(device: BlockDevice) -> list[str]:
     for seq, changes in replay.records:
         try:
             for change in changes:
-                tree.apply(change, sb.geometry)
+                tree.apply(change)
         except Corrupted as exc:
             problems.append(f"journal record {seq} does not apply: {exc.message}")
             break
