@@ -61,8 +61,12 @@ class ChildSupervisor(StatsSampling):
             "--volume-id", record["id"],
             "--epoch", str(epoch),
         ]  # fmt: skip
-        for address in await self.peers.addresses(record["replica_nodes"]):
-            argv += ["--replica", address]
+        # The first replica is read first, so this node's own replica leads when it has one.
+        nodes = sorted(record["replica_nodes"], key=lambda node_id: node_id != self.node_id)
+        for node_id, address in zip(nodes, await self.peers.addresses(nodes), strict=True):
+            argv += ["--replica", f"{node_id}={address}"]
+        for node_id in record.get("out_of_sync") or []:
+            argv += ["--out-of-sync", node_id]
         return argv
 
     def _child_env(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,8 +44,9 @@ import pyfuse3
 import trio
 
 from pxfs.config import parse_listen
-from pxfs.errors import Corrupted, InvalidArgument, NotFound, PxfsError
+from pxfs.errors import Busy, Corrupted, InvalidArgument, NotFound, PxfsError, Unavailable
 from pxfs.fuseops import MOUNT_OPTIONS, Operations
+from pxfs.replication import ReplicationClient, WriteSetCallback
 from pxfs.rpc import RpcClient, RpcServer, read_secret
 from pxfs.stats import IoMeter
 from pxfs.volume.check import check_volume
@@ -57,6 +59,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds to wait for the kernel to let go of a detached mount before stopping anyway.
 UNMOUNT_GRACE = 10.0
+#: Seconds that connecting to one replica and passing its handshake may take.
+CONNECT_TIMEOUT = 10.0
+#: Seconds between two attempts to resync the replicas that are out of sync.
+RESYNC_INTERVAL = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,9 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--replica",
         action="append",
-        metavar="ADDR",
+        metavar="[ID=]ADDR",
         help='a replica of the volume: "local" for the store behind --peer-socket, or HOST:PORT '
-        "of another node's peer RPC; repeat it for each replica (default: local only)",
+        "of another node's peer RPC, optionally after the node id and =; repeat it for each "
+        "replica (default: local only). With ids, write set changes are reported to pxd",
+    )
+    parser.add_argument(
+        "--out-of-sync",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="id of a replica that the catalog records as out of sync: it gets no I/O",
     )
     parser.add_argument(
         "--format-size",
@@ -175,36 +189,163 @@ def _open_file_device(path: str, format_size: int | None) -> FileDevice:
 
 @asynccontextmanager
 async def _open_replication(args: argparse.Namespace) -> AsyncIterator[BlockDevice]:
-    from pxfs.replication import ReplicationClient
-
     secret = read_secret(args.secret_file)
+    specs = [_parse_replica(spec) for spec in args.replica or ["local"]]
+    ids = [replica_id or address for replica_id, address in specs]
+    # pxd records the write set by node id, so only a command line with the ids reports it.
+    reporting = bool(args.replica) and all(replica_id for replica_id, _ in specs)
+    unknown = set(args.out_of_sync) - set(ids)
+    if unknown:
+        raise InvalidArgument(f"--out-of-sync names no replica: {', '.join(sorted(unknown))}")
     clients: list[RpcClient] = []
     try:
-        for address in args.replica or ["local"]:
-            clients.append(await _connect_replica(address, args.peer_socket, secret))
-        info = await clients[0].call("store.info", args.volume_id)
+        for replica_id, address in specs:
+            clients.append(await _connect_replica(replica_id, address, args.peer_socket, secret))
+        in_sync = [c for i, c in zip(ids, clients, strict=True) if i not in args.out_of_sync]
         device = ReplicationClient(
-            args.volume_id, args.epoch, info["nblocks"], clients, ha_level=len(clients)
+            args.volume_id,
+            args.epoch,
+            await _nblocks(args.volume_id, in_sync),
+            clients,
+            ha_level=len(clients),
+            replica_ids=ids,
+            out_of_sync=args.out_of_sync,
+            on_write_set_change=_write_set_reporter(args, secret) if reporting else None,
         )
         await device.open()
-        yield device
+        if not args.replica:
+            yield device
+            return
+        addresses = {
+            replica_id: address for replica_id, (_, address) in zip(ids, specs, strict=True)
+        }
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_resync_periodically, device, addresses, args.peer_socket, secret)
+            try:
+                yield device
+            finally:
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             for client in clients:
                 await client.aclose()
 
 
-async def _connect_replica(address: str, peer_socket: str, secret: bytes) -> RpcClient:
-    """Connect to one --replica: "local" over the unix peer socket, else HOST:PORT over TCP."""
-    if address == "local":
-        return await RpcClient.connect_unix(peer_socket, secret)
+def _parse_replica(spec: str) -> tuple[str, str]:
+    """Split a --replica value into the node id (empty when not given) and the address."""
+    replica_id, equals, address = spec.rpartition("=")
+    if equals and not replica_id:
+        raise InvalidArgument(f"invalid --replica {spec!r}: the node id before = is empty")
+    return replica_id, address
+
+
+async def _nblocks(vol_id: str, clients: list[RpcClient]) -> int:
+    """Return the volume's size in blocks, read from the first in-sync replica that responds."""
+    failures = []
+    for client in clients:
+        try:
+            info = await client.call("store.info", vol_id)
+        except PxfsError as exc:
+            failures.append(f"{client.description}: {exc.message}")
+            continue
+        return int(info["nblocks"])
+    raise Unavailable(
+        f"volume {vol_id}: store.info failed on every in-sync replica: {'; '.join(failures)}"
+    )
+
+
+def _write_set_reporter(args: argparse.Namespace, secret: bytes) -> WriteSetCallback:
+    """Return the callback that records the write set in the catalog through pxd."""
+
+    async def report(write_set: list[str], out_of_sync: list[str]) -> None:
+        client = await RpcClient.connect_unix(args.peer_socket, secret)
+        try:
+            await client.call(
+                "volume.report_write_set", args.volume_id, args.epoch, write_set, out_of_sync
+            )
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+
+    return report
+
+
+async def _connect_replica(
+    replica_id: str, address: str, peer_socket: str, secret: bytes
+) -> RpcClient:
+    """Connect to one --replica: "local" over the unix peer socket, else HOST:PORT over TCP.
+
+    A replica that cannot be reached gets a connection that fails every call, so that the
+    replication client drops it from the write set at open and the volume mounts degraded.
+    """
     try:
-        host, port = parse_listen(address, 9002)
-    except InvalidArgument:
-        raise InvalidArgument(
-            f"invalid --replica {address!r}: expected local or HOST:PORT"
-        ) from None
-    return await RpcClient.connect_tcp(host, port, secret)
+        return await _open_connection(address, peer_socket, secret)
+    except Unavailable as exc:
+        log.warning("replica %s at %s is unreachable: %s", replica_id or address, address, exc)
+        return _unreachable(address)
+
+
+async def _open_connection(address: str, peer_socket: str, secret: bytes) -> RpcClient:
+    """Open an authenticated peer RPC connection to `address`; raises Unavailable."""
+    if address == "local":
+        host, port = "", 0
+    else:
+        try:
+            host, port = parse_listen(address, 9002)
+        except InvalidArgument:
+            raise InvalidArgument(
+                f"invalid --replica {address!r}: expected local or HOST:PORT"
+            ) from None
+    with trio.move_on_after(CONNECT_TIMEOUT):
+        if address == "local":
+            return await RpcClient.connect_unix(peer_socket, secret)
+        return await RpcClient.connect_tcp(host, port, secret)
+    raise Unavailable(f"connecting to {address} timed out after {CONNECT_TIMEOUT} s")
+
+
+async def _resync_periodically(
+    device: ReplicationClient, addresses: dict[str, str], peer_socket: str, secret: bytes
+) -> None:
+    """Bring every out-of-sync replica that can be reached back into the write set."""
+    # Attempts that failed in a row, by replica: only the first one is a warning, so a node
+    # that stays down does not flood the log.
+    failures: dict[str, int] = {}
+    while True:
+        await trio.sleep(RESYNC_INTERVAL)
+        for replica_id in device.out_of_sync:
+            try:
+                copied = await _resync_one(
+                    device, replica_id, addresses[replica_id], peer_socket, secret
+                )
+            except Busy:
+                continue
+            except PxfsError as exc:
+                failures[replica_id] = failures.get(replica_id, 0) + 1
+                level = logging.WARNING if failures[replica_id] == 1 else logging.DEBUG
+                log.log(level, "resync of replica %s failed: %s", replica_id, exc.message)
+                continue
+            failures.pop(replica_id, None)
+            log.info("replica %s is in the write set again; %d blocks copied", replica_id, copied)
+
+
+async def _resync_one(
+    device: ReplicationClient, replica_id: str, address: str, peer_socket: str, secret: bytes
+) -> int:
+    client = await _open_connection(address, peer_socket, secret)
+    try:
+        return await device.resync(replica_id, client)
+    except BaseException:
+        # The replica stays out of sync and gets a new connection at the next attempt.
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+        raise
+
+
+def _unreachable(address: str) -> RpcClient:
+    """Return a client whose every call fails with Unavailable, as a lost connection does."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    return RpcClient(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), address)
 
 
 async def _format_if_blank(device: BlockDevice, size: int) -> None:

@@ -113,7 +113,11 @@ class Node(VolumeControl):
         for path in (self.peer_socket, self.control_socket):
             path.parent.mkdir(parents=True, exist_ok=True)
             await _reject_live_socket(path)
-        peer = RpcServer(self.store.handlers(), secret=self.secret, name="peer rpc")
+        peer_handlers = {
+            **self.store.handlers(),
+            "volume.report_write_set": self.report_write_set,
+        }
+        peer = RpcServer(peer_handlers, secret=self.secret, name="peer rpc")
         await nursery.start(_serve_unix, peer, self.peer_socket)
         if self._etcd is not None:
             host, port = self.config.peer_address

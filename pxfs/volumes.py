@@ -19,7 +19,15 @@ import trio
 from pxfs import errors
 from pxfs.catalog import VolumeRecord
 from pxfs.children import ChildSupervisor
-from pxfs.errors import Busy, InvalidArgument, NotFound, NotSupported, PxfsError, Unavailable
+from pxfs.errors import (
+    Busy,
+    InvalidArgument,
+    NotFound,
+    NotSupported,
+    PxfsError,
+    StaleEpoch,
+    Unavailable,
+)
 from pxfs.hostmounts import check_mount_path, normalize_path
 from pxfs.membership import choose_replica_nodes, parse_requested_nodes
 from pxfs.nodebase import now_ns
@@ -375,6 +383,46 @@ class VolumeControl(ChildSupervisor):
                 f"changing ha_level from {record['ha_level']} to {ha_level} is not supported yet"
             )
 
+    async def report_write_set(
+        self, vol_id: Any, epoch: Any, write_set: Any, out_of_sync: Any
+    ) -> None:
+        """Record the write set that the mount child of `vol_id` at `epoch` reports.
+
+        Served on the peer socket. Raises StaleEpoch once a newer attach raised the epoch,
+        so a coordinator that lost the volume cannot change its write set.
+        """
+        if not isinstance(vol_id, str) or isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise InvalidArgument("volume.report_write_set takes a volume id and an epoch")
+        members = _check_node_ids("write_set", write_set) + _check_node_ids(
+            "out_of_sync", out_of_sync
+        )
+
+        def change(record: VolumeRecord) -> VolumeRecord:
+            if record["epoch"] != epoch:
+                raise StaleEpoch(
+                    f"volume {vol_id} is at epoch {record['epoch']}, not {epoch}; "
+                    "a newer attach owns its write set"
+                )
+            if sorted(members) != sorted(record["replica_nodes"]):
+                raise InvalidArgument(
+                    f"volume {vol_id}: the write set {write_set} and out-of-sync replicas "
+                    f"{out_of_sync} are not the replica nodes {record['replica_nodes']}"
+                )
+            record["write_set"] = list(write_set)
+            record["out_of_sync"] = list(out_of_sync)
+            return record
+
+        await self._catalog().update_volume(vol_id, change)
+        level = logging.WARNING if out_of_sync else logging.INFO
+        log.log(
+            level,
+            "volume %s: write set %s, out of sync %s at epoch %d",
+            vol_id,
+            ", ".join(write_set),
+            ", ".join(out_of_sync) or "none",
+            epoch,
+        )
+
     async def _grow_mounted(self, record: VolumeRecord) -> None:
         """Have a running mount child grow its volume to the size of `record`."""
         child = self._mounts.get(record["id"])
@@ -480,3 +528,9 @@ def _parse_list_filters(filters: Any) -> tuple[str | None, dict[str, str], set[s
             raise InvalidArgument("the ids filter must be a list of strings")
         ids = set(ids)
     return name, labels, ids
+
+
+def _check_node_ids(name: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidArgument(f"{name} must be a list of node ids, not {value!r}")
+    return value

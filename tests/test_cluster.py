@@ -26,6 +26,9 @@ MIB = 1 << 20
 #: How long after a kill -9 a node may still show online: the lease TTL, one status period
 #: and the time etcd takes to expire a lease.
 OFFLINE_DEADLINE = DEFAULT_NODE_TTL + 10.0
+#: How long a restarted node's replica may take to rejoin the write set: the mount child tries
+#: every 5 s, and a resync of a 64 MiB volume takes well under a second here.
+RESYNC_DEADLINE = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +167,50 @@ def test_remote_mount_writes_every_replica(cluster: Cluster, tmp_path: Path) -> 
     first.call("volume.delete", "data")
 
 
+def test_replica_down_then_resynced(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    record = _create(first, "degraded", 2, nodes=[first.node_id, second.node_id])
+    vol_id = str(record["id"])
+    path = tmp_path / "mnt"
+    path.mkdir()
+    before, after = os.urandom(4 * MIB), os.urandom(4 * MIB)
+    try:
+        third.call("volume.attach", "degraded")
+        third.call("volume.mount", "degraded", str(path))
+        _write_synced(path / "before", before)
+
+        second.kill()
+        _write_synced(path / "after", after)
+        inspected = third.call("volume.inspect", "degraded")
+        assert inspected["write_set"] == [first.node_id]
+        assert inspected["out_of_sync"] == [second.node_id]
+
+        second.start()
+        deadline = time.monotonic() + RESYNC_DEADLINE
+        while third.call("volume.inspect", "degraded").get("out_of_sync"):
+            assert time.monotonic() < deadline, "the replica did not resync"
+            time.sleep(0.5)
+        inspected = third.call("volume.inspect", "degraded")
+        assert sorted(inspected["write_set"]) == sorted([first.node_id, second.node_id])
+        assert _sha256(path / "after") == hashlib.sha256(after).hexdigest()
+    finally:
+        if is_mountpoint(path):
+            _unmount(third, "degraded", path)
+
+    tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in (first, second)]
+    assert tables[0] == tables[1]
+    data = [_sha256(node.replica_dir(vol_id) / "data") for node in (first, second)]
+    assert data[0] == data[1]
+    first.call("volume.delete", "degraded")
+
+
+def _write_synced(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def test_wrong_secret_rejected(cluster: Cluster, tmp_path: Path) -> None:
     other = write_secret(tmp_path / "other.secret")
     node = cluster.new_node("127.0.0.9", "stranger", secret_file=other)
@@ -243,6 +290,34 @@ def test_killed_node_goes_offline(cluster: Cluster) -> None:
     assert listed[third.node_id]["online"] is True
 
 
+def test_mount_with_replica_node_down(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, _ = cluster.nodes[:3]
+    _create(first, "half", 2, nodes=[first.node_id, second.node_id])
+    second.kill()
+    path = tmp_path / "mnt"
+    path.mkdir()
+    payload = os.urandom(MIB)
+    try:
+        first.call("volume.attach", "half")
+        first.call("volume.mount", "half", str(path))
+        _write_synced(path / "blob", payload)
+        inspected = first.call("volume.inspect", "half")
+        assert inspected["write_set"] == [first.node_id]
+        assert inspected["out_of_sync"] == [second.node_id]
+
+        second.start()
+        deadline = time.monotonic() + RESYNC_DEADLINE
+        while first.call("volume.inspect", "half").get("out_of_sync"):
+            assert time.monotonic() < deadline, "the replica did not resync"
+            time.sleep(0.5)
+    finally:
+        if second.pxd is None:
+            second.start()
+        if is_mountpoint(path):
+            _unmount(first, "half", path)
+    first.call("volume.delete", "half")
+
+
 def test_cluster_tool_starts_and_stops(tmp_path: Path) -> None:
     tool = [sys.executable, str(REPO / "tools" / "cluster")]
     directory = tmp_path / "tool"
@@ -260,6 +335,7 @@ def test_cluster_tool_starts_and_stops(tmp_path: Path) -> None:
             listed = client.call("cluster.nodes")
         assert len(listed) == 2
         assert all(entry["online"] for entry in listed)
+
         mountpoint.mkdir()
         with BlockingClient(sockets[0]) as client:
             client.call("volume.create", {"name": "tool", "size": 64 * MIB})
@@ -272,6 +348,7 @@ def test_cluster_tool_starts_and_stops(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
     assert stopped.returncode == 0, stopped.stderr
+
     pids = [state["etcd"]["pid"]]
     for node in state["nodes"]:
         pids += [node["pxd_pid"], node["sidecar_pid"]]
