@@ -2,6 +2,8 @@
 
 pxd owns the node's replica store (served to mount children and peers on the peer socket, behind
 the cluster secret handshake), the catalog, and one mount child process per mounted volume.
+With etcd endpoints the catalog is the cluster's EtcdCatalog: pxd then also serves the peer RPC
+on TCP to the other nodes and publishes its status in its node record every few seconds.
 
 The parts of the Node class live in their own modules: pxfs/nodebase.py (shared state),
 pxfs/sampling.py (I/O statistics), pxfs/children.py (mount children and bind mounts) and

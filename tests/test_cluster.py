@@ -269,6 +269,19 @@ def test_peer_tcp_serves_store_with_secret(cluster: Cluster) -> None:
         trio.run(info)
 
 
+def test_stopped_node_offline_at_once(cluster: Cluster) -> None:
+    first, second, _ = cluster.nodes[:3]
+    assert second.stop() == 0
+    try:
+        listed = {entry["node_id"]: entry for entry in first.call("cluster.nodes")}
+        # pxd revokes its lease as it stops, so no TTL has to run out.
+        assert listed[second.node_id]["online"] is False
+    finally:
+        second.start()
+    listed = {entry["node_id"]: entry for entry in first.call("cluster.nodes")}
+    assert listed[second.node_id]["online"] is True
+
+
 def test_killed_node_goes_offline(cluster: Cluster) -> None:
     first, second, third = cluster.nodes[:3]
     third.kill()
