@@ -54,14 +54,14 @@ class VolumeControl(ChildSupervisor):
     async def create_volume(self, spec: Any) -> VolumeRecord:
         """Create and format a volume; the same name, size and ha_level returns the existing one."""
         name, size, ha_level, labels = self._parse_create(spec)
+        requested = parse_requested_nodes(spec.get("nodes"))
         self._reject_while_stopping()
         async with self._create_lock:
             existing = await self._find_by_name(name)
             if existing is not None:
                 return await self._existing_for_create(existing, size, ha_level)
-            replica_nodes = choose_replica_nodes(
-                await self._nodes_with_status(), ha_level, parse_requested_nodes(spec.get("nodes"))
-            )
+            nodes = await self._nodes_with_status()
+            replica_nodes = choose_replica_nodes(nodes, ha_level, requested)
             record = await self._make_volume(name, size, ha_level, labels, replica_nodes)
         log.info(
             "volume %s: created %r, %d bytes, ha %d, replicas on %s",
@@ -139,6 +139,9 @@ class VolumeControl(ChildSupervisor):
             "ctime_ns": now_ns(),
             "uuid": fs_uuid,
             "replica_nodes": replica_nodes,
+            # The format below writes every replica, so all of them start in the write set.
+            "write_set": list(replica_nodes),
+            "out_of_sync": [],
             "epoch": 1,
             "attached_on": "",
             "attach_time_ns": 0,
