@@ -204,6 +204,41 @@ def test_replica_down_then_resynced(cluster: Cluster, tmp_path: Path) -> None:
     first.call("volume.delete", "degraded")
 
 
+def test_out_of_sync_replica_kept_at_remount(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    record = _create(first, "stale", 2, nodes=[first.node_id, second.node_id])
+    vol_id = str(record["id"])
+    path = tmp_path / "mnt"
+    path.mkdir()
+    payload = os.urandom(4 * MIB)
+    third.call("volume.attach", "stale")
+    try:
+        third.call("volume.mount", "stale", str(path))
+        second.kill()
+        _write_synced(path / "blob", payload)
+        third.call("volume.unmount", "stale", str(path))
+        assert third.call("volume.inspect", "stale")["out_of_sync"] == [second.node_id]
+
+        # The stale replica must not be taken as in sync when the volume mounts again.
+        second.start()
+        third.call("volume.mount", "stale", str(path))
+        assert _sha256(path / "blob") == hashlib.sha256(payload).hexdigest()
+        deadline = time.monotonic() + RESYNC_DEADLINE
+        while third.call("volume.inspect", "stale").get("out_of_sync"):
+            assert time.monotonic() < deadline, "the replica did not resync"
+            time.sleep(0.5)
+    finally:
+        if second.pxd is None:
+            second.start()
+        if is_mountpoint(path):
+            third.call("volume.unmount", "stale", str(path))
+        third.call("volume.detach", "stale")
+
+    tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in (first, second)]
+    assert tables[0] == tables[1]
+    first.call("volume.delete", "stale")
+
+
 def _write_synced(path: Path, payload: bytes) -> None:
     with open(path, "wb") as f:
         f.write(payload)
