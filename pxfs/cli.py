@@ -32,6 +32,16 @@ MAX_INTERVAL = 3600.0
 
 Command = Callable[[BlockingClient, argparse.Namespace], int]
 
+_STATS_DESCRIPTION = """\
+Print the I/O of a volume over the last 2 seconds, one line per interval. SVC TIME is the mean
+service time inside pxfs, (read_ms + write_ms) / (reads + writes): the time from the start of
+the mount child's read or write handler to its reply. The time that a request waits in the
+kernel, in /dev/fuse and in the FUSE dispatch is not counted, so the latency that an
+application sees (fio's lat) is higher, and the gap grows with the queue depth. IO DEPTH counts
+the requests inside those handlers at the moment of the sample, not the requests that the
+kernel has queued.
+"""
+
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one `pxctl: ...` line and exit code 2."""
@@ -395,7 +405,9 @@ _STATS_COLUMNS = [
     ("IO DEPTH", 8),
     ("READ TPUT", 12),
     ("WRITE TPUT", 12),
-    ("LATENCY (ms)", 12),
+    # The mount child times only its own handlers, so this is the service time inside pxfs and
+    # not the latency that the application sees (see _STATS_DESCRIPTION).
+    ("SVC TIME (ms)", 13),
 ]
 
 
@@ -620,7 +632,11 @@ def _add_volume_update_commands(verbs: Any) -> None:
     )
     ha_update.set_defaults(func=volume_ha_update)
 
-    stats = verbs.add_parser("stats", help="show the I/O of a volume, one line per interval")
+    stats = verbs.add_parser(
+        "stats",
+        help="show the I/O of a volume, one line per interval",
+        description=_STATS_DESCRIPTION,
+    )
     stats.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
     stats.add_argument(
         "--interval",

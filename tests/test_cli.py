@@ -637,7 +637,7 @@ def test_stats_lines(pxd: Any) -> None:
     assert len(lines) == 4
     assert lines[0].split() == [
         "TIME", "READS", "BYTES", "READ", "WRITES", "BYTES", "WRITTEN", "IOPS", "IO", "DEPTH",
-        "READ", "TPUT", "WRITE", "TPUT", "LATENCY", "(ms)",
+        "READ", "TPUT", "WRITE", "TPUT", "SVC", "TIME", "(ms)",
     ]  # fmt: skip
     cells = lines[1].split()
     assert cells[0].endswith("Z")
@@ -647,6 +647,15 @@ def test_stats_lines(pxd: Any) -> None:
         "1.50",
     ]  # fmt: skip
     assert [name for name, _ in pxd.calls].count("volume.stats_live") == 3
+
+
+def test_stats_help_says_service_time(tmp_path: Path) -> None:
+    result = pxctl(tmp_path / "absent.sock", "volume", "stats", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "service time inside pxfs" in text
+    assert "/dev/fuse" in text
+    assert "LATENCY" not in text
 
 
 def test_stats_idle_volume(pxd: Any) -> None:

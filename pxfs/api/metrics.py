@@ -109,14 +109,33 @@ class PxdCollector(Collector):
 
 
 # (metric name, help, Stats key, divisor) of the volume counters; times are sent in seconds.
+# The mount child times only its own read and write handlers, so the times leave out the FUSE
+# round trip and the help texts warn that they are below the latency a caller sees.
 _VOLUME_COUNTERS = [
     ("pxfs_volume_reads", "Read requests completed", "reads", 1),
     ("pxfs_volume_writes", "Write requests completed", "writes", 1),
     ("pxfs_volume_read_bytes", "Bytes read", "read_bytes", 1),
     ("pxfs_volume_written_bytes", "Bytes written", "write_bytes", 1),
-    ("pxfs_volume_read_seconds", "Seconds spent in read requests", "read_ms", 1000),
-    ("pxfs_volume_write_seconds", "Seconds spent in write requests", "write_ms", 1000),
-    ("pxfs_volume_io_seconds", "Seconds with at least one request in flight", "io_ms", 1000),
+    (
+        "pxfs_volume_read_seconds",
+        "Seconds spent inside pxfs's read handler (service time without the FUSE round trip, "
+        "below the latency a caller sees)",
+        "read_ms",
+        1000,
+    ),
+    (
+        "pxfs_volume_write_seconds",
+        "Seconds spent inside pxfs's write handler (service time without the FUSE round trip, "
+        "below the latency a caller sees)",
+        "write_ms",
+        1000,
+    ),
+    (
+        "pxfs_volume_io_seconds",
+        "Seconds with at least one request inside pxfs's read or write handler",
+        "io_ms",
+        1000,
+    ),
 ]
 
 
@@ -130,7 +149,11 @@ def volume_families(volumes: list[VolumeSample]) -> Iterator[Metric]:
         yield counter
 
     gauges = [
-        ("pxfs_volume_io_in_progress", "Requests in flight now", _in_progress),
+        (
+            "pxfs_volume_io_in_progress",
+            "Requests inside pxfs's read or write handler now, not those queued in the kernel",
+            _in_progress,
+        ),
         ("pxfs_volume_used_bytes", "Bytes that the volume's replicas store", _used),
         ("pxfs_volume_size_bytes", "Size of the volume in bytes", _size),
         ("pxfs_volume_ha_level", "Number of replicas the volume is configured for", _ha_level),

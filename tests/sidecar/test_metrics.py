@@ -153,3 +153,17 @@ async def test_metrics_pxd_silent_up_0(aiohttp_client: Any, tmp_path: Path) -> N
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_metrics_help_says_service_time(rest_client: Client) -> None:
+    await create(rest_client, "vol1")
+    response = await rest_client.get("/metrics")
+    assert response.status == 200
+    documentation = {
+        family.name: family.documentation
+        for family in text_string_to_metric_families(await response.text())
+    }
+    for name in ("pxfs_volume_read_seconds", "pxfs_volume_write_seconds"):
+        assert "without the FUSE round trip" in documentation[name]
+        assert "below the latency a caller sees" in documentation[name]
+    assert "not those queued in the kernel" in documentation["pxfs_volume_io_in_progress"]
