@@ -17,9 +17,25 @@ from pxfs import errors, rpc
 
 log = logging.getLogger(__name__)
 
-#: Seconds a control call may take. volume.create formats the new volume and volume.check
-#: reads all of it, so the limit is generous.
-DEFAULT_TIMEOUT = 120.0
+#: Seconds that a read-only call may take. These return what pxd has in memory or in its
+#: catalog, so a pxd that needs longer is hung, and the client should get the 503 soon rather
+#: than give up on a timeout of its own.
+READ_TIMEOUT = 10.0
+#: Seconds that any other call may take. volume.create formats the new volume, volume.attach
+#: and volume.mount start a mount child, and volume.update may grow a volume.
+OPERATION_TIMEOUT = 60.0
+#: The calls that only read state, which get READ_TIMEOUT.
+READ_METHODS = frozenset(
+    {
+        "node.status",
+        "cluster.nodes",
+        "volume.inspect",
+        "volume.list",
+        "volume.stats",
+        "volume.stats_live",
+        "volume.stats_history",
+    }
+)
 _READ_SIZE = 1024 * 1024
 
 
@@ -81,15 +97,27 @@ class _Connection:
 class ControlClient:
     """Call pxd's control RPC methods from asyncio; raises the PxfsError that pxd sent."""
 
-    def __init__(self, path: str | os.PathLike[str], timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_timeout: float = READ_TIMEOUT,
+        operation_timeout: float = OPERATION_TIMEOUT,
+    ) -> None:
         self.path = os.fspath(path)
-        self.timeout = timeout
+        self.read_timeout = read_timeout
+        self.operation_timeout = operation_timeout
         self._ids = itertools.count(1)
         self._connection: _Connection | None = None
         self._connect_lock = asyncio.Lock()
 
+    def timeout(self, method: str) -> float:
+        """Return the seconds that a call of `method` may take before it fails with 503."""
+        return self.read_timeout if method in READ_METHODS else self.operation_timeout
+
     async def call(self, method: str, *args: Any) -> Any:
-        """Call `method` with `args` and return its result."""
+        """Call `method` with `args` and return its result; raises Unavailable on timeout."""
+        timeout = self.timeout(method)
         connection = await self._connected()
         request_id = next(self._ids)
         frame = rpc.encode_frame([rpc.REQUEST, request_id, method, list(args)])
@@ -98,10 +126,10 @@ class ControlClient:
         try:
             connection.writer.write(frame)
             await connection.writer.drain()
-            return await asyncio.wait_for(future, self.timeout)
+            return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise errors.Unavailable(
-                f"pxd did not respond to {method} within {self.timeout:g} s"
+                f"pxd did not respond to {method} within {timeout:g} s"
             ) from None
         except (ConnectionError, BrokenPipeError) as exc:
             connection.fail(errors.Unavailable(f"connection to pxd on {self.path} lost"))

@@ -702,9 +702,30 @@ async def test_invalid_frame_from_pxd_503(aiohttp_client: Any, tmp_path: Path) -
 
 async def test_pxd_silent_times_out_503(aiohttp_client: Any, tmp_path: Path) -> None:
     socket_path = tmp_path / "silent.sock"
-    server = await serve_raw(socket_path, None)
+
+    async def never_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_unix_server(never_reply, socket_path)
     async with server:
-        client = await aiohttp_client(make_app(ControlClient(socket_path, timeout=0.2)))
+        control = ControlClient(socket_path, read_timeout=0.2, operation_timeout=0.6)
+        client = await aiohttp_client(make_app(control))
+        started = time.monotonic()
         response = await client.get("/v1/osd-volumes")
         assert response.status == 503
         assert "did not respond to volume.list within 0.2 s" in await response.text()
+        assert time.monotonic() - started < 0.5
+
+        body = {"locator": {"name": "vol1"}, "spec": {"size": GIB}}
+        response = await client.post("/v1/osd-volumes", json=body)
+        assert response.status == 503
+        assert "did not respond to volume.create within 0.6 s" in await response.text()
+
+
+async def test_control_timeouts_by_method() -> None:
+    control = ControlClient("/nonexistent")
+    for method in ("volume.inspect", "volume.list", "volume.stats", "cluster.nodes"):
+        assert control.timeout(method) == 10.0
+    for method in ("volume.create", "volume.attach", "volume.mount", "volume.update"):
+        assert control.timeout(method) == 60.0
