@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 #: ones get 413 before any of them is parsed.
 MAX_BODY = 256 * 1024
 
+#: Seconds in the Retry-After header of a 503, sent when pxd is down, restarting or too slow.
+RETRY_AFTER = 1
+
 INCOMPLETE_BODY = "request body is incomplete: the client closed the connection"
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -129,8 +132,14 @@ def _log_failure(request: web.Request, exc: errors.PxfsError) -> None:
 
 
 def plain_error(message: str, status: int) -> web.Response:
-    """Build an error reply in the shape of Go's http.Error: the message and a newline."""
-    return web.Response(status=status, text=message + "\n")
+    """Build an error reply in the shape of Go's http.Error: the message and a newline.
+
+    A 503 carries Retry-After, because openstorage's Go client retries only a 503 that has it.
+    """
+    response = web.Response(status=status, text=message + "\n")
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER)
+    return response
 
 
 async def _close_control(app: web.Application) -> None:

@@ -518,6 +518,29 @@ async def test_pxd_internal_error_500(rest_client: Client, fake_pxd: FakePxd) ->
     response = await rest_client.get("/v1/osd-volumes")
     assert response.status == 500
     assert "disk on fire" in await response.text()
+    assert "Retry-After" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/osd-volumes"),
+        ("GET", "/v1/osd-volumes/vol1"),
+        ("PUT", "/v1/osd-volumes/vol1"),
+        ("DELETE", "/v1/osd-volumes/vol1"),
+        ("GET", "/v1/osd-volumes/stats/vol1"),
+        ("GET", "/statslive?volumeid=1&stattype=volstat"),
+        ("GET", "/v1/cluster/enumerate"),
+    ],
+)
+async def test_pxd_down_retry_after(
+    aiohttp_client: Any, tmp_path: Path, method: str, path: str
+) -> None:
+    client = await aiohttp_client(make_app(ControlClient(tmp_path / "absent.sock")))
+    body = {"spec": {"size": GIB}} if method == "PUT" else None
+    response = await client.request(method, path, json=body)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
 
 
 async def test_broken_record_logged_500(
