@@ -514,3 +514,20 @@ def test_label_query_rejects(value: str) -> None:
     with pytest.raises(errors.InvalidArgument) as caught:
         osd.parse_label_query([value], "Label")
     assert "Label" in caught.value.message
+
+
+def test_usage_to_osd_zero() -> None:
+    assert osd.usage_to_osd({"usage": 0}) == {"CapacityUsageInfo": {}, "Error": None}
+
+
+def test_usage_to_osd_bytes() -> None:
+    reply = osd.usage_to_osd({"usage": 4096})
+    assert reply["CapacityUsageInfo"] == {"exclusive_bytes": 4096, "total_bytes": 4096}
+    assert json.dumps(reply).endswith('"Error": null}')
+
+
+def test_node_id_from_ip_unknown() -> None:
+    nodes: list[dict[str, Any]] = [{"node_id": "n1", "ip": ""}]
+    assert osd.node_id_from_ip(nodes, "n1") == "n1"
+    with pytest.raises(errors.InvalidArgument, match="no node with IP or id ''"):
+        osd.node_id_from_ip(nodes, "")

@@ -181,6 +181,47 @@ def history_to_osd(history: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]
     return converted
 
 
+# --- Usage -------------------------------------------------------------------------------------
+
+
+def usage_to_osd(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Build the reply of GET /v1/osd-volumes/usage/{id} from a volume record.
+
+    Every replica contains the whole volume and pxfs has no snapshots or clones, so all of the
+    stored bytes are exclusive to the volume and none are shared.
+    """
+    used = int(record.get("usage") or 0)
+    info = omit_zero({"exclusive_bytes": used, "shared_bytes": 0, "total_bytes": used})
+    return {"CapacityUsageInfo": info, "Error": None}
+
+
+def parse_bytes_used_request(body: Mapping[str, Any]) -> tuple[str, list[int]]:
+    """Parse the body of POST /v1/osd-volumes/bytesused into its node id and volume ids."""
+    node_id = _string(body, "node_id", "node_id")
+    ids = _lookup(body, "ids")
+    if ids is _ABSENT:
+        return node_id, []
+    valid = isinstance(ids, list) and all(
+        isinstance(item, int) and not isinstance(item, bool) and 0 <= item < 1 << 64 for item in ids
+    )
+    if not valid:
+        shown = json.dumps(ids)
+        shown = shown if len(shown) <= 80 else shown[:80] + "..."
+        raise errors.InvalidArgument(
+            f"ids must be a list of volume ids (unsigned integers), got {shown}"
+        )
+    return node_id, list(ids)
+
+
+def bytes_used_to_osd(node_id: str, records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Build the reply of POST /v1/osd-volumes/bytesused: the stored bytes of each volume."""
+    usage = [
+        omit_zero({"volume_id": int(record["id"]), "total_bytes": int(record.get("usage") or 0)})
+        for record in records
+    ]
+    return {"vol_util_info": omit_zero({"node_id": node_id, "vol_usage": usage})}
+
+
 # --- Cluster and Node JSON ----------------------------------------------------------------------
 
 # openstorage's api.Status values for nodes and clusters.
@@ -251,9 +292,8 @@ def node_to_osd(node: Mapping[str, Any], now_ns: int) -> dict[str, Any]:
 
 def cluster_to_osd(nodes: list[Mapping[str, Any]], node_id: str, now_ns: int) -> dict[str, Any]:
     """Build the OSD Cluster object from cluster.nodes for the request served by `node_id`."""
-    own = next((node for node in nodes if node.get("node_id") == node_id), None)
     return {
-        "Status": node_status_code(own) if own is not None else STATUS_ERROR,
+        "Status": cluster_status_code(nodes, node_id),
         # NOTE: pxfs gives its cluster no name or id yet, so Id is empty.
         "Id": "",
         "NodeId": node_id,
@@ -261,6 +301,26 @@ def cluster_to_osd(nodes: list[Mapping[str, Any]], node_id: str, now_ns: int) ->
         "ManagementURL": "",
         "FluentDConfig": {"ip": "", "port": ""},
     }
+
+
+def cluster_status_code(nodes: list[Mapping[str, Any]], node_id: str) -> int:
+    """Return the api.Status of the cluster: that of `node_id`, or ERROR when it is missing."""
+    own = next((node for node in nodes if str(node.get("node_id")) == node_id), None)
+    return node_status_code(own) if own is not None else STATUS_ERROR
+
+
+def node_id_from_ip(nodes: list[Mapping[str, Any]], id_or_ip: str) -> str:
+    """Return the id of the node whose IP is `id_or_ip`, or `id_or_ip` when it is a node id.
+
+    Raises InvalidArgument when no node of the cluster has that IP or id.
+    """
+    for node in nodes:
+        if str(node.get("node_id") or "") == id_or_ip:
+            return id_or_ip
+    for node in nodes:
+        if node.get("ip") and str(node["ip"]) == id_or_ip:
+            return str(node.get("node_id") or "")
+    raise errors.InvalidArgument(f"no node with IP or id {id_or_ip!r} in the cluster")
 
 
 def rfc3339(ns: int) -> str:

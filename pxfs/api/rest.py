@@ -139,6 +139,29 @@ async def volume_used_size(request: web.Request) -> web.Response:
     return web.json_response(int(record.get("usage") or 0))
 
 
+@routes.get("/v1/osd-volumes/usage/{id}")
+async def volume_usage(request: web.Request) -> web.Response:
+    """Return the CapacityUsageInfo of a volume: all of its stored bytes are exclusive."""
+    record = await _control(request).call("volume.inspect", request.match_info["id"])
+    return web.json_response(osd.usage_to_osd(record))
+
+
+@routes.post("/v1/osd-volumes/bytesused")
+async def volumes_bytes_used(request: web.Request) -> web.Response:
+    """Return the stored bytes of the volumes in `ids`, or of every volume when it is empty."""
+    requested_node, ids = osd.parse_bytes_used_request(osd.decode_body(await request.read()))
+    control = _control(request)
+    node_id = await _node_id(control)
+    if requested_node and requested_node != node_id:
+        raise errors.InvalidArgument(
+            f"node_id {requested_node} is not this node ({node_id}); send the request to the "
+            "REST API of that node"
+        )
+    filters = {"ids": [str(volume_id) for volume_id in ids]} if ids else {}
+    records = await control.call("volume.list", filters)
+    return web.json_response(osd.bytes_used_to_osd(node_id, records))
+
+
 @routes.get("/statslive")
 async def stats_live(request: web.Request) -> web.Response:
     """Return the Stats of the last 2 seconds of I/O of the volume `volumeid` (Portworx)."""
@@ -179,6 +202,37 @@ async def cluster_inspect(request: web.Request) -> web.Response:
         if str(node.get("node_id")) == node_id:
             return web.json_response(osd.node_to_osd(node, time.time_ns()))
     raise errors.InvalidArgument(f"node {node_id} not found in the cluster")
+
+
+@routes.get("/v1/cluster/status")
+async def cluster_status(request: web.Request) -> web.Response:
+    """Return the cluster's api.Status, a bare integer: that of the node serving the request."""
+    return web.json_response(await _own_status(_control(request)))
+
+
+@routes.get("/v1/cluster/nodestatus")
+async def cluster_node_status(request: web.Request) -> web.Response:
+    """Return the api.Status of the node that serves the request, a bare integer."""
+    return web.json_response(await _own_status(_control(request)))
+
+
+@routes.get("/v1/cluster/nodehealth")
+async def cluster_node_health(request: web.Request) -> web.Response:
+    """Return the api.Status of the node that serves the request, as its health."""
+    # pxd has no health checks apart from its status, so health and status are the same.
+    return web.json_response(await _own_status(_control(request)))
+
+
+@routes.get("/v1/cluster/getnodeidfromip/{idip}")
+async def cluster_node_id_from_ip(request: web.Request) -> web.Response:
+    """Return, as a JSON string, the id of the node with IP `idip`; a node id is returned as is."""
+    nodes = await _control(request).call("cluster.nodes")
+    return web.json_response(osd.node_id_from_ip(nodes, request.match_info["idip"]))
+
+
+async def _own_status(control: ControlClient) -> int:
+    nodes = await control.call("cluster.nodes")
+    return osd.cluster_status_code(nodes, await _node_id(control))
 
 
 def _control(request: web.Request) -> ControlClient:

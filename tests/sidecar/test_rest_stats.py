@@ -1,4 +1,4 @@
-"""The stats, usedsize, statslive, statshistory and cluster routes of pxfs.api.rest."""
+"""The stats, usage, statslive, statshistory and cluster routes of pxfs.api.rest."""
 
 from __future__ import annotations
 
@@ -212,12 +212,104 @@ async def test_cluster_inspect_unknown_400(rest_client: Client) -> None:
     assert text == "node node-zz not found in the cluster\n"
 
 
+@pytest.mark.parametrize(
+    "path", ["/v1/cluster/status", "/v1/cluster/nodestatus", "/v1/cluster/nodehealth"]
+)
+async def test_cluster_status_integer(rest_client: Client, fake_pxd: FakePxd, path: str) -> None:
+    assert await get(rest_client, path) == (200, 2)
+    original = fake_pxd.node_status
+    fake_pxd.node_status = lambda: {**original(), "status": "starting"}
+    assert await get(rest_client, path) == (200, 1)
+    fake_pxd.node_status = lambda: {**original(), "status": "stopping"}
+    assert await get(rest_client, path) == (200, 4)
+
+
+async def test_cluster_node_id_from_ip(rest_client: Client, fake_pxd: FakePxd) -> None:
+    fake_pxd.other_nodes = [{"node_id": "node-b2", "online": True, "ip": "127.0.0.2"}]
+    path = "/v1/cluster/getnodeidfromip"
+    assert await get(rest_client, f"{path}/127.0.0.1") == (200, fake_pxd.node_id)
+    assert await get(rest_client, f"{path}/127.0.0.2") == (200, "node-b2")
+    assert await get(rest_client, f"{path}/node-b2") == (200, "node-b2")
+    status, text = await get(rest_client, f"{path}/10.9.9.9")
+    assert status == 400
+    assert text == "no node with IP or id '10.9.9.9' in the cluster\n"
+
+
+# --- usage and bytesused ------------------------------------------------------------------------
+
+
+async def test_volume_usage(rest_client: Client, fake_pxd: FakePxd) -> None:
+    volume_id = await create(rest_client, "vol1")
+    fake_pxd.volumes[volume_id]["usage"] = 5 << 20
+    expected = {
+        "CapacityUsageInfo": {"exclusive_bytes": 5 << 20, "total_bytes": 5 << 20},
+        "Error": None,
+    }
+    assert await get(rest_client, "/v1/osd-volumes/usage/vol1") == (200, expected)
+    assert await get(rest_client, f"/v1/osd-volumes/usage/{volume_id}") == (200, expected)
+
+
+async def test_volume_usage_unknown_404(rest_client: Client) -> None:
+    status, text = await get(rest_client, "/v1/osd-volumes/usage/nosuch")
+    assert status == 404
+    assert text == "volume nosuch not found\n"
+
+
+async def test_bytes_used(rest_client: Client, fake_pxd: FakePxd) -> None:
+    first = await create(rest_client, "vol1")
+    second = await create(rest_client, "vol2")
+    fake_pxd.volumes[first]["usage"] = 1 << 20
+    fake_pxd.volumes[second]["usage"] = 3 << 20
+    path = "/v1/osd-volumes/bytesused"
+
+    response = await rest_client.post(path, json={"node_id": fake_pxd.node_id, "ids": [int(first)]})
+    assert response.status == 200
+    assert await response.json() == {
+        "vol_util_info": {
+            "node_id": fake_pxd.node_id,
+            "vol_usage": [{"volume_id": int(first), "total_bytes": 1 << 20}],
+        }
+    }
+
+    response = await rest_client.post(path, json={})
+    assert response.status == 200
+    usage = (await response.json())["vol_util_info"]["vol_usage"]
+    assert sorted(item["volume_id"] for item in usage) == sorted([int(first), int(second)])
+
+    response = await rest_client.post(path, json={"ids": [123]})
+    assert response.status == 200
+    assert await response.json() == {"vol_util_info": {"node_id": fake_pxd.node_id}}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"ids": ["1"]}, 'ids must be a list of volume ids (unsigned integers), got ["1"]'),
+        ({"ids": [-1]}, "ids must be a list of volume ids"),
+        ({"ids": 5}, "ids must be a list of volume ids"),
+        ({"node_id": 7}, "node_id must be a string, got 7"),
+        ({"node_id": "node-zz"}, "node_id node-zz is not this node (node-a1)"),
+    ],
+)
+async def test_bytes_used_bad_body_400(
+    rest_client: Client, body: dict[str, Any], expected: str
+) -> None:
+    response = await rest_client.post("/v1/osd-volumes/bytesused", json=body)
+    assert response.status == 400
+    assert expected in await response.text()
+
+
 async def test_cluster_routes_pxd_down_503(aiohttp_client: Any, tmp_path: Path) -> None:
     client = await aiohttp_client(make_app(ControlClient(tmp_path / "absent.sock")))
     for path in [
         "/v1/cluster/enumerate",
         "/v1/osd-volumes/stats/x",
         "/statslive?volumeid=1&stattype=volstat",
+        "/v1/cluster/status",
+        "/v1/cluster/nodestatus",
+        "/v1/cluster/nodehealth",
+        "/v1/cluster/getnodeidfromip/127.0.0.1",
+        "/v1/osd-volumes/usage/x",
     ]:
         status, text = await get(client, path)
         assert status == 503, path
