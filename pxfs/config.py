@@ -14,6 +14,8 @@ Every key of the configuration file is optional and overrides the default of the
     etcd_endpoints = []                      # e.g. ["http://127.0.0.1:2379"]; empty: local
     listen = ""                              # peer RPC over TCP; default node_ip:peer_port
     cluster_id = "default"
+    scrub_interval_seconds = 604800          # periodic scrub of each volume; 0 turns it off
+    scrub_rate_mib = 4                       # MiB/s that the periodic scrub reads, at most
 
 Command-line flags override the file in turn.
 """
@@ -56,6 +58,10 @@ class Config:
     listen: str = ""
     #: The name under which the cluster's keys live in etcd, so clusters can share one etcd.
     cluster_id: str = "default"
+    #: Seconds between two periodic scrubs of a volume (7 days); 0 turns the periodic scrub off.
+    scrub_interval_seconds: float = 604800.0
+    #: MiB per second that the periodic scrub reads, summed over a volume's replicas.
+    scrub_rate_mib: float = 4.0
 
     @property
     def peer_socket_path(self) -> Path:
@@ -80,6 +86,7 @@ class Config:
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 _PATH_KEYS = {"data_dir", "control_socket", "peer_socket", "plugin_socket", "docker_mount_base"}
 _PORT_KEYS = {"rest_port", "peer_port"}
+_NUMBER_KEYS = {"scrub_interval_seconds", "scrub_rate_mib"}
 _ENDPOINT_PREFIXES = ("http://", "https://")
 
 
@@ -153,9 +160,21 @@ def _convert(file: Path, key: str, value: Any) -> Any:
         if value:
             _with_file(file, key, parse_listen, value, 9002)
         return value
+    if key in _NUMBER_KEYS:
+        return _check_number(file, key, value)
     if not isinstance(value, str) or not value:
         raise InvalidArgument(f"{file}: {key} must be a non-empty string, not {value!r}")
     return value
+
+
+def _check_number(file: Path, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{file}: {key} must be a number, not {value!r}")
+    if key == "scrub_interval_seconds" and not value >= 0:
+        raise InvalidArgument(f"{file}: {key} must be 0 (off) or more seconds, not {value!r}")
+    if key == "scrub_rate_mib" and not value > 0:
+        raise InvalidArgument(f"{file}: {key} must be more than 0 MiB/s, not {value!r}")
+    return float(value)
 
 
 def _with_file(file: Path, key: str, parse: Any, *args: Any) -> Any:

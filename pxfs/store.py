@@ -57,6 +57,11 @@ MAX_BLOCKS_PER_CALL = 240
 MAX_TRIMS_PER_CALL = 2**20
 #: Blocks per versions call: 2**20 versions are an 8 MiB reply, half of an RPC frame.
 MAX_VERSIONS_PER_CALL = 2**20
+#: Blocks per checksums call that reads only the table: 2**19 records are an 8 MiB reply.
+MAX_CHECKSUMS_PER_CALL = 2**19
+#: Blocks per checksums call that also reads the data: 1024 blocks are 64 MiB read from disk
+#: under the replica's lock, as one slice of a verify scan is.
+MAX_CHECKED_PER_CALL = 1024
 
 # One table record: version (u64), crc32 (u32) and flags (u32), little-endian. The flags word
 # makes each version an aligned u64, which _count_unwritten relies on.
@@ -65,6 +70,9 @@ RECORD_SIZE = _RECORD.size
 #: Flag of a record that a versioned trim left: the block reads as unwritten, but the record keeps
 #: the trim's version so that replicas can tell an old trim from a newer one. Its crc32 is 0.
 TRIMMED = 1
+#: Flag bit that `store.checksums` sets, in its reply only, on a written block whose data fails
+#: its crc32. It is never stored in the table.
+DATA_BAD = 2
 # The second u64 word of a trimmed record: crc32 0 in the low half, TRIMMED in the high half.
 _TRIMMED_WORD = TRIMMED << 32
 _VOL_ID = re.compile(r"[0-9]{1,20}")
@@ -445,6 +453,19 @@ class _Replica:
                 bad.append(blockno)
         return bad
 
+    def checksums(self, first: int, count: int, check_data: bool) -> bytes:
+        """Return the table records of [first, first + count), DATA_BAD set on bad data."""
+        self.check_data_file()
+        records = self._read_records(first, count)
+        if not check_data:
+            return records
+        marked = bytearray(records)
+        for blockno in self.verify(first, first + count):
+            offset = (blockno - first) * RECORD_SIZE
+            version, crc, flags = _RECORD.unpack_from(marked, offset)
+            _RECORD.pack_into(marked, offset, version, crc, flags | DATA_BAD)
+        return bytes(marked)
+
     def close(self) -> None:
         """Close the files, so that later operations raise NotFound."""
         if not self.closed:
@@ -686,6 +707,7 @@ class ReplicaStore:
             "store.grow": self.grow,
             "store.verify": self.verify,
             "store.versions": self.versions,
+            "store.checksums": self.checksums,
             "store.read_versioned": self.read_versioned,
             "store.copy": self.copy,
             "store.reset": self.reset,
@@ -788,6 +810,25 @@ class ReplicaStore:
             limit = min(MAX_VERSIONS_PER_CALL, replica.nblocks - first)
             count = _check_int("block count", count, 0, limit)
             return await trio.to_thread.run_sync(replica.versions, first, count)
+
+    async def checksums(
+        self, vol_id: str, first: int, count: int, check_data: bool = False
+    ) -> bytes:
+        """Return the table records of blocks [first, first + count), 16 bytes each.
+
+        Each record is version (u64), crc32 (u32) and flags (u32), little-endian, as the table
+        stores it. With `check_data` the store also reads each written block and sets DATA_BAD
+        in the flags of one whose data fails its crc32; it then takes at most
+        MAX_CHECKED_PER_CALL blocks. Raises Corrupted when the data file is missing or short.
+        """
+        if not isinstance(check_data, bool):
+            raise InvalidArgument(f"check_data must be true or false, not {check_data!r}")
+        async with self._locked(vol_id) as replica:
+            first = _check_int("first block", first, 0, replica.nblocks - 1)
+            maximum = MAX_CHECKED_PER_CALL if check_data else MAX_CHECKSUMS_PER_CALL
+            limit = min(maximum, replica.nblocks - first)
+            count = _check_int("block count", count, 0, limit)
+            return await trio.to_thread.run_sync(replica.checksums, first, count, check_data)
 
     async def read_versioned(
         self, vol_id: str, blocknos: list[int]

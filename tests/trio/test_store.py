@@ -359,6 +359,7 @@ def test_handlers_cover_the_rpc_table(tmp_path):
         "grow",
         "verify",
         "versions",
+        "checksums",
         "read_versioned",
         "copy",
         "reset",
