@@ -27,6 +27,7 @@ from aiohttp import web
 from pxfs import errors
 from pxfs.api import docker, metrics, rest
 from pxfs.api.control import ControlClient
+from pxfs.api.server import SidecarRunner
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,8 @@ async def run_sidecar(
     refs = docker.RefStore.load(Path(settings.state_dir) / docker.REFS_FILE)
     control = ControlClient(settings.control_socket)
     plugin = docker.DockerPlugin(control, Path(settings.mount_base), refs)
-    runner = web.AppRunner(make_app(control), access_log=None, handle_signals=False)
-    plugin_runner = web.AppRunner(make_plugin_app(plugin), access_log=None, handle_signals=False)
+    runner = SidecarRunner(make_app(control), access_log=None, handle_signals=False)
+    plugin_runner = SidecarRunner(make_plugin_app(plugin), access_log=None, handle_signals=False)
     await runner.setup()
     await plugin_runner.setup()
     plugin_socket: _PluginSocket | None = None

@@ -311,3 +311,51 @@ async def test_hang_up_after_full_request(fake_pxd: FakePxd, tmp_path: Path) -> 
     finally:
         stderr = await sidecar.stop()
     assert b"Traceback" not in stderr
+
+
+async def send_raw(connect: Any, data: bytes) -> bytes:
+    """Send `data` on a new connection and return everything the server sends back."""
+    reader, writer = await connect()
+    writer.write(data)
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    return reply
+
+
+LONG = b"x" * 9000
+OVERSIZED = [
+    b"GET /v1/osd-volumes/" + LONG + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/osd-volumes HTTP/1.1\r\nHost: x\r\nX-Big: " + LONG + b"\r\n\r\n",
+    b"GET /v1/osd-volumes HTTP/1.1\r\nHost: x\r\nX-" + LONG + b": 1\r\n\r\n",
+    b"GET /v1/osd-volumes HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+    + b"\r\n",
+]
+
+
+async def test_oversized_request_plain_431(fake_pxd: FakePxd, tmp_path: Path) -> None:
+    sidecar = Sidecar(fake_pxd, tmp_path)
+    await sidecar.start()
+    path = str(sidecar.plugin_socket)
+    connections = [
+        lambda: asyncio.open_connection("127.0.0.1", sidecar.port),
+        lambda: asyncio.open_unix_connection(path),
+    ]
+    try:
+        for connect in connections:
+            for data in OVERSIZED:
+                reply = await send_raw(connect, data)
+                head, _, body = reply.partition(b"\r\n\r\n")
+                # aiohttp replies as HTTP/1.0 because it never parsed the request's version.
+                assert head.split(b" ")[1] == b"431", head
+                assert body.startswith(b"request header fields are too large: "), body
+                assert body.endswith(b"\n")
+                assert b"xxxx" not in body
+        assert await sidecar.rest_versions() == ["v1"]
+    finally:
+        stderr = await sidecar.stop()
+    assert b"Traceback" not in stderr
+    assert b"ERROR" not in stderr
+    assert b"WARNING" not in stderr
