@@ -24,6 +24,11 @@ SOCKET_ENV = "PXFS_SOCKET"
 MAX_HA_LEVEL = 3
 #: Exit code of `volume check` when the check found problems.
 CHECK_FAILED_EXIT = errors.Corrupted.exit_code
+#: Exit code of `volume verify` when the replicas differ, and of `volume scrub` when a block
+#: has no good copy left.
+VERIFY_FAILED_EXIT = 1
+#: Seconds that `volume verify` and `volume scrub` wait for pxd: they read every replica.
+SCRUB_TIMEOUT = 86400.0
 _LABEL_WIDTH = 16
 #: Default seconds between two lines of `volume stats`: the window of volume.stats_live.
 DEFAULT_INTERVAL = 2.0
@@ -274,6 +279,66 @@ def volume_check(client: BlockingClient, args: argparse.Namespace) -> int:
     return 0 if clean and not problems else CHECK_FAILED_EXIT
 
 
+def volume_verify(client: BlockingClient, args: argparse.Namespace) -> int:
+    """Compare the replicas of a volume block by block; exit 0 only when they are identical."""
+    client.timeout = SCRUB_TIMEOUT
+    result = client.call("volume.verify", args.ref, args.check_data)
+    if args.json:
+        _print_json(result)
+    else:
+        for line in verify_lines(args.ref, result):
+            print(line)
+    return 0 if result.get("identical") else VERIFY_FAILED_EXIT
+
+
+def volume_scrub(client: BlockingClient, args: argparse.Namespace) -> int:
+    """Check every block copy of a volume and repair bad ones; exit 0 unless a block is lost."""
+    client.timeout = SCRUB_TIMEOUT
+    result = client.call("volume.scrub", args.ref)
+    if args.json:
+        _print_json(result)
+    else:
+        for line in scrub_lines(args.ref, result):
+            print(line)
+    return 0 if not result.get("lost_blocks") else VERIFY_FAILED_EXIT
+
+
+def verify_lines(ref: str, result: Mapping[str, Any]) -> list[str]:
+    """Return the `volume verify` text of a volume.verify result."""
+    replicas = len(result.get("replicas") or [])
+    allocated = int(result.get("allocated_blocks") or 0)
+    differing = int(result.get("differing_blocks") or 0)
+    if result.get("identical"):
+        return [
+            f"Volume {ref}: the {replicas} replicas are identical ({allocated} allocated blocks)"
+        ]
+    lines = [f"Volume {ref}: {differing} of {allocated} allocated blocks differ between replicas"]
+    lines += [f"  {problem}" for problem in result.get("problems") or []]
+    differences = result.get("differences") or []
+    for entry in differences:
+        copies = "; ".join(f"{node} {copy}" for node, copy in sorted(entry["copies"].items()))
+        lines.append(f"  block {entry['block']}: {copies}")
+    if differing > len(differences):
+        lines.append(f"  and {differing - len(differences)} more blocks")
+    return lines
+
+
+def scrub_lines(ref: str, result: Mapping[str, Any]) -> list[str]:
+    """Return the `volume scrub` text of a volume.scrub result."""
+    repaired = int(result.get("repaired_blocks") or 0)
+    lost = int(result.get("lost_blocks") or 0)
+    lines = [
+        f"Volume {ref}: checked {result.get('checked_blocks', 0)} block copies, repaired "
+        f"{repaired}, lost {lost}, skipped {result.get('skipped_blocks', 0)}"
+    ]
+    for key, word, total in (("repaired", "repaired", repaired), ("lost", "lost", lost)):
+        listed = result.get(key) or []
+        lines += [f"  {word} block {block} on node {node}" for block, node in listed]
+        if total > len(listed):
+            lines.append(f"  and {total - len(listed)} more {word} blocks")
+    return lines
+
+
 # --- Host commands ------------------------------------------------------------------------------
 
 
@@ -353,6 +418,7 @@ def inspect_lines(record: Mapping[str, Any], stats: Mapping[str, Any]) -> list[s
         ("Mount paths", ", ".join(str(path) for path in paths) or "none"),
         ("Labels", labels or "none"),
         ("Epoch", str(record.get("epoch", 0))),
+        ("Scrub", scrub_summary(record.get("scrub"))),
         ("Reads", _counter(stats, "reads")),
         ("Reads MS", _counter(stats, "read_ms")),
         ("Bytes Read", _counter(stats, "read_bytes")),
@@ -369,6 +435,16 @@ def inspect_lines(record: Mapping[str, Any], stats: Mapping[str, Any]) -> list[s
     for node in record.get("replica_nodes") or []:
         lines.append(f"\t\t\tNode\t:  {node}")
     return lines
+
+
+def scrub_summary(scrub: Any) -> str:
+    """Return the inspect text of a record's "scrub" totals."""
+    if not isinstance(scrub, Mapping) or not scrub.get("runs"):
+        return "never"
+    return (
+        f"last {format_time(scrub.get('last_ns'))}, {scrub.get('runs')} runs, repaired "
+        f"{scrub.get('repaired_blocks', 0)} blocks, lost {scrub.get('lost_blocks', 0)}"
+    )
 
 
 def status_lines(status: Mapping[str, Any]) -> list[str]:
@@ -604,6 +680,27 @@ def _add_volume_commands(commands: Any) -> None:
     check.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
     _add_json(check)
     check.set_defaults(func=volume_check)
+
+    verify = verbs.add_parser(
+        "verify",
+        help="compare the replicas of a volume block by block; exit 0 only when identical",
+    )
+    verify.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
+    verify.add_argument(
+        "--check-data",
+        action="store_true",
+        help="also read every written block and check it against its checksum",
+    )
+    _add_json(verify)
+    verify.set_defaults(func=volume_verify)
+
+    scrub = verbs.add_parser(
+        "scrub",
+        help="check every block copy of a volume and repair bad copies from good replicas",
+    )
+    scrub.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
+    _add_json(scrub)
+    scrub.set_defaults(func=volume_scrub)
     _add_volume_update_commands(verbs)
 
 

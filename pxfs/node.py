@@ -52,6 +52,7 @@ class Node(VolumeControl):
                 await self._open_state(nursery)
                 await self._start_servers(nursery)
                 nursery.start_soon(self._save_stats_periodically)
+                nursery.start_soon(self.scrubber.run_periodically)
                 await self._register_node()
                 await self._remount_volumes()
                 self._remounted = True
@@ -228,6 +229,8 @@ class Node(VolumeControl):
             "volume.mount": self.mount_volume,
             "volume.unmount": self.unmount_volume,
             "volume.check": self.check_volume,
+            "volume.verify": self.verify_volume,
+            "volume.scrub": self.scrub_volume,
             "volume.update": self.update_volume,
             "volume.stats": self.volume_stats,
             "volume.stats_live": self.volume_stats_live,

@@ -8,6 +8,7 @@ transactions, which order them against other nodes as well.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import uuid
@@ -32,6 +33,7 @@ from pxfs.hostmounts import check_mount_path, normalize_path
 from pxfs.membership import choose_replica_nodes, parse_requested_nodes
 from pxfs.nodebase import now_ns
 from pxfs.replication import ReplicationClient
+from pxfs.scrub import Scrubber
 from pxfs.units import check_size, validate_labels, validate_name
 from pxfs.volume.format import device_blocks
 from pxfs.volume.namespace import Volume
@@ -356,6 +358,25 @@ class VolumeControl(ChildSupervisor):
             f"volume check of {record['id']} failed with exit status {result.returncode}: "
             f"{stderr[-1] if stderr else 'no error output'}"
         )
+
+    @functools.cached_property
+    def scrubber(self) -> Scrubber:
+        """The verify and scrub of the volumes, built at first use, which is after start-up."""
+        return Scrubber(
+            self._catalog(),
+            self.peers,
+            self.node_id,
+            self.config.scrub_interval_seconds,
+            self.config.scrub_rate_mib,
+        )
+
+    async def verify_volume(self, ref: Any, check_data: Any = False) -> dict[str, Any]:
+        """Compare every allocated block of every replica of `ref` by version and crc32."""
+        return await self.scrubber.verify(ref, check_data)
+
+    async def scrub_volume(self, ref: Any) -> dict[str, Any]:
+        """Check every written block of every replica of `ref` and repair the bad copies."""
+        return await self.scrubber.scrub(ref)
 
     async def update_volume(self, ref: Any, changes: Any) -> VolumeRecord:
         """Apply `changes` (size, ha_level, labels) to a volume, growing it online if mounted."""
