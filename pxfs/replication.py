@@ -152,6 +152,8 @@ class ReplicationClient:
                 f"{len(write_set)} replicas of the write set"
             )
         self.write_quorum = minimum
+        self._quorum_given = write_quorum is not None
+        self._timeout = timeout
         if len(replicas) == 1:
             timeout = None
         self._replicas = {
@@ -166,6 +168,10 @@ class ReplicationClient:
         self._resyncing: dict[str, ResyncProgress] = {}
         self._resynced: dict[str, int] = dict.fromkeys(ids, 0)
         self._full_copies: set[str] = set()
+        #: Replicas added by a raise of the ha level that have not joined the write set yet.
+        self._adding: set[str] = set()
+        #: The ha level that the client takes once every replica of `_adding` has joined.
+        self._next_ha_level = self.ha_level
         self._on_change = on_write_set_change
         self._changes = 0
         self._reported = 0
@@ -216,7 +222,7 @@ class ReplicationClient:
                 "[" + " ".join(f"{{{index[key]} {value}}}" for key, value in values.items()) + "]"
             )
 
-        copied = dict(self._resynced)
+        copied = {key: self._resynced[key] for key in self._replicas}
         for key, progress_of in self._resyncing.items():
             copied[key] += progress_of.copied
         progress = {key: f"{p.scanned}/{p.total}" for key, p in self._resyncing.items()}
@@ -227,12 +233,27 @@ class ReplicationClient:
             "WriteQuorum": str(self.write_quorum_now()),
             "ReadSet": indexes([replica.id for replica in self._read_order()]),
             "WriteSet": indexes(self._write_set),
-            "ReplicaSetCurr": indexes(list(self._replicas)),
+            "ReplicaSetCurr": indexes([key for key in self._replicas if key not in self._adding]),
             "ReplicaSetNext": indexes(list(self._replicas)),
             "ResyncBlocks": pairs(copied),
             "FullResyncBlocks": pairs(full),
             "ResyncProgress": pairs(progress),
             "RepairedBlocks": str(self.repaired_blocks),
+        }
+
+    def resync_progress(self) -> dict[str, dict[str, int]]:
+        """Return, by replica id, the blocks scanned, planned and copied by each running resync.
+
+        `planned` counts the blocks that the scans so far found to differ, of the `total` blocks.
+        """
+        return {
+            key: {
+                "total": p.total,
+                "scanned": p.scanned,
+                "planned": p.planned,
+                "copied": p.copied,
+            }
+            for key, p in self._resyncing.items()
         }
 
     def _state_name(self) -> str:
@@ -455,6 +476,98 @@ class ReplicationClient:
             replica.name,
             progress.copied,
         )
+        if replica.id in self._adding:
+            self._adding.discard(replica.id)
+            if not self._adding:
+                self._set_ha_level(self._next_ha_level)
+
+    # --- replica set changes ----------------------------------------------------------------
+
+    def add_replica(self, replica_id: str, client: RpcClient, ha_level: int) -> bool:
+        """Add an empty replica that raises the ha level to `ha_level` once it has caught up.
+
+        The replica starts out of sync; `resync` copies every written block to it, and when the
+        last added replica joins the write set the client takes `ha_level`. Returns False, and
+        changes nothing, when `replica_id` is a replica already.
+        """
+        self._check_usable()
+        if replica_id in self._replicas:
+            return False
+        if ha_level not in MIN_WRITE_SET or ha_level <= len(self._replicas):
+            raise InvalidArgument(
+                f"volume {self.vol_id}: invalid ha level {ha_level!r} for a replica added to "
+                f"{len(self._replicas)} replicas"
+            )
+        if len(self._replicas) >= max(MIN_WRITE_SET):
+            raise InvalidArgument(
+                f"volume {self.vol_id} has {len(self._replicas)} replicas, the maximum"
+            )
+        self._replicas[replica_id] = _Replica(replica_id, client, self._timeout)
+        self._retime()
+        self._out_of_sync.append(replica_id)
+        self._resynced[replica_id] = 0
+        self._adding.add(replica_id)
+        self._next_ha_level = ha_level
+        log.info(
+            "volume %s: added replica %s, which joins the write set after a full copy",
+            self.vol_id,
+            self._replicas[replica_id].name,
+        )
+        return True
+
+    async def remove_replica(self, replica_id: str, ha_level: int) -> None:
+        """Stop all I/O to a replica, drop it and take `ha_level`; report the new write set.
+
+        A resync of the replica stops. Raises NotFound for an unknown replica, and
+        InvalidArgument when the write set left would be smaller than the write quorum of
+        `ha_level`.
+        """
+        self._check_usable()
+        if replica_id not in self._replicas:
+            raise NotFound(f"volume {self.vol_id}: {replica_id!r} is not one of its replicas")
+        if ha_level not in MIN_WRITE_SET or ha_level > len(self._replicas) - 1:
+            raise InvalidArgument(
+                f"volume {self.vol_id}: invalid ha level {ha_level!r} after dropping one of "
+                f"{len(self._replicas)} replicas"
+            )
+        left = [key for key in self._write_set if key != replica_id]
+        if len(left) < MIN_WRITE_SET[ha_level]:
+            raise InvalidArgument(
+                f"volume {self.vol_id}: dropping replica {replica_id} would leave the write set "
+                f"{left}, below the {MIN_WRITE_SET[ha_level]} replicas that ha {ha_level} needs"
+            )
+        if replica_id in self._resyncing:
+            self._resyncing.pop(replica_id).aborted = "the replica was dropped"
+        # No await until the replica is gone from every set, so no new call is sent to it.
+        replica = self._replicas.pop(replica_id)
+        self._write_set = left
+        self._out_of_sync = [key for key in self._out_of_sync if key != replica_id]
+        self._adding.discard(replica_id)
+        self._full_copies.discard(replica_id)
+        self._set_ha_level(ha_level)
+        self._changes += 1
+        log.info("volume %s: dropped replica %s, ha %d", self.vol_id, replica.name, ha_level)
+        with trio.CancelScope(shield=True):
+            await replica.client.aclose()
+        await self._ensure_reported()
+
+    def _set_ha_level(self, ha_level: int) -> None:
+        self.ha_level = ha_level
+        if not self._quorum_given:
+            self.write_quorum = MIN_WRITE_SET[ha_level]
+        self._retime()
+        log.info(
+            "volume %s: ha level is now %d, write quorum %d",
+            self.vol_id,
+            ha_level,
+            self.write_quorum,
+        )
+
+    def _retime(self) -> None:
+        # A single replica waits as a disk would (see __init__); more replicas time out.
+        timeout = None if len(self._replicas) == 1 else self._timeout
+        for replica in self._replicas.values():
+            replica.timeout = timeout
 
     # --- writes and settling -----------------------------------------------------------------
 

@@ -57,6 +57,8 @@ class ResyncProgress:
     target: str
     total: int
     scanned: int = 0
+    #: Blocks that the scans so far found to differ, and of those the blocks stored so far.
+    planned: int = 0
     copied: int = 0
     full: bool = False
     aborted: str = ""
@@ -230,7 +232,8 @@ async def resync(
         source_versions = await fetch_versions(current[0], vol_id, first, count)
         target_versions = await fetch_versions(target, vol_id, first, count)
         plan = _differing(first, source_versions, target_versions, floor)
-        progress.copied += await copy_blocks(vol_id, epoch, sources, target, plan)
+        progress.planned += len(plan)
+        await copy_blocks(vol_id, epoch, sources, target, plan, progress)
         progress.scanned += count
 
 
@@ -253,10 +256,12 @@ async def copy_blocks(
     sources: Callable[[], Sequence[Peer]],
     target: Peer,
     plan: Sequence[tuple[int, int]],
+    progress: ResyncProgress | None = None,
 ) -> int:
     """Copy the (blockno, expected version) blocks of `plan` to `target`; return those stored.
 
-    Each batch reads from the replicas that `sources` returns when the batch starts.
+    Each batch reads from the replicas that `sources` returns when the batch starts, and adds
+    the blocks it stored to `progress.copied` as it finishes.
     """
     stored = 0
     limiter = trio.CapacityLimiter(COPY_IN_FLIGHT)
@@ -275,6 +280,8 @@ async def copy_blocks(
                 return
             # Added after the await, so that batches finishing together do not lose counts.
             stored += count
+            if progress is not None:
+                progress.copied += count
 
     async with trio.open_nursery() as nursery:
         for start in range(0, len(plan), COPY_BLOCKS):
