@@ -21,17 +21,18 @@ record under "scrub".
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from pxfs.catalog import Catalog, VolumeRecord
-from pxfs.errors import Busy, InvalidArgument, PxfsError, Unavailable
+from pxfs.errors import Busy, InvalidArgument, PxfsError, StaleEpoch, Unavailable
 from pxfs.membership import Peers
 from pxfs.rpc import RpcClient
 from pxfs.store import (
@@ -162,6 +163,25 @@ def plan_repairs(
     return plans
 
 
+def is_due(
+    record: VolumeRecord, node_id: str, online: set[str], interval: float, now_ns: int
+) -> bool:
+    """Return whether the node `node_id` should scrub `record` now, `interval` s after the last.
+
+    One node scrubs each volume: the first replica node that is in `online`. A volume never
+    scrubbed counts from its creation.
+    """
+    if record.get("deleting"):
+        return False
+    holders = [node for node in record.get("replica_nodes") or [] if node in online]
+    if not holders or holders[0] != node_id:
+        return False
+    scrub = record.get("scrub")
+    last = scrub.get("last_ns") if isinstance(scrub, dict) else None
+    since = int(last or record.get("ctime_ns") or 0)
+    return now_ns - since >= interval * 1e9
+
+
 def rate_delay(read_bytes: int, rate_bytes: float | None, elapsed: float) -> float:
     """Return how long to sleep so that `read_bytes` in `elapsed` s stay within the rate."""
     if rate_bytes is None or rate_bytes <= 0:
@@ -178,13 +198,18 @@ class ScrubResult:
     lost: list[tuple[int, str]] = field(default_factory=list)
     skipped_blocks: int = 0
 
+    @property
+    def lost_blocks(self) -> int:
+        """The number of blocks without a good copy; `lost` lists each of their bad copies."""
+        return len({blockno for blockno, _ in self.lost})
+
     def to_map(self) -> dict[str, Any]:
         """Return the result as the control method sends it."""
         return {
             "checked_blocks": self.checked_blocks,
             "repaired_blocks": len(self.repaired),
             "repaired": [[block, node] for block, node in self.repaired[:LISTED_BLOCKS]],
-            "lost_blocks": len(self.lost),
+            "lost_blocks": self.lost_blocks,
             "lost": [[block, node] for block, node in self.lost[:LISTED_BLOCKS]],
             "skipped_blocks": self.skipped_blocks,
         }
@@ -290,11 +315,14 @@ async def scrub_replicas(
     write_set: Sequence[str],
     *,
     rate_bytes: float | None = None,
+    refresh_epoch: Callable[[], Awaitable[int]] | None = None,
 ) -> ScrubResult:
     """Check every written block of every replica and repair bad copies from good ones.
 
     `rate_bytes` bounds the data read per second, summed over the replicas; None reads at full
-    speed.
+    speed. When a replica rejects a repair with StaleEpoch, because the volume was attached
+    since the scrub started, `refresh_epoch` returns the current epoch, and the repair is sent
+    once more with it.
     """
     result = ScrubResult()
     sizes = await replica_blocks(vol_id, replicas)
@@ -308,7 +336,14 @@ async def scrub_replicas(
         result.checked_blocks += written
         read_bytes += written * BLOCK_SIZE
         for plan in plan_repairs(first, copies, write_set):
-            await _carry_out(vol_id, epoch, replicas, plan, result)
+            try:
+                await _carry_out(vol_id, epoch, replicas, plan, result)
+            except StaleEpoch:
+                if refresh_epoch is None:
+                    raise
+                epoch = await refresh_epoch()
+                log.info("volume %s: scrub goes on at the new epoch %d", vol_id, epoch)
+                await _carry_out(vol_id, epoch, replicas, plan, result)
         delay = rate_delay(read_bytes, rate_bytes, trio.current_time() - started)
         await trio.sleep(delay)
     return result
@@ -363,9 +398,9 @@ def _scrub_totals(record: VolumeRecord, result: ScrubResult, now_ns: int) -> dic
         "runs": int(totals.get("runs", 0)) + 1,
         "last_ns": now_ns,
         "last_checked_blocks": result.checked_blocks,
-        "last_lost_blocks": len(result.lost),
+        "last_lost_blocks": result.lost_blocks,
         "repaired_blocks": int(totals.get("repaired_blocks", 0)) + len(result.repaired),
-        "lost_blocks": int(totals.get("lost_blocks", 0)) + len(result.lost),
+        "lost_blocks": int(totals.get("lost_blocks", 0)) + result.lost_blocks,
     }
 
 
@@ -456,7 +491,7 @@ class Scrubber:
             async with self._connect(record) as replicas:
                 result = await scrub_replicas(
                     record["id"], int(record.get("epoch") or 0), replicas, write_set,
-                    rate_bytes=rate_bytes,
+                    rate_bytes=rate_bytes, refresh_epoch=functools.partial(self._epoch, record),
                 )  # fmt: skip
         now = time.time_ns()
         await self._catalog.update_volume(
@@ -464,23 +499,14 @@ class Scrubber:
         )
         log.info(
             "volume %s: scrub checked %d blocks, repaired %d, lost %d, skipped %d",
-            record["id"], result.checked_blocks, len(result.repaired), len(result.lost),
+            record["id"], result.checked_blocks, len(result.repaired), result.lost_blocks,
             result.skipped_blocks,
         )  # fmt: skip
         return result
 
-    def _is_due(self, record: VolumeRecord, online: set[str], now_ns: int) -> bool:
-        """Return whether this node should scrub `record` now."""
-        if record.get("deleting"):
-            return False
-        # One node scrubs each volume: the first replica node that is online.
-        holders = [node for node in record.get("replica_nodes") or [] if node in online]
-        if not holders or holders[0] != self._node_id:
-            return False
-        scrub = record.get("scrub")
-        last = scrub.get("last_ns") if isinstance(scrub, dict) else None
-        since = int(last or record.get("ctime_ns") or 0)
-        return now_ns - since >= self.interval * 1e9
+    async def _epoch(self, record: VolumeRecord) -> int:
+        current = await self._catalog.find_volume(record["id"])
+        return int(current.get("epoch") or 0)
 
     async def run_periodically(self) -> None:
         """Scrub each volume that is due at `rate_bytes`, forever; 0 as interval turns it off."""
@@ -504,7 +530,7 @@ class Scrubber:
         online = {node["id"] for node in nodes if node.get("online")} | {self._node_id}
         retry = min(self.interval, RETRY_AFTER_FAILURE)
         for record in volumes:
-            if not self._is_due(record, online, time.time_ns()):
+            if not is_due(record, self._node_id, online, self.interval, time.time_ns()):
                 continue
             failed_at = self._failed_at.get(record["id"])
             if failed_at is not None and trio.current_time() - failed_at < retry:

@@ -20,6 +20,7 @@ from clusterproc import REPO, Cluster, ClusterNode
 from nodeproc import is_mountpoint
 
 from pxfs import errors
+from pxfs.cli import scrub_lines, scrub_summary, verify_lines
 from pxfs.config import load_config
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
@@ -177,11 +178,11 @@ def test_every_copy_bad_read_fails_eio(cluster: Cluster, mountpoint: Path) -> No
 
     scrubbed = pxctl(nodes[0], "volume", "scrub", "allbad")
     assert scrubbed.returncode == 1, scrubbed.stdout + scrubbed.stderr
-    assert "lost 2" in scrubbed.stdout
+    assert "lost 1," in scrubbed.stdout
     assert f"lost block {blockno} on node {nodes[0].node_id}" in scrubbed.stdout
     assert f"lost block {blockno} on node {nodes[1].node_id}" in scrubbed.stdout
     assert [stored_block(node, vol_id, blockno) for node in nodes] == rotten
-    assert nodes[0].call("volume.inspect", "allbad")["scrub"]["lost_blocks"] == 2
+    assert nodes[0].call("volume.inspect", "allbad")["scrub"]["lost_blocks"] == 1
     nodes[0].call("volume.delete", "allbad")
 
 
@@ -340,3 +341,54 @@ def test_scrub_keys_invalid(tmp_path: Path, line: str, message: str) -> None:
     path.write_text(line + "\n")
     with pytest.raises(errors.InvalidArgument, match=message):
         load_config(path)
+
+
+# The text of pxctl
+
+
+def test_verify_lines_identical_and_differing() -> None:
+    identical = {"identical": True, "replicas": ["a", "b"], "allocated_blocks": 5}
+    assert verify_lines("v", identical) == [
+        "Volume v: the 2 replicas are identical (5 allocated blocks)"
+    ]
+    differing = {
+        "identical": False,
+        "replicas": ["a", "b"],
+        "allocated_blocks": 5,
+        "differing_blocks": 3,
+        "problems": ["the replicas have different sizes: a 16 blocks, b 32 blocks"],
+        "differences": [
+            {"block": 7, "copies": {"b": "unwritten", "a": "version 1 crc32 00000002"}}
+        ],
+    }
+    assert verify_lines("v", differing) == [
+        "Volume v: 3 of 5 allocated blocks differ between replicas",
+        "  the replicas have different sizes: a 16 blocks, b 32 blocks",
+        "  block 7: a version 1 crc32 00000002; b unwritten",
+        "  and 2 more blocks",
+    ]
+
+
+def test_scrub_lines_lists_repairs_and_losses() -> None:
+    result = {
+        "checked_blocks": 40,
+        "repaired_blocks": 2,
+        "repaired": [[3, "a"]],
+        "lost_blocks": 1,
+        "lost": [[9, "a"], [9, "b"]],
+        "skipped_blocks": 0,
+    }
+    assert scrub_lines("v", result) == [
+        "Volume v: checked 40 block copies, repaired 2, lost 1, skipped 0",
+        "  repaired block 3 on node a",
+        "  and 1 more repaired blocks",
+        "  lost block 9 on node a",
+        "  lost block 9 on node b",
+    ]
+
+
+def test_scrub_summary_of_record() -> None:
+    assert scrub_summary(None) == "never"
+    assert scrub_summary({"runs": 0}) == "never"
+    summary = scrub_summary({"runs": 2, "last_ns": 10**18, "repaired_blocks": 3, "lost_blocks": 0})
+    assert summary == "last Sep 09 01:46:40 UTC 2001, 2 runs, repaired 3 blocks, lost 0"

@@ -14,6 +14,7 @@ from pxfs.scrub import (
     BlockCopy,
     decode_checksums,
     differing_blocks,
+    is_due,
     plan_repairs,
     rate_delay,
     scrub_replicas,
@@ -169,6 +170,21 @@ def test_plan_repairs_outcomes():
     ]
 
 
+def test_is_due_cases():
+    day = 86400 * 10**9
+    record = {"id": "1", "replica_nodes": ["a", "b"], "ctime_ns": day}
+    assert is_due(record, "a", {"a", "b"}, 86400, 2 * day) is True
+    assert is_due(record, "a", {"a", "b"}, 86400, 2 * day - 1) is False
+    # Only the first online replica node scrubs.
+    assert is_due(record, "b", {"a", "b"}, 86400, 2 * day) is False
+    assert is_due(record, "b", {"b"}, 86400, 2 * day) is True
+    assert is_due(record, "c", {"a", "b", "c"}, 86400, 2 * day) is False
+    scrubbed = {**record, "scrub": {"last_ns": 3 * day}}
+    assert is_due(scrubbed, "a", {"a"}, 86400, 3 * day + day // 2) is False
+    assert is_due(scrubbed, "a", {"a"}, 86400, 4 * day) is True
+    assert is_due({**record, "deleting": True}, "a", {"a"}, 86400, 9 * day) is False
+
+
 def test_rate_delay():
     assert rate_delay(4 << 20, None, 0.0) == 0.0
     assert rate_delay(4 << 20, 4 << 20, 0.25) == pytest.approx(0.75)
@@ -246,6 +262,8 @@ async def test_scrub_reports_lost_block(replicas):
     result = await scrub_replicas(VOL, EPOCH, clients, ["a", "b", "c"])
     assert result.repaired == []
     assert sorted(result.lost) == [(7, "a"), (7, "b"), (7, "c")]
+    assert result.lost_blocks == 1
+    assert result.to_map()["lost_blocks"] == 1
     for name, store in stores.items():
         assert stored_block(store, 7) == before[name], name
 
@@ -271,3 +289,21 @@ async def test_scrub_rate_bounds_duration(replicas):
     started = trio.current_time()
     await scrub_replicas(VOL, EPOCH, clients, ["a", "b", "c"], rate_bytes=3 << 20)
     assert trio.current_time() - started >= 0.45
+
+
+async def test_scrub_takes_new_epoch_after_attach(replicas):
+    stores, clients = replicas
+    await write_all(stores, 5, [7])
+    flip_byte(stores["b"], 7)
+    # An attach since the scrub started raised the epoch of the replicas.
+    for store in stores.values():
+        await store.open(VOL, EPOCH + 1)
+    with pytest.raises(errors.StaleEpoch):
+        await scrub_replicas(VOL, EPOCH, clients, ["a", "b", "c"])
+
+    async def current_epoch() -> int:
+        return EPOCH + 1
+
+    result = await scrub_replicas(VOL, EPOCH, clients, ["a", "b", "c"], refresh_epoch=current_epoch)
+    assert result.repaired == [(7, "b")]
+    assert stored_block(stores["b"], 7) == block(7)
