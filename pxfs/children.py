@@ -24,7 +24,7 @@ from pxfs.catalog import VolumeRecord
 from pxfs.datadir import MOUNTS_DIR
 from pxfs.errors import Busy, PxfsError, Unavailable
 from pxfs.hostmounts import bind, is_mounted, lazy_unmount, mountinfo, syncfs, unmount
-from pxfs.nodebase import MountChild
+from pxfs.nodebase import MountChild, child_replica_order
 from pxfs.sampling import StatsSampling
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ class ChildSupervisor(StatsSampling):
             "--volume-id", record["id"],
             "--epoch", str(epoch),
         ]  # fmt: skip
-        # The first replica is read first, so this node's own replica leads when it has one.
-        nodes = sorted(record["replica_nodes"], key=lambda node_id: node_id != self.node_id)
+        nodes = child_replica_order(record["replica_nodes"], self.node_id)
         for node_id, address in zip(nodes, await self.peers.addresses(nodes), strict=True):
             argv += ["--replica", f"{node_id}={address}"]
         for node_id in record.get("out_of_sync") or []:

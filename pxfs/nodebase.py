@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
+import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -21,13 +23,22 @@ import trio
 from pxfs.catalog import Catalog, VolumeRecord
 from pxfs.config import Config
 from pxfs.datadir import SECRET_FILE
-from pxfs.errors import NotFound, Unavailable
+from pxfs.errors import NotFound, PxfsError, Unavailable
 from pxfs.etcd import EtcdClient
 from pxfs.membership import Peers
+from pxfs.rpc import RpcClient
 from pxfs.stats import StatsStore
 from pxfs.store import BLOCK_SIZE, ReplicaStore
 
+log = logging.getLogger(__name__)
+
 STDERR_TAIL_LINES = 20
+#: Seconds that inspect and list wait for a mount child's runtime state.
+RUNTIME_STATE_TIMEOUT = 2.0
+#: Runtime state keys whose value lists replica indexes, "[0 2]", and those whose value pairs
+#: each index with a count, "[{0 12} {2 3}]".
+INDEX_LIST_KEYS = ("ReadSet", "WriteSet", "ReplicaSetCurr", "ReplicaSetNext")
+INDEX_PAIR_KEYS = ("ResyncBlocks", "FullResyncBlocks", "ResyncProgress")
 
 
 def version() -> str:
@@ -36,6 +47,38 @@ def version() -> str:
         return importlib.metadata.version("pxfs")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def child_replica_order(replica_nodes: list[str], node_id: str) -> list[str]:
+    """Return the replica nodes in the order a mount child on `node_id` gets them.
+
+    The first replica is read first, so this node's own replica leads when it has one.
+    """
+    return sorted(replica_nodes, key=lambda replica: replica != node_id)
+
+
+def renumber_runtime_state(
+    state: dict[str, str], child_order: list[str], replica_nodes: list[str]
+) -> dict[str, str]:
+    """Renumber the replica indexes of a child's runtime state to index `replica_nodes`."""
+    # NOTE: this assumes the child still has the replicas in the order it was started with. A
+    # child whose replica set changed while mounted may list them otherwise.
+    if sorted(child_order) != sorted(replica_nodes):
+        return state
+    new_index = {old: replica_nodes.index(node) for old, node in enumerate(child_order)}
+    renumbered = dict(state)
+    for key in INDEX_LIST_KEYS:
+        if key in state:
+            indexes = [new_index.get(int(n), int(n)) for n in re.findall(r"\d+", state[key])]
+            renumbered[key] = "[" + " ".join(str(index) for index in indexes) + "]"
+    for key in INDEX_PAIR_KEYS:
+        if key in state:
+            renumbered[key] = re.sub(
+                r"\{(\d+) ",
+                lambda match: f"{{{new_index.get(int(match[1]), int(match[1]))} ",
+                state[key],
+            )
+    return renumbered
 
 
 def now_ns() -> int:
@@ -154,8 +197,60 @@ class NodeBase:
         public = dict(record)
         public["usage"] = await self._usage(record["id"])
         child = self._mounts.get(record["id"])
-        public["mounted"] = list(child.paths) if child is not None and child.running else []
+        if child is None or not child.running:
+            public["mounted"] = []
+            public["runtime_state"] = {}
+            return public
+        public["mounted"] = list(child.paths)
+        public["runtime_state"] = await self._runtime_state(child, record)
         return public
+
+    async def _runtime_state(self, child: MountChild, record: VolumeRecord) -> dict[str, str]:
+        """Return the replication runtime state of a running child, empty when the call fails.
+
+        Its replica indexes are those of the record's `replica_nodes`, as a user reads them.
+        """
+        try:
+            state = await self._call_child(child, RUNTIME_STATE_TIMEOUT, "mount.runtime_state")
+        except PxfsError as exc:
+            log.debug("volume %s: no runtime state from the mount child: %s", child.vol_id, exc)
+            return {}
+        state = {str(key): str(value) for key, value in state.items()}
+        replica_nodes = list(record["replica_nodes"])
+        order = child_replica_order(replica_nodes, self.node_id)
+        return renumber_runtime_state(state, order, replica_nodes)
+
+    async def _call_child(self, child: MountChild, timeout: float, method: str, *args: Any) -> Any:
+        """Call `method` on the child's control socket; raises Unavailable after `timeout` s."""
+        with trio.move_on_after(timeout):
+            try:
+                client = await RpcClient.connect_unix(child.control_socket, self.secret)
+            except OSError as exc:
+                raise Unavailable(
+                    f"cannot connect to the mount child of volume {child.vol_id}: {exc}"
+                ) from None
+            try:
+                return await client.call(method, *args)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+        raise Unavailable(
+            f"{method} to the mount child of volume {child.vol_id} timed out after {timeout} s"
+        )
+
+    async def _offline_holder(self, record: VolumeRecord) -> str:
+        """Return the node that `record` is attached on when that node is offline, else "".
+
+        A node is offline once its catalog lease lapsed (a stop or a crash). A node the catalog
+        does not list counts as online, so an attachment is never taken on a guess.
+        """
+        holder = record["attached_on"]
+        if holder in ("", self.node_id):
+            return ""
+        for node in await self._catalog().list_nodes():
+            if node["id"] == holder and not node.get("online", True):
+                return str(holder)
+        return ""
 
     async def _usage(self, vol_id: str) -> int:
         try:

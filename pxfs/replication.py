@@ -201,6 +201,11 @@ class ReplicationClient:
         """The ids of the replicas that missed writes, resyncing ones included."""
         return list(self._out_of_sync)
 
+    @property
+    def disconnected(self) -> list[str]:
+        """The ids of write-set replicas whose connection is lost; `resync` reconnects them."""
+        return [key for key in self._write_set if self._replicas[key].client.broken]
+
     def write_quorum_now(self) -> int:
         """Return how many replicas of the write set a write reaches when none fails."""
         return max(self.write_quorum, min(len(self._write_set), 2))
@@ -335,9 +340,15 @@ class ReplicationClient:
     async def flush(self) -> None:
         """Return once every completed write is durable on a write quorum."""
         self._check_usable()
-        outcomes = await self._fan_out(
-            self._targets(), "store.flush", self.vol_id, timeout=SLOW_TIMEOUT
-        )
+
+        async def flush_replica(replica: _Replica) -> None:
+            await replica.call("store.flush", self.vol_id, timeout=SLOW_TIMEOUT)
+            # The writes are durable only if they went to the replica's own data file. A versions
+            # call raises Corrupted when that file was removed, replaced or truncated under the
+            # store, so the replica leaves the write set and its resync makes a full copy.
+            await replica.call("store.versions", self.vol_id, 0, 1)
+
+        outcomes = await self._fan_out_each(self._targets(), flush_replica)
         await self._settle("flush", outcomes, ())
 
     async def grow(self, nblocks: int) -> None:

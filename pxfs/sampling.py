@@ -9,9 +9,8 @@ from typing import Any
 import trio
 
 from pxfs.catalog import VolumeRecord
-from pxfs.errors import InvalidArgument, PxfsError, Unavailable
+from pxfs.errors import InvalidArgument, PxfsError
 from pxfs.nodebase import MountChild, NodeBase, now_ns
-from pxfs.rpc import RpcClient
 from pxfs.stats import LIVE_WINDOW, Counters
 
 log = logging.getLogger(__name__)
@@ -91,24 +90,6 @@ class StatsSampling(NodeBase):
             log.warning(
                 "volume %s: invalid I/O counters from the mount child: %s", child.vol_id, exc
             )
-
-    async def _call_child(self, child: MountChild, timeout: float, method: str, *args: Any) -> Any:
-        """Call `method` on the child's control socket; raises Unavailable after `timeout` s."""
-        with trio.move_on_after(timeout):
-            try:
-                client = await RpcClient.connect_unix(child.control_socket, self.secret)
-            except OSError as exc:
-                raise Unavailable(
-                    f"cannot connect to the mount child of volume {child.vol_id}: {exc}"
-                ) from None
-            try:
-                return await client.call(method, *args)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
-        raise Unavailable(
-            f"{method} to the mount child of volume {child.vol_id} timed out after {timeout} s"
-        )
 
     async def _save_stats_periodically(self) -> None:
         while True:

@@ -7,14 +7,16 @@ import os
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from etcdproc import EtcdProcess, start_etcd
-from nodeproc import is_mountpoint, mount_child_pids
+from nodeproc import mount_child_pids
 
 from pxfs import errors
 from pxfs.rpc import BlockingClient
@@ -22,6 +24,23 @@ from pxfs.rpc import BlockingClient
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
+#: Bytes per record of a replica's block table; the version is its first 8 (docs/store-format.md).
+TABLE_RECORD = 16
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, message: str) -> Any:
+    """Poll `condition` every 0.2 s until it returns a true value, which is returned.
+
+    Raises AssertionError with `message` once `timeout` seconds have passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} (waited {timeout} s)")
+        time.sleep(0.2)
 
 
 def free_port_on(ip: str) -> int:
@@ -38,6 +57,19 @@ def write_secret(path: Path) -> Path:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
     return path
+
+
+def lazy_unmount(path: Path) -> bool:
+    """Lazily unmount `path` if the mount table lists it; return whether it did.
+
+    The mount table is read rather than stat, because stat of a FUSE mount whose daemon was
+    just killed can still succeed from the kernel's attribute cache.
+    """
+    with open("/proc/self/mounts", encoding="utf-8") as table:
+        listed = any(line.split()[1] == str(path) for line in table)
+    if listed:
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+    return listed
 
 
 class ClusterNode:
@@ -102,6 +134,29 @@ class ClusterNode:
         """The directory of this node's replica of `vol_id` (which may not exist)."""
         return self.data_dir / "replicas" / vol_id
 
+    def versions(self, vol_id: str) -> list[int]:
+        """Read the version of every block from this node's replica table on disk."""
+        table = (self.replica_dir(vol_id) / "table").read_bytes()
+        count = len(table) // TABLE_RECORD
+        return [struct.unpack_from("<Q", table, n * TABLE_RECORD)[0] for n in range(count)]
+
+    def child_pids(self) -> list[int]:
+        """Pids of the mount children that this node's pxd started."""
+        return mount_child_pids(str(self.root))
+
+    def kill_children(self) -> list[int]:
+        """SIGKILL every mount child of this node, wait up to 10 s for them to go, return pids."""
+        pids = self.child_pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in pids):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mount children {pids} did not exit after SIGKILL")
+            time.sleep(0.05)
+        return pids
+
     def stop(self) -> int | None:
         """SIGTERM pxd and wait for it; return its exit status."""
         process, self.pxd = self.pxd, None
@@ -133,14 +188,11 @@ class ClusterNode:
     def cleanup(self) -> None:
         """Stop pxd, kill its mount children that are left and unmount their mounts."""
         self.stop()
-        for pid in mount_child_pids(str(self.root)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        self.kill_children()
         mounts = self.data_dir / "mnt"
         if mounts.is_dir():
             for entry in mounts.iterdir():
-                if entry.is_dir() and is_mountpoint(entry):
-                    subprocess.run(["fusermount3", "-u", "-z", str(entry)], check=False)
+                lazy_unmount(entry)
 
 
 class Cluster:
