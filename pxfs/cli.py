@@ -429,11 +429,11 @@ def inspect_lines(record: Mapping[str, Any], stats: Mapping[str, Any]) -> list[s
         ("Bytes used", units.format_size(int(stats.get("bytes_used") or 0))),
     ]
     lines = [f"Volume{' ' * (_LABEL_WIDTH - 6)}:  {record['id']}"]
-    lines += [f"\t{label:<{_LABEL_WIDTH}}:  {value}" for label, value in fields]
+    lines += _field_lines(fields)
     lines.append("\tReplica sets on nodes:")
     lines.append("\t\tSet 0")
     for node in record.get("replica_nodes") or []:
-        lines.append(f"\t\t\tNode\t:  {node}")
+        lines.append(f"\t\t\tNode\t:  {units.escape_control(str(node))}")
     return lines
 
 
@@ -445,6 +445,13 @@ def scrub_summary(scrub: Any) -> str:
         f"last {format_time(scrub.get('last_ns'))}, {scrub.get('runs')} runs, repaired "
         f"{scrub.get('repaired_blocks', 0)} blocks, lost {scrub.get('lost_blocks', 0)}"
     )
+
+
+def _field_lines(fields: Sequence[tuple[str, Any]]) -> list[str]:
+    """Format `label : value` lines; control characters in values are escaped for the terminal."""
+    return [
+        f"\t{label:<{_LABEL_WIDTH}}:  {units.escape_control(str(value))}" for label, value in fields
+    ]
 
 
 def status_lines(status: Mapping[str, Any]) -> list[str]:
@@ -466,7 +473,7 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
         ("Started", format_time(status.get("started_ns", 0))),
     ]
     lines = [f"Status: {headline}", f"Node ID: {status.get('node_id', '')}"]
-    lines += [f"\t{label:<{_LABEL_WIDTH}}:  {value}" for label, value in fields]
+    lines += _field_lines(fields)
     return lines
 
 
@@ -574,6 +581,9 @@ def _counter(stats: Mapping[str, Any], key: str) -> str:
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    # Names, labels and host names come from REST and Docker clients, so control characters
+    # are escaped rather than sent to the terminal.
+    rows = [[units.escape_control(cell) for cell in row] for row in rows]
     widths = [len(title) for title in header]
     for row in rows:
         widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]

@@ -92,6 +92,18 @@ def format_size(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+def escape_control(text: str) -> str:
+    """Return `text` with each control character (category Cc) written as a Python escape."""
+    if _control_character(text) is None:
+        return text
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) == "Cc"
+        else char
+        for char in text
+    )
+
+
 def _control_character(text: str) -> str | None:
     for char in text:
         if unicodedata.category(char) == "Cc":
@@ -149,8 +161,9 @@ def validate_name(name: Any) -> str:
 def validate_labels(labels: Any) -> dict[str, str]:
     """Return a copy of `labels` if it is a valid label map, else raise InvalidArgument.
 
-    Keys are 1 to 128 bytes without control characters, values at most 1024 bytes, and a volume
-    has at most 64 labels.
+    Keys are 1 to 128 bytes and values at most 1024 bytes, both without control characters
+    (Unicode category Cc, which includes NUL, newline and ESC), and a volume has at most 64
+    labels.
     """
     if labels is None:
         return {}
@@ -183,4 +196,12 @@ def _validate_label_value(key: str, value: Any) -> None:
     if len(_utf8(value, "label value")) > MAX_LABEL_VALUE_BYTES:
         raise InvalidArgument(
             f"invalid value for label {key!r}: the maximum is {MAX_LABEL_VALUE_BYTES} bytes"
+        )
+    # A newline would break pxctl's aligned output, and ESC would reach the terminal of whoever
+    # lists the labels.
+    control = _control_character(value)
+    if control is not None:
+        raise InvalidArgument(
+            f"invalid value {value[:40]!r} for label {key!r}: it contains the control character "
+            f"U+{ord(control):04X}"
         )

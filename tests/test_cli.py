@@ -217,6 +217,27 @@ def test_inspect_text(pxd: Any) -> None:
     assert f"\t\t\tNode\t:  {pxd.node_id}" in lines
 
 
+def test_inspect_escapes_control_characters(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1")
+    # Planted in the record directly: pxd rejects such labels now, but older catalogs may have them.
+    pxd.volumes[volume_id]["labels"] = {"k": "a\x00b\nc\x1b[31m"}
+    result = pxctl(pxd.socket, "volume", "inspect", "vol1")
+    assert result.returncode == 0, result.stderr
+    assert "\x00" not in result.stdout
+    assert "\x1b" not in result.stdout
+    labels = [line for line in result.stdout.splitlines() if "Labels" in line]
+    assert labels == ["\tLabels          :  k=a\\x00b\\nc\\x1b[31m"]
+
+
+def test_list_escapes_control_characters(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1")
+    pxd.volumes[volume_id]["attached_on"] = "node\x1b[2J"
+    result = pxctl(pxd.socket, "volume", "list")
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    assert result.stdout.splitlines()[1].endswith("up - attached on node\\x1b[2J")
+
+
 def test_inspect_by_id_and_json(pxd: Any) -> None:
     volume_id = create(pxd, "vol1")
     result = pxctl(pxd.socket, "volume", "inspect", volume_id, "--json")

@@ -8,6 +8,7 @@ from pxfs.units import (
     MAX_VOLUME_SIZE,
     MIN_VOLUME_SIZE,
     check_size,
+    escape_control,
     format_size,
     parse_size,
     validate_labels,
@@ -206,9 +207,21 @@ def test_validate_labels_accepts() -> None:
         ({"k" * 129: "x"}, "128 bytes"),
         ({"app": "v" * 1025}, "1024 bytes"),
         ({"a\nb": "x"}, "control character"),
+        ({"k": "a\x00b"}, "control character U\\+0000"),
+        ({"k": "a\nb"}, "control character U\\+000A"),
+        ({"k": "\x1b[31m"}, "control character U\\+001B"),
+        ({"k": "\x7f"}, "control character U\\+007F"),
+        ({"k": "x\x85"}, "control character U\\+0085"),
         ({f"k{i}": "v" for i in range(65)}, "maximum is 64"),
     ],
 )
 def test_validate_labels_rejects(labels: object, reason: str) -> None:
     with pytest.raises(InvalidArgument, match=reason):
         validate_labels(labels)
+
+
+def test_escape_control_characters() -> None:
+    assert escape_control("plain ü text") == "plain ü text"
+    assert escape_control("a\x00b\nc") == "a\\x00b\\nc"
+    assert escape_control("\x1b[31m") == "\\x1b[31m"
+    assert escape_control("\t\x85") == "\\t\\x85"

@@ -489,7 +489,7 @@ def _set_labels(locator: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str
         return None
     labels = dict(spec_labels or {})
     labels.update(locator_labels or {})
-    return labels
+    return units.validate_labels(labels)
 
 
 def parse_label_query(values: list[str], key: str) -> dict[str, str]:

@@ -249,6 +249,14 @@ async def test_create_bad_labels(plugin: Plugin) -> None:
     assert plugin.names() == []
 
 
+@pytest.mark.parametrize("opts", [{"k": "x\x01"}, {"labels": "k=a\x00b"}, {"k": "\x1b[2J"}])
+async def test_create_control_label_value(plugin: Plugin, opts: dict[str, str]) -> None:
+    err = await plugin.error("Create", {"Name": "lab", "Opts": opts})
+    assert "invalid value" in err
+    assert "control character" in err
+    assert plugin.names() == []
+
+
 @pytest.mark.parametrize(
     ("opts", "message"),
     [

@@ -390,6 +390,27 @@ async def test_put_labels_replace(rest_client: Client, fake_pxd: FakePxd) -> Non
     assert fake_pxd.find("vol1")["labels"] == {"new": "2"}
 
 
+@pytest.mark.parametrize("where", ["locator", "spec"])
+async def test_put_control_label_value_400(
+    rest_client: Client, fake_pxd: FakePxd, where: str
+) -> None:
+    await create(rest_client, "vol1")
+    body = {where: {"volume_labels": {"k": "a\u0000b\nc"}}}
+    response = await rest_client.put("/v1/osd-volumes/vol1", json=body)
+    assert response.status == 400
+    assert "control character U+0000" in await response.text()
+    assert fake_pxd.find("vol1")["labels"] == {}
+
+
+async def test_create_control_label_value_400(rest_client: Client, fake_pxd: FakePxd) -> None:
+    body = create_body("vol1")
+    body["locator"]["volume_labels"] = {"k": "\u001b[31m"}
+    response = await rest_client.post("/v1/osd-volumes", json=body)
+    assert response.status == 400
+    assert "control character U+001B" in await response.text()
+    assert fake_pxd.volumes == {}
+
+
 async def test_put_update_before_attach(rest_client: Client, fake_pxd: FakePxd) -> None:
     await create(rest_client, "vol1", size=GIB)
     body = {"spec": {"size": 2 * GIB}, "action": {"attach": 2}}
