@@ -235,13 +235,22 @@ async def _fetch_checksums(
 ) -> dict[str, list[BlockCopy]]:
     """Read the records of one block range from every replica at once."""
     raw: dict[str, bytes] = {}
+    failures: list[PxfsError] = []
 
     async def fetch(node: str, client: RpcClient) -> None:
-        raw[node] = await _call(node, client, "store.checksums", vol_id, first, count, check_data)
+        # Caught here, so that the caller gets the replica's error and not an ExceptionGroup.
+        try:
+            raw[node] = await _call(
+                node, client, "store.checksums", vol_id, first, count, check_data
+            )
+        except PxfsError as exc:
+            failures.append(exc)
 
     async with trio.open_nursery() as nursery:
         for node, client in replicas.items():
             nursery.start_soon(fetch, node, client)
+    if failures:
+        raise failures[0]
     copies = {node: decode_checksums(raw[node]) for node in replicas}
     for node, column in copies.items():
         if len(column) != count:

@@ -307,3 +307,13 @@ async def test_scrub_takes_new_epoch_after_attach(replicas):
     result = await scrub_replicas(VOL, EPOCH, clients, ["a", "b", "c"], refresh_epoch=current_epoch)
     assert result.repaired == [(7, "b")]
     assert stored_block(stores["b"], 7) == block(7)
+
+
+async def test_verify_raises_replica_error_not_group(replicas):
+    stores, clients = replicas
+    await write_all(stores, 5, [7])
+    # The data file is gone on two replicas: store.checksums raises Corrupted on both.
+    for name in ("b", "c"):
+        (stores[name].root / VOL / "data").unlink()
+    with pytest.raises(errors.Corrupted, match="store.checksums on replica node [bc] failed"):
+        await verify_replicas(VOL, clients, check_data=False, recheck=False)
