@@ -461,7 +461,7 @@ class Scrubber:
     @contextlib.contextmanager
     def _exclusive(self, record: VolumeRecord) -> Any:
         if record["id"] in self._running:
-            raise Busy(f"a verify or scrub of volume {record['name']} is already running")
+            raise Busy(f"a scrub of volume {record['name']} is already running on this node")
         self._running.add(record["id"])
         try:
             yield
@@ -473,12 +473,11 @@ class Scrubber:
         if not isinstance(check_data, bool):
             raise InvalidArgument(f"check_data must be true or false, not {check_data!r}")
         record = await self._catalog.find_volume(ref)
-        with self._exclusive(record):
-            async with self._connect(record) as replicas:
-                result = await verify_replicas(
-                    record["id"], replicas, check_data=check_data,
-                    recheck=bool(record.get("attached_on")),
-                )  # fmt: skip
+        async with self._connect(record) as replicas:
+            result = await verify_replicas(
+                record["id"], replicas, check_data=check_data,
+                recheck=bool(record.get("attached_on")),
+            )  # fmt: skip
         level = logging.INFO if result["identical"] else logging.WARNING
         log.log(
             level, "volume %s: verify found %d differing blocks among %d allocated",
