@@ -30,8 +30,9 @@ VERIFY_FAILED_EXIT = 1
 #: Seconds that `volume verify` and `volume scrub` wait for pxd: they read every replica.
 SCRUB_TIMEOUT = 86400.0
 _LABEL_WIDTH = 16
-#: Default seconds between two lines of `volume stats`: the window of volume.stats_live.
-DEFAULT_INTERVAL = 2.0
+#: Default seconds between two lines of `volume stats`. The window of volume.stats_live is
+#: 2 s, so consecutive lines overlap by a second.
+DEFAULT_INTERVAL = 1.0
 MIN_INTERVAL = 0.1
 MAX_INTERVAL = 3600.0
 
@@ -240,13 +241,15 @@ def volume_ha_update(client: BlockingClient, args: argparse.Namespace) -> int:
 
 def volume_stats(client: BlockingClient, args: argparse.Namespace) -> int:
     """Print the I/O of the last 2 seconds of a volume, one line per interval."""
+    # The first sample comes before the header, so an unknown volume prints only the error.
+    stats = client.call("volume.stats_live", args.ref)
     if not args.json:
         print(stats_header())
     sample = 0
     while args.count is None or sample < args.count:
         if sample:
             time.sleep(args.interval)
-        stats = client.call("volume.stats_live", args.ref)
+            stats = client.call("volume.stats_live", args.ref)
         now = time.time()
         if args.json:
             print(json.dumps({"time": format_rfc3339(now), **stats}, sort_keys=True), flush=True)

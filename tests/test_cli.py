@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from pxfs import cli as pxfs_cli
 from pxfs import errors
 from pxfs.api.osd import volume_to_osd
 
@@ -617,6 +618,12 @@ def test_new_commands_unknown_volume(pxd: Any, args: list[str]) -> None:
     result = pxctl(pxd.socket, *args)
     assert_one_line_error(result, errors.NotFound.exit_code)
     assert "volume ghost not found" in result.stderr
+    assert result.stdout == ""
+
+
+def test_stats_default_interval_one_second() -> None:
+    args = pxfs_cli.build_parser().parse_args(["volume", "stats", "vol1"])
+    assert args.interval == 1.0
 
 
 def test_ha_update_needs_nodes(pxd: Any) -> None:
