@@ -17,13 +17,19 @@ from pxfs.config import load_config
 
 log = logging.getLogger(__name__)
 
+#: Exit status for a configuration file that cannot be used, the same as pxd's.
+CONFIG_ERROR_EXIT = 1
+#: The sidecar's state directory under pxd's data_dir, so that moving data_dir moves it too.
+STATE_SUBDIR = "sidecar"
+
 _DESCRIPTION = """\
 Serve the openstorage volume REST API (the routes under /v1/osd-volumes) on HOST:PORT and
 Docker's volume plugin protocol (driver pxd) on a unix socket. Every request becomes a call to
 pxd on its control socket, so the sidecar may start before pxd and returns 503 until pxd is up.
-The only state it keeps is which containers use each Docker volume, in --state-dir.
+The only state it keeps is which containers use each Docker volume, in --state-dir, which
+defaults to the directory sidecar under data_dir of the configuration, next to pxd's own data.
 SIGINT or SIGTERM stops it (exit 0). Defaults come from the pxd configuration file; flags
-override it.
+override it. A configuration file that cannot be used exits 1, as pxd does.
 """
 
 # journald reads a "<N>" prefix on each line of a service's stderr as the syslog priority.
@@ -75,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         metavar="DIR",
         help=f"directory of {docker.REFS_FILE}, the containers that use each Docker volume; "
-        f"created with mode 0700 at the first Mount (default: {docker.DEFAULT_STATE_DIR})",
+        f"created with mode 0700 at the first Mount (default: DATA_DIR/{STATE_SUBDIR}, with "
+        "data_dir of the configuration, /var/lib/pxfs)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request (DEBUG)")
     return parser
@@ -121,7 +128,7 @@ def resolve_settings(args: argparse.Namespace) -> app.SidecarSettings:
         port=port,
         plugin_socket=args.plugin_socket or str(config.plugin_socket),
         mount_base=os.path.abspath(args.docker_mount_base or config.docker_mount_base),
-        state_dir=os.path.abspath(args.state_dir or docker.DEFAULT_STATE_DIR),
+        state_dir=os.path.abspath(args.state_dir or config.data_dir / STATE_SUBDIR),
     )
 
 
@@ -131,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         settings = resolve_settings(args)
+    except errors.PxfsError as exc:
+        # pxd exits 1 for the same configuration file, so both units fail alike.
+        print(f"pxd-sidecar: {exc.message}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT
+    try:
         notifier = sdnotify.Notifier.from_environment()
         return asyncio.run(app.run_sidecar(settings, notify=notifier.notify))
     except errors.PxfsError as exc:
