@@ -19,6 +19,7 @@ from pxfs.scrub import (
     rate_delay,
     scrub_replicas,
     verify_replicas,
+    written_count,
 )
 from pxfs.store import BLOCK_SIZE, DATA_BAD, MAX_CHECKED_PER_CALL, TRIMMED, ReplicaStore
 
@@ -136,6 +137,14 @@ def test_decode_checksums_states():
     ]
     with pytest.raises(errors.InvalidArgument):
         decode_checksums(raw[:-1])
+
+
+def test_written_count_matches_decode():
+    raw = RECORD.pack(0, 0, 0) + RECORD.pack(9, 0, TRIMMED) + RECORD.pack(3, 77, 0)
+    raw += RECORD.pack(4, 0, 0) + RECORD.pack(0, 0, 0)
+    assert written_count(raw) == 2
+    assert written_count(raw) == sum(copy.state != UNWRITTEN for copy in decode_checksums(raw))
+    assert written_count(b"") == 0
 
 
 def test_differing_blocks_cases():
