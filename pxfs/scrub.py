@@ -194,6 +194,18 @@ def is_due(
     return now_ns - since >= interval * 1e9
 
 
+def scrub_step(rate_bytes: float | None, replicas: int) -> int:
+    """Return the blocks per checksums call of a scrub: about one second of reads at the rate.
+
+    Small steps spread a slow scrub evenly, instead of reading up to 64 MiB per replica in one
+    burst under the replica's lock and then sleeping. The step is 16 to MAX_CHECKED_PER_CALL.
+    """
+    if rate_bytes is None or rate_bytes <= 0:
+        return MAX_CHECKED_PER_CALL
+    blocks = int(rate_bytes // (BLOCK_SIZE * max(1, replicas)))
+    return max(16, min(MAX_CHECKED_PER_CALL, blocks))
+
+
 def rate_delay(read_bytes: int, rate_bytes: float | None, elapsed: float) -> float:
     """Return how long to sleep so that `read_bytes` in `elapsed` s stay within the rate."""
     if rate_bytes is None or rate_bytes <= 0:
@@ -362,8 +374,9 @@ async def scrub_replicas(
     nblocks = min(sizes.values())
     started = trio.current_time()
     read_bytes = 0
-    for first in range(0, nblocks, MAX_CHECKED_PER_CALL):
-        count = min(MAX_CHECKED_PER_CALL, nblocks - first)
+    step = scrub_step(rate_bytes, len(replicas))
+    for first in range(0, nblocks, step):
+        count = min(step, nblocks - first)
         copies = await _fetch_checksums(vol_id, replicas, first, count, True)
         written = sum(1 for column in copies.values() for copy in column if copy.state != UNWRITTEN)
         result.checked_blocks += written

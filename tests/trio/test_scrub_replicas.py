@@ -18,6 +18,7 @@ from pxfs.scrub import (
     plan_repairs,
     rate_delay,
     scrub_replicas,
+    scrub_step,
     verify_replicas,
     written_count,
 )
@@ -192,6 +193,14 @@ def test_is_due_cases():
     assert is_due(scrubbed, "a", {"a"}, 86400, 3 * day + day // 2) is False
     assert is_due(scrubbed, "a", {"a"}, 86400, 4 * day) is True
     assert is_due({**record, "deleting": True}, "a", {"a"}, 86400, 9 * day) is False
+
+
+def test_scrub_step_follows_rate():
+    assert scrub_step(None, 3) == MAX_CHECKED_PER_CALL
+    # 4 MiB/s over 3 replicas is 21 blocks of 64 KiB per replica and second.
+    assert scrub_step(4 << 20, 3) == 21
+    assert scrub_step(64 << 10, 2) == 16
+    assert scrub_step(1 << 40, 1) == MAX_CHECKED_PER_CALL
 
 
 def test_rate_delay():
