@@ -300,6 +300,31 @@ class RefStore:
         if self._volumes.pop(vol_id, None) is not None:
             await self._save()
 
+    def volume_ids(self, name: str | None = None) -> set[str]:
+        """Return the ids of the volumes with counts, only those named `name` when given."""
+        return {
+            vol_id
+            for vol_id, entry in self._volumes.items()
+            if name is None or entry["name"] == name
+        }
+
+    async def drop_deleted(self, vol_ids: set[str]) -> None:
+        """Drop the counts of volumes that no longer exist, so that none stays stuck.
+
+        The caller collects `vol_ids` before it asks pxd which volumes exist, so a volume
+        created and mounted meanwhile is never among them.
+        """
+        dropped = [vol_id for vol_id in sorted(vol_ids) if vol_id in self._volumes]
+        if not dropped:
+            return
+        for vol_id in dropped:
+            entry = self._volumes.pop(vol_id)
+            log.info(
+                "dropping the Docker counts of deleted volume %s (%s): containers %s",
+                entry["name"], vol_id, ", ".join(c[:12] for c in entry["containers"]),
+            )  # fmt: skip
+        await self._save()
+
     def _drop_empty(self, vol_id: str) -> None:
         entry = self._volumes.get(vol_id)
         if entry is not None and not entry["containers"]:
@@ -403,7 +428,9 @@ class DockerPlugin:
         container = _container_id(container)
         path = self.mountpoint(name)
         async with self._lock(name):
-            record = await self._require(name)
+            record = await self._find_pruned(name)
+            if record is None:
+                raise errors.NotFound(f"volume {name} not found")
             await self._ensure_mounted(record, path)
             try:
                 await self.refs.add(record["id"], name, container)
@@ -420,7 +447,7 @@ class DockerPlugin:
         name = volume_name(docker_name)
         container = _container_id(container)
         async with self._lock(name):
-            record = await self._find(name)
+            record = await self._find_pruned(name)
             if record is None:
                 log.info("Unmount of %s: no such volume, nothing to release", name)
                 return
@@ -444,7 +471,9 @@ class DockerPlugin:
     async def get(self, docker_name: Any) -> dict[str, Any]:
         """Return the Volume object of the Get reply."""
         name = volume_name(docker_name)
-        record = await self._require(name)
+        record = await self._find_pruned(name)
+        if record is None:
+            raise errors.NotFound(f"volume {name} not found")
         volume: dict[str, Any] = {
             "Name": docker_name,
             "CreatedAt": _rfc3339(record.get("ctime_ns", 0)),
@@ -458,7 +487,10 @@ class DockerPlugin:
     async def list(self) -> list[dict[str, Any]]:
         """Return the Volumes of the List reply: every volume of pxd."""
         volumes = []
-        for record in await self.control.call("volume.list", {}):
+        counted = self.refs.volume_ids()
+        records = await self.control.call("volume.list", {})
+        await self.refs.drop_deleted(counted - {str(record["id"]) for record in records})
+        for record in records:
             volume = {"Name": record["name"]}
             mountpoint = self._mounted_path(record)
             if mountpoint:
@@ -479,6 +511,18 @@ class DockerPlugin:
         # volume.list matches the name exactly; volume.inspect would also take a volume id.
         records = await self.control.call("volume.list", {"name": name})
         return dict(records[0]) if records else None
+
+    async def _find_pruned(self, name: str) -> dict[str, Any] | None:
+        """Find volume `name` and drop the counts of deleted volumes that had this name.
+
+        Volumes are never renamed, so a counted id under this name that is not the current
+        volume's belongs to a volume that was deleted or deleted and created again.
+        """
+        counted = self.refs.volume_ids(name)
+        record = await self._find(name)
+        current = {str(record["id"])} if record is not None else set()
+        await self.refs.drop_deleted(counted - current)
+        return record
 
     async def _require(self, name: str) -> dict[str, Any]:
         record = await self._find(name)

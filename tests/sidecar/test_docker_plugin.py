@@ -892,3 +892,58 @@ async def test_sidecar_corrupt_refs_file(fake_pxd: FakePxd, tmp_path: Path) -> N
     assert process.returncode == errors.InvalidArgument.exit_code
     assert "does not contain Docker reference counts; fix or remove it" in stderr.decode()
     assert not (tmp_path / "plugin.sock").exists()
+
+
+# --- counts of volumes deleted behind the plugin's back -----------------------------------------
+
+
+async def delete_behind_plugin(plugin: Plugin, name: str) -> str:
+    """Unmount, detach and delete volume `name` in the fake pxd, as a REST client would."""
+    record = plugin.record(name)
+    for path in list(record["mount_paths"]):
+        plugin.fake.unmount(record["id"], path)
+    plugin.fake.detach(record["id"])
+    plugin.fake.delete(record["id"])
+    return str(record["id"])
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body"),
+    [
+        ("Mount", {"Name": "dk5", "ID": "c2"}),
+        ("Unmount", {"Name": "dk5", "ID": "c1"}),
+        ("Get", {"Name": "dk5"}),
+        ("List", {}),
+    ],
+)
+async def test_recreated_volume_drops_stale_counts(
+    plugin: Plugin, endpoint: str, body: dict[str, Any]
+) -> None:
+    await create(plugin, "dk5")
+    await plugin.ok("Mount", {"Name": "dk5", "ID": "c1"})
+    old_id = await delete_behind_plugin(plugin, "dk5")
+    assert list(plugin.refs()["volumes"]) == [old_id]
+    await create(plugin, "dk5")
+
+    await plugin.ok(endpoint, body)
+    assert old_id not in plugin.refs()["volumes"]
+
+
+async def test_deleted_volume_counts_dropped(plugin: Plugin) -> None:
+    await create(plugin, "dk6")
+    await plugin.ok("Mount", {"Name": "dk6", "ID": "c1"})
+    await delete_behind_plugin(plugin, "dk6")
+    await plugin.ok("Unmount", {"Name": "dk6", "ID": "c1"})
+    assert plugin.refs()["volumes"] == {}
+
+
+async def test_recreated_volume_released_by_last_unmount(plugin: Plugin) -> None:
+    await create(plugin, "dk7")
+    await plugin.ok("Mount", {"Name": "dk7", "ID": "c1"})
+    await delete_behind_plugin(plugin, "dk7")
+    await create(plugin, "dk7")
+    await plugin.ok("Mount", {"Name": "dk7", "ID": "c2"})
+    await plugin.ok("Unmount", {"Name": "dk7", "ID": "c2"})
+    assert plugin.refs()["volumes"] == {}
+    assert plugin.record("dk7")["mount_paths"] == []
+    assert plugin.record("dk7")["attached_on"] == ""
