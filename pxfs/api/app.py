@@ -25,7 +25,7 @@ from types import FrameType
 from aiohttp import web
 
 from pxfs import errors
-from pxfs.api import docker, metrics, rest
+from pxfs.api import docker, metrics, rest, server
 from pxfs.api.control import ControlClient
 from pxfs.api.server import SidecarRunner
 
@@ -63,7 +63,9 @@ def make_app(
 
     `scrape_timeout` is how many seconds a /metrics scrape waits for pxd.
     """
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
+    app = web.Application(
+        middlewares=[error_middleware, body_limit_middleware], client_max_size=max_body
+    )
     app[rest.CONTROL] = control
     app[metrics.SCRAPE_TIMEOUT] = scrape_timeout
     app.add_routes(rest.routes)
@@ -96,6 +98,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = plain_error("internal error; the pxd-sidecar log has the details", 500)
     elapsed_ms = (time.monotonic() - started) * 1000
     log.debug("%s %s -> %d (%.1f ms)", request.method, request.path_qs, response.status, elapsed_ms)
+    return response
+
+
+@web.middleware
+async def body_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Reply 413 from the Content-Length header alone when it is over the body limit.
+
+    aiohttp checks the limit only while it reads the body, so a client that announces a large
+    body and sends a few bytes would hold the request until it gives up.
+    """
+    error = server.oversized_body(request)
+    if error is None:
+        return await handler(request)
+    log.debug("%s %s failed: %s", request.method, request.path_qs, error)
+    response = plain_error(error, 413)
+    # The body stays unread, so the connection cannot carry another request.
+    response.force_close()
     return response
 
 

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from pxfs import errors, units
 from pxfs.api.control import ControlClient
+from pxfs.api.server import oversized_body
 
 log = logging.getLogger(__name__)
 
@@ -712,6 +713,13 @@ async def _handle(request: web.Request) -> web.Response:
     """Serve one endpoint; every failure becomes an HTTP 200 reply with its message in Err."""
     endpoint = _ENDPOINTS[request.path]
     method = request.path.lstrip("/")
+    too_large = oversized_body(request)
+    if too_large is not None:
+        # Rejected from the header, because the client may never send the body it announced.
+        log.info("%s failed: %s", method, too_large)
+        response = web.json_response({"Err": too_large}, content_type=CONTENT_TYPE)
+        response.force_close()
+        return response
     try:
         body = await _read_body(request)
         reply = await endpoint(request.app[PLUGIN], body)

@@ -74,3 +74,12 @@ def parse_error_reply(exc: HttpProcessingError) -> tuple[int, str]:
     if isinstance(exc, BadHttpMessage) and "too many headers" in str(exc.message).lower():
         return 431, "request header fields are too large: too many header fields"
     return 400, "400 Bad Request: the request is not valid HTTP"
+
+
+def oversized_body(request: web.BaseRequest) -> str | None:
+    """Return the error message for a Content-Length over the body limit, or None."""
+    length = request.content_length
+    limit = request.client_max_size
+    if length is None or length <= limit:
+        return None
+    return f"request body is too large: Content-Length {length} is over the limit of {limit} bytes"

@@ -359,3 +359,49 @@ async def test_oversized_request_plain_431(fake_pxd: FakePxd, tmp_path: Path) ->
     assert b"Traceback" not in stderr
     assert b"ERROR" not in stderr
     assert b"WARNING" not in stderr
+
+
+async def send_for_reply(connect: Any, data: bytes) -> tuple[bytes, bytes]:
+    """Send `data` and return the head and body of the reply, without waiting for EOF."""
+    reader, writer = await connect()
+    writer.write(data)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    body = await asyncio.wait_for(reader.readexactly(int(lengths[0].split(b":")[1])), 5)
+    writer.close()
+    await writer.wait_closed()
+    return head, body
+
+
+async def test_huge_content_length_rejected_at_once(fake_pxd: FakePxd, tmp_path: Path) -> None:
+    sidecar = Sidecar(fake_pxd, tmp_path)
+    await sidecar.start()
+    path = str(sidecar.plugin_socket)
+    rest_request = (
+        b"PUT /v1/osd-volumes/vol1 HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n{}"
+    )
+    plugin_request = (
+        b"POST /VolumeDriver.Create HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n{}"
+    )
+    expected = b"request body is too large: Content-Length 999999999999 is over the limit of "
+    try:
+        started = time.monotonic()
+        # aiohttp keeps reading the unread body for a while before it closes the connection,
+        # so only the reply itself has to come at once.
+        head, body = await send_for_reply(
+            lambda: asyncio.open_connection("127.0.0.1", sidecar.port), rest_request
+        )
+        assert head.split(b" ")[1] == b"413", head
+        assert body == expected + b"%d bytes\n" % MAX_BODY
+
+        head, body = await send_for_reply(
+            lambda: asyncio.open_unix_connection(path), plugin_request
+        )
+        assert head.split(b" ")[1] == b"200", head
+        assert json.loads(body) == {"Err": (expected + b"%d bytes" % MAX_BODY).decode()}
+        assert time.monotonic() - started < 5
+        assert fake_pxd.volumes == {}
+    finally:
+        stderr = await sidecar.stop()
+    assert b"Traceback" not in stderr
