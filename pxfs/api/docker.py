@@ -402,13 +402,33 @@ class DockerPlugin:
         return path
 
     async def create(self, docker_name: Any, opts: Any) -> None:
-        """Create the volume; an existing one of that name is fine unless size or repl differ."""
+        """Create the volume; an existing one of that name is fine unless size or repl differ.
+
+        Labels of the request that an existing volume lacks are added to it, as Docker users
+        expect a repeated `docker volume create` to succeed with the options it was given.
+        """
         spec = parse_create(docker_name, opts)
-        if not spec.explicit and await self._find(spec.name) is not None:
+        record = await self._find(spec.name)
+        if record is not None and not spec.explicit:
             log.info("volume %s exists; Create without size or repl uses it", spec.name)
+        else:
+            # pxd returns the existing volume when name, size and replica count match.
+            existed = record is not None
+            record = await self.control.call("volume.create", spec.to_rpc())
+            if not existed:
+                log.info("created volume %s (%s) for Docker", spec.name, record["id"])
+                return
+        await self._add_labels(record, spec.labels)
+
+    async def _add_labels(self, record: Mapping[str, Any], labels: Mapping[str, str]) -> None:
+        current = dict(record.get("labels") or {})
+        changed = sorted(key for key, value in labels.items() if current.get(key) != value)
+        if not changed:
             return
-        record = await self.control.call("volume.create", spec.to_rpc())
-        log.info("created volume %s (%s) for Docker", spec.name, record["id"])
+        # NOTE: volume.update replaces the whole label map, so a label that another client sets
+        # between the lookup and this call is lost.
+        await self.control.call("volume.update", record["id"], {"labels": {**current, **labels}})
+        log.info("volume %s exists; Create set its labels %s", record["name"], ", ".join(changed))
 
     async def remove(self, docker_name: Any) -> None:
         """Delete the volume; rejected while a container uses it."""

@@ -314,6 +314,27 @@ async def test_create_idempotent(plugin: Plugin) -> None:
     assert plugin.names() == ["same"]
 
 
+async def test_create_existing_adds_labels(plugin: Plugin) -> None:
+    await create(plugin, "dk8", size="1G", labels="old=1,keep=x")
+    await create(plugin, "dk8", size="1G", labels="new=1,old=2")
+    assert plugin.names() == ["dk8"]
+    assert plugin.record("dk8")["labels"] == {"old": "2", "keep": "x", "new": "1"}
+    assert plugin.record("dk8")["size"] == GIB
+
+
+async def test_create_without_size_adds_labels(plugin: Plugin) -> None:
+    await create(plugin, "dk9", size="1G")
+    await create(plugin, "dk9", env="qa")
+    assert plugin.record("dk9")["labels"] == {"env": "qa"}
+    assert plugin.methods().count("volume.create") == 1
+
+
+async def test_create_same_labels_no_update(plugin: Plugin) -> None:
+    await create(plugin, "dk10", size="1G", env="qa")
+    await create(plugin, "dk10", size="1G", env="qa")
+    assert "volume.update" not in plugin.methods()
+
+
 async def test_create_mismatch_is_error(plugin: Plugin) -> None:
     await create(plugin, "same", size="2")
     err = await plugin.error("Create", {"Name": "same", "Opts": {"size": "3"}})
