@@ -23,7 +23,15 @@ import trio
 from pxfs.catalog import VolumeRecord
 from pxfs.datadir import MOUNTS_DIR
 from pxfs.errors import Busy, PxfsError, Unavailable
-from pxfs.hostmounts import bind, is_mounted, lazy_unmount, mountinfo, syncfs, unmount
+from pxfs.hostmounts import (
+    bind,
+    is_mounted,
+    lazy_unmount,
+    mount_devices,
+    mountinfo,
+    syncfs,
+    unmount,
+)
 from pxfs.nodebase import MountChild, child_replica_order
 from pxfs.sampling import StatsSampling
 
@@ -357,6 +365,29 @@ class ChildSupervisor(StatsSampling):
                 child.mountpoint,
                 SYNC_TIMEOUT,
             )
+
+    async def _clear_orphan_mounts(self, attached_here: set[str]) -> None:
+        """Lazily unmount the FUSE mounts, and their binds, of volumes not attached here.
+
+        A crash of pxd leaves them behind, for instance when another node took the volume over
+        meanwhile. A mount child that survived ends once the kernel drops its mount, and it
+        cannot write before that, because the replicas reject its old epoch.
+        """
+        mounts_dir = os.path.realpath(self.data_dir / MOUNTS_DIR)
+        devices = mount_devices()
+        for mountpoint, device in devices.items():
+            vol_id = os.path.basename(mountpoint)
+            if os.path.dirname(mountpoint) != mounts_dir or vol_id in attached_here:
+                continue
+            # The binds are listed after the mount they bind, and they go first.
+            binds = [path for path, other in devices.items() if other == device][::-1]
+            log.warning(
+                "volume %s is not attached here; lazily unmounting its stale mounts %s",
+                vol_id,
+                ", ".join(binds),
+            )
+            for path in binds:
+                await lazy_unmount(path)
 
     async def _clear_stale_mount(self, path: str) -> None:
         fstype = mountinfo().get(os.path.realpath(path))

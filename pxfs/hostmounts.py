@@ -33,6 +33,19 @@ def mountinfo() -> dict[str, str]:
     return mounts
 
 
+def mount_devices() -> dict[str, str]:
+    """Return the device ("major:minor") of every mountpoint of this mount namespace.
+
+    A bind mount has the device of the mount it binds, so this finds the binds of a mount.
+    """
+    devices: dict[str, str] = {}
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            devices[_unescape_mount_path(fields[4])] = os.fsdecode(fields[2])
+    return devices
+
+
 def _unescape_mount_path(raw: bytes) -> str:
     # The kernel writes space, tab, newline and backslash in paths as three octal digits.
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), raw))

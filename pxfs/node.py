@@ -166,7 +166,10 @@ class Node(VolumeControl):
             failures = 0
 
     async def _remount_volumes(self) -> None:
-        for record in await self._catalog().list_volumes():
+        records = await self._catalog().list_volumes()
+        here = {record["id"] for record in records if record["attached_on"] == self.node_id}
+        await self._clear_orphan_mounts(here)
+        for record in records:
             if record["attached_on"] != self.node_id or record.get("deleting"):
                 continue
             async with self._volume_locks[record["id"]]:
