@@ -19,7 +19,9 @@ client.
 `--size` grows a volume whose superblock is smaller to that many bytes when it opens. With
 `--control-socket` the child serves pxd's calls on that unix socket (mode 0600, behind the
 cluster secret handshake of --secret-file): `mount.stats` returns the I/O counters of the FUSE
-handlers, and `mount.grow(size)` grows the mounted volume online.
+handlers, `mount.grow(size)` grows the mounted volume online, and `mount.runtime_state`
+returns the replication client's runtime state. `mount.add_replica` and `mount.remove_replica`
+change the replica set of a volume mounted with replica ids, for a change of its ha level.
 
 The mount uses allow_other and default_permissions (fuseops.MOUNT_OPTIONS), and FUSE's own
 defaults nosuid and nodev: device nodes on a volume can be created but not opened.
@@ -91,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="id of a replica that the catalog records as out of sync: it gets no I/O",
     )
     parser.add_argument(
+        "--ha-level",
+        type=int,
+        choices=(1, 2, 3),
+        help="the volume's ha level, which sets the write quorum (default: the number of "
+        "replicas, at most 3)",
+    )
+    parser.add_argument(
         "--format-size",
         type=int,
         metavar="BYTES",
@@ -156,29 +165,45 @@ def _first_pxfs_error(group: BaseExceptionGroup) -> PxfsError | None:
 
 async def _run(args: argparse.Namespace) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with _open_device(args) as device:
+        async with _open_device(args) as (device, replicas):
             if args.check:
                 return await _check(device)
             if args.format_size is not None:
                 await _format_if_blank(device, args.format_size)
-            await _serve(device, args, signals)
+            await _serve(device, replicas, args, signals)
     return 0
 
 
 # Devices
 
 
+@dataclass
+class _Replicas:
+    """The replication client of a volume mounted with replica ids, and how to reach each."""
+
+    device: ReplicationClient
+    #: The --replica address of each replica, by id; shared with the periodic resync.
+    addresses: dict[str, str]
+    #: Every connection opened for the client; closed when the volume is closed.
+    clients: list[RpcClient]
+    peer_socket: str
+    secret: bytes
+    nursery: trio.Nursery
+
+
 @asynccontextmanager
-async def _open_device(args: argparse.Namespace) -> AsyncIterator[BlockDevice]:
+async def _open_device(
+    args: argparse.Namespace,
+) -> AsyncIterator[tuple[BlockDevice, _Replicas | None]]:
     if args.device_file:
         device = _open_file_device(args.device_file, args.format_size)
         try:
-            yield device
+            yield device, None
         finally:
             device.close()
         return
-    async with _open_replication(args) as replicated:
-        yield replicated
+    async with _open_replication(args) as opened:
+        yield opened
 
 
 def _open_file_device(path: str, format_size: int | None) -> FileDevice:
@@ -188,7 +213,9 @@ def _open_file_device(path: str, format_size: int | None) -> FileDevice:
 
 
 @asynccontextmanager
-async def _open_replication(args: argparse.Namespace) -> AsyncIterator[BlockDevice]:
+async def _open_replication(
+    args: argparse.Namespace,
+) -> AsyncIterator[tuple[BlockDevice, _Replicas | None]]:
     secret = read_secret(args.secret_file)
     specs = [_parse_replica(spec) for spec in args.replica or ["local"]]
     ids = [replica_id or address for replica_id, address in specs]
@@ -207,22 +234,23 @@ async def _open_replication(args: argparse.Namespace) -> AsyncIterator[BlockDevi
             args.epoch,
             await _nblocks(args.volume_id, in_sync),
             clients,
-            ha_level=len(clients),
+            ha_level=args.ha_level or min(len(clients), 3),
             replica_ids=ids,
             out_of_sync=args.out_of_sync,
             on_write_set_change=_write_set_reporter(args, secret) if reporting else None,
         )
         await device.open()
         if not args.replica:
-            yield device
+            yield device, None
             return
         addresses = {
             replica_id: address for replica_id, (_, address) in zip(ids, specs, strict=True)
         }
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_resync_periodically, device, addresses, args.peer_socket, secret)
+            replicas = _Replicas(device, addresses, clients, args.peer_socket, secret, nursery)
             try:
-                yield device
+                yield device, replicas if reporting else None
             finally:
                 nursery.cancel_scope.cancel()
     finally:
@@ -312,7 +340,12 @@ async def _resync_periodically(
     failures: dict[str, int] = {}
     while True:
         await trio.sleep(RESYNC_INTERVAL)
-        for replica_id in device.out_of_sync:
+        # A write-set replica whose connection was lost is reconnected too: a write below the
+        # quorum keeps it in the write set, and its reconcile needs that replica back.
+        for replica_id in device.out_of_sync + device.disconnected:
+            if replica_id not in addresses:
+                # Dropped by mount.remove_replica while this loop waited.
+                continue
             try:
                 copied = await _resync_one(
                     device, replica_id, addresses[replica_id], peer_socket, secret
@@ -339,6 +372,26 @@ async def _resync_one(
         with trio.CancelScope(shield=True):
             await client.aclose()
         raise
+
+
+async def _resync_added(device: ReplicationClient, replica_id: str) -> None:
+    """Start the full copy of a replica just added; the periodic resync retries a failure."""
+    try:
+        copied = await device.resync(replica_id)
+    except Busy:
+        return
+    except PxfsError as exc:
+        log.warning(
+            "copy to the new replica %s failed, retrying later: %s", replica_id, exc.message
+        )
+        return
+    log.info("new replica %s is in the write set; %d blocks copied", replica_id, copied)
+
+
+def _check_ha(ha_level: Any) -> int:
+    if isinstance(ha_level, bool) or ha_level not in (1, 2, 3):
+        raise InvalidArgument(f"invalid ha level {ha_level!r}: it must be 1, 2 or 3")
+    return int(ha_level)
 
 
 def _unreachable(address: str) -> RpcClient:
@@ -378,7 +431,10 @@ class _Session:
 
 
 async def _serve(
-    device: BlockDevice, args: argparse.Namespace, signals: AsyncIterator[int]
+    device: BlockDevice,
+    replicas: _Replicas | None,
+    args: argparse.Namespace,
+    signals: AsyncIterator[int],
 ) -> None:
     mountpoint = args.mountpoint
     if not os.path.isdir(mountpoint):
@@ -390,7 +446,7 @@ async def _serve(
             await _grow_at_open(volume, args.size)
             meter = IoMeter()
             if args.control_socket:
-                await _start_control(nursery, volume, meter, args)
+                await _start_control(nursery, volume, meter, device, replicas, args)
             operations = _fuse_init(volume, mountpoint, meter)
         except BaseException:
             await _shielded(volume.close)
@@ -431,17 +487,84 @@ async def _grow_at_open(volume: Volume, size: int | None) -> None:
 class _Control:
     """The handlers of the control socket that pxd calls."""
 
-    def __init__(self, volume: Volume, meter: IoMeter) -> None:
+    def __init__(
+        self, volume: Volume, meter: IoMeter, device: BlockDevice, replicas: _Replicas | None
+    ) -> None:
         self._volume = volume
         self._meter = meter
+        self._device = device
+        self._replicas = replicas
 
     def handlers(self) -> dict[str, Callable[..., Awaitable[Any]]]:
         """Return the handlers by method name."""
-        return {"mount.stats": self.stats, "mount.grow": self.grow}
+        return {
+            "mount.stats": self.stats,
+            "mount.grow": self.grow,
+            "mount.runtime_state": self.runtime_state,
+            "mount.resync_progress": self.resync_progress,
+            "mount.add_replica": self.add_replica,
+            "mount.remove_replica": self.remove_replica,
+        }
 
     async def stats(self) -> dict[str, Any]:
         """Return the I/O counters of this process and the requests in flight."""
         return self._meter.snapshot()
+
+    async def runtime_state(self) -> dict[str, str]:
+        """Return the replication runtime state (docs/replication.md), empty for a file device."""
+        if isinstance(self._device, ReplicationClient):
+            return self._device.runtime_state()
+        return {}
+
+    async def resync_progress(self) -> dict[str, dict[str, int]]:
+        """Return the progress of each running resync, by replica id (empty for a file device)."""
+        if isinstance(self._device, ReplicationClient):
+            return self._device.resync_progress()
+        return {}
+
+    async def add_replica(self, replica_id: Any, address: Any, ha_level: Any) -> dict[str, bool]:
+        """Connect to a new empty replica and start its full copy; a known replica is a no-op.
+
+        The replica joins the write set, and the volume takes `ha_level`, once the copy is done.
+        Returns {"added": False} when `replica_id` is a replica already.
+        """
+        replicas = self._require_replicas("mount.add_replica")
+        if not isinstance(replica_id, str) or not replica_id or not isinstance(address, str):
+            raise InvalidArgument("mount.add_replica takes a node id, an address and an ha level")
+        if replica_id in replicas.addresses:
+            return {"added": False}
+        client = await _open_connection(address, replicas.peer_socket, replicas.secret)
+        try:
+            added = replicas.device.add_replica(replica_id, client, _check_ha(ha_level))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+            raise
+        if not added:
+            await client.aclose()
+            return {"added": False}
+        replicas.clients.append(client)
+        replicas.addresses[replica_id] = address
+        replicas.nursery.start_soon(_resync_added, replicas.device, replica_id)
+        return {"added": True}
+
+    async def remove_replica(self, replica_id: Any, ha_level: Any) -> dict[str, bool]:
+        """Stop all I/O to a replica and drop it; returns once pxd recorded the write set."""
+        replicas = self._require_replicas("mount.remove_replica")
+        if not isinstance(replica_id, str):
+            raise InvalidArgument("mount.remove_replica takes a node id and an ha level")
+        if replica_id not in replicas.addresses:
+            return {"removed": False}
+        await replicas.device.remove_replica(replica_id, _check_ha(ha_level))
+        del replicas.addresses[replica_id]
+        return {"removed": True}
+
+    def _require_replicas(self, method: str) -> _Replicas:
+        if self._replicas is None:
+            raise InvalidArgument(
+                f"{method}: the volume is mounted without replica ids, so its replica set is fixed"
+            )
+        return self._replicas
 
     async def grow(self, size: Any) -> dict[str, int]:
         """Grow the volume to `size` bytes; the size it already has is a no-op."""
@@ -453,11 +576,16 @@ class _Control:
 
 
 async def _start_control(
-    nursery: trio.Nursery, volume: Volume, meter: IoMeter, args: argparse.Namespace
+    nursery: trio.Nursery,
+    volume: Volume,
+    meter: IoMeter,
+    device: BlockDevice,
+    replicas: _Replicas | None,
+    args: argparse.Namespace,
 ) -> None:
     """Serve the control socket before "ready", so pxd can connect as soon as it reads it."""
     server = RpcServer(
-        _Control(volume, meter).handlers(),
+        _Control(volume, meter, device, replicas).handlers(),
         secret=read_secret(args.secret_file),
         name="mount control rpc",
     )

@@ -1,0 +1,348 @@
+"""Changing the ha level of volumes online, on a cluster of three real pxd processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clusterproc import REPO, Cluster, ClusterNode, free_port_on
+from nodeproc import is_mountpoint
+
+from pxfs import errors
+from pxfs.rpc import BlockingClient
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
+
+MIB = 1 << 20
+#: How long a copy to a new replica of a volume of at most 256 MiB may take on a loaded machine.
+COPY_DEADLINE = 120.0
+#: How long the writer of the online raise writes after the copy is done.
+WRITER_TAIL = 1.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("ha"), 3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _create(node: ClusterNode, name: str, nodes: list[ClusterNode], size: int = 64 * MIB) -> str:
+    spec = {
+        "name": name,
+        "size": size,
+        "ha_level": len(nodes),
+        "labels": {},
+        "nodes": [n.node_id for n in nodes],
+    }
+    return str(node.call("volume.create", spec)["id"])
+
+
+def _mount(node: ClusterNode, name: str, path: Path) -> None:
+    path.mkdir(exist_ok=True)
+    node.call("volume.attach", name)
+    node.call("volume.mount", name, str(path))
+
+
+def _unmount(node: ClusterNode, name: str, path: Path) -> None:
+    if is_mountpoint(path):
+        node.call("volume.unmount", name, str(path))
+    node.call("volume.detach", name)
+
+
+def _write_synced(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _wait_for_ha(node: ClusterNode, name: str, ha_level: int) -> dict[str, Any]:
+    """Poll until the catalog has `ha_level` and no change running; return the record."""
+    deadline = time.monotonic() + COPY_DEADLINE
+    while True:
+        record: dict[str, Any] = node.call("volume.inspect", name)
+        if record["ha_level"] == ha_level and "replica_nodes_next" not in record:
+            return record
+        assert time.monotonic() < deadline, f"ha level {ha_level} not reached: {record}"
+        time.sleep(0.2)
+
+
+def _assert_replicas_match(nodes: list[ClusterNode], vol_id: str) -> None:
+    """Compare the block tables and the data files of the replicas of a closed volume."""
+    tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in nodes]
+    data = [_sha256(node.replica_dir(vol_id) / "data") for node in nodes]
+    for node, table, digest in zip(nodes[1:], tables[1:], data[1:], strict=True):
+        assert table == tables[0], f"the block table on {node.node_id} differs"
+        assert digest == data[0], f"the data on {node.node_id} differs"
+
+
+class _Writer(threading.Thread):
+    """Write and fsync files on a mount in a loop until `stop` is set, for at most 10 minutes."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.written: dict[str, str] = {}
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 600
+        count = 0
+        try:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                payload = os.urandom(MIB)
+                name = f"w{count % 32}"
+                _write_synced(self.root / name, payload)
+                self.written[name] = hashlib.sha256(payload).hexdigest()
+                count += 1
+        except BaseException as exc:
+            self.error = exc
+
+
+def test_raise_1_to_2_while_writing(cluster: Cluster, tmp_path: Path) -> None:
+    first, second = cluster.nodes[:2]
+    vol_id = _create(first, "online", [first])
+    path = tmp_path / "mnt"
+    writer = _Writer(path)
+    try:
+        _mount(first, "online", path)
+        _write_synced(path / "before", os.urandom(8 * MIB))
+        writer.start()
+        time.sleep(0.5)
+        started = first.call("volume.update", "online", {"ha_level": 2, "nodes": [second.node_id]})
+        assert started["ha_level"] == 1
+        assert started["replica_nodes_next"] == [first.node_id, second.node_id]
+        record = _wait_for_ha(first, "online", 2)
+        time.sleep(WRITER_TAIL)
+        writer.stop.set()
+        writer.join(timeout=60)
+        assert writer.error is None, f"the writer failed: {writer.error!r}"
+        assert writer.written, "the writer wrote nothing"
+        assert record["replica_nodes"] == [first.node_id, second.node_id]
+        assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
+        assert record["out_of_sync"] == []
+        state = first.call("volume.inspect", "online")["runtime_state"]
+        assert state["RuntimeState"] == "clean"
+        assert state["WriteSet"] == "[0 1]"
+        for name, digest in writer.written.items():
+            assert _sha256(path / name) == digest, name
+    finally:
+        writer.stop.set()
+        _unmount(first, "online", path)
+    _assert_replicas_match([first, second], vol_id)
+    first.call("volume.delete", "online")
+
+
+def test_raise_2_to_3_detached(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    vol_id = _create(first, "offline", [first, second])
+    path = tmp_path / "mnt"
+    payload = os.urandom(16 * MIB)
+    try:
+        _mount(first, "offline", path)
+        _write_synced(path / "blob", payload)
+    finally:
+        _unmount(first, "offline", path)
+
+    first.call("volume.update", "offline", {"ha_level": 3})
+    record = _wait_for_ha(first, "offline", 3)
+    assert record["replica_nodes"] == [first.node_id, second.node_id, third.node_id]
+    assert sorted(record["write_set"]) == sorted(record["replica_nodes"])
+    assert record["attached_on"] == ""
+    _assert_replicas_match([first, second, third], vol_id)
+
+    # A detached volume drops replicas from the end of replica_nodes.
+    record = first.call("volume.update", "offline", {"ha_level": 1})
+    assert record["replica_nodes"] == [first.node_id]
+    assert not third.replica_dir(vol_id).exists()
+    assert not second.replica_dir(vol_id).exists()
+    try:
+        _mount(first, "offline", path)
+        assert _sha256(path / "blob") == hashlib.sha256(payload).hexdigest()
+    finally:
+        _unmount(first, "offline", path)
+    first.call("volume.delete", "offline")
+
+
+def test_lower_drops_right_replicas(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    vol_id = _create(first, "lower", [second, first, third])
+    path = tmp_path / "mnt"
+    payload = os.urandom(8 * MIB)
+    try:
+        # Attached on the second node, whose replica must stay to the end.
+        _mount(second, "lower", path)
+        _write_synced(path / "blob", payload)
+
+        record = second.call("volume.update", "lower", {"ha_level": 2})
+        assert record["ha_level"] == 2
+        assert record["replica_nodes"] == [second.node_id, first.node_id]
+        assert "replica_nodes_next" not in record
+        assert not third.replica_dir(vol_id).exists()
+        state = second.call("volume.inspect", "lower")["runtime_state"]
+        assert state["ReplicaSetCurr"] == "[0 1]"
+
+        record = second.call("volume.update", "lower", {"ha_level": 1})
+        assert record["replica_nodes"] == [second.node_id]
+        assert record["write_set"] == [second.node_id]
+        assert not first.replica_dir(vol_id).exists()
+        assert second.replica_dir(vol_id).exists()
+
+        _write_synced(path / "after", payload)
+        assert _sha256(path / "blob") == hashlib.sha256(payload).hexdigest()
+    finally:
+        _unmount(second, "lower", path)
+    second.call("volume.delete", "lower")
+
+
+def test_lower_drops_out_of_sync_first(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    vol_id = _create(first, "stale", [first, second, third])
+    path = tmp_path / "mnt"
+    try:
+        _mount(first, "stale", path)
+        second.kill()
+        _write_synced(path / "blob", os.urandom(4 * MIB))
+        record = first.call("volume.inspect", "stale")
+        assert record["out_of_sync"] == [second.node_id]
+        second.start()
+
+        record = first.call("volume.update", "stale", {"ha_level": 2})
+        assert record["replica_nodes"] == [first.node_id, third.node_id]
+        assert record["out_of_sync"] == []
+        assert not second.replica_dir(vol_id).exists()
+    finally:
+        if second.pxd is None:
+            second.start()
+        _unmount(first, "stale", path)
+    _assert_replicas_match([first, third], vol_id)
+    first.call("volume.delete", "stale")
+
+
+def test_progress_visible_during_copy(cluster: Cluster, tmp_path: Path) -> None:
+    first, second = cluster.nodes[:2]
+    vol_id = _create(first, "big", [first], size=256 * MIB)
+    path = tmp_path / "mnt"
+    try:
+        _mount(first, "big", path)
+        _write_synced(path / "fill", os.urandom(192 * MIB))
+        first.call("volume.update", "big", {"ha_level": 2, "nodes": [second.node_id]})
+        with pytest.raises(errors.Busy) as caught:
+            first.call("volume.update", "big", {"ha_level": 3})
+        assert "changing from 1 to 2" in str(caught.value)
+
+        samples = []
+        deadline = time.monotonic() + COPY_DEADLINE
+        with BlockingClient(first.socket) as client:
+            while time.monotonic() < deadline:
+                record = client.call("volume.inspect", "big")
+                if "ha_update" not in record:
+                    break
+                progress = record["ha_update"]["progress"].get(second.node_id)
+                if progress is not None:
+                    samples.append(progress)
+        partial = [p for p in samples if 0 < p["planned"] and p["copied"] < p["planned"]]
+        assert partial, f"no progress seen during the copy: {samples[:5]}"
+        assert partial[0]["total"] >= 256 * MIB // (64 * 1024)
+        assert partial[0]["planned"] >= 192 * MIB // (64 * 1024)
+        assert _wait_for_ha(first, "big", 2)["ha_level"] == 2
+    finally:
+        _unmount(first, "big", path)
+    _assert_replicas_match([first, second], vol_id)
+    first.call("volume.delete", "big")
+
+
+def test_ha_update_errors(cluster: Cluster) -> None:
+    first, second, third = cluster.nodes[:3]
+    _create(first, "bad", [first])
+    for ha_level in (0, 4):
+        with pytest.raises(errors.InvalidArgument):
+            first.call("volume.update", "bad", {"ha_level": ha_level})
+    with pytest.raises(errors.InvalidArgument) as caught:
+        first.call("volume.update", "bad", {"ha_level": 2, "nodes": ["no-such-node"]})
+    assert "no-such-node" in str(caught.value)
+
+    third.stop()
+    try:
+        with pytest.raises(errors.InvalidArgument) as caught:
+            first.call("volume.update", "bad", {"ha_level": 3})
+        assert str(caught.value) == "ha_level 3 needs 3 nodes, but the cluster has 2"
+    finally:
+        third.start()
+    record = first.call("volume.inspect", "bad")
+    assert record["ha_level"] == 1
+    assert "replica_nodes_next" not in record
+    assert not second.replica_dir(record["id"]).exists()
+    first.call("volume.delete", "bad")
+
+
+def test_rest_put_ha_level(cluster: Cluster, tmp_path: Path) -> None:
+    first = cluster.nodes[0]
+    vol_id = _create(first, "rest", [first])
+    port = free_port_on(first.ip)
+    log = open(tmp_path / "sidecar.log", "wb")  # noqa: SIM115 - closed after the process
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "daemon.sidecar", "--socket", str(first.socket),
+         "--rest", f"{first.ip}:{port}", "--plugin-socket", str(tmp_path / "plugin.sock"),
+         "--docker-mount-base", str(tmp_path / "docker"), "--state-dir", str(tmp_path / "state")],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        body = json.dumps({"spec": {"ha_level": 2}}).encode()
+        url = f"http://{first.ip}:{port}/v1/osd-volumes/{vol_id}"
+        reply = _put_when_up(url, body)
+        assert reply.get("volume_response", {}).get("error") is None, reply
+        record = _wait_for_ha(first, "rest", 2)
+    finally:
+        sidecar.terminate()
+        sidecar.wait(timeout=30)
+        log.close()
+    assert record["replica_nodes"][0] == first.node_id
+    added = [node for node in cluster.nodes if node.node_id == record["replica_nodes"][1]]
+    assert len(added) == 1
+    _assert_replicas_match([first, added[0]], vol_id)
+    first.call("volume.delete", "rest")
+
+
+def _put_when_up(url: str, body: bytes) -> dict[str, Any]:
+    """PUT `body` to `url`, retrying while the sidecar starts; return the JSON reply."""
+    deadline = time.monotonic() + 30
+    while True:
+        request = urllib.request.Request(url, data=body, method="PUT")
+        request.add_header("Content-Type", "application/json")
+        try:
+            # No proxy from the environment: the sidecar listens on loopback.
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(request, timeout=30) as response:
+                reply: dict[str, Any] = json.loads(response.read())
+                return reply
+        except ConnectionRefusedError:
+            pass
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError):
+                raise
+        assert time.monotonic() < deadline, "the sidecar did not start"
+        time.sleep(0.2)
