@@ -317,6 +317,8 @@ class VolumeControl(ChildSupervisor):
                 with trio.CancelScope(shield=True):
                     await self._undo_mount(vol_id, path)
                 raise
+            # A raise of the ha level that a restart of pxd stopped goes on through this child.
+            self._resume_raise(record)
         log.info("volume %s: mounted at %s", vol_id, path)
         return await self._public(record)
 
@@ -534,7 +536,6 @@ class VolumeControl(ChildSupervisor):
 
     async def _change_ha_level(self, record: VolumeRecord, plan: _HaPlan) -> VolumeRecord:
         """Start a raise of the ha level, or drop replicas for a lower one."""
-        vol_id = record["id"]
         target = record.get("replica_nodes_next")
         if plan.resume and target is not None and len(target) < len(record["replica_nodes"]):
             plan.drop = [node for node in record["replica_nodes"] if node not in target]
@@ -544,10 +545,15 @@ class VolumeControl(ChildSupervisor):
             return record
         if not plan.resume:
             record = await self._add_empty_replicas(record, plan.add)
-        if vol_id not in self._ha_raises:
+        self._resume_raise(record)
+        return record
+
+    def _resume_raise(self, record: VolumeRecord) -> None:
+        """Start the task that copies to the new replicas of a raise, unless it runs already."""
+        vol_id = record["id"]
+        if _raising(record) and vol_id not in self._ha_raises:
             self._ha_raises[vol_id] = _HaRaise()
             self._live_nursery().start_soon(self._see_raise_through, vol_id)
-        return record
 
     async def _add_empty_replicas(self, record: VolumeRecord, added: list[str]) -> VolumeRecord:
         """Create an empty replica on each of `added` and record them as the next replica set."""

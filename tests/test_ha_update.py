@@ -346,3 +346,28 @@ def _put_when_up(url: str, body: bytes) -> dict[str, Any]:
                 raise
         assert time.monotonic() < deadline, "the sidecar did not start"
         time.sleep(0.2)
+
+
+def test_mount_takes_over_offline_copy(cluster: Cluster, tmp_path: Path) -> None:
+    first, second = cluster.nodes[:2]
+    vol_id = _create(first, "handover", [first], size=256 * MIB)
+    path = tmp_path / "mnt"
+    payload = os.urandom(192 * MIB)
+    try:
+        _mount(first, "handover", path)
+        _write_synced(path / "fill", payload)
+    finally:
+        _unmount(first, "handover", path)
+
+    first.call("volume.update", "handover", {"ha_level": 2, "nodes": [second.node_id]})
+    try:
+        # The mount stops the copy that pxd runs and hands the rest to the mount child.
+        _mount(first, "handover", path)
+        record = _wait_for_ha(first, "handover", 2)
+        assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
+        assert _sha256(path / "fill") == hashlib.sha256(payload).hexdigest()
+        _write_synced(path / "after", os.urandom(4 * MIB))
+    finally:
+        _unmount(first, "handover", path)
+    _assert_replicas_match([first, second], vol_id)
+    first.call("volume.delete", "handover")
