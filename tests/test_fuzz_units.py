@@ -196,6 +196,8 @@ def label_value_is_valid(value: Any) -> bool:
     """The documented label value rules."""
     if not isinstance(value, str):
         return False
+    if any(0 <= ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in value):
+        return False
     try:
         return len(value.encode("utf-8")) <= units.MAX_LABEL_VALUE_BYTES
     except UnicodeEncodeError:
