@@ -256,15 +256,23 @@ class VolumeControl(ChildSupervisor):
             record = (await self._catalog().require_volume(record["id"])).record
             if record["attached_on"] == self.node_id:
                 return await self._public(record)
-            updated = await self._catalog().update_volume(record["id"], self._attach_change)
+            lost = await self._offline_holder(record)
+            updated = await self._catalog().update_volume(
+                record["id"], lambda current: self._attach_change(current, take_from=lost)
+            )
+        if lost:
+            log.warning("volume %s: taken over from node %s, which is offline", updated["id"], lost)
         log.info("volume %s: attached with epoch %d", updated["id"], updated["epoch"])
         return await self._public(updated)
 
-    def _attach_change(self, record: VolumeRecord) -> VolumeRecord:
+    def _attach_change(self, record: VolumeRecord, take_from: str = "") -> VolumeRecord:
         if record.get("deleting"):
             raise NotFound(f"volume {record['id']} is being deleted")
         if record["attached_on"] not in ("", self.node_id):
-            raise Busy(f"volume {record['name']} is attached on node {record['attached_on']}")
+            if record["attached_on"] != take_from:
+                raise Busy(f"volume {record['name']} is attached on node {record['attached_on']}")
+            # The paths are on the lost node, and the raised epoch fences its mount child.
+            record["mount_paths"] = []
         record["attached_on"] = self.node_id
         record["epoch"] += 1
         record["attach_time_ns"] = now_ns()
