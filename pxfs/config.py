@@ -23,6 +23,7 @@ Command-line flags override the file in turn.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import tomllib
@@ -162,6 +163,11 @@ def _convert(file: Path, key: str, value: Any) -> Any:
         return value
     if key in _NUMBER_KEYS:
         return _check_number(file, key, value)
+    if key == "node_ip":
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise InvalidArgument(f"{file}: {key} must be an IP address, not {value!r}") from None
     if not isinstance(value, str) or not value:
         raise InvalidArgument(f"{file}: {key} must be a non-empty string, not {value!r}")
     return value

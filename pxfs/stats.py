@@ -434,8 +434,10 @@ class StatsStore:
     def delete(self, vol_id: str) -> None:
         """Forget the statistics of a deleted volume and remove its file."""
         self._volumes.pop(vol_id, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(vol_id))
+        path = self._path(vol_id)
+        for stale in (path, path.with_name(path.name + ".corrupt")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
 
     def _path(self, vol_id: str) -> Path:
         return self.directory / f"{vol_id}.json"

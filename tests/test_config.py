@@ -62,6 +62,8 @@ def test_config_file_cluster_keys(tmp_path: Path) -> None:
         ('etcd_endpoints = ["127.0.0.1:2379"]', "invalid etcd endpoint"),
         ("listen = 9002", "listen must be a string HOST:PORT"),
         ('listen = "host:x"', "invalid listen address"),
+        ('node_ip = "999.1.1.1"', "node_ip must be an IP address"),
+        ('node_ip = "node1"', "node_ip must be an IP address"),
     ],
 )
 def test_config_file_invalid_cluster_keys(tmp_path: Path, line: str, message: str) -> None:

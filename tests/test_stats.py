@@ -339,8 +339,10 @@ def test_store_delete_removes_file(tmp_path: Path) -> None:
     store = StatsStore(tmp_path)
     store.get("1").apply_sample(sample(reads=1), NOW, 1.0)
     save(store, "1")
+    (tmp_path / "stats" / "1.json.corrupt").write_bytes(b"{not json")
     store.delete("1")
     assert not (tmp_path / "stats" / "1.json").exists()
+    assert not (tmp_path / "stats" / "1.json.corrupt").exists()
     assert store.get("1").totals.is_zero()
 
 
