@@ -178,6 +178,16 @@ class ClusterNode:
         self.pxd.wait()
         self.pxd = None
 
+    def pause(self) -> None:
+        """SIGSTOP pxd: it keeps its connections open but replies to nothing, as a hung node does."""
+        assert self.pxd is not None
+        self.pxd.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused pxd."""
+        assert self.pxd is not None
+        self.pxd.send_signal(signal.SIGCONT)
+
     def log_text(self) -> str:
         """What pxd wrote to its log."""
         try:
@@ -187,6 +197,8 @@ class ClusterNode:
 
     def cleanup(self) -> None:
         """Stop pxd, kill its mount children that are left and unmount their mounts."""
+        if self.pxd is not None:
+            self.resume()
         self.stop()
         self.kill_children()
         mounts = self.data_dir / "mnt"

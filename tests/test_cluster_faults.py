@@ -1,0 +1,602 @@
+"""Node failures on a real cluster: stops, kill -9, failover and damaged replicas.
+
+Three real pxd processes share one real etcd, volumes are mounted through FUSE, and every check
+compares checksums on the mount and on each replica's files. The tests print what they measure:
+the time from a death to writes resuming, the blocks resynced against the blocks written during
+the outage, and the resync rate. Run with `-s` to see it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import hashlib
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clusterproc import Cluster, ClusterNode, lazy_unmount, wait_until
+from nodeproc import is_mountpoint
+
+from pxfs import errors
+from pxfs.etcdcatalog import DEFAULT_NODE_TTL
+from pxfs.replication import SLOW_TIMEOUT
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
+
+MIB = 1 << 20
+BLOCK = 64 * 1024
+#: How long after a kill -9 a node may still show online: the lease TTL, one status period
+#: and the time etcd takes to expire a lease.
+OFFLINE_DEADLINE = DEFAULT_NODE_TTL + 10.0
+#: How long a returning replica may take to rejoin the write set: the mount child tries every
+#: 5 s, and copying a 64 MiB volume takes a few seconds at most.
+RESYNC_DEADLINE = 45.0
+#: Seconds that a writer process runs, the size of each of its fsync'd chunks, the maximum it
+#: writes, and the size of the volumes it writes to.
+WRITER_SECONDS = 6.0
+WRITER_CHUNK = 256 * 1024
+WRITER_MAX_BYTES = 192 * MIB
+WRITER_VOLUME_SIZE = 256 * MIB
+
+#: A writer process: python -c WRITER PATH SECONDS CHUNK MAX_BYTES. It appends chunks of seeded
+#: random data to PATH, fsyncs each one and then prints "END_OFFSET MONOTONIC_TIME". At the
+#: first OSError it prints "error ERRNO" and exits 3. It stops by itself after SECONDS or
+#: MAX_BYTES.
+WRITER = """
+import os, random, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+chunk, max_bytes = int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(path)
+deadline = time.monotonic() + seconds
+offset = 0
+with open(path, "wb") as f:
+    while offset + chunk <= max_bytes:
+        if time.monotonic() > deadline:
+            break
+        try:
+            f.write(rng.randbytes(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as exc:
+            print("error", exc.errno, flush=True)
+            sys.exit(3)
+        offset += chunk
+        print(offset, time.monotonic(), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("faults"), 3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def every_node_running(cluster: Cluster) -> Iterator[None]:
+    """Start again any node that a failed test left stopped, so the next test has three."""
+    yield
+    for node in cluster.nodes[:3]:
+        if node.pxd is None:
+            node.start()
+
+
+# Helpers
+
+
+def _create(
+    node: ClusterNode, name: str, ha_level: int, nodes: list[ClusterNode], size: int = 64 * MIB
+) -> str:
+    spec = {
+        "name": name,
+        "size": size,
+        "ha_level": ha_level,
+        "labels": {},
+        "nodes": [member.node_id for member in nodes],
+    }
+    return str(node.call("volume.create", spec)["id"])
+
+
+def _mount(node: ClusterNode, name: str, path: Path) -> None:
+    path.mkdir(exist_ok=True)
+    node.call("volume.attach", name)
+    node.call("volume.mount", name, str(path))
+
+
+def _unmount(node: ClusterNode, name: str, path: Path) -> None:
+    if is_mountpoint(path):
+        node.call("volume.unmount", name, str(path))
+    node.call("volume.detach", name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_synced(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _runtime(node: ClusterNode, name: str) -> dict[str, str]:
+    state: dict[str, str] = node.call("volume.inspect", name)["runtime_state"]
+    return state
+
+
+def _pairs(text: str) -> dict[int, int]:
+    """Parse a runtime state list such as "[{0 12} {1 3}]" into {0: 12, 1: 3}."""
+    return {int(key): int(value) for key, value in re.findall(r"\{(\d+) (\d+)\}", text)}
+
+
+def _differing(old: list[int], new: list[int]) -> int:
+    """Count the blocks whose version differs between two tables."""
+    length = max(len(old), len(new))
+    old = old + [0] * (length - len(old))
+    new = new + [0] * (length - len(new))
+    return sum(1 for before, after in zip(old, new, strict=True) if before != after)
+
+
+def _wait_in_sync(node: ClusterNode, name: str) -> dict[str, object]:
+    def clean() -> dict[str, object] | None:
+        record: dict[str, object] = node.call("volume.inspect", name)
+        return None if record.get("out_of_sync") else record
+
+    found: dict[str, object] = wait_until(clean, RESYNC_DEADLINE, f"{name} did not resync")
+    return found
+
+
+def _assert_replicas_identical(nodes: list[ClusterNode], vol_id: str) -> None:
+    """Compare the block tables (versions and crc32 of every block) and the data files."""
+    tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in nodes]
+    for node, table in zip(nodes[1:], tables[1:], strict=True):
+        assert table == tables[0], f"block table of {node.ip} differs from {nodes[0].ip}"
+    data = [_sha256(node.replica_dir(vol_id) / "data") for node in nodes]
+    for node, digest in zip(nodes[1:], data[1:], strict=True):
+        assert digest == data[0], f"data file of {node.ip} differs from {nodes[0].ip}"
+
+
+def _start_writer(
+    path: Path, seconds: float = WRITER_SECONDS, max_bytes: int = WRITER_MAX_BYTES
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), str(seconds), str(WRITER_CHUNK),
+         str(max_bytes)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _finish_writer(writer: subprocess.Popen[str]) -> tuple[int, list[tuple[int, float]]]:
+    """Wait for the writer; return its exit status and its (end offset, time) lines.
+
+    Raises AssertionError when the writer hung or reported an error.
+    """
+    failed, done = _writer_outcome(writer)
+    assert failed is None, f"the writer failed with errno {failed}"
+    return writer.returncode, done
+
+
+def _writer_outcome(
+    writer: subprocess.Popen[str], timeout: float = WRITER_SECONDS + 60
+) -> tuple[int | None, list[tuple[int, float]]]:
+    """Wait for the writer; return the errno it stopped at (None) and its fsync lines."""
+    try:
+        out, err = writer.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        writer.kill()
+        out, err = writer.communicate()
+        raise AssertionError(f"the writer hung:\n{out}\n{err}") from None
+    failed = None
+    done = []
+    for line in out.splitlines():
+        first, second = line.split()
+        if first == "error":
+            failed = int(second)
+        else:
+            done.append((int(first), float(second)))
+    return failed, done
+
+
+def _writer_payload(path: Path, length: int) -> bytes:
+    """The bytes the writer wrote to `path` in its first `length` bytes."""
+    rng = random.Random(str(path))
+    data = b"".join(rng.randbytes(WRITER_CHUNK) for _ in range(length // WRITER_CHUNK))
+    return data
+
+
+def _gap_after(done: list[tuple[int, float]], moment: float) -> float:
+    """Seconds from `moment` to the first fsync that completed after it."""
+    after = [at for _, at in done if at > moment]
+    assert after, "no fsync completed after the fault"
+    return after[0] - moment
+
+
+def _resync_rate(node: ClusterNode, vol_id: str) -> float | None:
+    """MiB/s of the last resync that the node's mount child of `vol_id` logged, if any."""
+    started = finished = None
+    copied = 0
+    pattern = re.compile(r"^(\S+ \S+) \w+ \S+: volume " + vol_id + r": (.*)$")
+    for line in node.log_text().splitlines():
+        match = pattern.match(line)
+        if match is None:
+            continue
+        at = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if "resync of replica" in match[2] and match[2].endswith("started"):
+            started = at
+        caught_up = re.search(r"caught up after copying (\d+) blocks", match[2])
+        if caught_up and started is not None:
+            finished, copied = at, int(caught_up[1])
+    if started is None or finished is None or finished <= started or copied == 0:
+        return None
+    return copied * BLOCK / MIB / (finished - started)
+
+
+# A replica stopped cleanly gets exactly the blocks it missed
+
+
+def test_stopped_replica_gets_missed_blocks(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    vol_id = _create(first, "stopped", 2, [first, second])
+    path = tmp_path / "mnt"
+    expected = bytearray(os.urandom(32 * MIB))
+    written: set[int] = set()
+    try:
+        _mount(third, "stopped", path)
+        _write_synced(path / "blob", bytes(expected))
+
+        assert second.stop() == 0
+        stale = second.versions(vol_id)
+        rng = random.Random(1)
+        with open(path / "blob", "r+b") as f:
+            for _ in range(8 * MIB // BLOCK):
+                block = rng.randrange(len(expected) // BLOCK)
+                data = os.urandom(BLOCK)
+                f.seek(block * BLOCK)
+                f.write(data)
+                expected[block * BLOCK : (block + 1) * BLOCK] = data
+                written.add(block)
+            f.flush()
+            os.fsync(f.fileno())
+        inspected = third.call("volume.inspect", "stopped")
+        assert inspected["write_set"] == [first.node_id]
+        assert inspected["out_of_sync"] == [second.node_id]
+        assert _runtime(third, "stopped")["RuntimeState"] == "degraded"
+
+        missed = _differing(stale, first.versions(vol_id))
+        # Every file block written is a device block written, plus the metadata that maps them.
+        assert missed >= len(written)
+        second.start()
+        _wait_in_sync(third, "stopped")
+        state = _runtime(third, "stopped")
+        index = inspected["replica_nodes"].index(second.node_id)
+        copied = _pairs(state["ResyncBlocks"])[index]
+        print(
+            f"\nstopped replica: {len(written)} file blocks and {missed} device blocks written "
+            f"during the outage, {copied} blocks resynced"
+        )
+        assert copied == missed
+        assert state["RuntimeState"] == "clean"
+        assert _pairs(state["FullResyncBlocks"]) == {}
+        assert _sha256(path / "blob") == hashlib.sha256(expected).hexdigest()
+    finally:
+        if second.pxd is None:
+            second.start()
+        _unmount(third, "stopped", path)
+    _assert_replicas_identical([first, second], vol_id)
+    first.call("volume.delete", "stopped")
+
+
+# A replica's pxd killed or hung during a sustained write
+
+
+@pytest.mark.parametrize("ha_level", [2, 3])
+def test_replica_killed_during_writes(cluster: Cluster, tmp_path: Path, ha_level: int) -> None:
+    nodes = cluster.nodes[:3]
+    name = f"killed{ha_level}"
+    replicas = nodes[:ha_level]
+    vol_id = _create(nodes[0], name, ha_level, replicas, WRITER_VOLUME_SIZE)
+    victim = replicas[1]
+    # The mount is on a node that stays up: the third node, a replica only at ha 3.
+    coordinator = nodes[2]
+    path = tmp_path / "mnt"
+    try:
+        _mount(coordinator, name, path)
+        writer = _start_writer(path / "stream")
+        time.sleep(WRITER_SECONDS / 3)
+        killed_at = time.monotonic()
+        victim.kill()
+        status, done = _finish_writer(writer)
+        assert status == 0
+        resumed = _gap_after(done, killed_at)
+
+        inspected = coordinator.call("volume.inspect", name)
+        assert victim.node_id not in inspected["write_set"]
+        assert inspected["out_of_sync"] == [victim.node_id]
+        assert len(inspected["write_set"]) == ha_level - 1
+        assert _runtime(coordinator, name)["RuntimeState"] == "degraded"
+
+        survivor = replicas[0]
+        missed = _differing(victim.versions(vol_id), survivor.versions(vol_id))
+        victim.start()
+        record = _wait_in_sync(coordinator, name)
+        assert sorted(record["write_set"]) == sorted(node.node_id for node in replicas)
+        state = _runtime(coordinator, name)
+        index = record["replica_nodes"].index(victim.node_id)
+        copied = _pairs(state["ResyncBlocks"])[index]
+        rate = _resync_rate(coordinator, vol_id)
+        length = done[-1][0]
+        print(
+            f"\nha {ha_level} kill -9: writes resumed {resumed:.2f} s after the kill; "
+            f"{missed} blocks written during the outage, {copied} resynced; "
+            f"{length // MIB} MiB written; resync rate "
+            + (f"{rate:.0f} MiB/s" if rate else "not logged")
+        )
+        assert copied == missed
+        assert state["RuntimeState"] == "clean"
+        assert (
+            _sha256(path / "stream")
+            == hashlib.sha256(_writer_payload(path / "stream", length)).hexdigest()
+        )
+    finally:
+        if victim.pxd is None:
+            victim.start()
+        _unmount(coordinator, name, path)
+    _assert_replicas_identical(replicas, vol_id)
+    nodes[0].call("volume.delete", name)
+
+
+def test_hung_replica_dropped_after_timeout(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    vol_id = _create(first, "hung", 2, [first, second], WRITER_VOLUME_SIZE)
+    path = tmp_path / "mnt"
+    try:
+        _mount(third, "hung", path)
+        writer = _start_writer(path / "stream")
+        time.sleep(WRITER_SECONDS / 3)
+        paused_at = time.monotonic()
+        second.pause()
+        try:
+            status, done = _finish_writer(writer)
+        finally:
+            second.resume()
+        assert status == 0
+        resumed = _gap_after(done, paused_at)
+        print(f"\nhung replica: writes resumed {resumed:.2f} s after it stopped replying")
+        # NOTE: a write gives up on a replica that stopped replying after DEFAULT_TIMEOUT
+        # (5 s), but a flush waits SLOW_TIMEOUT (60 s), so an fsync stalls for a minute.
+        assert 4.0 < resumed < SLOW_TIMEOUT + 15.0
+
+        inspected = third.call("volume.inspect", "hung")
+        assert inspected["write_set"] == [first.node_id]
+        record = _wait_in_sync(third, "hung")
+        assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
+        length = done[-1][0]
+        expected = _writer_payload(path / "stream", length)
+        assert _sha256(path / "stream") == hashlib.sha256(expected).hexdigest()
+    finally:
+        _unmount(third, "hung", path)
+    _assert_replicas_identical([first, second], vol_id)
+    first.call("volume.delete", "hung")
+
+
+# Failover: the attached node dies, another node of the replica set takes the volume
+
+
+def test_failover_to_replica_node(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    vol_id = _create(first, "failover", 2, [first, second])
+    old_path, new_path = tmp_path / "old", tmp_path / "new"
+    payload = os.urandom(8 * MIB)
+    try:
+        _mount(first, "failover", old_path)
+        (old_path / "dir").mkdir()
+        _write_synced(old_path / "dir" / "synced", payload)
+        epoch = first.call("volume.inspect", "failover")["epoch"]
+
+        # pxd dies and its mount child lives on, as after a crash of pxd alone.
+        killed_at = time.monotonic()
+        first.kill()
+        with pytest.raises(errors.Busy, match="is attached on node"):
+            third.call("volume.attach", "failover")
+
+        def attach() -> bool:
+            try:
+                second.call("volume.attach", "failover")
+            except errors.Busy:
+                return False
+            return True
+
+        wait_until(attach, OFFLINE_DEADLINE, "the volume stayed attached on the dead node")
+        new_path.mkdir()
+        second.call("volume.mount", "failover", str(new_path))
+        taken_over = time.monotonic() - killed_at
+        record = second.call("volume.inspect", "failover")
+        assert record["epoch"] > epoch
+        assert record["attached_on"] == second.node_id
+        assert record["mount_paths"] == [str(new_path)]
+        assert _sha256(new_path / "dir" / "synced") == hashlib.sha256(payload).hexdigest()
+        _write_synced(new_path / "after", payload)
+
+        # The old mount child is fenced: the replica rejects its epoch, which FUSE returns as
+        # ESTALE. Its own pxd is dead, so it could not have recorded a write set change either.
+        with pytest.raises(OSError) as raised:
+            _write_synced(old_path / "stale", payload)
+        assert raised.value.errno == errno.ESTALE
+
+        first.start()
+        # The returning pxd drops the stale mounts of a volume attached elsewhere, and the old
+        # mount child ends with them.
+        with open("/proc/self/mounts", encoding="utf-8") as table:
+            mounted = [line.split()[1] for line in table]
+        assert str(old_path) not in mounted
+        assert str(first.data_dir / "mnt" / vol_id) not in mounted
+        wait_until(lambda: not first.child_pids(), 30, "the stale mount child did not exit")
+        record = _wait_in_sync(second, "failover")
+        assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
+        assert record["attached_on"] == second.node_id
+        assert not (new_path / "stale").exists()
+        print(f"\nfailover: mounted on the other node {taken_over:.1f} s after the kill")
+    finally:
+        if first.pxd is None:
+            first.start()
+        first.kill_children()
+        lazy_unmount(old_path)
+        lazy_unmount(first.data_dir / "mnt" / vol_id)
+        _unmount(second, "failover", new_path)
+    _assert_replicas_identical([first, second], vol_id)
+    second.call("volume.delete", "failover")
+
+
+# ha 3 below its write quorum
+
+
+def test_below_quorum_write_rolled_back(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    vol_id = _create(first, "quorum", 3, [first, second, third])
+    path = tmp_path / "mnt"
+    before = os.urandom(4 * MIB)
+    try:
+        _mount(first, "quorum", path)
+        _write_synced(path / "before", before)
+        assert second.stop() == 0
+        assert third.stop() == 0
+        with pytest.raises(OSError) as raised:
+            _write_synced(path / "lost", os.urandom(4 * MIB))
+        assert raised.value.errno == errno.EIO
+        inspected = first.call("volume.inspect", "quorum")
+        assert sorted(inspected["write_set"]) == sorted(n.node_id for n in (first, second, third))
+
+        second.start()
+        third.start()
+
+        # Writes resume once the mount child has reconnected the two and reconciled the blocks
+        # of the failed write, rolling the one replica that stored them back.
+        def writable() -> bool:
+            try:
+                _write_synced(path / "after", b"after")
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                return False
+            return True
+
+        wait_until(writable, RESYNC_DEADLINE, "writes did not resume after the nodes returned")
+        record = first.call("volume.inspect", "quorum")
+        assert len(record["write_set"]) == 3
+        assert record["out_of_sync"] == []
+        assert _sha256(path / "before") == hashlib.sha256(before).hexdigest()
+    finally:
+        for node in (second, third):
+            if node.pxd is None:
+                node.start()
+        _unmount(first, "quorum", path)
+    _assert_replicas_identical([first, second, third], vol_id)
+    first.call("volume.delete", "quorum")
+
+
+# A replica's data file removed or truncated under a mounted volume
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_replica_gets_full_copy(cluster: Cluster, tmp_path: Path, damage: str) -> None:
+    first, second, third = cluster.nodes[:3]
+    name = f"damaged-{damage}"
+    vol_id = _create(first, name, 2, [first, second])
+    path = tmp_path / "mnt"
+    payloads = [os.urandom(8 * MIB), os.urandom(8 * MIB)]
+    try:
+        _mount(third, name, path)
+        _write_synced(path / "before", payloads[0])
+        data_file = second.replica_dir(vol_id) / "data"
+        if damage == "delete":
+            data_file.unlink()
+        else:
+            os.truncate(data_file, 0)
+        _write_synced(path / "after", payloads[1])
+
+        record = _wait_in_sync(third, name)
+        assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
+        state = _runtime(third, name)
+        index = record["replica_nodes"].index(second.node_id)
+        assert _pairs(state["ResyncBlocks"])[index] > 0
+        assert "is marked failed and gets a full copy" in third.log_text()
+        assert _sha256(path / "before") == hashlib.sha256(payloads[0]).hexdigest()
+        assert _sha256(path / "after") == hashlib.sha256(payloads[1]).hexdigest()
+    finally:
+        _unmount(third, name, path)
+    _assert_replicas_identical([first, second], vol_id)
+    first.call("volume.delete", name)
+
+
+# Replica stores that run out of space
+
+
+def _mount_tmpfs(node: ClusterNode, size_mib: int) -> Path:
+    """Stop the node, put its replica store on a tmpfs of `size_mib` MiB and start it again."""
+    store = node.data_dir / "replicas"
+    assert node.stop() == 0
+    store.mkdir(parents=True, exist_ok=True)
+    assert not any(store.iterdir()), f"{store} still holds replicas"
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(store)], check=True
+    )
+    node.start()
+    return store
+
+
+def _unmount_tmpfs(node: ClusterNode, store: Path) -> None:
+    if node.pxd is not None:
+        node.stop()
+    subprocess.run(["umount", str(store)], check=False)
+    node.start()
+
+
+def test_full_stores_leave_write_set_then_enospc(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    # The small store fills first and leaves the write set. The larger one fills next, and
+    # with no store left to drop the writer gets ENOSPC.
+    small = _mount_tmpfs(second, 64)
+    large = _mount_tmpfs(first, 128)
+    vol_id = ""
+    path = tmp_path / "mnt"
+    try:
+        vol_id = _create(first, "full", 2, [first, second], WRITER_VOLUME_SIZE)
+        _mount(third, "full", path)
+        writer = _start_writer(path / "stream", seconds=120, max_bytes=200 * MIB)
+        failed, done = _writer_outcome(writer, timeout=180)
+        assert failed == errno.ENOSPC
+        assert done, "the writer stored nothing"
+        length = done[-1][0]
+        # The small store was full long before the writer failed, and it saw no error then.
+        assert length > 64 * MIB
+
+        inspected = third.call("volume.inspect", "full")
+        assert inspected["write_set"] == [first.node_id]
+        assert inspected["out_of_sync"] == [second.node_id]
+        with open(path / "stream", "rb") as f:
+            synced = f.read(length)
+        assert (
+            hashlib.sha256(synced).hexdigest()
+            == hashlib.sha256(_writer_payload(path / "stream", length)).hexdigest()
+        )
+        print(f"\nfull stores: ENOSPC after {length // MIB} MiB fsync'd")
+    finally:
+        if vol_id:
+            _unmount(third, "full", path)
+            first.call("volume.delete", "full")
+        _unmount_tmpfs(second, small)
+        _unmount_tmpfs(first, large)
