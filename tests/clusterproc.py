@@ -179,7 +179,7 @@ class ClusterNode:
         self.pxd = None
 
     def pause(self) -> None:
-        """SIGSTOP pxd: it keeps its connections open but replies to nothing, as a hung node does."""
+        """SIGSTOP pxd: it keeps its connections open but replies to nothing, like a hung node."""
         assert self.pxd is not None
         self.pxd.send_signal(signal.SIGSTOP)
 

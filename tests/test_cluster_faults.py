@@ -550,7 +550,7 @@ def _mount_tmpfs(node: ClusterNode, size_mib: int) -> Path:
     store = node.data_dir / "replicas"
     assert node.stop() == 0
     store.mkdir(parents=True, exist_ok=True)
-    assert not any(store.iterdir()), f"{store} still holds replicas"
+    assert not any(store.iterdir()), f"{store} still contains replicas"
     subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(store)], check=True
     )
