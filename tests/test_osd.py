@@ -81,7 +81,8 @@ def test_runtime_state_is_map_of_strings() -> None:
     [entry] = volume["runtime_state"]
     state = entry["runtime_state"]
     assert all(isinstance(value, str) for value in state.values())
-    assert state["RuntimeState"] == "detached"
+    assert state["Attachment"] == "detached"
+    assert state["RuntimeState"] == "clean"
     assert state["Epoch"] == "4"
     assert state["WriteQuorum"] == "2"
     assert state["ReplicaNodes"] == "node-a,node-b,node-c"
@@ -100,7 +101,7 @@ def test_attached_here_uses_running_mounts() -> None:
     assert volume["attached_on"] == NODE
     assert volume["attach_path"] == ["/mnt/a"]
     assert volume["attach_time"] == {"seconds": 1_700_000_000, "nanos": 1}
-    assert volume["runtime_state"][0]["runtime_state"]["RuntimeState"] == "mounted"
+    assert volume["runtime_state"][0]["runtime_state"]["Attachment"] == "mounted"
 
 
 def test_attached_elsewhere_uses_catalog_paths() -> None:
@@ -114,7 +115,123 @@ def test_attached_unmounted_has_no_path() -> None:
     volume = osd.volume_to_osd(make_record(attached_on=NODE), NODE)
     assert volume["state"] == 3
     assert "attach_path" not in volume
-    assert volume["runtime_state"][0]["runtime_state"]["RuntimeState"] == "attached"
+    assert volume["runtime_state"][0]["runtime_state"]["Attachment"] == "attached"
+
+
+def runtime_state(volume: dict[str, Any]) -> dict[str, str]:
+    """Return the one runtime state map of an OSD Volume."""
+    [entry] = volume["runtime_state"]
+    state: dict[str, str] = entry["runtime_state"]
+    return state
+
+
+def test_record_state_of_clean_volume() -> None:
+    record = make_record(write_set=["node-a", "node-b", "node-c"], out_of_sync=[])
+    volume = osd.volume_to_osd(record, NODE)
+    state = runtime_state(volume)
+    assert volume["status"] == osd.VOLUME_STATUS_UP
+    assert state["RuntimeState"] == "clean"
+    assert state["ReadQuorum"] == "1"
+    assert state["WriteQuorum"] == "2"
+    assert state["WriteSet"] == "[0 1 2]"
+    assert state["ReadSet"] == "[0 1 2]"
+    assert state["ReplicaSetCurr"] == "[0 1 2]"
+    assert state["ReplicaSetNext"] == "[0 1 2]"
+
+
+def test_record_without_write_set_is_clean() -> None:
+    volume = osd.volume_to_osd(make_record(), NODE)
+    assert volume["status"] == osd.VOLUME_STATUS_UP
+    assert runtime_state(volume)["WriteSet"] == "[0 1 2]"
+
+
+def test_shrunk_write_set_is_degraded() -> None:
+    record = make_record(ha_level=2, replica_nodes=["node-a", "node-b"], write_set=["node-b"])
+    record["out_of_sync"] = ["node-a"]
+    volume = osd.volume_to_osd(record, NODE)
+    state = runtime_state(volume)
+    assert osd.VOLUME_STATUS_DEGRADED == 4
+    assert volume["status"] == osd.VOLUME_STATUS_DEGRADED
+    assert state["RuntimeState"] == "degraded"
+    assert state["WriteSet"] == "[1]"
+    assert state["WriteQuorum"] == "1"
+    assert volume["replica_sets"] == [{"nodes": ["node-a", "node-b"]}]
+
+
+def test_out_of_sync_alone_is_degraded() -> None:
+    record = make_record(write_set=["node-a", "node-b", "node-c"], out_of_sync=["node-c"])
+    volume = osd.volume_to_osd(record, NODE)
+    assert volume["status"] == osd.VOLUME_STATUS_DEGRADED
+    assert runtime_state(volume)["WriteSet"] == "[0 1]"
+
+
+def test_child_state_merged_over_record() -> None:
+    child = {
+        "RuntimeState": "resync",
+        "ReadQuorum": "1",
+        "WriteQuorum": "2",
+        "ReadSet": "[1 0]",
+        "WriteSet": "[0 1]",
+        "ReplicaSetCurr": "[0 1 2]",
+        "ReplicaSetNext": "[0 1 2]",
+        "ResyncBlocks": "[{0 0} {1 0} {2 17}]",
+        "ResyncProgress": "[{2 100/400}]",
+    }
+    record = make_record(
+        attached_on=NODE,
+        mounted=["/mnt/a"],
+        write_set=["node-a", "node-b"],
+        out_of_sync=["node-c"],
+        runtime_state=child,
+    )
+    volume = osd.volume_to_osd(record, NODE)
+    state = runtime_state(volume)
+    assert volume["status"] == osd.VOLUME_STATUS_DEGRADED
+    for key, value in child.items():
+        assert state[key] == value, key
+    assert state["Attachment"] == "mounted"
+    assert state["Epoch"] == "0"
+    assert osd.replication_status(record) == "resync"
+
+
+def test_child_degraded_with_clean_record() -> None:
+    # The child reports degraded while a replica that an ha raise adds waits for its copy. The
+    # ha_level replicas are in sync, so the volume is up.
+    record = make_record(
+        ha_level=1,
+        replica_nodes=["node-a"],
+        replica_nodes_next=["node-a", "node-b"],
+        write_set=["node-a"],
+        out_of_sync=["node-b"],
+        runtime_state={"RuntimeState": "degraded"},
+    )
+    volume = osd.volume_to_osd(record, NODE)
+    assert volume["status"] == osd.VOLUME_STATUS_UP
+    assert osd.replication_status(record) == "clean"
+
+
+def test_ha_raise_lists_next_replica_set() -> None:
+    record = make_record(
+        ha_level=2,
+        replica_nodes=["node-a", "node-b"],
+        replica_nodes_next=["node-a", "node-b", "node-c"],
+        write_set=["node-a", "node-b"],
+        out_of_sync=["node-c"],
+    )
+    volume = osd.volume_to_osd(record, NODE)
+    state = runtime_state(volume)
+    assert volume["replica_sets"] == [{"nodes": ["node-a", "node-b", "node-c"]}]
+    assert volume["status"] == osd.VOLUME_STATUS_UP
+    assert state["ReplicaSetCurr"] == "[0 1]"
+    assert state["ReplicaSetNext"] == "[0 1 2]"
+    assert state["WriteSet"] == "[0 1]"
+
+
+def test_ha_lower_lists_smaller_next_set() -> None:
+    record = make_record(replica_nodes_next=["node-a", "node-c"])
+    state = runtime_state(osd.volume_to_osd(record, NODE))
+    assert state["ReplicaSetCurr"] == "[0 1 2]"
+    assert state["ReplicaSetNext"] == "[0 2]"
 
 
 def test_labels_in_locator_and_spec() -> None:

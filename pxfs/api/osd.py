@@ -23,6 +23,7 @@ FS_TYPE_FUSE = 3
 VOLUME_STATE_ATTACHED = 3
 VOLUME_STATE_DETACHED = 4
 VOLUME_STATUS_UP = 2
+VOLUME_STATUS_DEGRADED = 4
 ACTION_NONE = 0
 ACTION_OFF = 1
 ACTION_ON = 2
@@ -63,11 +64,11 @@ def volume_to_osd(record: Mapping[str, Any], node_id: str) -> dict[str, Any]:
         # creation time here until a scan happens, and so does pxfs.
         "last_scan": ctime,
         "format": FS_TYPE_FUSE,
-        "status": VOLUME_STATUS_UP,
+        "status": volume_status(record),
         "state": VOLUME_STATE_ATTACHED if attached_on else VOLUME_STATE_DETACHED,
         "attached_on": attached_on,
         "attach_path": attach_paths,
-        "replica_sets": [{"nodes": [str(node) for node in record.get("replica_nodes") or []]}],
+        "replica_sets": [{"nodes": replica_set_nodes(record)}],
         "runtime_state": [{"runtime_state": _runtime_state(record, attach_paths)}],
         "attach_time": timestamp(record.get("attach_time_ns", 0)),
         "detach_time": timestamp(record.get("detach_time_ns", 0)),
@@ -124,24 +125,127 @@ def _attach_paths(record: Mapping[str, Any], node_id: str) -> list[str]:
 
 
 def _runtime_state(record: Mapping[str, Any], attach_paths: list[str]) -> dict[str, str]:
+    """Merge the mount child's runtime state over the one that the record alone gives."""
     if attach_paths:
-        state = "mounted"
+        attachment = "mounted"
     elif record.get("attached_on"):
-        state = "attached"
+        attachment = "attached"
     else:
-        state = "detached"
-    ha_level = int(record["ha_level"])
+        attachment = "detached"
     values = {
         "ID": "0",
-        "RuntimeState": state,
+        "Attachment": attachment,
         "Epoch": str(int(record.get("epoch") or 0)),
         "FilesystemUUID": str(record.get("uuid") or ""),
         "ReplicaNodes": ",".join(str(node) for node in record.get("replica_nodes") or []),
-        "ReadQuorum": "1",
-        "WriteQuorum": str(write_quorum(ha_level)),
         "MountPaths": ",".join(str(path) for path in record.get("mount_paths") or []),
+        **record_replication_state(record),
     }
+    values.update(child_runtime_state(record))
     return {key: value for key, value in values.items() if value}
+
+
+# --- Replication state --------------------------------------------------------------------------
+
+#: RuntimeState values of a mount child (docs/replication.md) and of a record without one.
+REPLICATION_CLEAN = "clean"
+REPLICATION_DEGRADED = "degraded"
+REPLICATION_RESYNC = "resync"
+
+
+def replica_nodes(record: Mapping[str, Any]) -> list[str]:
+    """Return the record's replica nodes as strings."""
+    return [str(node) for node in record.get("replica_nodes") or []]
+
+
+def replica_set_nodes(record: Mapping[str, Any]) -> list[str]:
+    """Return the nodes of the volume's replica set: the replica nodes, then those being added.
+
+    During a raise of the ha level, `replica_nodes_next` names the new nodes, which hold a
+    replica that is still being copied. The indexes of ReplicaSetNext point into this list.
+    """
+    nodes = replica_nodes(record)
+    for node in record.get("replica_nodes_next") or []:
+        if str(node) not in nodes:
+            nodes.append(str(node))
+    return nodes
+
+
+def in_sync_nodes(record: Mapping[str, Any]) -> list[str]:
+    """Return the replica nodes that are in the write set and not out of sync."""
+    nodes = replica_nodes(record)
+    # Records written before pxd tracked the write set have none: every replica was in it.
+    write_set = record.get("write_set")
+    members = nodes if write_set is None else [str(node) for node in write_set]
+    out_of_sync = {str(node) for node in record.get("out_of_sync") or []}
+    return [node for node in nodes if node in members and node not in out_of_sync]
+
+
+def replication_status(record: Mapping[str, Any]) -> str:
+    """Return resync, degraded or clean: the replication state that pxctl shows.
+
+    It is resync while the mount child copies to a replica, degraded while fewer replica nodes
+    than ha_level are in sync, and clean otherwise.
+    """
+    if child_runtime_state(record).get("RuntimeState") == REPLICATION_RESYNC:
+        return REPLICATION_RESYNC
+    if is_degraded(record):
+        return REPLICATION_DEGRADED
+    return REPLICATION_CLEAN
+
+
+def is_degraded(record: Mapping[str, Any]) -> bool:
+    """True when fewer of the replica nodes than ha_level are in sync.
+
+    The catalog records a replica as out of sync before a write that missed it is acknowledged,
+    and a resyncing replica stays out of sync until it rejoins the write set, so the record
+    alone decides. A replica being added by a raise of the ha level does not count.
+    """
+    return len(in_sync_nodes(record)) < int(record["ha_level"])
+
+
+def volume_status(record: Mapping[str, Any]) -> int:
+    """Return the VolumeStatus: DEGRADED with fewer in-sync replicas than ha_level, else UP."""
+    return VOLUME_STATUS_DEGRADED if is_degraded(record) else VOLUME_STATUS_UP
+
+
+def child_runtime_state(record: Mapping[str, Any]) -> dict[str, str]:
+    """Return the runtime state that pxd got from the volume's mount child, or {} without one."""
+    state = record.get("runtime_state")
+    if not isinstance(state, Mapping):
+        return {}
+    return {str(key): str(value) for key, value in state.items()}
+
+
+def record_replication_state(record: Mapping[str, Any]) -> dict[str, str]:
+    """Build the Portworx runtime state keys from the record's write set and replica nodes.
+
+    This is the state of a volume whose mount child does not run on the serving node. Replica
+    sets are lists of indexes into `replica_set_nodes`. The read order of a child is unknown
+    here, so ReadSet is the write set in replica order.
+    """
+    nodes = replica_set_nodes(record)
+    synced = in_sync_nodes(record)
+    ha_level = int(record["ha_level"])
+    current = replica_nodes(record)
+    target = [str(node) for node in record.get("replica_nodes_next") or current]
+    write_set = _index_list(nodes, synced)
+    state = REPLICATION_DEGRADED if is_degraded(record) else REPLICATION_CLEAN
+    return {
+        "RuntimeState": state,
+        "ReadQuorum": "1",
+        "WriteQuorum": str(max(write_quorum(ha_level), min(len(synced), 2))),
+        "ReadSet": write_set,
+        "WriteSet": write_set,
+        "ReplicaSetCurr": _index_list(nodes, current),
+        "ReplicaSetNext": _index_list(nodes, target),
+    }
+
+
+def _index_list(nodes: list[str], members: list[str]) -> str:
+    """Format the indexes in `nodes` of `members` as Go prints an int slice: "[0 2]"."""
+    indexes = sorted(nodes.index(node) for node in members if node in nodes)
+    return "[" + " ".join(str(index) for index in indexes) + "]"
 
 
 # --- Stats --------------------------------------------------------------------------------------
