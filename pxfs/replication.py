@@ -341,15 +341,47 @@ class ReplicationClient:
         """Return once every completed write is durable on a write quorum."""
         self._check_usable()
 
+        targets = self._targets()
+        flushed: set[str] = set()
+        quorum_flushed = trio.Event()
+
         async def flush_replica(replica: _Replica) -> None:
             await replica.call("store.flush", self.vol_id, timeout=SLOW_TIMEOUT)
             # The writes are durable only if they went to the replica's own data file. A versions
             # call raises Corrupted when that file was removed, replaced or truncated under the
             # store, so the replica leaves the write set and its resync makes a full copy.
             await replica.call("store.versions", self.vol_id, 0, 1)
+            flushed.add(replica.id)
+            if len(flushed & set(self._write_set)) >= self.write_quorum:
+                quorum_flushed.set()
 
-        outcomes = await self._fan_out_each(self._targets(), flush_replica)
+        async with trio.open_nursery() as nursery:
+            if self._timeout is not None and len(targets) > 1:
+                nursery.start_soon(self._drop_slow_flushes, targets, flushed, quorum_flushed)
+            outcomes = await self._fan_out_each(targets, flush_replica)
+            nursery.cancel_scope.cancel()
         await self._settle("flush", outcomes, ())
+
+    async def _drop_slow_flushes(
+        self, targets: list[_Replica], flushed: set[str], quorum_flushed: trio.Event
+    ) -> None:
+        """Close the connections of replicas still flushing `_timeout` s after a quorum flushed.
+
+        Their flush fails, so they leave the write set. Without this, a replica that stopped
+        replying would hold every fsync for SLOW_TIMEOUT.
+        """
+        await quorum_flushed.wait()
+        assert self._timeout is not None
+        await trio.sleep(self._timeout)
+        for replica in targets:
+            if replica.id not in flushed:
+                log.warning(
+                    "volume %s: replica %s did not flush within %g s of a write quorum",
+                    self.vol_id,
+                    replica.name,
+                    self._timeout,
+                )
+                await replica.client.aclose()
 
     async def grow(self, nblocks: int) -> None:
         """Grow the replicas to `nblocks` blocks; equal is a no-op, smaller raises.
