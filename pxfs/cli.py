@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from pxfs import errors, units
+from pxfs.api import osd
 from pxfs.api.osd import volume_to_osd
 from pxfs.config import Config
 from pxfs.rpc import BlockingClient
@@ -127,6 +128,16 @@ def parse_count_option(text: str) -> int:
     return int(text)
 
 
+def parse_nodes_option(text: str) -> list[str]:
+    """Parse --nodes: comma-separated node ids or IPs."""
+    nodes = [node.strip() for node in parse_text(text).split(",")]
+    if not all(nodes):
+        raise argparse.ArgumentTypeError(
+            f"invalid node list {text!r}: expected node ids or IPs separated by commas"
+        )
+    return nodes
+
+
 def parse_labels(text: str) -> dict[str, str]:
     """Parse --label: comma-separated KEY=VALUE pairs."""
     labels: dict[str, str] = {}
@@ -152,6 +163,8 @@ def volume_create(client: BlockingClient, args: argparse.Namespace) -> int:
             raise errors.InvalidArgument(f"duplicate label key {duplicates[0]!r}")
         labels.update(group)
     request = {"name": args.name, "size": args.size, "ha_level": args.repl, "labels": labels}
+    if args.nodes:
+        request["nodes"] = osd.node_ids_from_ips(client.call("cluster.nodes"), args.nodes)
     record = client.call("volume.create", request)
     if args.json:
         _print_json(volume_to_osd(record, _node_id(client)))
@@ -661,6 +674,12 @@ def _add_volume_commands(commands: Any) -> None:
         action="append",
         metavar="KEY=VALUE,...",
         help="labels to set, comma-separated; may be repeated",
+    )
+    create.add_argument(
+        "--nodes",
+        type=parse_nodes_option,
+        metavar="ID,...",
+        help="node ids or IPs to place the replicas on, one per replica (default: pxd chooses)",
     )
     _add_json(create)
     create.set_defaults(func=volume_create)

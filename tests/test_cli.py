@@ -115,6 +115,8 @@ def test_create_size_with_suffix(pxd: Any) -> None:
         (["vol1", "--label", "novalue"], "invalid label"),
         (["vol1", "--label", "a=b,a=c"], "duplicate label key 'a'"),
         (["vol1", "--label", "a=b", "--label", "a=c"], "duplicate label key 'a'"),
+        (["vol1", "--nodes", "a,,b"], "invalid node list 'a,,b'"),
+        (["vol1", "--nodes", ""], "invalid node list ''"),
         (["vol1", "--repl", "\u0661"], "invalid replica count"),
         (["vol1", "--repl", "\uff12"], "invalid replica count"),
         (["vol1\u2028x"], "non-printable character U+2028"),
@@ -138,6 +140,21 @@ def test_create_conflict_exit_code(pxd: Any) -> None:
     assert_one_line_error(result, errors.AlreadyExists.exit_code)
     assert "vol1" in result.stderr
     assert len(pxd.volumes) == 1
+
+
+def test_create_on_nodes(pxd: Any) -> None:
+    pxd.other_nodes = [{"node_id": "node-b2", "online": True, "ip": "127.0.0.2"}]
+    volume_id = create(pxd, "vol1", "--repl", "2", "--nodes", f"127.0.0.2,{pxd.node_id}")
+    assert pxd.volumes[volume_id]["replica_nodes"] == ["node-b2", pxd.node_id]
+    [(_, (request,))] = [call for call in pxd.calls if call[0] == "volume.create"]
+    assert request["nodes"] == ["node-b2", pxd.node_id]
+
+
+def test_create_on_unknown_node(pxd: Any) -> None:
+    result = pxctl(pxd.socket, "volume", "create", "vol1", "--nodes", "10.9.9.9")
+    assert_one_line_error(result, errors.InvalidArgument.exit_code)
+    assert "no node with IP or id '10.9.9.9'" in result.stderr
+    assert pxd.volumes == {}
 
 
 def test_create_json(pxd: Any) -> None:

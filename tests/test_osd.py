@@ -336,8 +336,8 @@ def test_create_request_accepts_fuse_format() -> None:
         ),
         ({"locator": {"name": "v1"}, "spec": {"size": GIB}, "source": {"parent": "7"}}, "clone"),
         (
-            {"locator": {"name": "v1"}, "spec": {"size": GIB, "replica_set": {"nodes": ["n"]}}},
-            "spec.replica_set",
+            {"locator": {"name": "v1"}, "spec": {"size": GIB, "replica_set": {"nodes": [1]}}},
+            "spec.replica_set.nodes",
         ),
         ({"locator": {"name": "a/b"}, "spec": {"size": GIB}}, "'/'"),
         ({"locator": {"name": ".."}, "spec": {"size": GIB}}, "reserved"),
@@ -347,6 +347,28 @@ def test_create_request_rejects(body: dict[str, Any], expected: str) -> None:
     with pytest.raises(errors.InvalidArgument) as caught:
         osd.parse_create_request(body)
     assert expected in caught.value.message
+
+
+def test_create_request_replica_nodes() -> None:
+    body = {"locator": {"name": "v1"}, "spec": {"size": GIB, "ha_level": 2}}
+    body["spec"]["replica_set"] = {"nodes": ["node-b", "10.0.0.3"]}
+    request = osd.parse_create_request(body)
+    assert request.nodes == ["node-b", "10.0.0.3"]
+    assert request.to_rpc()["nodes"] == ["node-b", "10.0.0.3"]
+
+
+def test_create_request_without_nodes() -> None:
+    body = {"locator": {"name": "v1"}, "spec": {"size": GIB, "replica_set": {"nodes": []}}}
+    request = osd.parse_create_request(body)
+    assert request.nodes is None
+    assert "nodes" not in request.to_rpc()
+
+
+def test_node_ids_from_ips() -> None:
+    nodes = [{"node_id": "node-a", "ip": "10.0.0.1"}, {"node_id": "node-b", "ip": "10.0.0.2"}]
+    assert osd.node_ids_from_ips(nodes, ["10.0.0.2", "node-a"]) == ["node-b", "node-a"]
+    with pytest.raises(errors.InvalidArgument, match="10.0.0.9"):
+        osd.node_ids_from_ips(nodes, ["10.0.0.9"])
 
 
 # --- VolumeSetRequest ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from pxfs import errors, units
+from pxfs.api import osd
 from pxfs.api.control import ControlClient
 from pxfs.api.server import oversized_body
 
@@ -66,7 +67,6 @@ _FEATURE_FLAGS = {
 _UNSUPPORTED_VALUES = {
     "secret_key": "pxfs volumes have no encryption",
     "parent": "pxfs cannot clone volumes",
-    "nodes": "pxd places the replicas itself",
 }
 #: Authentication options of openstorage; they describe the caller, not the volume.
 _DROPPED = {"token", "token_secret"}
@@ -85,15 +85,20 @@ class CreateSpec:
     labels: dict[str, str] = field(default_factory=dict)
     #: True when size or repl was given, so an existing volume of this name must match them.
     explicit: bool = False
+    #: The ids or IPs of the nodes to place the replicas on; None lets pxd choose them.
+    nodes: list[str] | None = None
 
     def to_rpc(self) -> dict[str, Any]:
         """Return the argument of pxd's volume.create."""
-        return {
+        request: dict[str, Any] = {
             "name": self.name,
             "size": self.size,
             "ha_level": self.ha_level,
             "labels": self.labels,
         }
+        if self.nodes is not None:
+            request["nodes"] = list(self.nodes)
+        return request
 
 
 def parse_inline(text: str) -> dict[str, str] | None:
@@ -134,8 +139,9 @@ def parse_create(docker_name: Any, opts: Any) -> CreateSpec:
     """Parse the Name and Opts of a Create request; raises InvalidArgument or NotSupported.
 
     An inline spec in the name wins and Opts is ignored, as openstorage does. Keys match
-    case-insensitively: size (a bare number is GiB), repl (1 to 3), labels ("k1=v1,k2=v2"), fs
-    (only "fuse"), and every key that pxfs does not interpret becomes a volume label.
+    case-insensitively: size (a bare number is GiB), repl (1 to 3), labels ("k1=v1,k2=v2"),
+    nodes ("ID;ID", node ids or IPs), fs (only "fuse"), and every key that pxfs does not
+    interpret becomes a volume label.
     """
     name = volume_name(docker_name)
     inline = parse_inline(docker_name)
@@ -179,6 +185,8 @@ def _apply_option(spec: CreateSpec, labels: dict[str, str], key: str, value: str
         spec.explicit = True
     elif key == "labels":
         spec.labels.update(_parse_labels(value))
+    elif key == "nodes":
+        spec.nodes = _parse_nodes(value)
     elif key == "fs":
         if value.strip().lower() != "fuse":
             raise errors.NotSupported(
@@ -209,6 +217,12 @@ def _parse_repl(value: str) -> int:
             f"invalid repl {value!r}: expected a replica count from 1 to {MAX_HA_LEVEL}"
         )
     return int(text)
+
+
+def _parse_nodes(value: str) -> list[str] | None:
+    """Parse nodes=ID;ID, the ids or IPs of the replica nodes; an empty value sets none."""
+    nodes = [node.strip() for node in value.split(";") if node.strip()]
+    return nodes or None
 
 
 def _parse_labels(value: str) -> dict[str, str]:
@@ -408,6 +422,9 @@ class DockerPlugin:
         expect a repeated `docker volume create` to succeed with the options it was given.
         """
         spec = parse_create(docker_name, opts)
+        if spec.nodes is not None:
+            nodes = await self.control.call("cluster.nodes")
+            spec.nodes = osd.node_ids_from_ips(nodes, spec.nodes)
         record = await self._find(spec.name)
         if record is not None and not spec.explicit:
             log.info("volume %s exists; Create without size or repl uses it", spec.name)

@@ -427,6 +427,11 @@ def node_id_from_ip(nodes: list[Mapping[str, Any]], id_or_ip: str) -> str:
     raise errors.InvalidArgument(f"no node with IP or id {id_or_ip!r} in the cluster")
 
 
+def node_ids_from_ips(nodes: list[Mapping[str, Any]], ids_or_ips: list[str]) -> list[str]:
+    """Translate node IPs to node ids with node_id_from_ip, as openstorage does for replica sets."""
+    return [node_id_from_ip(nodes, id_or_ip) for id_or_ip in ids_or_ips]
+
+
 def rfc3339(ns: int) -> str:
     """Format nanoseconds since the epoch as Go's time.Time encodes itself in JSON (UTC)."""
     if not ns:
@@ -449,15 +454,20 @@ class CreateRequest:
     size: int
     ha_level: int
     labels: dict[str, str]
+    #: The ids or IPs of the nodes to place the replicas on; None lets pxd choose them.
+    nodes: list[str] | None = None
 
     def to_rpc(self) -> dict[str, Any]:
         """Return the argument of volume.create."""
-        return {
+        request: dict[str, Any] = {
             "name": self.name,
             "size": self.size,
             "ha_level": self.ha_level,
             "labels": dict(self.labels),
         }
+        if self.nodes is not None:
+            request["nodes"] = list(self.nodes)
+        return request
 
 
 @dataclass
@@ -529,16 +539,16 @@ def parse_create_request(body: Mapping[str, Any]) -> CreateRequest:
     _check_ha_level(ha_level)
     _check_format(spec)
     _check_unsupported(spec)
-    if _replica_nodes(spec):
-        raise errors.InvalidArgument(
-            "spec.replica_set is not supported at create: pxd chooses the replica nodes"
-        )
+    # An empty list is what a Go client sends for no replica set, so pxd chooses the nodes.
+    nodes = _replica_nodes(spec) or None
 
     # Spec labels are deprecated in openstorage; the locator's labels win where both set a key.
     labels = _string_map(spec, "volume_labels", "spec.volume_labels") or {}
     labels.update(_string_map(locator, "volume_labels", "locator.volume_labels") or {})
     units.validate_labels(labels)
-    return CreateRequest(name=name, size=units.check_size(size), ha_level=ha_level, labels=labels)
+    return CreateRequest(
+        name=name, size=units.check_size(size), ha_level=ha_level, labels=labels, nodes=nodes
+    )
 
 
 def parse_set_request(body: Mapping[str, Any]) -> SetRequest:

@@ -47,8 +47,11 @@ async def list_versions(request: web.Request) -> web.Response:
 async def create_volume(request: web.Request) -> web.Response:
     """Create a volume, or return the existing one of the same name, size and HA level."""
     create = osd.parse_create_request(osd.decode_body(await request.read()))
+    control = _control(request)
+    if create.nodes is not None:
+        create.nodes = osd.node_ids_from_ips(await control.call("cluster.nodes"), create.nodes)
     try:
-        record = await _control(request).call("volume.create", create.to_rpc())
+        record = await control.call("volume.create", create.to_rpc())
     except _HARD_ERRORS:
         raise
     except errors.PxfsError as exc:

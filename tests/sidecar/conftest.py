@@ -120,13 +120,14 @@ class FakePxd:
         }
 
     def create(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Serve volume.create, idempotent by name, size and HA level."""
+        """Serve volume.create, idempotent by name, size and HA level; `nodes` pins replicas."""
         for record in self.volumes.values():
             if record["name"] != spec["name"]:
                 continue
             if record["size"] == spec["size"] and record["ha_level"] == spec["ha_level"]:
                 return record
             raise errors.AlreadyExists(f"volume {spec['name']} exists with another size or HA")
+        replica_nodes = self._replica_nodes(spec)
         volume_id = str(secrets.randbits(63))
         record = {
             "id": volume_id,
@@ -136,7 +137,10 @@ class FakePxd:
             "ha_level": spec["ha_level"],
             "ctime_ns": time.time_ns(),
             "uuid": "c0ffee00-0000-4000-8000-000000000001",
-            "replica_nodes": [self.node_id],
+            "replica_nodes": replica_nodes,
+            "write_set": list(replica_nodes),
+            "out_of_sync": [],
+            "runtime_state": {},
             "epoch": 0,
             "attached_on": "",
             "attach_time_ns": 0,
@@ -147,6 +151,24 @@ class FakePxd:
         }
         self.volumes[volume_id] = record
         return record
+
+    def _replica_nodes(self, spec: dict[str, Any]) -> list[str]:
+        """Check the `nodes` of volume.create as pxd does; without them, all replicas are here."""
+        requested = spec.get("nodes")
+        if requested is None:
+            return [self.node_id]
+        online = {node["node_id"] for node in self.cluster_nodes() if node.get("online")}
+        if len(requested) != spec["ha_level"] or len(set(requested)) != len(requested):
+            raise errors.InvalidArgument(
+                f"ha_level {spec['ha_level']} needs {spec['ha_level']} distinct replica nodes, "
+                f"but {requested} are given"
+            )
+        for node_id in requested:
+            if node_id not in online:
+                raise errors.InvalidArgument(
+                    f"replica node {node_id} is not an online node of the cluster"
+                )
+        return list(requested)
 
     def list(self, filters: dict[str, Any]) -> list[dict[str, Any]]:
         """Serve volume.list with the name, labels and ids filters."""

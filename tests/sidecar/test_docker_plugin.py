@@ -268,7 +268,7 @@ async def test_create_control_label_value(plugin: Plugin, opts: dict[str, str]) 
         ({"dedupe": "true"}, "deduplication"),
         ({"secret_key": "k"}, "encryption"),
         ({"parent": "other"}, "cannot clone"),
-        ({"nodes": "n1,n2"}, "places the replicas"),
+        ({"nodes": "n1;n2"}, "no node with IP or id 'n1'"),
         ({"fs": "ext4"}, "FUSE filesystems"),
         ({"shared": "maybe"}, "expected true or false"),
         ({"size": 10}, "must be a string"),
@@ -968,3 +968,19 @@ async def test_recreated_volume_released_by_last_unmount(plugin: Plugin) -> None
     assert plugin.refs()["volumes"] == {}
     assert plugin.record("dk7")["mount_paths"] == []
     assert plugin.record("dk7")["attached_on"] == ""
+
+
+# --- Create: replica nodes ----------------------------------------------------------------------
+
+
+async def test_create_nodes_option(plugin: Plugin) -> None:
+    plugin.fake.other_nodes = [{"node_id": "node-b2", "online": True, "ip": "127.0.0.2"}]
+    await create(plugin, "pinned", repl="2", nodes=f"127.0.0.2;{plugin.fake.node_id}")
+    record = plugin.record("pinned")
+    assert record["replica_nodes"] == ["node-b2", plugin.fake.node_id]
+    assert record["labels"] == {}
+
+
+async def test_create_empty_nodes_option(plugin: Plugin) -> None:
+    await create(plugin, "free", nodes="")
+    assert plugin.record("free")["replica_nodes"] == [plugin.fake.node_id]
