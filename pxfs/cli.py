@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -198,11 +199,12 @@ def volume_inspect(client: BlockingClient, args: argparse.Namespace) -> int:
         node_id = _node_id(client)
         _print_json([volume_to_osd(record, node_id) for record in records])
         return 0
+    node_id = _node_id(client)
     for index, record in enumerate(records):
         if index:
             print()
         stats = client.call("volume.stats", record["id"], True)
-        print("\n".join(inspect_lines(record, stats)))
+        print("\n".join(inspect_lines(record, stats, node_id)))
     return 0
 
 
@@ -413,8 +415,14 @@ def node_status(client: BlockingClient, args: argparse.Namespace) -> int:
 # --- Output -------------------------------------------------------------------------------------
 
 
-def inspect_lines(record: Mapping[str, Any], stats: Mapping[str, Any]) -> list[str]:
-    """Return the `volume inspect` text of one volume record and its cumulative Stats."""
+def inspect_lines(
+    record: Mapping[str, Any], stats: Mapping[str, Any], node_id: str = ""
+) -> list[str]:
+    """Return the `volume inspect` text of one volume record and its cumulative Stats.
+
+    `node_id` is the node that pxctl talks to, which decides the mount paths of the runtime
+    state as in the REST API.
+    """
     attached_on = record.get("attached_on") or ""
     mounted = record.get("mounted")
     paths = mounted if mounted is not None else record.get("mount_paths") or []
@@ -429,7 +437,7 @@ def inspect_lines(record: Mapping[str, Any], stats: Mapping[str, Any]) -> list[s
         ("IO Priority", "LOW"),
         ("Creation time", format_time(record.get("ctime_ns", 0))),
         ("Shared", "no"),
-        ("Status", "up"),
+        ("Status", volume_status_word(record)),
         ("State", f"Attached: {attached_on}" if attached_on else "detached"),
         ("Mount paths", ", ".join(str(path) for path in paths) or "none"),
         ("Labels", labels or "none"),
@@ -446,10 +454,96 @@ def inspect_lines(record: Mapping[str, Any], stats: Mapping[str, Any]) -> list[s
     ]
     lines = [f"Volume{' ' * (_LABEL_WIDTH - 6)}:  {record['id']}"]
     lines += _field_lines(fields)
-    lines.append("\tReplica sets on nodes:")
-    lines.append("\t\tSet 0")
-    for node in record.get("replica_nodes") or []:
-        lines.append(f"\t\t\tNode\t:  {units.escape_control(str(node))}")
+    lines += replica_set_lines(record)
+    lines.append(f"\tReplication Status\t:  {replication_status_text(record)}")
+    lines += runtime_state_lines(osd.runtime_state(record, node_id))
+    return lines
+
+
+#: Runtime state keys that inspect shows in other lines, so its runtime state block skips them.
+_SHOWN_ELSEWHERE = ("ID", "Attachment", "Epoch", "FilesystemUUID", "ReplicaNodes", "MountPaths")
+#: The Portworx keys of the runtime state, in the order of its Volume JSON example.
+_RUNTIME_STATE_ORDER = (
+    "RuntimeState", "ReadQuorum", "WriteQuorum", "ReadSet", "WriteSet", "ReplicaSetCurr",
+    "ReplicaSetNext", "ResyncBlocks", "FullResyncBlocks", "ResyncProgress", "RepairedBlocks",
+)  # fmt: skip
+
+
+def volume_status_word(record: Mapping[str, Any]) -> str:
+    """Return the volume status of inspect and list: up, or degraded below ha_level in sync."""
+    return "degraded" if osd.is_degraded(record) else "up"
+
+
+def replication_status_text(record: Mapping[str, Any]) -> str:
+    """Return Up, Degraded, or Resync with the progress of each replica being copied."""
+    status = osd.replication_status(record)
+    if status == osd.REPLICATION_CLEAN:
+        return "Up"
+    if status == osd.REPLICATION_DEGRADED:
+        return "Degraded"
+    progress = resync_progress(record)
+    if not progress:
+        return "Resync"
+    return "Resync (" + ", ".join(f"{node} {done}" for node, done in progress.items()) + ")"
+
+
+def resync_progress(record: Mapping[str, Any]) -> dict[str, str]:
+    """Return, by node, the percentage of blocks that a running resync has scanned.
+
+    The progress of a change of the ha level comes by node id. The mount child's ResyncProgress,
+    "[{2 100/400}]", pairs an index into the replica set with the scanned and total blocks.
+    """
+    percent: dict[str, str] = {}
+    ha_update = record.get("ha_update")
+    by_node = ha_update.get("progress") if isinstance(ha_update, Mapping) else None
+    for node, entry in (by_node or {}).items():
+        if isinstance(entry, Mapping):
+            percent[str(node)] = _percent(entry.get("scanned"), entry.get("total"))
+    nodes = osd.replica_set_nodes(record)
+    state = osd.child_runtime_state(record).get("ResyncProgress", "")
+    for index, scanned, total in re.findall(r"\{(\d+) (\d+)/(\d+)\}", state):
+        if int(index) < len(nodes):
+            percent.setdefault(nodes[int(index)], _percent(scanned, total))
+    return percent
+
+
+def _percent(done: Any, total: Any) -> str:
+    total_blocks = int(total or 0)
+    if total_blocks <= 0:
+        return "0%"
+    return f"{min(int(done or 0) * 100 // total_blocks, 100)}%"
+
+
+def replica_set_lines(record: Mapping[str, Any]) -> list[str]:
+    """Return the replica set lines of inspect: one node a line, with its state when not in sync."""
+    in_sync = set(osd.in_sync_nodes(record))
+    current = set(osd.replica_nodes(record))
+    target = record.get("replica_nodes_next")
+    progress = resync_progress(record)
+    lines = ["\tReplica sets on nodes:", "\t\tSet 0"]
+    for node in osd.replica_set_nodes(record):
+        notes = []
+        if node not in current:
+            notes.append("being added")
+        elif target is not None and node not in target:
+            notes.append("being removed")
+        if node in progress:
+            notes.append(f"resync {progress[node]}")
+        elif node in current and node not in in_sync:
+            notes.append("out of sync")
+        suffix = f" ({', '.join(notes)})" if notes else ""
+        lines.append(f"\t\t\tNode\t:  {units.escape_control(node)}{suffix}")
+    return lines
+
+
+def runtime_state_lines(state: Mapping[str, str]) -> list[str]:
+    """Return the runtime state block of inspect: the Portworx keys first, then the others."""
+    keys = [key for key in _RUNTIME_STATE_ORDER if key in state]
+    keys += sorted(key for key in state if key not in keys and key not in _SHOWN_ELSEWHERE)
+    lines = ["\tRuntime state:"]
+    for key in keys:
+        value = units.escape_control(str(state[key]))
+        lines.append(f"\t\t{units.escape_control(key):<{_LABEL_WIDTH}}:  {value}")
     return lines
 
 
@@ -558,17 +652,21 @@ def format_time(ns: int | None) -> str:
 
 def _list_row(record: Mapping[str, Any]) -> list[str]:
     attached_on = record.get("attached_on") or ""
-    status = f"up - attached on {attached_on}" if attached_on else "up - detached"
+    where = f"attached on {attached_on}" if attached_on else "detached"
+    ha_level = int(record["ha_level"])
+    in_sync = len(osd.in_sync_nodes(record))
+    # A degraded volume shows its in-sync replicas over ha_level, as "1/2".
+    ha = f"{in_sync}/{ha_level}" if in_sync < ha_level else str(ha_level)
     size = units.format_size(int(record["size"]))
     return [
         str(record["id"]),
         record["name"],
         size,
-        str(record["ha_level"]),
+        ha,
         "no",
         "no",
         "LOW",
-        status,
+        f"{volume_status_word(record)} - {where}",
     ]
 
 

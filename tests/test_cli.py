@@ -230,7 +230,11 @@ def test_inspect_text(pxd: Any) -> None:
     assert fields["State"] == "detached"
     assert fields["Labels"] == "app=db"
     assert fields["Format"] == "fuse"
-    colons = {line.index(":") for line in lines if line.startswith("\t") and "  :" in line}
+    colons = {
+        line.index(":")
+        for line in lines
+        if line.startswith("\t") and not line.startswith("\t\t") and "  :" in line
+    }
     assert len(colons) == 1
     assert f"\t\t\tNode\t:  {pxd.node_id}" in lines
 
@@ -760,3 +764,99 @@ def test_cluster_list_pxd_down(tmp_path: Path) -> None:
     result = pxctl(tmp_path / "absent.sock", "cluster", "list")
     assert_one_line_error(result, errors.Unavailable.exit_code)
     assert "pxd is not running" in result.stderr
+
+
+# --- replication status -------------------------------------------------------------------------
+
+
+def degrade(pxd: Any, volume_id: str) -> list[str]:
+    """Mark the second replica of a volume out of sync; return the replica nodes."""
+    record = pxd.volumes[volume_id]
+    nodes = list(record["replica_nodes"])
+    record["write_set"] = nodes[:1]
+    record["out_of_sync"] = nodes[1:2]
+    return nodes
+
+
+def test_inspect_clean_replication(pxd: Any) -> None:
+    create(pxd, "vol1", "--repl", "2")
+    result = pxctl(pxd.socket, "volume", "inspect", "vol1")
+    assert result.returncode == 0, result.stderr
+    fields = inspect_fields(result.stdout)
+    assert fields["Status"] == "up"
+    assert fields["Replication Status"] == "Up"
+    assert "\t\tRuntimeState    :  clean" in result.stdout.splitlines()
+    assert "\t\tWriteSet        :  [0 1]" in result.stdout.splitlines()
+
+
+def test_inspect_degraded_replication(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1", "--repl", "2")
+    nodes = degrade(pxd, volume_id)
+    result = pxctl(pxd.socket, "volume", "inspect", "vol1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    fields = inspect_fields(result.stdout)
+    assert fields["Status"] == "degraded"
+    assert fields["Replication Status"] == "Degraded"
+    assert f"\t\t\tNode\t:  {nodes[0]}" in lines
+    assert f"\t\t\tNode\t:  {nodes[1]} (out of sync)" in lines
+    assert "\t\tRuntimeState    :  degraded" in lines
+    assert "\t\tWriteSet        :  [0]" in lines
+
+
+def test_inspect_resync_progress(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1", "--repl", "2")
+    nodes = degrade(pxd, volume_id)
+    record = pxd.volumes[volume_id]
+    record["attached_on"] = pxd.node_id
+    record["runtime_state"] = {
+        "RuntimeState": "resync",
+        "WriteSet": "[0]",
+        "ResyncProgress": "[{1 100/400}]",
+        "ResyncBlocks": "[{0 0} {1 12}]",
+    }
+    result = pxctl(pxd.socket, "volume", "inspect", "vol1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    fields = inspect_fields(result.stdout)
+    assert fields["Replication Status"] == f"Resync ({nodes[1]} 25%)"
+    assert f"\t\t\tNode\t:  {nodes[1]} (resync 25%)" in lines
+    assert "\t\tResyncBlocks    :  [{0 0} {1 12}]" in lines
+    assert "\t\tResyncProgress  :  [{1 100/400}]" in lines
+
+
+def test_inspect_ha_raise_progress(pxd: Any) -> None:
+    volume_id = create(pxd, "vol1")
+    record = pxd.volumes[volume_id]
+    record["replica_nodes_next"] = [pxd.node_id, "node-new"]
+    record["out_of_sync"] = ["node-new"]
+    record["ha_update"] = {
+        "ha_level": 2,
+        "adding": ["node-new"],
+        "removing": [],
+        "progress": {"node-new": {"total": 1000, "scanned": 500, "planned": 10, "copied": 4}},
+    }
+    record["runtime_state"] = {"RuntimeState": "resync"}
+    result = pxctl(pxd.socket, "volume", "inspect", "vol1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    fields = inspect_fields(result.stdout)
+    assert fields["Status"] == "up"
+    assert fields["Replication Status"] == "Resync (node-new 50%)"
+    assert "\t\t\tNode\t:  node-new (being added, resync 50%)" in lines
+    assert "\t\tReplicaSetNext  :  [0 1]" in lines
+    assert "\t\tReplicaSetCurr  :  [0]" in lines
+
+
+def test_list_shows_degraded(pxd: Any) -> None:
+    healthy = create(pxd, "healthy", "--repl", "2")
+    degraded = create(pxd, "degraded", "--repl", "2")
+    degrade(pxd, degraded)
+    pxd.attach(degraded)
+    result = pxctl(pxd.socket, "volume", "list")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert rows[healthy][4] == "2"
+    assert rows[healthy][-3:] == ["up", "-", "detached"]
+    assert rows[degraded][4] == "1/2"
+    assert rows[degraded][-5:] == ["degraded", "-", "attached", "on", pxd.node_id]

@@ -51,7 +51,7 @@ def volume_to_osd(record: Mapping[str, Any], node_id: str) -> dict[str, Any]:
     """
     attached_on = str(record.get("attached_on") or "")
     ctime = timestamp(record.get("ctime_ns", 0))
-    attach_paths = _attach_paths(record, node_id) if attached_on else []
+    attach_paths = attach_paths_of(record, node_id)
     volume = {
         "id": str(record["id"]),
         "locator": omit_zero(
@@ -118,7 +118,15 @@ def _spec(record: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _attach_paths(record: Mapping[str, Any], node_id: str) -> list[str]:
+def runtime_state(record: Mapping[str, Any], node_id: str) -> dict[str, str]:
+    """Return the runtime_state map of the Volume JSON that `node_id` serves for `record`."""
+    return _runtime_state(record, attach_paths_of(record, node_id))
+
+
+def attach_paths_of(record: Mapping[str, Any], node_id: str) -> list[str]:
+    """Return the mount paths of the Volume JSON's attach_path, empty for a detached volume."""
+    if not record.get("attached_on"):
+        return []
     if record.get("attached_on") == node_id and record.get("mounted") is not None:
         return [str(path) for path in record["mounted"]]
     return [str(path) for path in record.get("mount_paths") or []]

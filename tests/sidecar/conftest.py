@@ -153,10 +153,15 @@ class FakePxd:
         return record
 
     def _replica_nodes(self, spec: dict[str, Any]) -> list[str]:
-        """Check the `nodes` of volume.create as pxd does; without them, all replicas are here."""
+        """Check the `nodes` of volume.create as pxd does, or pick ha_level nodes without them.
+
+        Unlike pxd, the fake places more replicas than the cluster has nodes, on made-up peer
+        ids, so that tests of HA 2 and 3 need no extra nodes.
+        """
         requested = spec.get("nodes")
         if requested is None:
-            return [self.node_id]
+            peers = [f"{self.node_id}-peer{number}" for number in range(1, spec["ha_level"])]
+            return [self.node_id, *peers]
         online = {node["node_id"] for node in self.cluster_nodes() if node.get("online")}
         if len(requested) != spec["ha_level"] or len(set(requested)) != len(requested):
             raise errors.InvalidArgument(
