@@ -350,8 +350,8 @@ def test_create_request_rejects(body: dict[str, Any], expected: str) -> None:
 
 
 def test_create_request_replica_nodes() -> None:
-    body = {"locator": {"name": "v1"}, "spec": {"size": GIB, "ha_level": 2}}
-    body["spec"]["replica_set"] = {"nodes": ["node-b", "10.0.0.3"]}
+    spec = {"size": GIB, "ha_level": 2, "replica_set": {"nodes": ["node-b", "10.0.0.3"]}}
+    body = {"locator": {"name": "v1"}, "spec": spec}
     request = osd.parse_create_request(body)
     assert request.nodes == ["node-b", "10.0.0.3"]
     assert request.to_rpc()["nodes"] == ["node-b", "10.0.0.3"]
@@ -489,7 +489,7 @@ def test_set_request_spec_labels_alone() -> None:
 
 
 def test_set_request_empty_labels_clear() -> None:
-    body = {"locator": {"volume_labels": {}}}
+    body: dict[str, Any] = {"locator": {"volume_labels": {}}}
     assert osd.parse_set_request(body).changes() == {"labels": {}}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -402,7 +402,7 @@ def node_to_osd(node: Mapping[str, Any], now_ns: int) -> dict[str, Any]:
     }
 
 
-def cluster_to_osd(nodes: list[Mapping[str, Any]], node_id: str, now_ns: int) -> dict[str, Any]:
+def cluster_to_osd(nodes: Sequence[Mapping[str, Any]], node_id: str, now_ns: int) -> dict[str, Any]:
     """Build the OSD Cluster object from cluster.nodes for the request served by `node_id`."""
     return {
         "Status": cluster_status_code(nodes, node_id),
@@ -415,13 +415,13 @@ def cluster_to_osd(nodes: list[Mapping[str, Any]], node_id: str, now_ns: int) ->
     }
 
 
-def cluster_status_code(nodes: list[Mapping[str, Any]], node_id: str) -> int:
+def cluster_status_code(nodes: Sequence[Mapping[str, Any]], node_id: str) -> int:
     """Return the api.Status of the cluster: that of `node_id`, or ERROR when it is missing."""
     own = next((node for node in nodes if str(node.get("node_id")) == node_id), None)
     return node_status_code(own) if own is not None else STATUS_ERROR
 
 
-def node_id_from_ip(nodes: list[Mapping[str, Any]], id_or_ip: str) -> str:
+def node_id_from_ip(nodes: Sequence[Mapping[str, Any]], id_or_ip: str) -> str:
     """Return the id of the node whose IP is `id_or_ip`, or `id_or_ip` when it is a node id.
 
     Raises InvalidArgument when no node of the cluster has that IP or id.
@@ -435,7 +435,7 @@ def node_id_from_ip(nodes: list[Mapping[str, Any]], id_or_ip: str) -> str:
     raise errors.InvalidArgument(f"no node with IP or id {id_or_ip!r} in the cluster")
 
 
-def node_ids_from_ips(nodes: list[Mapping[str, Any]], ids_or_ips: list[str]) -> list[str]:
+def node_ids_from_ips(nodes: Sequence[Mapping[str, Any]], ids_or_ips: list[str]) -> list[str]:
     """Translate node IPs to node ids with node_id_from_ip, as openstorage does for replica sets."""
     return [node_id_from_ip(nodes, id_or_ip) for id_or_ip in ids_or_ips]
 

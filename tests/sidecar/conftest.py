@@ -61,10 +61,10 @@ class FakePxd:
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         """Return the RpcServer handler table."""
-        methods = {
+        methods: dict[str, Callable[..., Any]] = {
             "node.status": self.node_status,
             "volume.create": self.create,
-            "volume.list": self.list,
+            "volume.list": self.list_volumes,
             "volume.inspect": self.inspect,
             "volume.delete": self.delete,
             "volume.attach": self.attach,
@@ -175,7 +175,7 @@ class FakePxd:
                 )
         return list(requested)
 
-    def list(self, filters: dict[str, Any]) -> list[dict[str, Any]]:
+    def list_volumes(self, filters: dict[str, Any]) -> list[dict[str, Any]]:
         """Serve volume.list with the name, labels and ids filters."""
         found = []
         for record in self.volumes.values():

@@ -782,7 +782,7 @@ async def test_unexpected_exception_is_err(
     async def broken() -> list[dict[str, Any]]:
         raise RuntimeError("boom")
 
-    plugin.client.app[docker.PLUGIN].list = broken  # type: ignore[method-assign]
+    plugin.client.app[docker.PLUGIN].list = broken  # type: ignore[method-assign,unused-ignore]
     with caplog.at_level("ERROR"):
         reply = await plugin.call("List", {})
     assert reply == {"Err": "internal error; the pxd-sidecar log has the details"}

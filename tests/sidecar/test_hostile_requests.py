@@ -318,7 +318,7 @@ async def send_raw(connect: Any, data: bytes) -> bytes:
     reader, writer = await connect()
     writer.write(data)
     await writer.drain()
-    reply = await asyncio.wait_for(reader.read(), 10)
+    reply: bytes = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     await writer.wait_closed()
     return reply
