@@ -654,12 +654,13 @@ def test_ha_update_needs_nodes(pxd: Any) -> None:
     assert "needs 2 nodes" in result.stderr
 
 
-def test_ha_update_not_supported_yet(pxd: Any) -> None:
+def test_ha_update_starts_the_change(pxd: Any) -> None:
     pxd.other_nodes = [{"node_id": "node-b2", "online": True, "status": "up"}]
     create(pxd, "vol1")
     result = pxctl(pxd.socket, "volume", "ha-update", "--repl", "2", "vol1")
-    assert_one_line_error(result, errors.NotSupported.exit_code)
-    assert "changing ha_level from 1 to 2 is not supported yet" in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "Replication update started successfully for volume vol1" in result.stdout
+    assert len(pxd.find("vol1")["replica_nodes_next"]) == 2
 
 
 def test_ha_update_same_level(pxd: Any) -> None:

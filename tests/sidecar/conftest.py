@@ -282,9 +282,8 @@ class FakePxd:
             raise errors.InvalidArgument(
                 f"ha_level {ha_level} needs {ha_level} nodes, but the cluster has {nodes}"
             )
-        raise errors.NotSupported(
-            f"changing ha_level from {record['ha_level']} to {ha_level} is not supported yet"
-        )
+        # As pxd does: a raise records the target set and returns while the copy runs.
+        record["replica_nodes_next"] = [node["node_id"] for node in self.cluster_nodes()][:ha_level]
 
     def stats(self, ref: str, cumulative: bool = True) -> dict[str, int]:
         """Serve volume.stats: the planted totals, or the live window when not cumulative."""

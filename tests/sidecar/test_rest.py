@@ -458,13 +458,14 @@ async def test_put_update_rejected_hard(
     assert record["labels"] == {}
 
 
-async def test_put_ha_change_not_supported_yet(rest_client: Client, fake_pxd: FakePxd) -> None:
+async def test_put_ha_change_starts_the_copy(rest_client: Client, fake_pxd: FakePxd) -> None:
     fake_pxd.other_nodes = [{"node_id": "node-b2", "online": True, "status": "up"}]
     await create(rest_client, "vol1", size=GIB, ha_level=1)
     status, text = await put(rest_client, "vol1", {"spec": {"ha_level": 2}})
-    assert status == errors.NotSupported.http_status
-    assert text == "changing ha_level from 1 to 2 is not supported yet\n"
-    assert fake_pxd.find("vol1")["ha_level"] == 1
+    assert status == 200, text
+    record = fake_pxd.find("vol1")
+    assert record["ha_level"] == 1
+    assert len(record["replica_nodes_next"]) == 2
 
 
 async def test_put_update_unknown_volume_404(rest_client: Client, fake_pxd: FakePxd) -> None:
