@@ -38,6 +38,7 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from pxfs import errors
 from pxfs.rpc import BlockingClient
@@ -97,6 +98,27 @@ def drop_caches() -> None:
 # The jobs.
 
 
+def run_job(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+    """Run a job's command like subprocess.run, and on an interrupt stop it before going on.
+
+    subprocess.run kills the child on Ctrl-C or SIGTERM but waits only a moment for it, so a
+    job blocked in a FUSE call could outlive the teardown that unmounts its filesystem.
+    """
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
+    ) as process:
+        try:
+            stdout, stderr = process.communicate()
+        except BaseException:
+            process.kill()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                print(f"bench: {command[0]} (pid {process.pid}) did not exit", file=sys.stderr)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def run_fio(directory: Path, name: str, rw: str, bs: str, size_mib: int, seconds: int) -> float:
     """Run one fio job in `directory` and return its bandwidth in MiB/s."""
     command = [
@@ -108,7 +130,7 @@ def run_fio(directory: Path, name: str, rw: str, bs: str, size_mib: int, seconds
         command.append("--end_fsync=1")
     if rw.startswith("rand"):
         command += [f"--runtime={seconds}", "--time_based"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = run_job(command)
     if result.returncode != 0:
         raise BenchError(f"fio {name} in {directory} failed: {result.stderr.strip()}")
     output = result.stdout
@@ -176,7 +198,7 @@ def run_git(checkout: Path, *args: str) -> None:
         "git", "-c", "user.name=pxfs bench", "-c", "user.email=bench@localhost",
         "-c", "gc.auto=0", *args,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=checkout, env=environment, capture_output=True, text=True)
+    result = run_job(command, cwd=checkout, env=environment)
     if result.returncode != 0:
         raise BenchError(f"git {args[0]} in {checkout} failed: {result.stderr.strip()}")
 
