@@ -60,7 +60,10 @@ def child_replica_order(replica_nodes: list[str], node_id: str) -> list[str]:
 def renumber_runtime_state(
     state: dict[str, str], child_order: list[str], replica_nodes: list[str]
 ) -> dict[str, str]:
-    """Renumber the replica indexes of a child's runtime state to index `replica_nodes`."""
+    """Map the replica indexes of a child's runtime state from `child_order` to `replica_nodes`.
+
+    Returns `state` unchanged when the two lists name different nodes.
+    """
     # NOTE: this assumes the child still has the replicas in the order it was started with. A
     # child whose replica set changed while mounted may list them otherwise.
     if sorted(child_order) != sorted(replica_nodes):
@@ -95,13 +98,13 @@ class MountChild:
     #: The unix socket on which the child serves mount.stats and mount.grow.
     control_socket: str
     paths: list[str] = field(default_factory=list)
-    #: Failed samples of the I/O counters in a row.
+    #: Consecutive failed samples of the I/O counters.
     sample_failures: int = 0
     process: trio.Process | None = None
     epoch: int = 0
     started_at: float = 0.0
     failures: int = 0
-    #: Counts the processes started, so a waiting restart notices that another one ran.
+    #: Number of processes started, so a waiting restart notices that another one ran.
     generation: int = 0
     stopping: bool = False
     exited: trio.Event = field(default_factory=trio.Event)
@@ -130,14 +133,15 @@ class NodeBase:
         self.peer_socket = config.peer_socket_path
         self.node_id = ""
         self.secret = b""
-        #: The cluster secret given by the operator; None: DIR/cluster.secret, made if missing.
+        #: The cluster secret file given by the operator. None means DIR/cluster.secret,
+        #: created if missing.
         self.given_secret_file = secret_file
         self.secret_file = secret_file or self.data_dir / SECRET_FILE
         self.started_ns = 0
         self.catalog: Catalog | None = None
         self.store: ReplicaStore | None = None
         self.stats: StatsStore | None = None
-        #: The etcd client of an EtcdCatalog; None with the LocalCatalog.
+        #: The etcd client of an EtcdCatalog, or None with the LocalCatalog.
         self._etcd: EtcdClient | None = None
         self._peers: Peers | None = None
         self._lock_fd: int | None = None
@@ -149,7 +153,8 @@ class NodeBase:
         self._create_lock = trio.Lock()
         self._stop = trio.Event()
         self._shutting_down = False
-        #: Set once start-up has remounted the volumes; node.status says "starting" until then.
+        #: True once start-up has remounted the volumes. Until then node.status reports
+        #: "starting".
         self._remounted = False
 
     def stop(self) -> None:
@@ -193,7 +198,7 @@ class NodeBase:
         return child is not None and child.running
 
     async def _public(self, record: VolumeRecord) -> VolumeRecord:
-        """The record as the control methods return it, with usage and live mount paths."""
+        """Return `record` as the control methods send it, with usage and live mount paths."""
         public = dict(record)
         public["usage"] = await self._usage(record["id"])
         child = self._mounts.get(record["id"])
@@ -208,7 +213,7 @@ class NodeBase:
     async def _runtime_state(self, child: MountChild, record: VolumeRecord) -> dict[str, str]:
         """Return the replication runtime state of a running child, empty when the call fails.
 
-        Its replica indexes are those of the record's `replica_nodes`, as a user reads them.
+        The replica indexes refer to the record's `replica_nodes`, the order a user sees.
         """
         try:
             state = await self._call_child(child, RUNTIME_STATE_TIMEOUT, "mount.runtime_state")
@@ -221,7 +226,10 @@ class NodeBase:
         return renumber_runtime_state(state, order, replica_nodes)
 
     async def _call_child(self, child: MountChild, timeout: float, method: str, *args: Any) -> Any:
-        """Call `method` on the child's control socket; raises Unavailable after `timeout` s."""
+        """Call `method` on the child's control socket.
+
+        Raises Unavailable when the connection fails or the call takes over `timeout` s.
+        """
         with trio.move_on_after(timeout):
             try:
                 client = await RpcClient.connect_unix(child.control_socket, self.secret)
@@ -241,8 +249,9 @@ class NodeBase:
     async def _offline_holder(self, record: VolumeRecord) -> str:
         """Return the node that `record` is attached on when that node is offline, else "".
 
-        A node is offline once its catalog lease lapsed (a stop or a crash). A node the catalog
-        does not list counts as online, so an attachment is never taken on a guess.
+        A node is offline once its catalog lease expired, after a stop or a crash. A node that
+        the catalog does not list counts as online, so an attachment is never taken on a guess.
+
         """
         holder = record["attached_on"]
         if holder in ("", self.node_id):
