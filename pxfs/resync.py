@@ -38,7 +38,7 @@ Entry = tuple[int, bytes | None | bool]
 
 
 class Peer(Protocol):
-    """A replica as the functions of this module use it."""
+    """The interface of a replica that the functions of this module call."""
 
     @property
     def name(self) -> str:
@@ -46,19 +46,20 @@ class Peer(Protocol):
         ...
 
     async def call(self, method: str, *args: Any) -> Any:
-        """Call a `store.*` method of the replica, raising PxfsError on failure or timeout."""
+        """Call a `store.*` method of the replica. Raises PxfsError on failure or timeout."""
         ...
 
 
 @dataclass
 class ResyncProgress:
-    """How far the resync of one replica has come, in blocks."""
+    """The progress of the resync of one replica, in blocks."""
 
     target: str
     total: int
     scanned: int = 0
-    #: Blocks that the scans so far found to differ, and of those the blocks stored so far.
+    #: Blocks that the scans so far found to differ.
     planned: int = 0
+    #: Blocks of `planned` stored on the target so far.
     copied: int = 0
     full: bool = False
     aborted: str = ""
@@ -66,7 +67,7 @@ class ResyncProgress:
 
 @dataclass
 class BadCopy:
-    """A copy of a block that failed its checksum: where it is and the version it claims."""
+    """A copy of a block that failed its checksum, with its replica, index and claimed version."""
 
     peer: Peer
     index: int
@@ -169,8 +170,8 @@ async def repair(
 ) -> int:
     """Rewrite each bad copy with the good data of the same version; return the blocks fixed.
 
-    A bad copy whose version differs from the good one is left alone: a write is then in flight,
-    and it replaces the bad copy itself.
+    A bad copy whose version differs from the good one is left alone, because a write is then in
+    flight and replaces the bad copy itself.
     """
     repaired = 0
     for copy in bad:
@@ -240,7 +241,7 @@ async def resync(
 def _differing(
     first: int, source: array.array[int], target: array.array[int], floor: int
 ) -> list[tuple[int, int]]:
-    """Return (blockno, target version) of the blocks that the target must get from the source."""
+    """Return (blockno, target version) of each block that the target must get from the source."""
     if source == target:
         return []
     return [
@@ -275,7 +276,8 @@ async def copy_blocks(
             try:
                 count = await _copy_batch(vol_id, epoch, sources(), target, batch)
             except PxfsError as exc:
-                # Kept and raised after the nursery, which would wrap it in an ExceptionGroup.
+                # Raised after the nursery exits, because raising inside it would wrap the error
+                # in an ExceptionGroup.
                 failures.append(exc)
                 return
             # Added after the await, so that batches finishing together do not lose counts.
@@ -316,7 +318,10 @@ async def reconcile(
     """Make `members` agree on the blocks of the (first, count) ranges; return the blocks copied.
 
     Where the members' versions of a block differ, the lowest version wins and is copied over
-    the others (docs/replication.md explains why). The caller makes sure no write is in flight.
+    the others, because a higher version comes from a write that was never acknowledged. The
+    caller makes sure no write is in flight.
+
+
     """
     copied = 0
     for first, count in _split(ranges):
