@@ -251,7 +251,6 @@ class NodeBase:
 
         A node is offline once its catalog lease expired, after a stop or a crash. A node that
         the catalog does not list counts as online, so an attachment is never taken on a guess.
-
         """
         holder = record["attached_on"]
         if holder in ("", self.node_id):
