@@ -320,8 +320,6 @@ async def reconcile(
     Where the members' versions of a block differ, the lowest version wins and is copied over
     the others, because a higher version comes from a write that was never acknowledged. The
     caller makes sure no write is in flight.
-
-
     """
     copied = 0
     for first, count in _split(ranges):
