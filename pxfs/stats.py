@@ -1,7 +1,7 @@
 """I/O statistics of volumes: the mount child's counters, pxd's live window and history.
 
-The mount child counts the reads and writes that its FUSE handlers serve with an `IoMeter`;
-its counters start at zero with each child process. pxd samples them about once a second and
+The mount child counts the reads and writes that its FUSE handlers serve with an `IoMeter`.
+Its counters start at zero with each child process. pxd samples them about once a second and
 folds the growth since the previous sample into the volume's `VolumeStats`:
 
 - `totals`: cumulative counters since the volume was created;
@@ -44,8 +44,8 @@ STATS_DIR = "stats"
 FORMAT_VERSION = 1
 #: Seconds of I/O that volume.stats_live covers.
 LIVE_WINDOW = 2.0
-#: Samples older than this are dropped from the live window, because they no longer describe
-#: the present.
+#: Age in seconds after which a sample is dropped from the live window, because it no longer
+#: describes the present.
 WINDOW_KEEP = LIVE_WINDOW + 3.0
 HOUR = 3600
 DAY = 24 * HOUR
@@ -68,7 +68,7 @@ class Counters:
     io_ns: int = 0
 
     def plus(self, other: Counters) -> Counters:
-        """Return the sum of both, field by field."""
+        """Return the sum of these counters and `other`, field by field."""
         return Counters(*(a + b for a, b in zip(self._values(), other._values(), strict=True)))
 
     def growth_since(self, earlier: Counters) -> Counters:
@@ -102,7 +102,7 @@ class Counters:
 
     @classmethod
     def from_dict(cls, values: Any) -> Counters:
-        """Build counters from a stored or sampled map; raises ValueError if one is invalid."""
+        """Build counters from a stored or sampled map. Raises ValueError if one is invalid."""
         if not isinstance(values, dict):
             raise ValueError(f"expected a map of counters, not {values!r:.100}")
         fields = {}
@@ -124,10 +124,10 @@ COUNTER_FIELDS = tuple(f.name for f in dataclasses.fields(Counters))
 
 
 class IoMeter:
-    """Counters of the requests a mount child serves, and the number in flight now."""
+    """The counters of the requests that a mount child serves, and the number in flight."""
 
     def __init__(self, clock: Any = time.monotonic_ns) -> None:
-        #: Random per process, so pxd can tell a restarted child (whose counters began again).
+        #: A random id per process, so pxd notices a restarted child, whose counters restart.
         self.boot_id = secrets.token_hex(8)
         self.counters = Counters()
         self.in_flight = 0
@@ -170,7 +170,7 @@ class IoMeter:
 
 
 class _Request:
-    """One request in flight; set `nbytes` once it succeeded, or it counts as failed."""
+    """One request in flight. Set `nbytes` when it succeeds, or it counts as failed."""
 
     __slots__ = ("_meter", "_kind", "_started", "nbytes")
 
@@ -280,7 +280,7 @@ class History:
 
     @classmethod
     def from_dict(cls, stored: Any) -> History:
-        """Rebuild the tiers from their stored form; raises ValueError if it is invalid."""
+        """Build the tiers from their stored form. Raises ValueError if it is invalid."""
         if not isinstance(stored, dict):
             raise ValueError("history is not a map")
         tiers = {}
@@ -323,16 +323,19 @@ class VolumeStats:
 
     totals: Counters = field(default_factory=Counters)
     history: History = field(default_factory=History)
-    #: (monotonic time, totals then) of the recent samples, oldest first.
+    #: The recent samples as (monotonic time, totals at that time), oldest first.
     window: collections.deque[tuple[float, Counters]] = field(default_factory=collections.deque)
     in_flight: int = 0
-    #: Set when totals or history changed since they were last saved.
+    #: True when the totals or history changed since they were last saved.
     dirty: bool = False
     _boot_id: str | None = None
     _last: Counters = field(default_factory=Counters)
 
     def apply_sample(self, sample: Any, wall: float, monotonic: float) -> None:
-        """Fold a sample of the mount child's counters in; raises ValueError if it is invalid."""
+        """Add the growth in a sample of the mount child's counters to the totals and history.
+
+        Raises ValueError if the sample is invalid.
+        """
         counters = Counters.from_dict(sample)
         boot_id, in_flight = sample.get("boot_id"), sample.get("in_flight")
         if not isinstance(boot_id, str) or isinstance(in_flight, bool):
@@ -340,11 +343,11 @@ class VolumeStats:
         if not isinstance(in_flight, int) or in_flight < 0:
             raise ValueError(f"sample has no valid in_flight: {sample!r:.200}")
         if boot_id != self._boot_id:
-            # A new child process: its counters began at zero.
+            # A new child process, whose counters started at zero.
             self._boot_id, self._last = boot_id, Counters()
         elif not counters.covers(self._last):
-            # An older sample that arrived after a newer one: the counters of one child only
-            # grow, so it adds nothing.
+            # An older sample arrived after a newer one. The counters of one child only grow,
+            # so it adds nothing.
             return
         growth = counters.growth_since(self._last)
         self._last = counters
@@ -362,7 +365,7 @@ class VolumeStats:
         self.in_flight = 0
 
     def live(self, monotonic: float) -> tuple[Counters, int, int]:
-        """Return the I/O of the last LIVE_WINDOW s, the ms it covers, the requests in flight."""
+        """Return the I/O of the last LIVE_WINDOW s, the ms it covers and the requests in flight."""
         self._prune(monotonic)
         if len(self.window) < 2:
             return Counters(), int(LIVE_WINDOW * 1000), self.in_flight if self.window else 0
@@ -388,7 +391,7 @@ class VolumeStats:
 
     @classmethod
     def from_dict(cls, stored: Any) -> VolumeStats:
-        """Rebuild from the stored form; raises ValueError if it is invalid."""
+        """Build a VolumeStats from its stored form. Raises ValueError if it is invalid."""
         if not isinstance(stored, dict) or stored.get("format") != FORMAT_VERSION:
             raise ValueError(f"unknown format; expected format {FORMAT_VERSION}")
         return cls(
@@ -419,7 +422,10 @@ class StatsStore:
                 await self.save(vol_id)
 
     async def save(self, vol_id: str) -> None:
-        """Write the statistics of `vol_id` atomically; a failure is logged, not raised."""
+        """Write the statistics of `vol_id` atomically.
+
+        A failure is logged, not raised, and leaves the volume marked for the next save.
+        """
         stats = self._volumes.get(vol_id)
         if stats is None:
             return
