@@ -101,16 +101,19 @@ def drop_caches() -> None:
 def run_job(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
     """Run a job's command like subprocess.run, and on an interrupt stop it before going on.
 
-    subprocess.run kills the child on Ctrl-C or SIGTERM but waits only a moment for it, so a
-    job blocked in a FUSE call could outlive the teardown that unmounts its filesystem.
+    subprocess.run kills only the child it started, and waits only a moment for it. fio runs
+    each job in a process of its own, which outlived the teardown that way. So the job gets a
+    process group of its own, and an interrupt kills the whole group and waits for the child.
     """
     with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
-    ) as process:
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, **options,
+    ) as process:  # fmt: skip
         try:
             stdout, stderr = process.communicate()
         except BaseException:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
