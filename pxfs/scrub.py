@@ -6,16 +6,16 @@ and marks a block whose data fails its crc32.
 
 `scrub` reads every written block of every replica, which the store checks against its crc32,
 and rewrites each bad copy with the data of a good copy of the same version on a replica of the
-write set. Replicas that hold the same version of a block hold the same content
+write set. Replicas that have the same version of a block contain the same content
 (docs/store-format.md), so the repair never changes what the volume contains. It goes through
 `store.copy` with the bad copy's version as the expected version. A write from the mount child
 that reaches the block first changes that version, so the older data is dropped and a mounted
 volume can be scrubbed without stopping its writes. A block with no good copy at its version is
 reported as lost and left as it is.
 
-A Scrubber runs both for pxd's control methods, and scrubs every volume of this node once per
-`scrub_interval_seconds` at `scrub_rate_mib` MiB/s, with the totals kept in the volume's catalog
-record under "scrub".
+A Scrubber runs both for pxd's control methods. It also scrubs each volume whose first online
+replica node is this node once per `scrub_interval_seconds` at `scrub_rate_mib` MiB/s, and keeps
+the totals in the volume's catalog record under "scrub".
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ from pxfs.store import BLOCK_SIZE, DATA_BAD, MAX_CHECKED_PER_CALL, TRIMMED
 
 log = logging.getLogger(__name__)
 
-#: How long connecting to a replica and one checksums, read or copy call on it may take.
+#: Seconds that connecting to a replica, or one checksums, read or copy call on it, may take.
 REPLICA_TIMEOUT = 60.0
-#: Differing, repaired or lost blocks listed in a result; the counts cover all of them.
+#: Maximum number of differing, repaired or lost blocks listed in a result. The counts cover
+#: all of them.
 LISTED_BLOCKS = 20
-#: How long verify waits before it reads a range with differences again. A write of a mounted
+#: Seconds that verify waits before it reads a range with differences again. A write of a mounted
 #: volume reaches its replicas within milliseconds of each other, so a block that still differs
 #: after this pause is not a write in flight.
 RECHECK_DELAY = 0.5
@@ -53,9 +54,11 @@ RECHECK_DELAY = 0.5
 #: tables differ is decoded record by record in pxd's event loop, and 65536 records of three
 #: replicas keep one such step short.
 VERIFY_TABLE_BLOCKS = 65536
-#: Seconds between two looks at which volumes are due for the periodic scrub, at most.
+#: Maximum seconds between two checks for volumes due for the periodic scrub. A shorter scrub
+#: interval checks more often.
 PERIODIC_POLL = 60.0
-#: Seconds after a failed periodic scrub of a volume before it is tried again, at most.
+#: Maximum seconds from a failed periodic scrub of a volume to its next try. A shorter scrub
+#: interval retries sooner.
 RETRY_AFTER_FAILURE = 3600.0
 
 _RECORD = struct.Struct("<QII")
@@ -74,13 +77,13 @@ class BlockCopy:
     state: str  # UNWRITTEN, WRITTEN or BAD
 
     def content_key(self) -> tuple[int, int] | None:
-        """Return what two equal copies share: None for unwritten, else (version, crc)."""
+        """Return the key on which equal copies agree: None if unwritten, else (version, crc)."""
         if self.state == UNWRITTEN:
             return None
         return self.version, self.crc
 
     def describe(self) -> str:
-        """Return the copy as one phrase for a report."""
+        """Describe the copy in one phrase for a report."""
         if self.state == UNWRITTEN:
             return "unwritten"
         text = f"version {self.version:x} crc32 {self.crc:08x}"
@@ -109,7 +112,7 @@ def written_count(raw: bytes) -> int:
     if sys.byteorder == "big":
         words.byteswap()
     # A record is two u64 words: the version, then crc32 and flags. A trimmed record has a
-    # non-zero version, crc32 0 and the flags TRIMMED, so no record is counted twice.
+    # non-zero version, crc32 0 and flags equal to TRIMMED, so no record is counted twice.
     unwritten = words[0::2].count(0) + words[1::2].count(TRIMMED << 32)
     return len(raw) // _RECORD.size - unwritten
 
@@ -135,12 +138,12 @@ def allocated_count(copies: dict[str, list[BlockCopy]]) -> int:
 
 @dataclass(frozen=True)
 class RepairPlan:
-    """The decision of scrub for one bad copy: repair it from `source`, skip it, or lose it."""
+    """The scrub decision for one bad copy: repair it from `source`, skip it, or report it lost."""
 
     blockno: int
     target: str
     version: int
-    source: str | None  # None: nothing to copy from
+    source: str | None  # None when there is no copy to repair from
     outcome: str  # "repair", "skip" (good copies are at another version) or "lost"
 
 
@@ -180,8 +183,8 @@ def is_due(
 ) -> bool:
     """Return whether the node `node_id` should scrub `record` now, `interval` s after the last.
 
-    One node scrubs each volume: the first replica node that is in `online`. A volume never
-    scrubbed counts from its creation.
+    One node scrubs each volume, the first replica node that is in `online`. For a volume never
+    scrubbed, the interval counts from its creation.
     """
     if record.get("deleting"):
         return False
@@ -195,10 +198,11 @@ def is_due(
 
 
 def scrub_step(rate_bytes: float | None, replicas: int) -> int:
-    """Return the blocks per checksums call of a scrub: about one second of reads at the rate.
+    """Return the blocks per checksums call of a scrub, about one second of reads at the rate.
 
     Small steps spread a slow scrub evenly, instead of reading up to 64 MiB per replica in one
-    burst under the replica's lock and then sleeping. The step is 16 to MAX_CHECKED_PER_CALL.
+    burst under the replica's lock and then sleeping. The step is 16 to MAX_CHECKED_PER_CALL
+    blocks.
     """
     if rate_bytes is None or rate_bytes <= 0:
         return MAX_CHECKED_PER_CALL
@@ -224,7 +228,7 @@ class ScrubResult:
 
     @property
     def lost_blocks(self) -> int:
-        """The number of blocks without a good copy; `lost` lists each of their bad copies."""
+        """The number of blocks without a good copy. `lost` lists each of their bad copies."""
         return len({blockno for blockno, _ in self.lost})
 
     def to_map(self) -> dict[str, Any]:
@@ -240,7 +244,10 @@ class ScrubResult:
 
 
 async def _call(node: str, client: RpcClient, method: str, *args: Any) -> Any:
-    """Call `method` on one replica; a timeout or lost connection raises Unavailable naming it."""
+    """Call `method` on one replica and name the node in any error it raises.
+
+    A timeout or a lost connection raises Unavailable.
+    """
     try:
         with trio.fail_after(REPLICA_TIMEOUT):
             return await client.call(method, *args)
@@ -257,7 +264,7 @@ async def _call(node: str, client: RpcClient, method: str, *args: Any) -> Any:
 async def _fetch_checksums(
     vol_id: str, replicas: dict[str, RpcClient], first: int, count: int, check_data: bool
 ) -> dict[str, list[BlockCopy]]:
-    """Read the records of one block range from every replica at once, decoded."""
+    """Read and decode the records of one block range from every replica at once."""
     raw = await _fetch_raw(vol_id, replicas, first, count, check_data)
     return {node: decode_checksums(raw[node]) for node in replicas}
 
@@ -265,7 +272,7 @@ async def _fetch_checksums(
 async def _fetch_raw(
     vol_id: str, replicas: dict[str, RpcClient], first: int, count: int, check_data: bool
 ) -> dict[str, bytes]:
-    """Read the records of one block range from every replica at once, as sent."""
+    """Read the raw records of one block range from every replica at once."""
     raw: dict[str, bytes] = {}
     failures: list[PxfsError] = []
 
@@ -301,7 +308,7 @@ async def replica_blocks(vol_id: str, replicas: dict[str, RpcClient]) -> dict[st
 async def verify_replicas(
     vol_id: str, replicas: dict[str, RpcClient], *, check_data: bool, recheck: bool
 ) -> dict[str, Any]:
-    """Compare every block of the replicas; return the differing blocks and the counts.
+    """Compare every block of the replicas and return the differing blocks and the counts.
 
     With `recheck`, for a mounted volume, a range with differences is read again after
     RECHECK_DELAY, and only blocks that differ both times are reported.
@@ -316,7 +323,7 @@ async def verify_replicas(
         count = min(step, nblocks - first)
         raw = await _fetch_raw(vol_id, replicas, first, count, check_data)
         if not check_data and len(set(raw.values())) == 1:
-            # Equal tables: every block agrees, and only the count of written ones is needed.
+            # The tables are equal, so every block agrees and only the written ones are counted.
             allocated += written_count(next(iter(raw.values())))
             continue
         copies = {node: decode_checksums(raw[node]) for node in replicas}
@@ -364,8 +371,8 @@ async def scrub_replicas(
 ) -> ScrubResult:
     """Check every written block of every replica and repair bad copies from good ones.
 
-    `rate_bytes` bounds the data read per second, summed over the replicas; None reads at full
-    speed. When a replica rejects a repair with StaleEpoch, because the volume was attached
+    `rate_bytes` bounds the bytes read per second, summed over the replicas, and None reads at
+    full speed. When a replica rejects a repair with StaleEpoch, because the volume was attached
     since the scrub started, `refresh_epoch` returns the current epoch, and the repair is sent
     once more with it.
     """
@@ -451,7 +458,10 @@ def _scrub_totals(record: VolumeRecord, result: ScrubResult, now_ns: int) -> dic
 
 
 class Scrubber:
-    """Verify and scrub for pxd: connects to the replicas of a volume and records the totals."""
+    """The verify and scrub service of pxd, which connects to the replicas of a volume.
+
+    It records the scrub totals in the volume's catalog record.
+    """
 
     def __init__(
         self,
@@ -467,12 +477,12 @@ class Scrubber:
         self.interval = interval
         self.rate_bytes = rate_mib * (1 << 20)
         self._running: set[str] = set()
-        #: trio.current_time() of the last failed periodic scrub, by volume id.
+        #: The trio.current_time() of the last failed periodic scrub, by volume id.
         self._failed_at: dict[str, float] = {}
 
     @contextlib.asynccontextmanager
     async def _connect(self, record: VolumeRecord) -> AsyncIterator[dict[str, RpcClient]]:
-        """Connect to every replica of `record`; one that does not respond raises Unavailable."""
+        """Connect to every replica of `record`. Raises Unavailable if one does not respond."""
         async with contextlib.AsyncExitStack() as stack:
             replicas: dict[str, RpcClient] = {}
             for node in record.get("replica_nodes") or []:
@@ -506,7 +516,7 @@ class Scrubber:
             self._running.discard(record["id"])
 
     async def verify(self, ref: Any, check_data: Any = False) -> dict[str, Any]:
-        """Compare the replicas of the volume `ref`; the result's "identical" is the verdict."""
+        """Compare the replicas of the volume `ref`. The result's "identical" is the verdict."""
         if not isinstance(check_data, bool):
             raise InvalidArgument(f"check_data must be true or false, not {check_data!r}")
         record = await self._catalog.find_volume(ref)
@@ -554,7 +564,7 @@ class Scrubber:
         return int(current.get("epoch") or 0)
 
     async def run_periodically(self) -> None:
-        """Scrub each volume that is due at `rate_bytes`, forever; 0 as interval turns it off."""
+        """Scrub each due volume at `rate_bytes`, forever. An interval of 0 or less turns it off."""
         if self.interval <= 0:
             log.info("periodic scrub is off (scrub_interval_seconds = 0)")
             return
