@@ -114,7 +114,7 @@ class TxnResult:
 
 @dataclass(frozen=True)
 class Lease:
-    """A granted lease: its id and the TTL in seconds that etcd chose."""
+    """A granted lease, with its id and the TTL in seconds that etcd chose."""
 
     id: int
     ttl: int
@@ -122,7 +122,7 @@ class Lease:
 
 @dataclass(frozen=True)
 class WatchEvent:
-    """One change seen by a watch: "PUT" or "DELETE", the key after it, and the key before."""
+    """One change that a watch reports: "PUT" or "DELETE", with the key after and before it."""
 
     type: str
     kv: KeyValue
@@ -130,7 +130,7 @@ class WatchEvent:
 
 
 class RevisionCompacted(NotFound):
-    """A watch asked for revisions that etcd has already compacted away."""
+    """The error of a watch that requests revisions etcd has already compacted away."""
 
     def __init__(self, message: str, compact_revision: int) -> None:
         super().__init__(message)
@@ -142,7 +142,7 @@ class Compare:
     """One comparison of a transaction: `target` of `key` compared with `value`.
 
     `target` is "VERSION", "CREATE", "MOD", "VALUE" or "LEASE" (which revision or field of the
-    key), `result` is "EQUAL", "NOT_EQUAL", "GREATER" or "LESS".
+    key). `result` is "EQUAL", "NOT_EQUAL", "GREATER" or "LESS".
     """
 
     key: bytes
@@ -166,12 +166,12 @@ class Compare:
 
 
 def mod_revision_is(key: bytes, revision: int) -> Compare:
-    """Compare that `key` was last changed at `revision` (0 matches a missing key)."""
+    """Build a comparison that `key` was last modified at `revision` (0 matches a missing key)."""
     return Compare(key, "MOD", "EQUAL", revision)
 
 
 def key_missing(key: bytes) -> Compare:
-    """Compare that `key` does not exist: a missing key has create revision 0."""
+    """Build a comparison that `key` does not exist, which etcd tests as create revision 0."""
     return Compare(key, "CREATE", "EQUAL", 0)
 
 
@@ -183,7 +183,8 @@ def prefix_end(prefix: bytes) -> bytes:
             end[-1] += 1
             return bytes(end)
         end.pop()
-    # A prefix of only 0xff bytes (or none) selects every key from it on: etcd reads "\0" so.
+    # For an empty prefix or one of only 0xff bytes, the range end "\0" makes etcd select every
+    # key from the start key on.
     return b"\0"
 
 
@@ -318,7 +319,7 @@ class EtcdClient:
         return TxnResult(bool(reply.get("succeeded")), _revision(reply), responses)
 
     async def lease_grant(self, ttl: int) -> Lease:
-        """Grant a lease of `ttl` seconds; etcd may raise it to its minimum TTL."""
+        """Grant a lease of `ttl` seconds. etcd may raise the TTL to its minimum."""
         # A grant repeated after a lost reply leaves an extra lease that nothing uses, and
         # etcd drops it once its TTL runs out, so a retry is harmless.
         reply = await self._post("/v3/lease/grant", {"TTL": str(ttl)}, idempotent=True)
@@ -336,7 +337,7 @@ class EtcdClient:
         return int(result.get("TTL", 0))
 
     async def lease_revoke(self, lease_id: int) -> None:
-        """Revoke a lease, deleting every key attached to it; raises NotFound for none."""
+        """Revoke a lease and delete the keys attached to it. Raises NotFound for an unknown id."""
         await self._post("/v3/lease/revoke", {"ID": str(lease_id)}, idempotent=True)
 
     @contextlib.asynccontextmanager
@@ -351,8 +352,8 @@ class EtcdClient:
     ) -> AsyncIterator[Watch]:
         """Watch `key` (or a range or prefix) for changes from `start_revision` on.
 
-        The watch is established on the server when this enters, so every change made after
-        that is delivered. Without `start_revision`, only changes after that point are.
+        The server has created the watch by the time the context manager enters, so every later
+        change is delivered. Without `start_revision`, only those later changes are.
         """
         if prefix:
             key, range_end = _prefix_range(key)
@@ -393,8 +394,9 @@ class EtcdClient:
                     continue
                 reply = _decode_reply(response, path, endpoint)
                 if reply is None:
-                    # etcd reported that it cannot serve now (no leader, say). Another member
-                    # may serve it, but a write that failed this way may still be applied.
+                    # etcd reported that it cannot serve now, for example without a leader.
+                    # Another member may serve it, but a write that failed this way may still
+                    # be applied.
                     if not idempotent:
                         raise _unknown_outcome(path, endpoint, "etcd reported it is unavailable")
                     tried.append(f"{endpoint} (etcd reported it is unavailable)")
@@ -441,10 +443,10 @@ class EtcdClient:
 
 
 class Watch:
-    """An open watch stream: iterate over it for its events, in revision order.
+    """An open watch stream, which yields its events in revision order.
 
     Iteration raises Unavailable when the stream breaks, and RevisionCompacted when etcd no
-    longer has the revisions asked for. `revision` is the store revision up to which every
+    longer has the requested revisions. `revision` is the store revision up to which every
     change has been delivered, so a new watch from `revision + 1` misses nothing.
     """
 
@@ -542,7 +544,7 @@ class Watch:
 
 
 def _prefix_range(prefix: bytes) -> tuple[bytes, bytes]:
-    # etcd rejects an empty key, so the empty prefix becomes the range of every key: "\0" on.
+    # etcd rejects an empty key, so an empty prefix becomes the range of every key from "\0" on.
     return (prefix or b"\0"), prefix_end(prefix)
 
 
@@ -560,7 +562,10 @@ def _check_endpoints(endpoints: Sequence[str]) -> list[str]:
 
 
 def _decode_reply(response: httpx.Response, path: str, endpoint: str) -> dict[str, Any] | None:
-    """Return the JSON body of a success, None when another member may serve, or raise."""
+    """Return the JSON body of a success, or None when another member may serve it.
+
+    Raises the matching PxfsError for any other failure.
+    """
     if response.status_code == 200:
         try:
             reply = response.json()
@@ -601,8 +606,8 @@ def _error_from_response(response: httpx.Response, path: str, endpoint: str) -> 
 
 
 def _error_from_body(body: dict[str, Any], path: str) -> PxfsError:
-    # Unary calls report {"code": ..., "message": ...}; streams report the error of the stream
-    # as {"grpc_code": ..., "http_code": ..., "message": ...}.
+    # Unary calls report {"code": ..., "message": ...}. Streams report their error as
+    # {"grpc_code": ..., "http_code": ..., "message": ...}.
     code = body.get("code", body.get("grpc_code"))
     message = body.get("message") or body.get("error") or "no message"
     cls = _GRPC_ERRORS.get(code, InternalError) if isinstance(code, int) else InternalError
