@@ -47,17 +47,17 @@ MAX_COUNTER = 2**32 - 1
 DEFAULT_TIMEOUT = 5.0
 #: Seconds for calls that sync or allocate files: flush, grow, and the reset before a full copy.
 SLOW_TIMEOUT = 60.0
-#: The minimum size of the write set, by ha level: ha 2 stays writable on one replica.
+#: The minimum size of the write set by ha level, so that ha 2 stays writable on one replica.
 MIN_WRITE_SET = {1: 1, 2: 1, 3: 2}
 
 Job = Callable[[], Awaitable[None]]
-#: Called with the write set and the out-of-sync replicas, by id, after each change.
+#: A callback that receives the write set and the out-of-sync replicas, by id, after each change.
 WriteSetCallback = Callable[[list[str], list[str]], Awaitable[None]]
 Outcomes = list[tuple["_Replica", PxfsError | None]]
 
 
 class _Replica:
-    """One replica of the volume: its id, its connection, and the timeout of its calls.
+    """One replica of the volume, with its id, its connection and the timeout of its calls.
 
     A timeout of None waits as long as the call takes.
     """
@@ -75,7 +75,7 @@ class _Replica:
         return f"{self.id} ({self.client.description})"
 
     async def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        """Call `method` on the replica; raises Unavailable past the timeout."""
+        """Call `method` on the replica. Raises Unavailable when the call times out."""
         limit = self.timeout if timeout is None or self.timeout is None else timeout
         if limit is None:
             return await self.client.call(method, *args)
@@ -86,7 +86,7 @@ class _Replica:
             nonlocal timed_out
             await trio.sleep(limit)
             timed_out = True
-            # Closing the connection makes the server cancel the calls of it that have not
+            # Closing the connection makes the server cancel the calls on it that have not
             # started, so a write that timed out cannot land after a later reconcile. It also
             # ends a send that RpcClient shields from cancellation, which a replica that stopped
             # reading its socket would hold forever.
@@ -99,7 +99,8 @@ class _Replica:
             try:
                 result = await client.call(method, *args)
             except PxfsError as exc:
-                # Raised after the nursery, which would wrap it in an ExceptionGroup.
+                # Raised after the nursery exits, because raising inside it would wrap the error
+                # in an ExceptionGroup.
                 error = exc
             finally:
                 nursery.cancel_scope.cancel()
@@ -132,9 +133,9 @@ class ReplicationClient:
 
         `write_quorum` is the minimum size of the write set. By default it follows `ha_level`
         (MIN_WRITE_SET), which defaults to the number of replicas.
-        `replica_ids` name the replicas (node ids) in the callback and the runtime state; they
+        `replica_ids` name the replicas (node ids) in the callback and the runtime state. They
         default to the connection addresses. `out_of_sync` lists the replicas that the catalog
-        records as outside the write set: they get no I/O until `resync` brings them back.
+        records as outside the write set, which get no I/O until `resync` brings them back.
         `timeout` bounds each call to a replica in seconds. A client of one replica has none,
         because no other replica could carry on without it, and None turns timeouts off.
         """
@@ -188,7 +189,7 @@ class ReplicationClient:
 
     @property
     def in_sync_replicas(self) -> list[RpcClient]:
-        """The connections of the write set, in read order: the replicas that have every write."""
+        """The connections of the write set in read order: the replicas with every write."""
         return [replica.client for replica in self._read_order()]
 
     @property
@@ -203,7 +204,7 @@ class ReplicationClient:
 
     @property
     def disconnected(self) -> list[str]:
-        """The ids of write-set replicas whose connection is lost; `resync` reconnects them."""
+        """The ids of write-set replicas whose connection is lost. `resync` reconnects them."""
         return [key for key in self._write_set if self._replicas[key].client.broken]
 
     def write_quorum_now(self) -> int:
@@ -214,8 +215,8 @@ class ReplicationClient:
         """Return the runtime state in the string form of Portworx's runtime_state map.
 
         Replica sets are lists of indexes into the replica list. ResyncBlocks pairs each index
-        with the blocks copied to it by resyncs of this client; ResyncProgress gives, per
-        resyncing replica, the blocks scanned of the total.
+        with the blocks copied to it by resyncs of this client. ResyncProgress gives the blocks
+        scanned of the total for each resyncing replica.
         """
         index = {replica_id: number for number, replica_id in enumerate(self._replicas)}
 
@@ -249,7 +250,7 @@ class ReplicationClient:
     def resync_progress(self) -> dict[str, dict[str, int]]:
         """Return, by replica id, the blocks scanned, planned and copied by each running resync.
 
-        `planned` counts the blocks that the scans so far found to differ, of the `total` blocks.
+        `planned` counts the blocks that the scans so far found to differ, out of `total`.
         """
         return {
             key: {
@@ -280,14 +281,17 @@ class ReplicationClient:
     # --- BlockDevice -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Send the epoch to the write set and reconcile it; StaleEpoch after a newer attach."""
+        """Send the epoch to the write set and reconcile it.
+
+        Raises StaleEpoch after a newer attach.
+        """
         self._check_usable()
         members = [self._replicas[replica_id] for replica_id in self._write_set]
         outcomes = await self._fan_out(members, "store.open", self.vol_id, self.epoch)
         await self._settle("open", outcomes, ())
         if len(self._write_set) > 1:
             # A coordinator that stopped after a write below the quorum leaves replicas that
-            # disagree; every acknowledged write is on every replica of the write set.
+            # disagree. Every acknowledged write is on every replica of the write set.
             await self._reconcile([(0, self.nblocks)])
         log.debug(
             "volume %s: opened %d replicas at epoch %d", self.vol_id, len(outcomes), self.epoch
@@ -309,7 +313,7 @@ class ReplicationClient:
         return result
 
     async def write_blocks(self, blocks: Sequence[tuple[int, bytes]]) -> None:
-        """Write blocks to the write set; return once a write quorum stored each of them."""
+        """Write blocks to the write set and return once a write quorum has stored each one."""
         checked = [self._check_block(blockno, data) for blockno, data in blocks]
 
         def job(first: int) -> Job:
@@ -338,7 +342,7 @@ class ReplicationClient:
         await _run_jobs([job(first) for first in range(0, len(checked), TRIMS_PER_FRAME)])
 
     async def flush(self) -> None:
-        """Return once every completed write is durable on a write quorum."""
+        """Flush the replicas and return once every completed write is durable on a write quorum."""
         self._check_usable()
 
         targets = self._targets()
@@ -384,7 +388,7 @@ class ReplicationClient:
                 await replica.client.aclose()
 
     async def grow(self, nblocks: int) -> None:
-        """Grow the replicas to `nblocks` blocks; equal is a no-op, smaller raises.
+        """Grow the replicas to `nblocks` blocks. An equal size is a no-op, a smaller one raises.
 
         The client takes the new size only once a write quorum has it. A replica that fails
         while others grow leaves the write set, as after a failed write. A replica that already
@@ -423,10 +427,10 @@ class ReplicationClient:
     # --- resync ----------------------------------------------------------------------------
 
     async def resync(self, replica_id: str, client: RpcClient | None = None) -> int:
-        """Bring a returning replica back into the write set; return the blocks copied to it.
+        """Bring a returning replica back into the write set and return the blocks copied to it.
 
         `client` replaces the replica's connection. A replica of the write set only gets the
-        epoch: it missed no acknowledged write. An out-of-sync replica receives every block
+        epoch, because it missed no acknowledged write. An out-of-sync replica receives every block
         whose version differs from the write set's, while writes go on and reach it too, and
         then rejoins the write set. A replica whose files are damaged or gone gets a full copy.
         """
@@ -473,7 +477,7 @@ class ReplicationClient:
         await self._grow_replica(replica, self.nblocks)
 
     async def _run_resync(self, replica: _Replica, progress: ResyncProgress) -> int:
-        # No await between taking the floor and adding the target: every write with a version
+        # No await between taking the floor and adding the target, so every write with a version
         # from the floor on is sent to the target as well.
         floor = (self.epoch << 32) | (self._counter + 1)
         self._resyncing[replica.id] = progress
@@ -498,13 +502,13 @@ class ReplicationClient:
         try:
             await self._ensure_reported()
         except Unavailable as exc:
-            # The replica stays in the write set here; the next write retries the report.
+            # The replica stays in the write set here. The next write retries the report.
             log.warning("volume %s: %s", self.vol_id, exc.message)
         return progress.copied
 
     def _rejoin(self, replica: _Replica, progress: ResyncProgress) -> None:
-        # No await in here: the replica goes from the resync targets to the write set in one
-        # step, so every write reaches it.
+        # No await in here, so the replica goes from the resync targets to the write set in one
+        # step and every write reaches it.
         del self._resyncing[replica.id]
         self._write_set = [
             key for key in self._replicas if key in self._write_set or key == replica.id
@@ -529,9 +533,9 @@ class ReplicationClient:
     def add_replica(self, replica_id: str, client: RpcClient, ha_level: int) -> bool:
         """Add an empty replica that raises the ha level to `ha_level` once it has caught up.
 
-        The replica starts out of sync; `resync` copies every written block to it, and when the
-        last added replica joins the write set the client takes `ha_level`. Returns False, and
-        changes nothing, when `replica_id` is a replica already.
+        The replica starts out of sync, and `resync` copies every written block to it. When the
+        last added replica joins the write set, the client takes `ha_level`. Returns False and
+        changes nothing when `replica_id` is already a replica.
         """
         self._check_usable()
         if replica_id in self._replicas:
@@ -559,10 +563,10 @@ class ReplicationClient:
         return True
 
     async def remove_replica(self, replica_id: str, ha_level: int) -> None:
-        """Stop all I/O to a replica, drop it and take `ha_level`; report the new write set.
+        """Stop all I/O to a replica, drop it, take `ha_level` and report the new write set.
 
-        A resync of the replica stops. Raises NotFound for an unknown replica, and
-        InvalidArgument when the write set left would be smaller than the write quorum of
+        A running resync of the replica stops. Raises NotFound for an unknown replica, and
+        InvalidArgument when the remaining write set would be smaller than the write quorum of
         `ha_level`.
         """
         self._check_usable()
@@ -607,7 +611,8 @@ class ReplicationClient:
         )
 
     def _retime(self) -> None:
-        # A single replica waits as a disk would (see __init__); more replicas time out.
+        # Calls to a single replica wait as a disk would (see __init__). Calls to more replicas
+        # time out.
         timeout = None if len(self._replicas) == 1 else self._timeout
         for replica in self._replicas.values():
             replica.timeout = timeout
@@ -618,8 +623,8 @@ class ReplicationClient:
         self, operation: str, blocknos: Sequence[int], method: str, frame: Sequence[Any]
     ) -> None:
         await self._before_write()
-        # No await from the end of _before_write to the fan-out's start: the version and the
-        # targets are taken together, which the resync floor relies on.
+        # No await from the end of _before_write to the start of the fan-out, so the version and
+        # the targets are taken together. The resync floor relies on this.
         version = self._next_version()
         done = trio.Event()
         self._in_flight[version] = done
@@ -650,7 +655,7 @@ class ReplicationClient:
                 await done.wait()
 
     async def _settle(self, operation: str, outcomes: Outcomes, blocknos: Sequence[int]) -> None:
-        """Drop the replicas that failed a call, report the change, and raise without quorum."""
+        """Drop the replicas that failed a call, report the change, and raise below the quorum."""
         failed = [(replica, exc) for replica, exc in outcomes if exc is not None]
         for _, exc in failed:
             # A newer attach, or a request that is invalid everywhere, is no replica's fault.
@@ -708,7 +713,10 @@ class ReplicationClient:
         )
 
     async def _ensure_reported(self) -> None:
-        """Return once the catalog callback has the current write set; Unavailable if it fails."""
+        """Wait until the catalog callback has the current write set.
+
+        Raises Unavailable if the callback fails.
+        """
         if self._reported == self._changes:
             return
         async with self._report_lock:
