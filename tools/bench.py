@@ -12,10 +12,10 @@ default) onto the filesystem, `git init && git add -A && git commit`, and `git s
 The systems are raw (DIR/raw), pxfs ha 1 (a private pxd on DIR/node, so it never touches a
 running node), pxfs ha 3 (a slot that stays empty until pxfs runs three nodes), and GlusterFS
 replica 3: a private glusterd on DIR/gluster with three bricks in DIR/gluster/bricks, FUSE-mounted
-on DIR/mnt-gluster. Everything the tool starts is stopped and unmounted at the end, also after a
+on DIR/mnt-gluster. Everything the tool starts is stopped and unmounted at the end, even after a
 failure, Ctrl-C or SIGTERM. It prints a table with the pxfs/raw and pxfs/GlusterFS ratios, writes
 the same figures as JSON, and reports progress on stderr. --smoke runs tiny sizes so the test
-suite can check that the tool still works. Needs root (drop_caches, FUSE), fio and git;
+suite can check that the tool still works. Needs root (drop_caches, FUSE), fio and git.
 GlusterFS is measured when glusterd is installed (Debian: glusterfs-server, glusterfs-client).
 """
 
@@ -79,11 +79,11 @@ TEARDOWN_FAILURES: list[str] = []
 
 
 class BenchError(Exception):
-    """A benchmark step failed; the message names the step and what to do next."""
+    """The failure of a benchmark step, with a message that names the step and the next action."""
 
 
 def progress(system: str, step: str) -> None:
-    """Write one progress line to stderr: which system, which job."""
+    """Write one progress line with the system and the job to stderr."""
     stamp = time.strftime("%H:%M:%S")
     print(f"bench {stamp} [{SYSTEMS.get(system, system)}] {step}", file=sys.stderr, flush=True)
 
@@ -102,7 +102,7 @@ def run_job(command: list[str], **options: Any) -> subprocess.CompletedProcess[s
     """Run a job's command like subprocess.run, and on an interrupt stop it before going on.
 
     subprocess.run kills only the child it started, and waits only a moment for it. fio runs
-    each job in a process of its own, which outlived the teardown that way. So the job gets a
+    each job in a process of its own, which could then outlive the teardown. So the job gets a
     process group of its own, and an interrupt kills the whole group and waits for the child.
     """
     with subprocess.Popen(
@@ -207,7 +207,7 @@ def run_git(checkout: Path, *args: str) -> None:
 
 
 def workload_times(system: str, directory: Path, tree: Path) -> Figures:
-    """Copy `tree` into `directory`, commit it to a new git repository, run git status."""
+    """Copy `tree` into `directory`, commit it to a new git repository and run git status."""
     checkout = directory / "tree"
     progress(system, f"copy {tree}")
     times = {"copy_tree": time_call(lambda: shutil.copytree(tree, checkout, symlinks=True))}
@@ -237,7 +237,7 @@ def measure(system: str, directory: Path, args: argparse.Namespace) -> Figures:
 
 
 def is_mounted(path: Path) -> bool:
-    """Tell whether `path` is a mount point, counting a dead FUSE mount as mounted."""
+    """Return whether `path` is a mount point, counting a dead FUSE mount as mounted."""
     try:
         return os.path.ismount(path)
     except OSError:
@@ -245,7 +245,7 @@ def is_mounted(path: Path) -> bool:
 
 
 def unmount(path: Path) -> None:
-    """Unmount a FUSE mount, retrying while it is busy, and raise BenchError if it stays."""
+    """Unmount a FUSE mount, retrying while it is busy. Raises BenchError if it stays mounted."""
     for _ in range(20):
         if not is_mounted(path):
             return
@@ -256,7 +256,7 @@ def unmount(path: Path) -> None:
 
 
 def stop_process(pid: int, label: str) -> None:
-    """Send SIGTERM to `pid` and wait up to 30 s for it to exit, then SIGKILL."""
+    """Send SIGTERM to `pid` and wait up to 30 s for it to exit, then SIGKILL and 5 s more."""
     for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0)):
         try:
             os.kill(pid, sig)
@@ -375,7 +375,7 @@ def pxfs_ha3_unavailable() -> str:
 
 
 def loopback_host() -> str:
-    """Return a host name that resolves only to 127.x addresses: this host's name, or localhost.
+    """Return this host's name if it resolves only to 127.x addresses, else localhost.
 
     The gluster CLI rejects 127.0.0.1 as a brick host but accepts a name that resolves to it.
     """
@@ -390,7 +390,7 @@ def loopback_host() -> str:
 
 
 def port_in_use(port: int) -> bool:
-    """Tell whether something accepts TCP connections on 127.0.0.1:`port`."""
+    """Return whether something accepts TCP connections on 127.0.0.1:`port`."""
     with socket.socket() as sock:
         sock.settimeout(1.0)
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -429,7 +429,7 @@ end-volume
 
 
 class Gluster:
-    """A glusterd of the benchmark's own: private state, run and log directories under `root`."""
+    """A private glusterd of the benchmark, with its state, run and log directories under `root`."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -443,9 +443,9 @@ class Gluster:
         self.foreign_sockets: set[Path] = set()
 
     def start(self) -> None:
-        """Write a private glusterd.vol, start glusterd in the foreground, wait for its CLI."""
+        """Write a private glusterd.vol, start glusterd in the foreground and wait for its CLI."""
         # NOTE: even with a private working-directory, glusterd 10.3 creates the empty
-        # /var/lib/glusterd/ss_brick, geo-replication/gsyncd_template.conf there and
+        # /var/lib/glusterd/ss_brick, /var/lib/glusterd/geo-replication/gsyncd_template.conf and
         # /var/run/gluster/snaps if they are missing. They are left in place for the package.
         for directory in (self.state, self.run_dir, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
@@ -515,7 +515,7 @@ class Gluster:
         return pids
 
     def note_sockets(self) -> None:
-        """Record the unix sockets outside run-directory that this glusterd's children use."""
+        """Record the unix sockets outside the run directory that this glusterd's children use."""
         for pid in self.child_pids():
             cmdline = process_cmdline(pid)
             for flag, value in zip(cmdline, cmdline[1:], strict=False):
@@ -581,8 +581,8 @@ def measure_glusterfs(work: Path, args: argparse.Namespace) -> Figures:
         progress("glusterfs_r3", f"start glusterd in {gluster.root}, bricks on host {host}")
         register_teardown(stack, "stop glusterd", gluster.stop)
         gluster.start()
-        # force: the three bricks share one server (and here also sit on the root filesystem),
-        # which the CLI rejects without it.
+        # The CLI rejects three bricks on one server, here also on the root filesystem, without
+        # "force".
         gluster.cli(
             "volume", "create", volume, "replica", "3",
             *(f"{host}:{brick}" for brick in bricks), "force",
@@ -590,7 +590,7 @@ def measure_glusterfs(work: Path, args: argparse.Namespace) -> Figures:
         register_teardown(
             stack, "delete the volume", lambda: gluster.cli("volume", "delete", volume)
         )
-        # A failed start may leave some bricks running: gluster.stop ends them by pid.
+        # A failed start may leave some bricks running, and gluster.stop ends them by pid.
         gluster.cli("volume", "start", volume)
         register_teardown(stack, "stop the volume", lambda: gluster.cli("volume", "stop", volume))
         gluster.wait_bricks_online(volume, len(bricks))
@@ -605,7 +605,10 @@ def measure_glusterfs(work: Path, args: argparse.Namespace) -> Figures:
 
 
 def ratio(numerator: Figures | None, denominator: Figures | None, name: str) -> float | None:
-    """Return numerator[name] / denominator[name], or None when either is missing."""
+    """Return numerator[name] / denominator[name].
+
+    Returns None when either set of figures is missing, or the denominator is missing or 0.
+    """
     if numerator is None or denominator is None or not denominator.get(name):
         return None
     return numerator[name] / denominator[name]
@@ -664,7 +667,7 @@ def build_report(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; --smoke replaces the sizes with tiny ones."""
+    """Parse the command line. --smoke replaces the sizes with tiny ones."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
         "--work-dir",
@@ -725,7 +728,7 @@ def leftover_mounts(work: Path) -> list[str]:
 
 @contextlib.contextmanager
 def work_directory(requested: Path | None) -> Iterator[Path]:
-    """Yield the work directory; remove it afterwards if it is a new temporary one."""
+    """Yield the work directory, and remove it afterwards if it is a new temporary one."""
     work = requested or Path(tempfile.mkdtemp(prefix="pxfs-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
