@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from etcdproc import EtcdProcess, start_etcd
-from nodeproc import mount_child_pids
+from nodeproc import is_mountpoint, mount_child_pids
 
 from pxfs import errors
 from pxfs.rpc import BlockingClient
@@ -240,3 +241,26 @@ class Cluster:
             node.cleanup()
         if self.etcd is not None:
             self.etcd.stop()
+
+
+def sha256_file(path: Path) -> str:
+    """Return the sha256 hex digest of the file at `path`, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mount_on(node: ClusterNode, name: str, path: Path) -> None:
+    """Attach volume `name` on `node` and mount it at `path`, creating the directory."""
+    path.mkdir(exist_ok=True)
+    node.call("volume.attach", name)
+    node.call("volume.mount", name, str(path))
+
+
+def release_on(node: ClusterNode, name: str, path: Path) -> None:
+    """Unmount volume `name` from `path` if it is mounted there, then detach it from `node`."""
+    if is_mountpoint(path):
+        node.call("volume.unmount", name, str(path))
+    node.call("volume.detach", name)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from clusterproc import REPO, Cluster, ClusterNode, write_secret
+from clusterproc import REPO, Cluster, ClusterNode, sha256_file, write_secret
 from nodeproc import is_mountpoint
 
 from pxfs import errors
@@ -50,14 +50,6 @@ def _create(node: ClusterNode, name: str, ha_level: int, **extra: object) -> dic
 def _unmount(node: ClusterNode, name: str, path: Path) -> None:
     node.call("volume.unmount", name, str(path))
     node.call("volume.detach", name)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def test_cluster_lists_every_node_online(cluster: Cluster) -> None:
@@ -142,7 +134,7 @@ def test_remote_mount_writes_every_replica(cluster: Cluster, tmp_path: Path) -> 
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        assert _sha256(path / "blob") == expected
+        assert sha256_file(path / "blob") == expected
     finally:
         if is_mountpoint(path):
             _unmount(third, "data", path)
@@ -151,7 +143,7 @@ def test_remote_mount_writes_every_replica(cluster: Cluster, tmp_path: Path) -> 
     # The mount child closed the volume at unmount, so both replicas are final now.
     tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in (first, second)]
     assert tables[0] == tables[1]
-    data = [_sha256(node.replica_dir(vol_id) / "data") for node in (first, second)]
+    data = [sha256_file(node.replica_dir(vol_id) / "data") for node in (first, second)]
     assert data[0] == data[1]
 
     # Read it back through a node that has a replica.
@@ -160,7 +152,7 @@ def test_remote_mount_writes_every_replica(cluster: Cluster, tmp_path: Path) -> 
     try:
         second.call("volume.attach", "data")
         second.call("volume.mount", "data", str(again))
-        assert _sha256(again / "blob") == expected
+        assert sha256_file(again / "blob") == expected
     finally:
         if is_mountpoint(again):
             _unmount(second, "data", again)
@@ -192,14 +184,14 @@ def test_replica_down_then_resynced(cluster: Cluster, tmp_path: Path) -> None:
             time.sleep(0.5)
         inspected = third.call("volume.inspect", "degraded")
         assert sorted(inspected["write_set"]) == sorted([first.node_id, second.node_id])
-        assert _sha256(path / "after") == hashlib.sha256(after).hexdigest()
+        assert sha256_file(path / "after") == hashlib.sha256(after).hexdigest()
     finally:
         if is_mountpoint(path):
             _unmount(third, "degraded", path)
 
     tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in (first, second)]
     assert tables[0] == tables[1]
-    data = [_sha256(node.replica_dir(vol_id) / "data") for node in (first, second)]
+    data = [sha256_file(node.replica_dir(vol_id) / "data") for node in (first, second)]
     assert data[0] == data[1]
     first.call("volume.delete", "degraded")
 
@@ -222,7 +214,7 @@ def test_out_of_sync_replica_kept_at_remount(cluster: Cluster, tmp_path: Path) -
         # The stale replica must not be taken as in sync when the volume mounts again.
         second.start()
         third.call("volume.mount", "stale", str(path))
-        assert _sha256(path / "blob") == hashlib.sha256(payload).hexdigest()
+        assert sha256_file(path / "blob") == hashlib.sha256(payload).hexdigest()
         deadline = time.monotonic() + RESYNC_DEADLINE
         while third.call("volume.inspect", "stale").get("out_of_sync"):
             assert time.monotonic() < deadline, "the replica did not resync"

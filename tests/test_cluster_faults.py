@@ -21,8 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterproc import Cluster, ClusterNode, lazy_unmount, wait_until
-from nodeproc import is_mountpoint
+from clusterproc import (
+    Cluster,
+    ClusterNode,
+    lazy_unmount,
+    mount_on,
+    release_on,
+    sha256_file,
+    wait_until,
+)
 
 from pxfs import errors
 from pxfs.etcdcatalog import DEFAULT_NODE_TTL
@@ -107,26 +114,6 @@ def _create(
     return str(node.call("volume.create", spec)["id"])
 
 
-def _mount(node: ClusterNode, name: str, path: Path) -> None:
-    path.mkdir(exist_ok=True)
-    node.call("volume.attach", name)
-    node.call("volume.mount", name, str(path))
-
-
-def _unmount(node: ClusterNode, name: str, path: Path) -> None:
-    if is_mountpoint(path):
-        node.call("volume.unmount", name, str(path))
-    node.call("volume.detach", name)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_synced(path: Path, payload: bytes) -> None:
     with open(path, "wb") as f:
         f.write(payload)
@@ -166,7 +153,7 @@ def _assert_replicas_identical(nodes: list[ClusterNode], vol_id: str) -> None:
     tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in nodes]
     for node, table in zip(nodes[1:], tables[1:], strict=True):
         assert table == tables[0], f"block table of {node.ip} differs from {nodes[0].ip}"
-    data = [_sha256(node.replica_dir(vol_id) / "data") for node in nodes]
+    data = [sha256_file(node.replica_dir(vol_id) / "data") for node in nodes]
     for node, digest in zip(nodes[1:], data[1:], strict=True):
         assert digest == data[0], f"data file of {node.ip} differs from {nodes[0].ip}"
 
@@ -256,7 +243,7 @@ def test_stopped_replica_gets_missed_blocks(cluster: Cluster, tmp_path: Path) ->
     expected = bytearray(os.urandom(32 * MIB))
     written: set[int] = set()
     try:
-        _mount(third, "stopped", path)
+        mount_on(third, "stopped", path)
         _write_synced(path / "blob", bytes(expected))
 
         assert second.stop() == 0
@@ -292,11 +279,11 @@ def test_stopped_replica_gets_missed_blocks(cluster: Cluster, tmp_path: Path) ->
         assert copied == missed
         assert state["RuntimeState"] == "clean"
         assert _pairs(state["FullResyncBlocks"]) == {}
-        assert _sha256(path / "blob") == hashlib.sha256(expected).hexdigest()
+        assert sha256_file(path / "blob") == hashlib.sha256(expected).hexdigest()
     finally:
         if second.pxd is None:
             second.start()
-        _unmount(third, "stopped", path)
+        release_on(third, "stopped", path)
     _assert_replicas_identical([first, second], vol_id)
     first.call("volume.delete", "stopped")
 
@@ -315,7 +302,7 @@ def test_replica_killed_during_writes(cluster: Cluster, tmp_path: Path, ha_level
     coordinator = nodes[2]
     path = tmp_path / "mnt"
     try:
-        _mount(coordinator, name, path)
+        mount_on(coordinator, name, path)
         writer = _start_writer(path / "stream")
         time.sleep(WRITER_SECONDS / 3)
         killed_at = time.monotonic()
@@ -349,13 +336,13 @@ def test_replica_killed_during_writes(cluster: Cluster, tmp_path: Path, ha_level
         assert copied == missed
         assert state["RuntimeState"] == "clean"
         assert (
-            _sha256(path / "stream")
+            sha256_file(path / "stream")
             == hashlib.sha256(_writer_payload(path / "stream", length)).hexdigest()
         )
     finally:
         if victim.pxd is None:
             victim.start()
-        _unmount(coordinator, name, path)
+        release_on(coordinator, name, path)
     _assert_replicas_identical(replicas, vol_id)
     nodes[0].call("volume.delete", name)
 
@@ -365,7 +352,7 @@ def test_hung_replica_dropped_after_timeout(cluster: Cluster, tmp_path: Path) ->
     vol_id = _create(first, "hung", 2, [first, second], WRITER_VOLUME_SIZE)
     path = tmp_path / "mnt"
     try:
-        _mount(third, "hung", path)
+        mount_on(third, "hung", path)
         writer = _start_writer(path / "stream")
         time.sleep(WRITER_SECONDS / 3)
         paused_at = time.monotonic()
@@ -387,9 +374,9 @@ def test_hung_replica_dropped_after_timeout(cluster: Cluster, tmp_path: Path) ->
         assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
         length = done[-1][0]
         expected = _writer_payload(path / "stream", length)
-        assert _sha256(path / "stream") == hashlib.sha256(expected).hexdigest()
+        assert sha256_file(path / "stream") == hashlib.sha256(expected).hexdigest()
     finally:
-        _unmount(third, "hung", path)
+        release_on(third, "hung", path)
     _assert_replicas_identical([first, second], vol_id)
     first.call("volume.delete", "hung")
 
@@ -403,7 +390,7 @@ def test_failover_to_replica_node(cluster: Cluster, tmp_path: Path) -> None:
     old_path, new_path = tmp_path / "old", tmp_path / "new"
     payload = os.urandom(8 * MIB)
     try:
-        _mount(first, "failover", old_path)
+        mount_on(first, "failover", old_path)
         (old_path / "dir").mkdir()
         _write_synced(old_path / "dir" / "synced", payload)
         epoch = first.call("volume.inspect", "failover")["epoch"]
@@ -429,7 +416,7 @@ def test_failover_to_replica_node(cluster: Cluster, tmp_path: Path) -> None:
         assert record["epoch"] > epoch
         assert record["attached_on"] == second.node_id
         assert record["mount_paths"] == [str(new_path)]
-        assert _sha256(new_path / "dir" / "synced") == hashlib.sha256(payload).hexdigest()
+        assert sha256_file(new_path / "dir" / "synced") == hashlib.sha256(payload).hexdigest()
         _write_synced(new_path / "after", payload)
 
         # The old mount child is fenced: the replica rejects its epoch, which FUSE returns as
@@ -457,7 +444,7 @@ def test_failover_to_replica_node(cluster: Cluster, tmp_path: Path) -> None:
         first.kill_children()
         lazy_unmount(old_path)
         lazy_unmount(first.data_dir / "mnt" / vol_id)
-        _unmount(second, "failover", new_path)
+        release_on(second, "failover", new_path)
     _assert_replicas_identical([first, second], vol_id)
     second.call("volume.delete", "failover")
 
@@ -471,7 +458,7 @@ def test_below_quorum_write_rolled_back(cluster: Cluster, tmp_path: Path) -> Non
     path = tmp_path / "mnt"
     before = os.urandom(4 * MIB)
     try:
-        _mount(first, "quorum", path)
+        mount_on(first, "quorum", path)
         _write_synced(path / "before", before)
         assert second.stop() == 0
         assert third.stop() == 0
@@ -498,12 +485,12 @@ def test_below_quorum_write_rolled_back(cluster: Cluster, tmp_path: Path) -> Non
         record = first.call("volume.inspect", "quorum")
         assert len(record["write_set"]) == 3
         assert record["out_of_sync"] == []
-        assert _sha256(path / "before") == hashlib.sha256(before).hexdigest()
+        assert sha256_file(path / "before") == hashlib.sha256(before).hexdigest()
     finally:
         for node in (second, third):
             if node.pxd is None:
                 node.start()
-        _unmount(first, "quorum", path)
+        release_on(first, "quorum", path)
     _assert_replicas_identical([first, second, third], vol_id)
     first.call("volume.delete", "quorum")
 
@@ -519,7 +506,7 @@ def test_damaged_replica_gets_full_copy(cluster: Cluster, tmp_path: Path, damage
     path = tmp_path / "mnt"
     payloads = [os.urandom(8 * MIB), os.urandom(8 * MIB)]
     try:
-        _mount(third, name, path)
+        mount_on(third, name, path)
         _write_synced(path / "before", payloads[0])
         data_file = second.replica_dir(vol_id) / "data"
         if damage == "delete":
@@ -534,10 +521,10 @@ def test_damaged_replica_gets_full_copy(cluster: Cluster, tmp_path: Path, damage
         index = record["replica_nodes"].index(second.node_id)
         assert _pairs(state["ResyncBlocks"])[index] > 0
         assert "is marked failed and gets a full copy" in third.log_text()
-        assert _sha256(path / "before") == hashlib.sha256(payloads[0]).hexdigest()
-        assert _sha256(path / "after") == hashlib.sha256(payloads[1]).hexdigest()
+        assert sha256_file(path / "before") == hashlib.sha256(payloads[0]).hexdigest()
+        assert sha256_file(path / "after") == hashlib.sha256(payloads[1]).hexdigest()
     finally:
-        _unmount(third, name, path)
+        release_on(third, name, path)
     _assert_replicas_identical([first, second], vol_id)
     first.call("volume.delete", name)
 
@@ -575,7 +562,7 @@ def test_full_stores_leave_write_set_then_enospc(cluster: Cluster, tmp_path: Pat
     path = tmp_path / "mnt"
     try:
         vol_id = _create(first, "full", 2, [first, second], WRITER_VOLUME_SIZE)
-        _mount(third, "full", path)
+        mount_on(third, "full", path)
         writer = _start_writer(path / "stream", seconds=120, max_bytes=200 * MIB)
         failed, done = _writer_outcome(writer, timeout=180)
         assert failed == errno.ENOSPC
@@ -596,7 +583,7 @@ def test_full_stores_leave_write_set_then_enospc(cluster: Cluster, tmp_path: Pat
         print(f"\nfull stores: ENOSPC after {length // MIB} MiB fsync'd")
     finally:
         if vol_id:
-            _unmount(third, "full", path)
+            release_on(third, "full", path)
             first.call("volume.delete", "full")
         _unmount_tmpfs(second, small)
         _unmount_tmpfs(first, large)

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterproc import REPO, Cluster, ClusterNode, free_port_on
-from nodeproc import is_mountpoint
+from clusterproc import REPO, Cluster, ClusterNode, free_port_on, mount_on, release_on, sha256_file
 
 from pxfs import errors
 from pxfs.rpc import BlockingClient
@@ -51,31 +50,11 @@ def _create(node: ClusterNode, name: str, nodes: list[ClusterNode], size: int = 
     return str(node.call("volume.create", spec)["id"])
 
 
-def _mount(node: ClusterNode, name: str, path: Path) -> None:
-    path.mkdir(exist_ok=True)
-    node.call("volume.attach", name)
-    node.call("volume.mount", name, str(path))
-
-
-def _unmount(node: ClusterNode, name: str, path: Path) -> None:
-    if is_mountpoint(path):
-        node.call("volume.unmount", name, str(path))
-    node.call("volume.detach", name)
-
-
 def _write_synced(path: Path, payload: bytes) -> None:
     with open(path, "wb") as f:
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _wait_for_ha(node: ClusterNode, name: str, ha_level: int) -> dict[str, Any]:
@@ -92,7 +71,7 @@ def _wait_for_ha(node: ClusterNode, name: str, ha_level: int) -> dict[str, Any]:
 def _assert_replicas_match(nodes: list[ClusterNode], vol_id: str) -> None:
     """Compare the block tables and the data files of the replicas of a closed volume."""
     tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in nodes]
-    data = [_sha256(node.replica_dir(vol_id) / "data") for node in nodes]
+    data = [sha256_file(node.replica_dir(vol_id) / "data") for node in nodes]
     for node, table, digest in zip(nodes[1:], tables[1:], data[1:], strict=True):
         assert table == tables[0], f"the block table on {node.node_id} differs"
         assert digest == data[0], f"the data on {node.node_id} differs"
@@ -128,7 +107,7 @@ def test_raise_1_to_2_while_writing(cluster: Cluster, tmp_path: Path) -> None:
     path = tmp_path / "mnt"
     writer = _Writer(path)
     try:
-        _mount(first, "online", path)
+        mount_on(first, "online", path)
         _write_synced(path / "before", os.urandom(8 * MIB))
         writer.start()
         time.sleep(0.5)
@@ -148,10 +127,10 @@ def test_raise_1_to_2_while_writing(cluster: Cluster, tmp_path: Path) -> None:
         assert state["RuntimeState"] == "clean"
         assert state["WriteSet"] == "[0 1]"
         for name, digest in writer.written.items():
-            assert _sha256(path / name) == digest, name
+            assert sha256_file(path / name) == digest, name
     finally:
         writer.stop.set()
-        _unmount(first, "online", path)
+        release_on(first, "online", path)
     _assert_replicas_match([first, second], vol_id)
     first.call("volume.delete", "online")
 
@@ -162,10 +141,10 @@ def test_raise_2_to_3_detached(cluster: Cluster, tmp_path: Path) -> None:
     path = tmp_path / "mnt"
     payload = os.urandom(16 * MIB)
     try:
-        _mount(first, "offline", path)
+        mount_on(first, "offline", path)
         _write_synced(path / "blob", payload)
     finally:
-        _unmount(first, "offline", path)
+        release_on(first, "offline", path)
 
     first.call("volume.update", "offline", {"ha_level": 3})
     record = _wait_for_ha(first, "offline", 3)
@@ -180,10 +159,10 @@ def test_raise_2_to_3_detached(cluster: Cluster, tmp_path: Path) -> None:
     assert not third.replica_dir(vol_id).exists()
     assert not second.replica_dir(vol_id).exists()
     try:
-        _mount(first, "offline", path)
-        assert _sha256(path / "blob") == hashlib.sha256(payload).hexdigest()
+        mount_on(first, "offline", path)
+        assert sha256_file(path / "blob") == hashlib.sha256(payload).hexdigest()
     finally:
-        _unmount(first, "offline", path)
+        release_on(first, "offline", path)
     first.call("volume.delete", "offline")
 
 
@@ -194,7 +173,7 @@ def test_lower_drops_right_replicas(cluster: Cluster, tmp_path: Path) -> None:
     payload = os.urandom(8 * MIB)
     try:
         # Attached on the second node, whose replica must stay to the end.
-        _mount(second, "lower", path)
+        mount_on(second, "lower", path)
         _write_synced(path / "blob", payload)
 
         record = second.call("volume.update", "lower", {"ha_level": 2})
@@ -212,9 +191,9 @@ def test_lower_drops_right_replicas(cluster: Cluster, tmp_path: Path) -> None:
         assert second.replica_dir(vol_id).exists()
 
         _write_synced(path / "after", payload)
-        assert _sha256(path / "blob") == hashlib.sha256(payload).hexdigest()
+        assert sha256_file(path / "blob") == hashlib.sha256(payload).hexdigest()
     finally:
-        _unmount(second, "lower", path)
+        release_on(second, "lower", path)
     second.call("volume.delete", "lower")
 
 
@@ -223,7 +202,7 @@ def test_lower_drops_out_of_sync_first(cluster: Cluster, tmp_path: Path) -> None
     vol_id = _create(first, "stale", [first, second, third])
     path = tmp_path / "mnt"
     try:
-        _mount(first, "stale", path)
+        mount_on(first, "stale", path)
         second.kill()
         _write_synced(path / "blob", os.urandom(4 * MIB))
         record = first.call("volume.inspect", "stale")
@@ -237,7 +216,7 @@ def test_lower_drops_out_of_sync_first(cluster: Cluster, tmp_path: Path) -> None
     finally:
         if second.pxd is None:
             second.start()
-        _unmount(first, "stale", path)
+        release_on(first, "stale", path)
     _assert_replicas_match([first, third], vol_id)
     first.call("volume.delete", "stale")
 
@@ -247,7 +226,7 @@ def test_progress_visible_during_copy(cluster: Cluster, tmp_path: Path) -> None:
     vol_id = _create(first, "big", [first], size=256 * MIB)
     path = tmp_path / "mnt"
     try:
-        _mount(first, "big", path)
+        mount_on(first, "big", path)
         _write_synced(path / "fill", os.urandom(192 * MIB))
         first.call("volume.update", "big", {"ha_level": 2, "nodes": [second.node_id]})
         with pytest.raises(errors.Busy) as caught:
@@ -270,7 +249,7 @@ def test_progress_visible_during_copy(cluster: Cluster, tmp_path: Path) -> None:
         assert partial[0]["planned"] >= 192 * MIB // (64 * 1024)
         assert _wait_for_ha(first, "big", 2)["ha_level"] == 2
     finally:
-        _unmount(first, "big", path)
+        release_on(first, "big", path)
     _assert_replicas_match([first, second], vol_id)
     first.call("volume.delete", "big")
 
@@ -354,20 +333,20 @@ def test_mount_takes_over_offline_copy(cluster: Cluster, tmp_path: Path) -> None
     path = tmp_path / "mnt"
     payload = os.urandom(192 * MIB)
     try:
-        _mount(first, "handover", path)
+        mount_on(first, "handover", path)
         _write_synced(path / "fill", payload)
     finally:
-        _unmount(first, "handover", path)
+        release_on(first, "handover", path)
 
     first.call("volume.update", "handover", {"ha_level": 2, "nodes": [second.node_id]})
     try:
         # The mount stops the copy that pxd runs and hands the rest to the mount child.
-        _mount(first, "handover", path)
+        mount_on(first, "handover", path)
         record = _wait_for_ha(first, "handover", 2)
         assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
-        assert _sha256(path / "fill") == hashlib.sha256(payload).hexdigest()
+        assert sha256_file(path / "fill") == hashlib.sha256(payload).hexdigest()
         _write_synced(path / "after", os.urandom(4 * MIB))
     finally:
-        _unmount(first, "handover", path)
+        release_on(first, "handover", path)
     _assert_replicas_match([first, second], vol_id)
     first.call("volume.delete", "handover")
