@@ -599,14 +599,14 @@ class VolumeControl(ChildSupervisor):
         try:
             await self.peers.call_each([node_id], "store.create", vol_id, nblocks)
         except AlreadyExists:
-            # Left by an earlier raise that failed: the node holds no replica of the record,
+            # Left by an earlier raise that failed: the record lists no replica on this node,
             # so nothing reads it.
             log.warning("volume %s: replacing a stale replica on node %s", vol_id, node_id)
             await self.peers.call_each([node_id], "store.delete", vol_id)
             await self.peers.call_each([node_id], "store.create", vol_id, nblocks)
 
     async def _replica_nblocks(self, record: VolumeRecord) -> int:
-        """Return the size in blocks of the first replica of the write set that answers."""
+        """Return the size in blocks of the first write-set replica that responds."""
         members = sorted(record["write_set"], key=lambda node_id: node_id != self.node_id)
         failures = []
         for node_id in members:
@@ -649,7 +649,7 @@ class VolumeControl(ChildSupervisor):
     async def _raise_step(self, job: _HaRaise, record: VolumeRecord) -> None:
         vol_id = record["id"]
         if record["attached_on"] not in ("", self.node_id):
-            # NOTE: the mount child of another node knows nothing of the new replicas, so the
+            # NOTE: the mount child of another node is not told of the new replicas, so the
             # copy waits until the volume is detached there or attached here.
             return
         child = self._mounts.get(vol_id)
@@ -820,7 +820,7 @@ class _HaPlan:
     ha_level: int
     add: list[str] = field(default_factory=list)
     drop: list[str] = field(default_factory=list)
-    #: The catalog records the change already; the update only sees it through.
+    #: The catalog already records the change, so the update only completes it.
     resume: bool = False
 
 
