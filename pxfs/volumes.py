@@ -133,12 +133,18 @@ class VolumeControl(ChildSupervisor):
         return await self._public(record)
 
     async def _nodes_with_status(self) -> list[dict[str, Any]]:
-        """Return the catalog's node records with `online`; this node's with its live status."""
-        nodes = []
+        """Return the catalog's node records with `online`; this node's with its live status.
+
+        This node is listed even before it has registered: the control socket serves calls from
+        the moment it listens, and a create then must not find a cluster of no nodes.
+        """
+        this_node = {"id": self.node_id, **await self.status(), "online": True}
+        nodes = [this_node]
         for node in await self._catalog().list_nodes():
             if node["id"] == self.node_id:
-                node = {**node, **await self.status(), "online": True}
-            nodes.append(node)
+                this_node.update({**node, **this_node})
+            else:
+                nodes.append(node)
         return nodes
 
     async def _check_ha_level(self, ha_level: int) -> None:
