@@ -3,9 +3,11 @@
 import inspect
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from etcdproc import EtcdProcess, start_etcd
 
 _HERE = Path(__file__).parent
 
@@ -34,3 +36,19 @@ def tiny_fs(tmp_path):
     yield mountpoint
     if subprocess.run(["umount", str(mountpoint)]).returncode != 0:
         subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+@pytest.fixture(scope="module")
+def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+    """One etcd for the tests of a module, which work under key prefixes of their own."""
+    etcd = start_etcd(tmp_path_factory.mktemp("etcd"))
+    yield etcd
+    etcd.stop()
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
+    """An etcd of this test alone, which it may stop, pause and restart."""
+    etcd = start_etcd(tmp_path / "etcd")
+    yield etcd
+    etcd.stop()

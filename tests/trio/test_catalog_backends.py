@@ -7,14 +7,14 @@ each test its own cluster id, so the tests see only their own keys.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from etcdproc import EtcdProcess, start_etcd
+from etcdproc import EtcdProcess
 
 from pxfs.catalog import Catalog, LocalCatalog, VolumeRecord
 from pxfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound
@@ -33,19 +33,12 @@ def make_record(vol_id: str, name: str, ctime_ns: int = 1, **fields: Any) -> Vol
     return record
 
 
-@pytest.fixture(scope="module")
-def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
-    etcd = start_etcd(tmp_path_factory.mktemp("etcd"))
-    yield etcd
-    etcd.stop()
-
-
 @pytest.fixture(params=["local", "etcd"])
 def etcd_endpoint(request: pytest.FixtureRequest) -> str | None:
     """The endpoint of the module's etcd for the etcd backend, None for the local one."""
     if request.param == "local":
         return None
-    etcd: EtcdProcess = request.getfixturevalue("etcd_server")
+    etcd: EtcdProcess = request.getfixturevalue("shared_etcd")
     return etcd.endpoint
 
 

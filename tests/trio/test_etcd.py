@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 import trio
-from etcdproc import EtcdProcess, free_port, start_etcd
+from etcdproc import EtcdProcess, free_port
 
 from pxfs.errors import InvalidArgument, NotFound, ProtocolError, Unavailable
 from pxfs.etcd import (
@@ -27,21 +26,6 @@ from pxfs.etcd import (
 )
 
 TIMEOUT = 2.0
-
-
-@pytest.fixture(scope="module")
-def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
-    etcd = start_etcd(tmp_path_factory.mktemp("etcd"))
-    yield etcd
-    etcd.stop()
-
-
-@pytest.fixture
-def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
-    """An etcd of this test alone, which it may stop, pause and restart."""
-    etcd = start_etcd(tmp_path / "etcd")
-    yield etcd
-    etcd.stop()
 
 
 @pytest.fixture

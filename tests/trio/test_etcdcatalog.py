@@ -9,12 +9,12 @@ import itertools
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
-from etcdproc import EtcdProcess, start_etcd, start_etcd_cluster
+from etcdproc import EtcdProcess, start_etcd_cluster
 
 from pxfs.catalog import VolumeRecord
 from pxfs.errors import AlreadyExists, Corrupted, InvalidArgument, Unavailable
@@ -33,21 +33,6 @@ def make_record(vol_id: str, name: str, **fields: object) -> VolumeRecord:
     record: VolumeRecord = {"id": vol_id, "name": name, "ctime_ns": 1, "epoch": 1}
     record.update(fields)
     return record
-
-
-@pytest.fixture(scope="module")
-def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
-    etcd = start_etcd(tmp_path_factory.mktemp("etcd"))
-    yield etcd
-    etcd.stop()
-
-
-@pytest.fixture
-def own_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
-    """An etcd of this test alone, which it may stop and restart."""
-    etcd = start_etcd(tmp_path / "etcd")
-    yield etcd
-    etcd.stop()
 
 
 @pytest.fixture
