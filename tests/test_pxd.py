@@ -154,6 +154,26 @@ def create(pxd: Pxd, name: str, size: int = GIB, **fields: Any) -> dict[str, Any
 # Start-up, identity and shutdown
 
 
+def mount_new(pxd: Pxd, name: str, tmp_path: Path) -> tuple[Path, int]:
+    """Create, attach and mount volume NAME on tmp_path/mnt; return the path and the epoch."""
+    create(pxd, name)
+    epoch = pxd.call("volume.attach", name)["epoch"]
+    target = tmp_path / "mnt"
+    target.mkdir()
+    pxd.call("volume.mount", name, str(target))
+    return target, epoch
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write DATA to PATH and fsync it, so it must survive a crash of pxd or the mount child."""
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def test_help_describes_flags() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "daemon.pxd", "--help"],
@@ -600,11 +620,7 @@ def test_mount_at_two_paths(pxd: Pxd, tmp_path: Path) -> None:
 
 @needs_mount
 def test_busy_path_is_not_unmounted(pxd: Pxd, tmp_path: Path) -> None:
-    create(pxd, "busy")
-    pxd.call("volume.attach", "busy")
-    target = tmp_path / "mnt"
-    target.mkdir()
-    pxd.call("volume.mount", "busy", str(target))
+    target, _ = mount_new(pxd, "busy", tmp_path)
     holder = open(target / "open-file", "w")
     try:
         with pytest.raises(errors.Busy, match="cannot unmount"):
@@ -619,15 +635,8 @@ def test_busy_path_is_not_unmounted(pxd: Pxd, tmp_path: Path) -> None:
 
 @needs_mount
 def test_killed_child_is_remounted(pxd: Pxd, tmp_path: Path) -> None:
-    create(pxd, "phoenix")
-    epoch = pxd.call("volume.attach", "phoenix")["epoch"]
-    target = tmp_path / "mnt"
-    target.mkdir()
-    pxd.call("volume.mount", "phoenix", str(target))
-    (target / "kept").write_bytes(b"durable")
-    fd = os.open(target / "kept", os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+    target, epoch = mount_new(pxd, "phoenix", tmp_path)
+    write_synced(target / "kept", b"durable")
 
     [pid] = pxd.child_pids()
     os.kill(pid, signal.SIGKILL)
@@ -647,11 +656,7 @@ def test_killed_child_is_remounted(pxd: Pxd, tmp_path: Path) -> None:
 
 @needs_mount
 def test_restart_remounts(pxd: Pxd, tmp_path: Path) -> None:
-    create(pxd, "again")
-    pxd.call("volume.attach", "again")
-    target = tmp_path / "mnt"
-    target.mkdir()
-    pxd.call("volume.mount", "again", str(target))
+    target, _ = mount_new(pxd, "again", tmp_path)
     (target / "dir").mkdir()
     (target / "dir" / "file").write_bytes(b"x" * 300_000)
 
@@ -669,15 +674,8 @@ def test_restart_remounts(pxd: Pxd, tmp_path: Path) -> None:
 
 @needs_mount
 def test_pxd_killed_then_restart_remounts(pxd: Pxd, tmp_path: Path) -> None:
-    create(pxd, "crash")
-    epoch = pxd.call("volume.attach", "crash")["epoch"]
-    target = tmp_path / "mnt"
-    target.mkdir()
-    pxd.call("volume.mount", "crash", str(target))
-    (target / "f").write_bytes(b"before the crash")
-    fd = os.open(target / "f", os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+    target, epoch = mount_new(pxd, "crash", tmp_path)
+    write_synced(target / "f", b"before the crash")
 
     pxd.kill()
     pxd.start()
@@ -733,11 +731,7 @@ def test_child_start_failure_reported(pxd: Pxd, tmp_path: Path) -> None:
 
 @needs_mount
 def test_restarts_are_bounded(pxd: Pxd, tmp_path: Path) -> None:
-    create(pxd, "doomed")
-    pxd.call("volume.attach", "doomed")
-    target = tmp_path / "mnt"
-    target.mkdir()
-    pxd.call("volume.mount", "doomed", str(target))
+    target, _ = mount_new(pxd, "doomed", tmp_path)
     secret = pxd.data_dir / "cluster.secret"
     hidden = secret.rename(secret.with_name("hidden"))
     try:
