@@ -49,6 +49,16 @@ async def read_file(volume: Volume, name: bytes) -> bytes:
     return await volume.read(attr.ino, 0, attr.size)
 
 
+async def assert_grown(device: BlockDevice, files: dict[bytes, bytes]) -> None:
+    """Open DEVICE again and check its size, the contents of FILES and the checker's verdict."""
+    volume = await Volume.open(device)
+    assert volume.superblock.size == NEW_SIZE
+    for name, data in files.items():
+        assert await read_file(volume, name) == data
+    await volume.close()
+    assert await check_volume(device) == []
+
+
 async def format_small(size: int = SIZE, nblocks: int | None = None) -> MemoryDevice:
     """Return a MemoryDevice holding a fresh volume with small metadata regions."""
     needed = Geometry.for_size(size, JOURNAL, SLOT).nblocks
@@ -172,11 +182,7 @@ async def test_grow_twice(tmp_path: Path) -> None:
     data = pattern(3, 7 * MIB)
     await write_file(volume, b"f", data)
     await volume.close()
-    volume = await Volume.open(device)
-    assert volume.superblock.size == NEW_SIZE
-    assert await read_file(volume, b"f") == data
-    await volume.close()
-    assert await check_volume(device) == []
+    await assert_grown(device, {b"f": data})
 
 
 async def test_grow_full_volume_takes_writes(tmp_path: Path) -> None:
@@ -201,11 +207,7 @@ async def test_grow_device_already_larger(tmp_path: Path) -> None:
     assert device.nblocks == spare
     await write_file(volume, b"b", pattern(7, 5 * MIB))
     await volume.close()
-    volume = await Volume.open(device)
-    assert volume.superblock.size == NEW_SIZE
-    assert await read_file(volume, b"b") == pattern(7, 5 * MIB)
-    await volume.close()
-    assert await check_volume(device) == []
+    await assert_grown(device, {b"b": pattern(7, 5 * MIB)})
 
 
 async def test_grow_replicas_already_larger(replicas: Replicas) -> None:
@@ -221,11 +223,7 @@ async def test_grow_replicas_already_larger(replicas: Replicas) -> None:
     data = pattern(12, 5 * MIB)
     await write_file(volume, b"f", data)
     await volume.close()
-    volume = await Volume.open(device)
-    assert volume.superblock.size == NEW_SIZE
-    assert await read_file(volume, b"f") == data
-    await volume.close()
-    assert await check_volume(device) == []
+    await assert_grown(device, {b"f": data})
 
 
 async def test_grow_while_writers_and_flusher_run() -> None:
@@ -247,12 +245,7 @@ async def test_grow_while_writers_and_flusher_run() -> None:
         contents[b"after"] = pattern(30, 5 * MIB)
         await write_file(volume, b"after", contents[b"after"])
         await volume.close()
-    volume = await Volume.open(device)
-    assert volume.superblock.size == NEW_SIZE
-    for name, data in contents.items():
-        assert await read_file(volume, name) == data
-    await volume.close()
-    assert await check_volume(device) == []
+    await assert_grown(device, contents)
 
 
 # Crash safety
