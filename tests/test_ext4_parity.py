@@ -21,12 +21,9 @@ import mmap
 import os
 import pickle
 import random
-import select
 import shutil
-import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,13 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mountproc import MountChild, is_mounted
 
-REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 BLOCK = 65536
 NOBODY = 65534
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 EXT4_IMAGE_BYTES = 1024 * MIB
 PXFS_VOLUME_BYTES = 1024 * MIB
 #: Size of both filesystems in the full-volume test.
@@ -105,11 +100,6 @@ def _run(argv: list[str]) -> str:
     return result.stdout.strip()
 
 
-def _mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as mountinfo:
-        return any(line.split()[4] == str(path) for line in mountinfo)
-
-
 class Ext4Mount:
     """An ext4 filesystem in an image file, mounted through a loop device it attaches."""
 
@@ -144,77 +134,11 @@ class Ext4Mount:
 
     def cleanup(self) -> None:
         """Unmount if mounted, then detach the loop device."""
-        if _mounted(self.mountpoint):
+        if is_mounted(self.mountpoint):
             subprocess.run(["umount", str(self.mountpoint)], check=False, timeout=60)
         if self.loop is not None:
             subprocess.run(["losetup", "-d", self.loop], check=False, timeout=60)
             self.loop = None
-
-
-class PxfsMount:
-    """A pxfs mount child (python -m daemon.mount) serving a device file."""
-
-    def __init__(self, device: Path, mountpoint: Path, log: Path, size: int) -> None:
-        self.device = device
-        self.mountpoint = mountpoint
-        self.log = log
-        self.size = size
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start the child, formatting the device the first time, and wait for `ready`."""
-        argv = [sys.executable, "-m", "daemon.mount", "--mountpoint", str(self.mountpoint)]
-        argv += ["--device-file", str(self.device), "--format-size", str(self.size)]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, cwd=REPO)
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline and self.process.poll() is None:
-            readable, _, _ = select.select([self.process.stdout], [], [], 0.2)
-            if readable:
-                line = self.process.stdout.readline()
-                assert line == b"ready\n", f"child printed {line!r}: {self.log.read_text()}"
-                return
-        raise AssertionError(f"mount child not ready in time: {self.log.read_text()}")
-
-    def stop(self) -> None:
-        """Stop with SIGTERM; the child must exit 0 and leave nothing mounted."""
-        assert self.process is not None and self.process.stdout is not None
-        self.process.send_signal(signal.SIGTERM)
-        status = self.process.wait(STOP_TIMEOUT)
-        self.process.stdout.close()
-        self.process = None
-        assert status == 0, self.log.read_text()
-        assert not _mounted(self.mountpoint)
-
-    def remount(self) -> None:
-        """Stop the child and start a new one on the same device."""
-        self.stop()
-        self.start()
-
-    def check(self) -> subprocess.CompletedProcess[str]:
-        """Run the offline consistency check of the device."""
-        argv = [sys.executable, "-m", "daemon.mount", "--device-file", str(self.device)]
-        return subprocess.run(
-            argv + ["--check"], capture_output=True, text=True, cwd=REPO, timeout=120
-        )
-
-    def cleanup(self) -> None:
-        """Kill a child that is still running and detach what it left mounted."""
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT)
-            assert self.process.stdout is not None
-            self.process.stdout.close()
-            self.process = None
-        if _mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
-
-    def errors_logged(self) -> list[str]:
-        """Return the error and traceback lines of the child's log."""
-        lines = self.log.read_text().splitlines()
-        return [line for line in lines if " ERROR " in line or "Traceback" in line]
 
 
 @dataclass
@@ -222,7 +146,7 @@ class Pair:
     """An ext4 mount and a pxfs mount that the same calls run on."""
 
     ext4: Ext4Mount
-    pxfs: PxfsMount
+    pxfs: MountChild
 
 
 @contextlib.contextmanager
@@ -234,7 +158,7 @@ def mounted_pair(storage: Path, ext4_bytes: int, pxfs_bytes: int) -> Iterator[Pa
     for name in ("ext4", "pxfs"):
         (top / name).mkdir(mode=0o755)
     ext4 = Ext4Mount(storage / "ext4.img", top / "ext4", ext4_bytes)
-    pxfs = PxfsMount(storage / "pxfs.dev", top / "pxfs", storage / "pxfs.log", pxfs_bytes)
+    pxfs = MountChild(storage / "pxfs.dev", top / "pxfs", storage / "pxfs.log", pxfs_bytes)
     try:
         ext4.start()
         pxfs.start()

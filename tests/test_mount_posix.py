@@ -11,7 +11,6 @@ import errno
 import json
 import mmap
 import os
-import select
 import signal
 import stat
 import subprocess
@@ -22,12 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mountproc import MountChild
 
-REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 BLOCK = 65536
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 NOBODY = 65534
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -47,89 +44,12 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
         raise OSError(code, os.strerror(code), str(old))
 
 
-def _mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as mountinfo:
-        return any(line.split()[4] == str(path) for line in mountinfo)
-
-
-class Child:
-    """One mount child process serving a device file at a mountpoint."""
-
-    def __init__(self, device: Path, mountpoint: Path, log: Path) -> None:
-        self.device = device
-        self.mountpoint = mountpoint
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, format_size: int | None = None) -> None:
-        argv = [sys.executable, "-m", "daemon.mount", "--mountpoint", str(self.mountpoint)]
-        argv += ["--device-file", str(self.device)]
-        if format_size is not None:
-            argv += ["--format-size", str(format_size)]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, cwd=REPO)
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline and self.process.poll() is None:
-            readable, _, _ = select.select([self.process.stdout], [], [], 0.2)
-            if readable:
-                line = self.process.stdout.readline()
-                assert line == b"ready\n", f"child printed {line!r}: {self.log.read_text()}"
-                return
-        raise AssertionError(f"mount child not ready in time: {self.log.read_text()}")
-
-    def stop(self) -> None:
-        """Stop with SIGTERM; the child must exit 0 and leave nothing mounted."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        self.reap(0)
-
-    def reap(self, expected_status: int) -> None:
-        """Wait for the child to exit with `expected_status` and check it left no mount."""
-        assert self.process is not None
-        assert self.process.wait(STOP_TIMEOUT) == expected_status, self.log.read_text()
-        self._forget_process()
-        assert not _mounted(self.mountpoint)
-
-    def _forget_process(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        self.process.stdout.close()
-        self.process = None
-
-    def kill(self) -> None:
-        """Kill with SIGKILL, as a crash would, and detach the dead mount."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(STOP_TIMEOUT)
-        self._forget_process()
-        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
-
-    def cleanup(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT)
-            self._forget_process()
-        if _mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
-
-    def check(self) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "daemon.mount", "--device-file", str(self.device)]
-        return subprocess.run(
-            argv + ["--check"], capture_output=True, text=True, cwd=REPO, timeout=120
-        )
-
-    def errors_logged(self) -> list[str]:
-        lines = self.log.read_text().splitlines()
-        return [line for line in lines if " ERROR " in line or "Traceback" in line]
-
-
 @pytest.fixture
-def child(tmp_path: Path) -> Iterator[Child]:
+def child(tmp_path: Path) -> Iterator[MountChild]:
     # tmp_path is private to root; other users must reach the mountpoint for permission tests.
     mountpoint = Path(tempfile.mkdtemp(prefix="pxfs-test-mnt-"))
     os.chmod(mountpoint, 0o755)
-    mount = Child(tmp_path / "vol.dev", mountpoint, tmp_path / "vol.log")
+    mount = MountChild(tmp_path / "vol.dev", mountpoint, tmp_path / "vol.log")
     try:
         yield mount
     finally:
@@ -139,7 +59,7 @@ def child(tmp_path: Path) -> Iterator[Child]:
 
 
 @pytest.fixture
-def mnt(child: Child) -> Iterator[Path]:
+def mnt(child: MountChild) -> Iterator[Path]:
     child.start(format_size=256 * MIB)
     yield child.mountpoint
     child.stop()
@@ -424,7 +344,7 @@ print(json.dumps(result))
 # Persistence, crashes, space
 
 
-def test_remount_keeps_tree_and_inode_numbers(child: Child) -> None:
+def test_remount_keeps_tree_and_inode_numbers(child: MountChild) -> None:
     child.start(format_size=64 * MIB)
     mnt = child.mountpoint
     (mnt / "dir" / "sub").mkdir(parents=True)
@@ -455,7 +375,7 @@ def test_remount_keeps_tree_and_inode_numbers(child: Child) -> None:
     assert checked.stdout == ""
 
 
-def test_kill_keeps_fsynced_data(child: Child) -> None:
+def test_kill_keeps_fsynced_data(child: MountChild) -> None:
     child.start(format_size=64 * MIB)
     mnt = child.mountpoint
     durable = os.urandom(2 * MIB)
@@ -474,7 +394,7 @@ def test_kill_keeps_fsynced_data(child: Child) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_sigterm_with_open_file_flushes_it(child: Child) -> None:
+def test_sigterm_with_open_file_flushes_it(child: MountChild) -> None:
     child.start(format_size=64 * MIB)
     fd = os.open(child.mountpoint / "open", os.O_CREAT | os.O_WRONLY, 0o644)
     try:
@@ -492,7 +412,7 @@ def test_sigterm_with_open_file_flushes_it(child: Child) -> None:
     child.stop()
 
 
-def test_enospc_then_space_is_reused(child: Child) -> None:
+def test_enospc_then_space_is_reused(child: MountChild) -> None:
     child.start(format_size=8 * MIB)
     mnt = child.mountpoint
     chunk = b"\x5a" * MIB
@@ -522,7 +442,7 @@ def test_enospc_then_space_is_reused(child: Child) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_check_reports_damage(child: Child) -> None:
+def test_check_reports_damage(child: MountChild) -> None:
     child.start(format_size=16 * MIB)
     (child.mountpoint / "f").write_bytes(b"y" * 1000)
     child.stop()
@@ -543,7 +463,7 @@ def _write_fsynced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def test_full_volume_reads_only_stored_bytes(child: Child) -> None:
+def test_full_volume_reads_only_stored_bytes(child: MountChild) -> None:
     child.start(format_size=48 * MIB)
     mnt = child.mountpoint
     first, second = os.urandom(30 * MIB), os.urandom(30 * MIB)
