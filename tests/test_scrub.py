@@ -20,7 +20,7 @@ from clusterproc import REPO, Cluster, ClusterNode
 from nodeproc import is_mountpoint
 
 from pxfs import errors
-from pxfs.cli import scrub_lines, scrub_summary, verify_lines
+from pxfs.cliformat import scrub_lines, scrub_summary, verify_lines
 from pxfs.config import load_config
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
