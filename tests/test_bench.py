@@ -76,12 +76,32 @@ def mounts_under(path: Path) -> list[str]:
         return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
 
 
+def cluster_dirs(stderr: str) -> list[str]:
+    """Return the cluster directories that the progress lines of a run name."""
+    marker = "[pxfs ha 3] start etcd and 3 pxd nodes in "
+    return [line.split(marker, 1)[1].strip() for line in stderr.splitlines() if marker in line]
+
+
+def assert_nothing_left(tmp_path: Path, stderr: str) -> None:
+    """Assert that no mount or process of the run is left, the cluster's included."""
+    assert mounts_under(tmp_path) == []
+    assert processes_mentioning(str(tmp_path)) == []
+    for directory in cluster_dirs(stderr):
+        assert processes_mentioning(directory) == [], directory
+        assert mounts_under(Path(directory)) == [], directory
+
+
 def bench_command(tmp_path: Path) -> list[str]:
     """Return the smoke-run command line with its work directory and JSON file under tmp_path."""
     return [
         sys.executable, str(BENCH), "--smoke", "--work-dir", str(tmp_path / "work"),
         "--json", str(tmp_path / "report.json"),
     ]  # fmt: skip
+
+
+def etcd_installed() -> bool:
+    """Tell whether etcd, which the three-node pxfs cluster needs, is installed."""
+    return shutil.which("etcd") is not None
 
 
 def expect_gluster() -> bool:
@@ -115,13 +135,18 @@ def test_smoke_run_measures_every_system(tmp_path: Path) -> None:
         pytest.skip(reason)
 
     systems = report["systems"]
-    measured = ["raw", "pxfs_ha1"] + (["glusterfs_r3"] if with_gluster else [])
+    with_ha3 = etcd_installed()
+    measured = ["raw", "pxfs_ha1"] + (["pxfs_ha3"] if with_ha3 else [])
+    measured += ["glusterfs_r3"] if with_gluster else []
     for system in measured:
         assert sorted(systems[system]) == sorted(FIGURES), system
         for name in FIGURES:
             assert systems[system][name] > 0, (system, name)
-    assert systems["pxfs_ha3"] is None
-    assert report["not_measured"]["pxfs_ha3"] == "needs the cluster"
+    if with_ha3:
+        assert "pxfs_ha3" not in report["not_measured"]
+    else:
+        assert systems["pxfs_ha3"] is None
+        assert "etcd is not installed" in report["not_measured"]["pxfs_ha3"]
     if with_gluster:
         assert "glusterfs_r3" not in report["not_measured"]
     else:
@@ -135,26 +160,38 @@ def test_smoke_run_measures_every_system(tmp_path: Path) -> None:
         if with_gluster:
             expected = systems["pxfs_ha1"][name] / systems["glusterfs_r3"][name]
             assert ratios["pxfs_glusterfs"][name] == pytest.approx(expected), name
+        if with_gluster and with_ha3:
+            expected = systems["pxfs_ha3"][name] / systems["glusterfs_r3"][name]
+            assert ratios["pxfs_ha3_glusterfs"][name] == pytest.approx(expected), name
+        else:
+            assert ratios["pxfs_ha3_glusterfs"][name] is None, name
     assert report["parameters"]["smoke"] is True
     assert report["units"]["seq_write"] == "MiB/s"
     assert report["units"]["git_status"] == "s"
 
     assert "pxfs/GlusterFS" in result.stdout
-    assert "pxfs ha 3: not measured: needs the cluster" in result.stdout
+    assert "ha3/GlusterFS" in result.stdout
     assert "[raw] git status" in result.stderr
     assert "[pxfs ha 1] sequential write" in result.stderr
+    if with_ha3:
+        assert "[pxfs ha 3] git status" in result.stderr
+        assert len(cluster_dirs(result.stderr)) == 1
     if with_gluster:
         assert "[GlusterFS r3] git status" in result.stderr
 
-    assert mounts_under(tmp_path) == []
-    assert processes_mentioning(str(tmp_path)) == []
+    assert_nothing_left(tmp_path, result.stderr)
     assert not (tmp_path / "work" / "raw" / "fio.data").exists()
 
 
 def test_sigterm_tears_everything_down(tmp_path: Path) -> None:
     with_gluster = expect_gluster()
     # Interrupt inside the last system's jobs, so every kind of teardown has something to undo.
-    marker = "[GlusterFS r3] random 4 KiB reads" if with_gluster else "[pxfs ha 1] random 4 KiB"
+    if with_gluster:
+        marker = "[GlusterFS r3] random 4 KiB reads"
+    elif etcd_installed():
+        marker = "[pxfs ha 3] random 4 KiB reads"
+    else:
+        marker = "[pxfs ha 1] random 4 KiB"
     seen = []
     deadline = time.monotonic() + RUN_TIMEOUT
     with subprocess.Popen(
@@ -181,8 +218,7 @@ def test_sigterm_tears_everything_down(tmp_path: Path) -> None:
     assert returncode == 130, output[-4000:]
     assert "interrupted; everything it started is stopped" in output
     assert "teardown step" not in output
-    assert mounts_under(tmp_path) == []
-    assert processes_mentioning(str(tmp_path)) == []
+    assert_nothing_left(tmp_path, output)
     assert not (tmp_path / "report.json").exists()
 
 
@@ -192,6 +228,7 @@ def test_sigterm_tears_everything_down(tmp_path: Path) -> None:
         (["--files", "0"], "--files must be at least 1"),
         (["--seconds", "-1"], "--seconds must be at least 1"),
         (["--tree", "/nonexistent/tree"], "--tree /nonexistent/tree is not a directory"),
+        (["--systems", "raw,zfs"], "unknown system 'zfs'"),
     ],
 )
 def test_invalid_arguments_rejected(tmp_path: Path, arguments: list[str], message: str) -> None:
@@ -202,6 +239,48 @@ def test_invalid_arguments_rejected(tmp_path: Path, arguments: list[str], messag
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_systems_limits_the_run(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*bench_command(tmp_path), "--systems", "raw"],
+        cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["systems"]["raw"]["create"] > 0
+    for system in ("pxfs_ha1", "pxfs_ha3", "glusterfs_r3"):
+        assert report["systems"][system] is None
+        assert report["not_measured"][system] == "not chosen with --systems"
+    assert report["parameters"]["systems"] == ["raw"]
+    assert "[pxfs ha 1] sequential write" not in result.stderr
+
+
+def test_failed_job_tears_the_cluster_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    if not etcd_installed():
+        pytest.skip("etcd is not installed")
+    bench = load_bench()
+    mounted = []
+
+    def fail_job(system: str, directory: Path, args: object) -> None:
+        mounted.append(bench.is_mounted(directory))
+        raise bench.BenchError("injected job failure")
+
+    monkeypatch.setattr(bench, "measure", fail_job)
+    args = bench.parse_args(["--smoke", "--work-dir", str(tmp_path / "work")])
+    with pytest.raises(bench.BenchError, match="injected job failure"):
+        bench.measure_pxfs_ha3(tmp_path / "work", args)
+
+    assert mounted == [True]
+    stderr = capfd.readouterr().err
+    (directory,) = cluster_dirs(stderr)
+    assert_nothing_left(tmp_path, stderr)
+    assert bench.TEARDOWN_FAILURES == []
+    if not directory.startswith(str(tmp_path)):
+        # The work path was too long for the nodes' sockets: the cluster's own directory is gone.
+        assert not Path(directory).exists()
 
 
 def test_failed_job_tears_glusterfs_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,8 @@
 """Measure pxfs beside the raw filesystem and GlusterFS replica 3 on the same disk, in one run.
 
     python tools/bench.py [--work-dir DIR] [--size-mib 1024] [--seconds 30] [--files 10000]
-                          [--tree DIR] [--json FILE] [--smoke]
+                          [--tree DIR] [--systems raw,pxfs_ha1,pxfs_ha3,glusterfs_r3]
+                          [--json FILE] [--smoke]
 
 Every system gets the same jobs in a directory under DIR: fio (psync engine) sequential write of
 --size-mib with bs=1M and a final fsync, sequential read after dropping caches, random 4 KiB
@@ -10,13 +11,15 @@ unlink of --files empty files, then a real workload: copy --tree (the Python sta
 default) onto the filesystem, `git init && git add -A && git commit`, and `git status`, each timed.
 
 The systems are raw (DIR/raw), pxfs ha 1 (a private pxd on DIR/node, so it never touches a
-running node), pxfs ha 3 (a slot that stays empty until pxfs runs three nodes), and GlusterFS
-replica 3: a private glusterd on DIR/gluster with three bricks in DIR/gluster/bricks, FUSE-mounted
-on DIR/mnt-gluster. Everything the tool starts is stopped and unmounted at the end, even after a
-failure, Ctrl-C or SIGTERM. It prints a table with the pxfs/raw and pxfs/GlusterFS ratios, writes
-the same figures as JSON, and reports progress on stderr. --smoke runs tiny sizes so the test
-suite can check that the tool still works. Needs root (drop_caches, FUSE), fio and git.
-GlusterFS is measured when glusterd is installed (Debian: glusterfs-server, glusterfs-client).
+running node), pxfs ha 3 (a private cluster of etcd and three pxd nodes started by tools/cluster
+in DIR/cluster, the volume mounted on node 1 at DIR/mnt-pxfs3), and GlusterFS replica 3: a
+private glusterd on DIR/gluster with three bricks in DIR/gluster/bricks, FUSE-mounted on
+DIR/mnt-gluster. --systems picks some of them. Everything the tool starts is stopped and
+unmounted at the end, even after a failure, Ctrl-C or SIGTERM. It prints a table with the
+pxfs/raw, pxfs/GlusterFS and pxfs ha 3/GlusterFS ratios, writes the same figures as JSON, and
+reports progress on stderr. --smoke runs tiny sizes so the test suite can check that the tool
+still works. Needs root (drop_caches, FUSE), fio and git. pxfs ha 3 needs etcd; GlusterFS is
+measured when glusterd is installed (Debian: glusterfs-server, glusterfs-client).
 """
 
 from __future__ import annotations
@@ -364,11 +367,89 @@ def measure_pxfs_ha1(work: Path, args: argparse.Namespace) -> Figures:
     return figures
 
 
-def pxfs_ha3_unavailable() -> str:
-    """Return why pxfs ha 3 cannot be measured on this host."""
-    # TODO: start three local pxd nodes and measure a volume with ha_level 3 once pxd can join
-    # a cluster. Until then a node counts only itself, so volume.create rejects ha_level 3.
-    return "needs the cluster"
+CLUSTER_TOOL = Path(__file__).resolve().parent / "cluster"
+CLUSTER_NODES = 3
+#: The longest cluster directory whose nodes' unix sockets still fit in the 107 bytes of a
+#: socket path: a mount child listens on DIR/nodeN/data/mnt/ID.sock, with ids of 19 digits.
+CLUSTER_DIR_MAX = 107 - len("/node1/data/mnt/.sock") - 19
+
+
+def pxfs_ha3_unavailable() -> str | None:
+    """Return why pxfs ha 3 cannot be measured on this host, or None if it can."""
+    if shutil.which("etcd") is None:
+        return "etcd is not installed (apt-get install etcd-server), and the cluster needs it"
+    return None
+
+
+def run_cluster_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run tools/cluster with `args`; raises BenchError when it fails."""
+    result = run_job([sys.executable, str(CLUSTER_TOOL), *args], cwd=CLUSTER_TOOL.parent.parent)
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout).strip()
+        raise BenchError(f"tools/cluster {' '.join(args)} failed: {output}")
+    return result
+
+
+def stop_cluster(directory: Path) -> None:
+    """Stop what tools/cluster started in `directory`, if it got as far as writing its state."""
+    if (directory / "cluster.json").exists():
+        run_cluster_tool("stop", "--dir", str(directory))
+
+
+def wait_nodes_online(client: BlockingClient, count: int) -> None:
+    """Wait until the first node sees `count` nodes online, so placement can use them all."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        nodes = client.call("cluster.nodes")
+        if sum(1 for node in nodes if node.get("online")) >= count:
+            return
+        time.sleep(0.2)
+    raise BenchError(f"the cluster did not show {count} nodes online in {START_TIMEOUT:.0f} s")
+
+
+@contextlib.contextmanager
+def cluster_directory(work: Path) -> Iterator[Path]:
+    """Yield WORK/cluster, or a new short directory in /tmp when that path is too long."""
+    directory = (work / "cluster").resolve()
+    if len(str(directory)) <= CLUSTER_DIR_MAX:
+        yield directory
+        return
+    short = Path(tempfile.mkdtemp(prefix="pxfs-bench-", dir="/tmp"))
+    try:
+        yield short
+    finally:
+        if not leftover_mounts(short):
+            shutil.rmtree(short, ignore_errors=True)
+
+
+def measure_pxfs_ha3(work: Path, args: argparse.Namespace) -> Figures:
+    """Start three local nodes, mount an ha 3 volume on node 1, measure it, tear it all down."""
+    mountpoint = work / "mnt-pxfs3"
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        directory = stack.enter_context(cluster_directory(work))
+        progress("pxfs_ha3", f"start etcd and {CLUSTER_NODES} pxd nodes in {directory}")
+        register_teardown(stack, "stop the cluster", lambda: stop_cluster(directory))
+        run_cluster_tool("start", str(CLUSTER_NODES), "--dir", str(directory))
+        state = json.loads((directory / "cluster.json").read_text())
+        client = stack.enter_context(BlockingClient(state["nodes"][0]["socket"]))
+        wait_nodes_online(client, CLUSTER_NODES)
+        size = max(2 * GIB, 4 * args.size_mib * 1024 * 1024)
+        client.call("volume.create", {"name": "bench3", "size": size, "ha_level": 3, "labels": {}})
+        register_teardown(
+            stack, "delete the ha 3 volume", lambda: client.call("volume.delete", "bench3")
+        )
+        client.call("volume.attach", "bench3")
+        register_teardown(
+            stack, "detach the ha 3 volume", lambda: client.call("volume.detach", "bench3")
+        )
+        client.call("volume.mount", "bench3", str(mountpoint))
+        register_teardown(
+            stack, "unmount the ha 3 volume",
+            lambda: client.call("volume.unmount", "bench3", str(mountpoint)),
+        )  # fmt: skip
+        figures = measure("pxfs_ha3", mountpoint, args)
+    return figures
 
 
 # GlusterFS.
@@ -619,46 +700,54 @@ def format_cell(value: float | None, width: int, digits: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
+#: The ratio columns: (JSON key, table header, numerator system, denominator system).
+RATIOS = (
+    ("pxfs_raw", "pxfs/raw", "pxfs_ha1", "raw"),
+    ("pxfs_glusterfs", "pxfs/GlusterFS", "pxfs_ha1", "glusterfs_r3"),
+    ("pxfs_ha3_glusterfs", "ha3/GlusterFS", "pxfs_ha3", "glusterfs_r3"),
+)
+
+
 def print_table(results: dict[str, Figures | None], not_measured: dict[str, str]) -> None:
-    """Print the figures of every system side by side with the two pxfs ratios."""
+    """Print the figures of every system side by side with the pxfs ratios."""
     header = f"{'figure':<34}{'unit':<7}"
     header += "".join(f"{label:>14}" for label in SYSTEMS.values())
-    header += f"{'pxfs/raw':>10}{'pxfs/GlusterFS':>16}"
+    header += "".join(f"{title:>16}" for _, title, _, _ in RATIOS)
     print(header)
-    pxfs = results["pxfs_ha1"]
     for name, (label, unit) in FIGURES.items():
         line = f"{label:<34}{unit:<7}"
         for system in SYSTEMS:
             figures = results[system]
             digits = 2 if unit == "s" else 1
             line += format_cell(None if figures is None else figures[name], 14, digits)
-        line += format_cell(ratio(pxfs, results["raw"], name), 10, 2)
-        line += format_cell(ratio(pxfs, results["glusterfs_r3"], name), 16, 2)
+        for _, _, numerator, denominator in RATIOS:
+            line += format_cell(ratio(results[numerator], results[denominator], name), 16, 2)
         print(line)
     for system, reason in not_measured.items():
         print(f"{SYSTEMS[system]}: not measured: {reason}")
-    print("Ratios divide the pxfs ha 1 figure by the other one; for figures in s, lower is better.")
+    print(
+        "pxfs/raw and pxfs/GlusterFS divide the pxfs ha 1 figure by the other one, ha3/GlusterFS "
+        "the pxfs ha 3 one; for figures in s, lower is better."
+    )
 
 
 def build_report(
     args: argparse.Namespace, results: dict[str, Figures | None], not_measured: dict[str, str]
 ) -> dict[str, object]:
     """Collect the figures, units, ratios and parameters of a run for the JSON file."""
-    pxfs = results["pxfs_ha1"]
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "parameters": {
             "size_mib": args.size_mib, "seconds": args.seconds, "files": args.files,
             "tree": str(args.tree), "smoke": args.smoke, "gluster_host": loopback_host(),
+            "systems": args.systems,
         },
         "units": {name: unit for name, (_, unit) in FIGURES.items()},
         "systems": results,
         "not_measured": not_measured,
         "ratios": {
-            "pxfs_raw": {name: ratio(pxfs, results["raw"], name) for name in FIGURES},
-            "pxfs_glusterfs": {
-                name: ratio(pxfs, results["glusterfs_r3"], name) for name in FIGURES
-            },
+            key: {name: ratio(results[top], results[bottom], name) for name in FIGURES}
+            for key, _, top, bottom in RATIOS
         },
     }  # fmt: skip
 
@@ -684,6 +773,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="directory tree to copy and commit to git "
         "(default: the Python standard library; its json package with --smoke)",
     )
+    parser.add_argument(
+        "--systems",
+        type=parse_systems,
+        default=list(SYSTEMS),
+        help=f"comma-separated systems to measure (default: all of {','.join(SYSTEMS)})",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes (8 MiB, 1 s, 200 files), to test the tool"
@@ -702,6 +797,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.tree.is_dir():
         parser.error(f"--tree {args.tree} is not a directory")
     return args
+
+
+def parse_systems(text: str) -> list[str]:
+    """Parse --systems: known system names separated by commas, in the order of SYSTEMS."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SYSTEMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown system {', '.join(unknown) or 'list'!r}: choose from {', '.join(SYSTEMS)}"
+        )
+    return [name for name in SYSTEMS if name in names]
 
 
 def check_prerequisites() -> None:
@@ -739,25 +845,44 @@ def work_directory(requested: Path | None) -> Iterator[Path]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def unavailable_systems(args: argparse.Namespace) -> dict[str, str]:
+    """Return why each system that this run does not measure is left out."""
+    not_measured = {name: "not chosen with --systems" for name in SYSTEMS}
+    for name in args.systems:
+        del not_measured[name]
+    reasons = {"pxfs_ha3": pxfs_ha3_unavailable, "glusterfs_r3": glusterfs_unavailable}
+    for name, check in reasons.items():
+        reason = check() if name in args.systems else None
+        if reason is not None:
+            not_measured[name] = reason
+    return not_measured
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
     """Measure every system in `work`, print the table and return the report."""
-    raw_dir = work / "raw"
-    raw_dir.mkdir(exist_ok=True)
     results: dict[str, Figures | None] = dict.fromkeys(SYSTEMS)
-    not_measured = {"pxfs_ha3": pxfs_ha3_unavailable()}
-    gluster_reason = glusterfs_unavailable()
-    if gluster_reason is not None:
-        not_measured["glusterfs_r3"] = gluster_reason
-
-    results["raw"] = measure("raw", raw_dir, args)
-    results["pxfs_ha1"] = measure_pxfs_ha1(work, args)
-    for system, reason in not_measured.items():
-        progress(system, f"not measured: {reason}")
-    if "glusterfs_r3" not in not_measured:
-        results["glusterfs_r3"] = measure_glusterfs(work, args)
+    not_measured = unavailable_systems(args)
+    measurers: dict[str, Callable[[Path, argparse.Namespace], Figures]] = {
+        "raw": measure_raw,
+        "pxfs_ha1": measure_pxfs_ha1,
+        "pxfs_ha3": measure_pxfs_ha3,
+        "glusterfs_r3": measure_glusterfs,
+    }
+    for system, measurer in measurers.items():
+        if system in not_measured:
+            progress(system, f"not measured: {not_measured[system]}")
+        else:
+            results[system] = measurer(work, args)
 
     print_table(results, not_measured)
     return build_report(args, results, not_measured)
+
+
+def measure_raw(work: Path, args: argparse.Namespace) -> Figures:
+    """Measure the directory `raw` in the work directory."""
+    raw_dir = work / "raw"
+    raw_dir.mkdir(exist_ok=True)
+    return measure("raw", raw_dir, args)
 
 
 def teardown_outcome() -> str:
