@@ -10,9 +10,11 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 from pxfs import errors, sdnotify
-from pxfs.api import app, docker
+from pxfs.api import app, auth, docker
+from pxfs.api.server import ConnectionLimits
 from pxfs.config import load_config
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,10 @@ Docker's volume plugin protocol (driver pxd) on a unix socket. Every request bec
 pxd on its control socket, so the sidecar may start before pxd and returns 503 until pxd is up.
 The only state it keeps is which containers use each Docker volume, in --state-dir, which
 defaults to the directory sidecar under data_dir of the configuration, next to pxd's own data.
-SIGINT or SIGTERM stops it (exit 0). Defaults come from the pxd configuration file; flags
-override it. A configuration file that cannot be used exits 1, as pxd does.
+A REST address that is not loopback needs a bearer token file; with one, every REST request
+needs "Authorization: Bearer TOKEN". SIGINT or SIGTERM stops it (exit 0). Defaults come from
+the pxd configuration file; flags override it. A configuration file or token file that cannot be
+used exits 1, as pxd does for its configuration.
 """
 
 # journald reads a "<N>" prefix on each line of a service's stderr as the syslog priority.
@@ -63,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_address,
         help="address and TCP port of the REST API (default: rest_host:rest_port of the "
         "configuration, 127.0.0.1:9001); use [ADDRESS]:PORT for IPv6",
+    )
+    parser.add_argument(
+        "--rest-token-file",
+        metavar="FILE",
+        type=Path,
+        help="file of mode 0600 that contains the REST API's bearer token; required when the "
+        "REST address is not loopback (default: rest_token_file of the configuration, none)",
     )
     parser.add_argument(
         "--plugin-socket",
@@ -122,6 +133,7 @@ def resolve_settings(args: argparse.Namespace) -> app.SidecarSettings:
     """Merge the flags over the configuration file."""
     config = load_config(args.config)
     host, port = args.rest if args.rest else (config.rest_host, config.rest_port)
+    token_file = args.rest_token_file or config.rest_token_file
     return app.SidecarSettings(
         control_socket=args.socket or str(config.control_socket),
         host=host,
@@ -129,6 +141,12 @@ def resolve_settings(args: argparse.Namespace) -> app.SidecarSettings:
         plugin_socket=args.plugin_socket or str(config.plugin_socket),
         mount_base=os.path.abspath(args.docker_mount_base or config.docker_mount_base),
         state_dir=os.path.abspath(args.state_dir or config.data_dir / STATE_SUBDIR),
+        token=auth.rest_token(host, token_file),
+        rest_limits=ConnectionLimits(
+            config.rest_max_connections, config.rest_max_connections_per_client
+        ),
+        max_requests=config.rest_max_requests,
+        plugin_limits=ConnectionLimits(config.plugin_max_connections),
     )
 
 
@@ -139,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve_settings(args)
     except errors.PxfsError as exc:
-        # pxd exits 1 for the same configuration file, so both units fail alike.
+        # pxd exits 1 for the same configuration file, so both units fail alike. A token file
+        # that cannot be used is part of the configuration too.
         print(f"pxd-sidecar: {exc.message}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
     try:

@@ -3,11 +3,18 @@
 Every key of the configuration file is optional and overrides the default of the same name:
 
     data_dir = "/var/lib/pxfs"
+    max_volumes = 1024                       # volumes with a replica on this node, at most
     control_socket = "/run/pxfs/pxd.sock"
+    control_max_connections = 64             # open connections to the control socket
     peer_socket = "/run/pxfs/peer.sock"      # default: peer.sock next to control_socket
     rest_host = "127.0.0.1"
     rest_port = 9001
+    rest_token_file = ""                     # bearer token of the REST API; "": none
+    rest_max_connections = 256               # open REST connections, all clients
+    rest_max_connections_per_client = 32     # open REST connections from one address
+    rest_max_requests = 64                   # REST requests in flight; more get 503
     plugin_socket = "/run/docker/plugins/pxd.sock"
+    plugin_max_connections = 64              # open connections to the plugin socket
     peer_port = 9002
     docker_mount_base = "/var/lib/osd/mounts"
     node_ip = "127.0.0.1"
@@ -43,11 +50,25 @@ class Config:
     """The settings of one node; `peer_socket` None means peer.sock next to `control_socket`."""
 
     data_dir: Path = Path("/var/lib/pxfs")
+    #: Volumes with a replica on one node, at most; a create beyond it raises NoSpace.
+    max_volumes: int = 1024
     control_socket: Path = Path("/run/pxfs/pxd.sock")
+    #: Connections that pxd serves on the control socket at once; more are closed at once.
+    control_max_connections: int = 64
     peer_socket: Path | None = None
     rest_host: str = "127.0.0.1"
     rest_port: int = 9001
+    #: File of the REST API's bearer token, mode 0600. None: no token, which only a
+    #: loopback rest_host allows.
+    rest_token_file: Path | None = None
+    #: Open REST connections, in total and from one client address, and REST requests in
+    #: flight. A connection over a bound is closed at once; a request over it gets 503.
+    rest_max_connections: int = 256
+    rest_max_connections_per_client: int = 32
+    rest_max_requests: int = 64
     plugin_socket: Path = Path("/run/docker/plugins/pxd.sock")
+    #: Connections to the plugin socket at once; more are closed at once.
+    plugin_max_connections: int = 64
     peer_port: int = 9002
     docker_mount_base: Path = Path("/var/lib/osd/mounts")
     # The address that node.status and the REST API report for this node.
@@ -88,6 +109,10 @@ _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 _PATH_KEYS = {"data_dir", "control_socket", "peer_socket", "plugin_socket", "docker_mount_base"}
 _PORT_KEYS = {"rest_port", "peer_port"}
 _NUMBER_KEYS = {"scrub_interval_seconds", "scrub_rate_mib"}
+_COUNT_KEYS = {
+    "max_volumes", "control_max_connections", "rest_max_connections",
+    "rest_max_connections_per_client", "rest_max_requests", "plugin_max_connections",
+}  # fmt: skip
 _ENDPOINT_PREFIXES = ("http://", "https://")
 
 
@@ -143,6 +168,17 @@ def _convert(file: Path, key: str, value: Any) -> Any:
     if key not in _FIELDS:
         known = ", ".join(sorted(_FIELDS))
         raise InvalidArgument(f"{file}: unknown key {key!r}; the known keys are {known}")
+    if key == "rest_token_file":
+        # TOML has no null, so "" stands for no token file.
+        if value == "":
+            return None
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise InvalidArgument(f'{file}: {key} must be an absolute path or "", not {value!r}')
+        return Path(value)
+    if key in _COUNT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgument(f"{file}: {key} must be a whole number from 1, not {value!r}")
+        return value
     if key in _PATH_KEYS:
         if not isinstance(value, str) or not value.startswith("/"):
             raise InvalidArgument(f"{file}: {key} must be an absolute path, not {value!r}")

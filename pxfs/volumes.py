@@ -85,6 +85,20 @@ class VolumeControl(ChildSupervisor):
                 return await self._existing_for_create(existing, size, ha_level)
             nodes = await self._nodes_with_status()
             replica_nodes = choose_replica_nodes(nodes, ha_level, requested)
+            # NOTE: each node checks its own max_volumes for every replica node, and only its
+            # own creates are serialised, so two nodes creating at once may pass it by one each.
+            volumes = await self._catalog().list_volumes()
+            limit = self.config.max_volumes
+            for node_id in replica_nodes:
+                replicas = sum(
+                    node_id in [*record["replica_nodes"], *(record.get("replica_nodes_next") or [])]
+                    for record in volumes
+                )
+                if replicas >= limit:
+                    raise errors.NoSpace(
+                        f"node {node_id} has replicas of {replicas} volumes, and max_volumes in "
+                        f"pxd.toml is {limit}; delete a volume or raise max_volumes"
+                    )
             record = await self._make_volume(name, size, ha_level, labels, replica_nodes)
         log.info(
             "volume %s: created %r, %d bytes, ha %d, replicas on %s",

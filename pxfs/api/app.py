@@ -1,8 +1,9 @@
 """The sidecar's aiohttp applications and the server loop.
 
 Two applications share one control connection to pxd: the REST API on TCP, with its error
-middleware, body limit and Prometheus /metrics, and Docker's volume plugin protocol on a unix
-socket that only root may use.
+middleware, bearer token, request and body limits and Prometheus /metrics, and Docker's volume
+plugin protocol on a unix socket that only root may use. Both listeners bound their open
+connections (pxfs.api.server).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from types import FrameType
 from aiohttp import web
 
 from pxfs import errors
-from pxfs.api import docker, metrics, rest, server
+from pxfs.api import auth, docker, metrics, rest, server
 from pxfs.api.control import ControlClient
-from pxfs.api.server import SidecarRunner
+from pxfs.api.server import ConnectionGate, ConnectionLimits, SidecarRunner
+from pxfs.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,11 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Seconds to wait at start-up for pxd's first reply before serving without it.
 _PROBE_TIMEOUT = 10.0
 
+#: Seconds that a connection may stay open without a request, before its first request
+#: included: aiohttp's own default of an hour would let idle clients keep their places at the
+#: connection bounds that long.
+IDLE_TIMEOUT = 75.0
+
 #: Seconds between two warnings about the same server-side error.
 _WARNING_INTERVAL = 60.0
 _MAX_WARNING_KEYS = 256
@@ -53,19 +60,41 @@ _last_warning: dict[tuple[type[errors.PxfsError], str], float] = {}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class RequestLimit:
+    """The count of REST requests in flight and its bound."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.in_flight = 0
+
+
+TOKEN: web.AppKey[auth.BearerToken | None] = web.AppKey("token")
+TOKEN_WARNING: web.AppKey[server.RepeatedWarning] = web.AppKey(
+    "token_warning", server.RepeatedWarning
+)
+REQUESTS: web.AppKey[RequestLimit] = web.AppKey("requests", RequestLimit)
+
+
 def make_app(
     control: ControlClient,
     *,
     max_body: int = MAX_BODY,
     scrape_timeout: float = metrics.DEFAULT_SCRAPE_TIMEOUT,
+    token: auth.BearerToken | None = None,
+    max_requests: int = Config.rest_max_requests,
 ) -> web.Application:
     """Build the REST application that calls pxd through `control` and closes it at cleanup.
 
-    `scrape_timeout` is how many seconds a /metrics scrape waits for pxd.
+    `scrape_timeout` is how many seconds a /metrics scrape waits for pxd. With `token`, every
+    request must carry it as a bearer token. At most `max_requests` requests run at once.
     """
+    middlewares = [error_middleware, token_middleware, request_limit_middleware]
     app = web.Application(
-        middlewares=[error_middleware, body_limit_middleware], client_max_size=max_body
+        middlewares=[*middlewares, body_limit_middleware], client_max_size=max_body
     )
+    app[TOKEN] = token
+    app[TOKEN_WARNING] = server.RepeatedWarning(log)
+    app[REQUESTS] = RequestLimit(max_requests)
     app[rest.CONTROL] = control
     app[metrics.SCRAPE_TIMEOUT] = scrape_timeout
     app.add_routes(rest.routes)
@@ -99,6 +128,46 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     elapsed_ms = (time.monotonic() - started) * 1000
     log.debug("%s %s -> %d (%.1f ms)", request.method, request.path_qs, response.status, elapsed_ms)
     return response
+
+
+@web.middleware
+async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Reply 401 to a request without the bearer token and 403 to one with another token."""
+    token = request.app[TOKEN]
+    if token is None:
+        return await handler(request)
+    failure = auth.check_authorization(request.headers.get("Authorization"), token)
+    if failure is None:
+        return await handler(request)
+    status, message = failure
+    if status == 403:
+        # The client's address only: the header would give away a credential.
+        request.app[TOKEN_WARNING].warning(
+            "rejected a request with an invalid bearer token from %s", request.remote
+        )
+    response = plain_error(message, status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = auth.CHALLENGE
+    if request.body_exists:
+        # The body stays unread, so the connection cannot carry another request.
+        response.force_close()
+    return response
+
+
+@web.middleware
+async def request_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Reply 503 with Retry-After when the bound on requests in flight is reached."""
+    limit = request.app[REQUESTS]
+    if limit.in_flight >= limit.maximum:
+        raise errors.Unavailable(
+            f"the sidecar is busy: {limit.in_flight} requests are in flight, the maximum "
+            "(rest_max_requests); retry later"
+        )
+    limit.in_flight += 1
+    try:
+        return await handler(request)
+    finally:
+        limit.in_flight -= 1
 
 
 @web.middleware
@@ -176,7 +245,11 @@ def make_plugin_app(plugin: docker.DockerPlugin, *, max_body: int = MAX_BODY) ->
 
 @dataclass(frozen=True)
 class SidecarSettings:
-    """Where the sidecar finds pxd, where it listens and where the Docker plugin keeps state."""
+    """The sidecar's sockets, listeners, Docker state, REST bearer token and bounds.
+
+    `token` None means that REST requires no token. The bounds on connections and requests
+    default to those of pxfs.config.Config.
+    """
 
     control_socket: str
     host: str
@@ -184,6 +257,12 @@ class SidecarSettings:
     plugin_socket: str
     mount_base: str = str(docker.DEFAULT_MOUNT_BASE)
     state_dir: str = str(docker.DEFAULT_STATE_DIR)
+    token: auth.BearerToken | None = None
+    rest_limits: ConnectionLimits = ConnectionLimits(
+        Config.rest_max_connections, Config.rest_max_connections_per_client
+    )
+    max_requests: int = Config.rest_max_requests
+    plugin_limits: ConnectionLimits = ConnectionLimits(Config.plugin_max_connections)
 
 
 async def run_sidecar(
@@ -198,13 +277,26 @@ async def run_sidecar(
     refs = docker.RefStore.load(Path(settings.state_dir) / docker.REFS_FILE)
     control = ControlClient(settings.control_socket)
     plugin = docker.DockerPlugin(control, Path(settings.mount_base), refs)
-    runner = SidecarRunner(make_app(control), access_log=None, handle_signals=False)
-    plugin_runner = SidecarRunner(make_plugin_app(plugin), access_log=None, handle_signals=False)
+    rest_app = make_app(control, token=settings.token, max_requests=settings.max_requests)
+    runner = SidecarRunner(
+        rest_app,
+        gate=ConnectionGate("REST API", settings.rest_limits),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=IDLE_TIMEOUT,
+    )
+    plugin_runner = SidecarRunner(
+        make_plugin_app(plugin),
+        gate=ConnectionGate("Docker plugin socket", settings.plugin_limits),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=IDLE_TIMEOUT,
+    )
     await runner.setup()
     await plugin_runner.setup()
     plugin_socket: _PluginSocket | None = None
     try:
-        await _start_site(runner, settings.host, settings.port)
+        await _start_site(runner, settings.host, settings.port, settings.token is not None)
         plugin_socket = await _start_plugin_site(plugin_runner, Path(settings.plugin_socket))
         if notify is not None:
             notify("READY=1")
@@ -221,13 +313,14 @@ async def run_sidecar(
     return 0
 
 
-async def _start_site(runner: web.AppRunner, host: str, port: int) -> None:
+async def _start_site(runner: web.AppRunner, host: str, port: int, with_token: bool) -> None:
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError as exc:
         raise errors.Unavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    log.info("REST API listening on http://%s:%d", host, port)
+    access = "a bearer token" if with_token else "no token"
+    log.info("REST API listening on http://%s:%d, requiring %s", host, port, access)
 
 
 @dataclass(frozen=True)

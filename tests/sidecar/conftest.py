@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 import trio
 from aiohttp.test_utils import TestClient
+from sidecarproc import SidecarProcess, short_socket_path
 
 from pxfs import errors, units
 from pxfs.api.app import make_app
@@ -58,6 +59,8 @@ class FakePxd:
         self.history: dict[str, dict[str, list[dict[str, Any]]]] = {}
         #: Extra nodes that cluster.nodes lists after this one.
         self.other_nodes: list[dict[str, Any]] = []
+        #: While this event is not set, every call waits for it after being recorded.
+        self.hold: threading.Event | None = None
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         """Return the RpcServer handler table."""
@@ -83,6 +86,8 @@ class FakePxd:
     def _recorded(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         async def handler(*args: Any) -> Any:
             self.calls.append((name, args))
+            while self.hold is not None and not self.hold.is_set():
+                await trio.sleep(0.01)
             if self.fail_next is not None:
                 failure, self.fail_next = self.fail_next, None
                 raise failure
@@ -361,15 +366,6 @@ class FakePxdServer:
                 self._ready.set()
 
 
-def short_socket_path(tmp_path: Path, name: str) -> Path:
-    """Return a socket path under `tmp_path`, or under /tmp when that one is too long."""
-    # A unix socket path must fit in sun_path, 108 bytes on Linux.
-    path = tmp_path / name
-    if len(os.fsencode(path)) < 100:
-        return path
-    return Path("/tmp") / f"pxfs-{secrets.token_hex(6)}-{name}"
-
-
 @pytest.fixture
 def fake_server() -> Callable[..., FakePxdServer]:
     """Return a factory of servers `(path, fake=None)`, for tests that stop and start pxd."""
@@ -397,3 +393,19 @@ async def rest_client(
     control = ControlClient(fake_pxd.socket)
     client = await aiohttp_client(make_app(control))
     yield client
+
+
+@pytest.fixture
+def sidecar_process(fake_pxd: FakePxd, tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
+    """Return a factory `(*extra_args)` of started sidecar processes, stopped after the test."""
+    started: list[SidecarProcess] = []
+
+    def build(*extra: str) -> SidecarProcess:
+        sidecar = SidecarProcess(fake_pxd.socket, tmp_path, *extra)
+        started.append(sidecar)
+        sidecar.start()
+        return sidecar
+
+    yield build
+    for sidecar in started:
+        sidecar.stop()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from daemon import sidecar
+from pxfs.api.server import ConnectionLimits
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -55,3 +56,45 @@ def test_bad_config_exits_1(tmp_path: Path) -> None:
     assert result.stderr.startswith("pxd-sidecar: ")
     assert "rest_port must be a port number" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bounds_and_token_from_config(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123\n")
+    token.chmod(0o600)
+    config = write_config(
+        tmp_path,
+        f'rest_token_file = "{token}"\nrest_max_connections = 7\n'
+        "rest_max_connections_per_client = 3\nrest_max_requests = 5\n"
+        "plugin_max_connections = 4\n",
+    )
+    settings = sidecar.resolve_settings(
+        sidecar.build_parser().parse_args(["--config", str(config)])
+    )
+    assert settings.token is not None
+    assert settings.token.matches("0123456789abcdef0123")
+    assert settings.rest_limits == ConnectionLimits(7, 3)
+    assert settings.max_requests == 5
+    assert settings.plugin_limits == ConnectionLimits(4)
+
+
+def test_defaults_without_config() -> None:
+    settings = sidecar.resolve_settings(
+        sidecar.build_parser().parse_args(["--config", "/dev/null"])
+    )
+    assert settings.token is None
+    assert settings.rest_limits == ConnectionLimits(256, 32)
+    assert settings.max_requests == 64
+    assert settings.plugin_limits == ConnectionLimits(64)
+
+
+def test_token_flag_overrides_config(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("fedcba9876543210fedc")
+    token.chmod(0o600)
+    config = write_config(tmp_path, f'rest_token_file = "{tmp_path / "missing"}"\n')
+    argv = ["--config", str(config), "--rest-token-file", str(token), "--rest", "0.0.0.0:9"]
+    settings = sidecar.resolve_settings(sidecar.build_parser().parse_args(argv))
+    assert settings.host == "0.0.0.0"
+    assert settings.token is not None
+    assert settings.token.matches("fedcba9876543210fedc")
