@@ -34,6 +34,7 @@ from pxfs.hostmounts import (
 )
 from pxfs.nodebase import MountChild, child_replica_order
 from pxfs.sampling import StatsSampling
+from pxfs.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ class ChildSupervisor(StatsSampling):
             argv += ["--replica", f"{node_id}={address}"]
         for node_id in record.get("out_of_sync") or []:
             argv += ["--out-of-sync", node_id]
+        tls = TlsFiles.from_config(self.config)
+        if tls is not None:
+            argv += tls.child_arguments()
         return argv
 
     def _child_env(self) -> dict[str, Any]:

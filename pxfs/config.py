@@ -23,6 +23,10 @@ Every key of the configuration file is optional and overrides the default of the
     cluster_id = "default"
     scrub_interval_seconds = 604800          # periodic scrub of each volume; 0 turns it off
     scrub_rate_mib = 4                       # MiB/s that the periodic scrub reads, at most
+    ssl = false                              # mutual TLS on the peer RPC over TCP
+    ssl_cert = "/etc/pxfs/tls/node.crt"      # this node's certificate (PEM), used with ssl
+    ssl_key = "/etc/pxfs/tls/node.key"       # its private key (PEM, no passphrase)
+    ssl_ca = "/etc/pxfs/tls/ca.crt"          # the CA that signed every node's certificate
 
 Command-line flags override the file in turn.
 """
@@ -84,6 +88,11 @@ class Config:
     scrub_interval_seconds: float = 604800.0
     #: MiB per second that the periodic scrub reads, summed over a volume's replicas.
     scrub_rate_mib: float = 4.0
+    #: Mutual TLS on the peer RPC over TCP, with the three files below (pxfs/tls.py).
+    ssl: bool = False
+    ssl_cert: Path = Path("/etc/pxfs/tls/node.crt")
+    ssl_key: Path = Path("/etc/pxfs/tls/node.key")
+    ssl_ca: Path = Path("/etc/pxfs/tls/ca.crt")
 
     @property
     def peer_socket_path(self) -> Path:
@@ -107,6 +116,7 @@ class Config:
 
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 _PATH_KEYS = {"data_dir", "control_socket", "peer_socket", "plugin_socket", "docker_mount_base"}
+_PATH_KEYS |= {"ssl_cert", "ssl_key", "ssl_ca"}
 _PORT_KEYS = {"rest_port", "peer_port"}
 _NUMBER_KEYS = {"scrub_interval_seconds", "scrub_rate_mib"}
 _COUNT_KEYS = {
@@ -199,6 +209,10 @@ def _convert(file: Path, key: str, value: Any) -> Any:
         return value
     if key in _NUMBER_KEYS:
         return _check_number(file, key, value)
+    if key == "ssl":
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{file}: {key} must be true or false, not {value!r}")
+        return value
     if key == "node_ip":
         try:
             return str(ipaddress.ip_address(value))

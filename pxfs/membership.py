@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,11 +131,21 @@ def parse_requested_nodes(value: Any) -> list[str] | None:
 class Peers:
     """Peer RPC connections to the replica stores of the cluster's nodes, by node id."""
 
-    def __init__(self, catalog: Catalog, node_id: str, secret: bytes, peer_socket: Path) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        node_id: str,
+        secret: bytes,
+        peer_socket: Path,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._catalog = catalog
         self._node_id = node_id
         self._secret = secret
         self._peer_socket = peer_socket
+        #: The TLS client context of the peer RPC over TCP, or None for plain TCP.
+        self._ssl_context = ssl_context
 
     async def addresses(self, node_ids: Sequence[str]) -> list[str]:
         """Return the --replica arguments of a mount child: "local" or HOST:PORT per node."""
@@ -183,7 +194,9 @@ class Peers:
             return await RpcClient.connect_unix(self._peer_socket, self._secret)
         host, port = parse_listen(address, DEFAULT_PEER_PORT)
         with trio.move_on_after(PEER_TIMEOUT):
-            return await RpcClient.connect_tcp(host, port, self._secret)
+            return await RpcClient.connect_tcp(
+                host, port, self._secret, ssl_context=self._ssl_context
+            )
         raise Unavailable(
             f"connecting to the peer RPC at {address} timed out after {PEER_TIMEOUT} s"
         )

@@ -35,11 +35,13 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -51,6 +53,7 @@ from pxfs.fuseops import MOUNT_OPTIONS, Operations
 from pxfs.replication import ReplicationClient, WriteSetCallback
 from pxfs.rpc import RpcClient, RpcServer, read_secret
 from pxfs.stats import IoMeter
+from pxfs.tls import PeerTls, TlsFiles
 from pxfs.volume.check import check_volume
 from pxfs.volume.device import BlockDevice, FileDevice
 from pxfs.volume.format import device_blocks
@@ -65,6 +68,10 @@ UNMOUNT_GRACE = 10.0
 CONNECT_TIMEOUT = 10.0
 #: Seconds between two attempts to resync the replicas that are out of sync.
 RESYNC_INTERVAL = 5.0
+#: The TLS client context for the replicas on other nodes, set from --ssl-cert, --ssl-key and
+#: --ssl-ca at open. It is one process-wide setting because a child serves a single volume and
+#: every TCP connection it opens is to a replica of it.
+_peer_tls: ssl.SSLContext | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,6 +123,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PATH",
         help="unix socket on which to serve pxd's mount.stats and mount.grow (needs --secret-file)",
     )
+    parser.add_argument(
+        "--ssl-cert",
+        metavar="FILE",
+        help="this node's certificate (PEM): TLS to the HOST:PORT replicas, with --ssl-key and "
+        "--ssl-ca",
+    )
+    parser.add_argument("--ssl-key", metavar="FILE", help="the private key of --ssl-cert (PEM)")
+    parser.add_argument(
+        "--ssl-ca", metavar="FILE", help="the CA (PEM) that signed the certificate of every node"
+    )
     parser.add_argument("--check", action="store_true", help="check the volume, mount nothing")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
@@ -125,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--mountpoint is required unless --check is given")
     if args.control_socket and not args.secret_file:
         parser.error("--control-socket needs --secret-file")
+    tls_options = (args.ssl_cert, args.ssl_key, args.ssl_ca)
+    if any(tls_options) and not all(tls_options):
+        parser.error("--ssl-cert, --ssl-key and --ssl-ca go together")
     if args.size is not None and args.size <= 0:
         parser.error(f"--size must be a positive number of bytes, not {args.size}")
     return args
@@ -216,7 +236,11 @@ def _open_file_device(path: str, format_size: int | None) -> FileDevice:
 async def _open_replication(
     args: argparse.Namespace,
 ) -> AsyncIterator[tuple[BlockDevice, _Replicas | None]]:
+    global _peer_tls
     secret = read_secret(args.secret_file)
+    if args.ssl_cert:
+        files = TlsFiles(Path(args.ssl_cert), Path(args.ssl_key), Path(args.ssl_ca))
+        _peer_tls = PeerTls.load(files).client
     specs = [_parse_replica(spec) for spec in args.replica or ["local"]]
     ids = [replica_id or address for replica_id, address in specs]
     # pxd records the write set by node id, so only a command line with the ids reports it.
@@ -327,7 +351,7 @@ async def _open_connection(address: str, peer_socket: str, secret: bytes) -> Rpc
     with trio.move_on_after(CONNECT_TIMEOUT):
         if address == "local":
             return await RpcClient.connect_unix(peer_socket, secret)
-        return await RpcClient.connect_tcp(host, port, secret)
+        return await RpcClient.connect_tcp(host, port, secret, ssl_context=_peer_tls)
     raise Unavailable(f"connecting to {address} timed out after {CONNECT_TIMEOUT} s")
 
 

@@ -32,6 +32,7 @@ from pxfs.nodebase import now_ns
 from pxfs.rpc import RpcServer, read_secret
 from pxfs.stats import StatsStore
 from pxfs.store import ReplicaStore
+from pxfs.tls import PeerTls, TlsFiles
 from pxfs.volumes import VolumeControl
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,16 @@ class Node(VolumeControl):
         if self.given_secret_file is None:
             self.secret_file = ensure_secret(self.data_dir)
         self.secret = read_secret(self.secret_file)
+        files = TlsFiles.from_config(self.config)
+        self._tls = PeerTls.load(files) if files is not None else None
         self.started_ns = now_ns()
 
     async def _open_state(self, nursery: trio.Nursery) -> None:
         self.catalog = await self._open_catalog(nursery)
-        self._peers = Peers(self.catalog, self.node_id, self.secret, self.peer_socket)
+        tls = self._tls.client if self._tls is not None else None
+        self._peers = Peers(
+            self.catalog, self.node_id, self.secret, self.peer_socket, ssl_context=tls
+        )
         (self.data_dir / REPLICAS_DIR).mkdir(mode=0o700, exist_ok=True)
         (self.data_dir / MOUNTS_DIR).mkdir(mode=0o700, exist_ok=True)
         self.store = ReplicaStore(self.data_dir / REPLICAS_DIR)
@@ -124,8 +130,9 @@ class Node(VolumeControl):
         await nursery.start(_serve_unix, peer, self.peer_socket)
         if self._etcd is not None:
             host, port = self.config.peer_address
+            tls = self._tls.server if self._tls is not None else None
             try:
-                await nursery.start(functools.partial(peer.serve_tcp, host, port))
+                await nursery.start(functools.partial(peer.serve_tcp, host, port, ssl_context=tls))
             except OSError as exc:
                 raise Unavailable(
                     f"cannot serve the peer RPC on {host}:{port}: {exc.strerror}"

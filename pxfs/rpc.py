@@ -9,6 +9,13 @@ A frame is a 4-byte big-endian length followed by that many bytes of msgpack. Me
     [RESPONSE, hmac]                     client -> server, HMAC-SHA256 of the nonce with the secret
     [WELCOME, True]                      server -> client, the handshake succeeded
 
+A client sends nothing after its RESPONSE until the WELCOME arrives. Until then the server takes
+frames of at most HANDSHAKE_MAX_FRAME bytes, so a client without the secret cannot make it
+buffer a large frame.
+
+Over TCP the server and client can run TLS under these frames (pxfs.tls builds the contexts):
+the TLS handshake comes first, then the secret handshake inside it.
+
 The codec (encode_frame, FrameDecoder) does no I/O, so the trio classes here and the asyncio
 client of the sidecar share it.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import hmac
 import inspect
@@ -25,8 +33,10 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -41,7 +51,13 @@ REQUEST, REPLY, CHALLENGE, RESPONSE, WELCOME = range(5)
 
 #: The largest frame either side accepts: a 4 MiB batch of blocks plus its envelope fits easily.
 MAX_FRAME = 16 * 1024 * 1024
+#: Seconds that the server gives the TLS handshake, and then the secret handshake. The client
+#: gives both together this long.
 HANDSHAKE_TIMEOUT = 10.0
+#: The largest frame the server accepts before a client has passed the secret handshake.
+HANDSHAKE_MAX_FRAME = 1024
+#: Seconds between two warnings about rejected connections of one kind; the rest are counted.
+REJECTION_LOG_INTERVAL = 10.0
 #: Requests one connection may have running on the server at once; more wait for a slot.
 MAX_IN_FLIGHT = 64
 _LENGTH = struct.Struct(">I")
@@ -74,7 +90,8 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buffer = bytearray()
-        self._max_frame = max_frame
+        #: The largest frame accepted; a longer length prefix raises ProtocolError at once.
+        self.max_frame = max_frame
 
     def feed(self, data: bytes | bytearray) -> list[Any]:
         """Add received bytes and return the messages that are now complete."""
@@ -82,8 +99,8 @@ class FrameDecoder:
         messages = []
         while len(self._buffer) >= _LENGTH.size:
             (length,) = _LENGTH.unpack_from(self._buffer)
-            if length > self._max_frame:
-                raise errors.ProtocolError(f"frame of {length} bytes exceeds {self._max_frame}")
+            if length > self.max_frame:
+                raise errors.ProtocolError(f"frame of {length} bytes exceeds {self.max_frame}")
             end = _LENGTH.size + length
             if len(self._buffer) < end:
                 break
@@ -171,6 +188,39 @@ class _Stream:
         return self.ready.pop(0)
 
 
+class _RejectionLog:
+    """Warnings about rejected connections, at most one per reason and REJECTION_LOG_INTERVAL.
+
+    A client that retries, or a scan of the port, would otherwise fill the log. The rejections
+    in between go to DEBUG, and the next warning for the same reason states how many there were.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+        #: By reason (a constant format string): when the next warning may come, and how many
+        #: rejections went to DEBUG since the last one.
+        self._quiet: dict[str, tuple[float, int]] = {}
+
+    def record(self, reason: str, *args: object) -> None:
+        """Log one rejected connection, `reason` being a %-format with `args`."""
+        self.count += 1
+        now = time.monotonic()
+        quiet_until, suppressed = self._quiet.get(reason, (0.0, 0))
+        if now < quiet_until:
+            self._quiet[reason] = (quiet_until, suppressed + 1)
+            log.debug("%s: " + reason, self.name, *args)
+            return
+        if suppressed:
+            log.warning(
+                "%s: " + reason + " (%d more rejected since the last warning)",
+                self.name, *args, suppressed,
+            )  # fmt: skip
+        else:
+            log.warning("%s: " + reason, self.name, *args)
+        self._quiet[reason] = (now + REJECTION_LOG_INTERVAL, 0)
+
+
 class RpcServer:
     """Serve a table of async handlers on unix or TCP sockets, one task per request."""
 
@@ -181,6 +231,7 @@ class RpcServer:
         self.secret = secret
         self.name = name
         self.connections = 0
+        self.rejections = _RejectionLog(name)
 
     async def serve_unix(
         self,
@@ -215,12 +266,46 @@ class RpcServer:
         host: str,
         port: int,
         *,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on TCP `host`:`port` until cancelled."""
+        """Listen on TCP `host`:`port` until cancelled, over TLS when `ssl_context` is given."""
         listeners = await trio.open_tcp_listeners(port, host=host)
-        log.info("%s listening on %s:%d", self.name, host, port)
-        await trio.serve_listeners(self._serve_connection, listeners, task_status=task_status)
+        handler: Callable[[trio.SocketStream], Awaitable[None]] = self._serve_connection
+        if ssl_context is not None:
+            handler = functools.partial(self._serve_tls_connection, ssl_context)
+        log.info(
+            "%s listening on %s:%d%s", self.name, host, port, " with TLS" if ssl_context else ""
+        )
+        await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+    async def _serve_tls_connection(
+        self, context: ssl.SSLContext, stream: trio.SocketStream
+    ) -> None:
+        tls = trio.SSLStream(stream, context, server_side=True)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                reason = _tls_failure(exc)
+                self.rejections.record(
+                    "rejected a TLS connection from %s: %s", _peer(stream), reason
+                )
+                await trio.aclose_forcefully(tls)
+                return
+            except Exception:
+                # As in _serve_connection: an error here must not end the whole server.
+                log.exception("%s: TLS handshake with %s failed", self.name, _peer(stream))
+                await trio.aclose_forcefully(tls)
+                return
+        if scope.cancelled_caught:
+            self.rejections.record(
+                "rejected a TLS connection from %s: no TLS handshake within %g s",
+                _peer(stream), HANDSHAKE_TIMEOUT,
+            )  # fmt: skip
+            await trio.aclose_forcefully(tls)
+            return
+        await self._serve_connection(tls)
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
@@ -244,9 +329,16 @@ class RpcServer:
     async def _authenticate(self, conn: _Stream) -> bool:
         assert self.secret is not None
         nonce = secrets.token_bytes(32)
+        conn.decoder.max_frame = HANDSHAKE_MAX_FRAME
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             await conn.stream.send_all(encode_frame([CHALLENGE, nonce]))
-            message = await conn.receive()
+            try:
+                message = await conn.receive()
+            except errors.ProtocolError as exc:
+                self.rejections.record(
+                    "rejected a connection that failed the handshake: %s", exc.message
+                )
+                return False
             expected = handshake_digest(self.secret, nonce)
             if (
                 isinstance(message, list)
@@ -255,11 +347,12 @@ class RpcServer:
                 and isinstance(message[1], bytes)
                 and hmac.compare_digest(message[1], expected)
             ):
+                conn.decoder.max_frame = MAX_FRAME
                 await conn.stream.send_all(encode_frame([WELCOME, True]))
                 return True
-            log.warning("%s: rejected a connection that failed the handshake", self.name)
+            self.rejections.record("rejected a connection that failed the handshake")
             return False
-        log.warning("%s: rejected a connection that did not finish the handshake", self.name)
+        self.rejections.record("rejected a connection that did not finish the handshake")
         return False
 
     async def _serve_requests(self, conn: _Stream) -> None:
@@ -330,6 +423,24 @@ class RpcServer:
             raise errors.InternalError(f"{method} failed: {exc}") from None
 
 
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "a peer that left"
+    return f"{host}:{port}"
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Return why a TLS handshake failed, from the ssl error that trio wraps."""
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLError):
+        return str(cause.reason or cause)
+    if cause is not None:
+        return str(cause) or type(cause).__name__
+    return "connection closed during the TLS handshake"
+
+
 class RpcClient:
     """A multiplexed trio client: many calls may be in flight on one connection.
 
@@ -366,12 +477,26 @@ class RpcClient:
         return await cls._start(stream, os.fspath(path), secret)
 
     @classmethod
-    async def connect_tcp(cls, host: str, port: int, secret: bytes | None = None) -> RpcClient:
-        """Connect to a TCP server and pass its handshake when `secret` is given."""
+    async def connect_tcp(
+        cls,
+        host: str,
+        port: int,
+        secret: bytes | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> RpcClient:
+        """Connect to a TCP server, over TLS when `ssl_context` is given, and pass its handshake.
+
+        Raises Unavailable when the server cannot be reached or does not finish the handshakes
+        within HANDSHAKE_TIMEOUT, and AuthenticationFailed when TLS or the secret fails.
+        """
         try:
-            stream = await trio.open_tcp_stream(host, port)
+            tcp = await trio.open_tcp_stream(host, port)
         except OSError as exc:
             raise errors.Unavailable(f"cannot connect to {host}:{port}: {exc}") from None
+        stream: trio.abc.Stream = tcp
+        if ssl_context is not None:
+            stream = trio.SSLStream(tcp, ssl_context, server_hostname=host)
         return await cls._start(stream, f"{host}:{port}", secret)
 
     @classmethod
@@ -379,26 +504,52 @@ class RpcClient:
         cls, stream: trio.abc.Stream, description: str, secret: bytes | None
     ) -> RpcClient:
         client = cls(stream, description)
-        if secret is not None:
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                if isinstance(stream, trio.SSLStream):
+                    await client._tls_handshake(stream)
+                if secret is not None:
                     await client._handshake(secret)
-            except BaseException:
-                await trio.aclose_forcefully(stream)
-                raise
+        except trio.TooSlowError:
+            await trio.aclose_forcefully(stream)
+            raise errors.Unavailable(
+                f"{description} did not finish the handshake within {HANDSHAKE_TIMEOUT:g} s"
+            ) from None
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
         return client
+
+    async def _tls_handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> None:
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            raise errors.AuthenticationFailed(
+                f"TLS handshake with {self.description} failed: {_tls_failure(exc)}"
+            ) from None
 
     async def _handshake(self, secret: bytes) -> None:
         try:
             challenge = await self._conn.receive()
+            # The nonce must be bytes: bytes() of an integer would allocate that many.
             if not (
-                isinstance(challenge, list) and len(challenge) == 2 and challenge[0] == CHALLENGE
+                isinstance(challenge, list)
+                and len(challenge) == 2
+                and challenge[0] == CHALLENGE
+                and isinstance(challenge[1], bytes)
             ):
                 raise errors.ProtocolError(f"{self.description} sent no handshake challenge")
-            digest = handshake_digest(secret, bytes(challenge[1]))
+            digest = handshake_digest(secret, challenge[1])
             await self._conn.stream.send_all(encode_frame([RESPONSE, digest]))
             welcome = await self._conn.receive()
-        except (trio.BrokenResourceError, errors.Unavailable):
+        except trio.BrokenResourceError as exc:
+            # Over TLS 1.3 the server checks the client's certificate after the client has
+            # finished its side of the handshake, so its rejection arrives here.
+            reason = f": {_tls_failure(exc)}" if isinstance(exc.__cause__, ssl.SSLError) else ""
+            raise errors.AuthenticationFailed(
+                f"{self.description} rejected the handshake{reason}"
+            ) from None
+        except errors.Unavailable:
             raise errors.AuthenticationFailed(
                 f"{self.description} rejected the handshake"
             ) from None

@@ -191,3 +191,34 @@ def test_blocking_client_rejects_lone_surrogate(tmp_path):
     client = rpc.BlockingClient(tmp_path / "absent.sock")
     with pytest.raises(errors.InvalidArgument, match="not valid UTF-8"):
         client.call("volume.inspect", "\udcff")
+
+
+async def test_large_frame_before_handshake_rejected_at_once(server_path, caplog):
+    # Without the secret a client may not make the server buffer more than a handshake frame.
+    stream = await trio.open_unix_socket(os.fspath(server_path))
+    await stream.send_all(struct.pack(">I", rpc.HANDSHAKE_MAX_FRAME + 1) + b"x" * 100)
+    received = b""
+    with trio.fail_after(2):
+        while data := await stream.receive_some(65536):
+            received += data
+    await stream.aclose()
+    assert msgpack.unpackb(received[4:])[0] == rpc.CHALLENGE
+    assert "failed the handshake: frame of 1025 bytes exceeds 1024" in caplog.text
+    caplog.clear()
+
+
+async def test_client_rejects_challenge_without_bytes(nursery, tmp_path):
+    # bytes() of an integer nonce would allocate that many bytes.
+    path = tmp_path / "fake.sock"
+
+    async def fake_server(stream):
+        await stream.send_all(rpc.encode_frame([rpc.CHALLENGE, 2**40]))
+        await trio.sleep_forever()
+
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(os.fspath(path))
+    sock.listen()
+    nursery.start_soon(trio.serve_listeners, fake_server, [trio.SocketListener(sock)])
+    with trio.fail_after(5):
+        with pytest.raises(errors.ProtocolError, match="sent no handshake challenge"):
+            await rpc.RpcClient.connect_unix(path, SECRET)
