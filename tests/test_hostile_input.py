@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -23,15 +22,12 @@ from typing import Any
 import msgpack
 import pytest
 from nodeproc import Node, is_mountpoint
+from rawrpc import authenticate, connected, frame, receive_frame
 
 from pxfs import errors
 from pxfs.rpc import (
-    CHALLENGE,
     REQUEST,
-    RESPONSE,
-    WELCOME,
     BlockingClient,
-    handshake_digest,
     read_secret,
 )
 
@@ -541,80 +537,6 @@ def test_rest_put_unknown_volume(node: Node) -> None:
 # --- Control and peer sockets -------------------------------------------------------------------
 
 
-def frame(message: Any) -> bytes:
-    """Encode one RPC frame."""
-    body: bytes = msgpack.packb(message, use_bin_type=True)
-    return struct.pack(">I", len(body)) + body
-
-
-def receive_frame(sock: socket.socket) -> Any:
-    """Read one frame; return None when the server closed the connection first."""
-    header = _receive_exactly(sock, 4)
-    if header is None:
-        return None
-    body = _receive_exactly(sock, struct.unpack(">I", header)[0])
-    return None if body is None else msgpack.unpackb(body, raw=False, strict_map_key=False)
-
-
-def _receive_exactly(sock: socket.socket, count: int) -> bytes | None:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
-
-
-@contextlib.contextmanager
-def connected(path: Path) -> Iterator[socket.socket]:
-    """A unix socket connection with a timeout, closed at the end."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(15)
-    try:
-        sock.connect(str(path))
-        yield sock
-    finally:
-        sock.close()
-
-
-GARBAGE = [
-    b"",
-    b"\x00",
-    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"\x00\x00\x00\x00",
-    b"\x00\x00\x00\x01\xc1",
-    b"\xff\xff\xff\xff",
-    struct.pack(">I", 16 * 1024 * 1024 + 1) + b"x",
-    struct.pack(">I", 3) + b"\x92\x01",
-    struct.pack(">I", 4) + b"\xa3\xff\xfe\xfd",
-    struct.pack(">I", 3000) + b"\x91" * 3000,
-    frame("hello"),
-    frame([REQUEST]),
-    frame([REQUEST, "id", "node.status", []]),
-    frame([REQUEST, 1, 5, []]),
-    frame([REQUEST, 1, "node.status", "not a list"]),
-    frame([1, 1, None, None]),
-    frame(msgpack.ExtType(5, b"abc")),
-]
-
-
-def test_control_socket_survives_garbage(node: Node) -> None:
-    assert node.pxd is not None
-    node.call("node.status")
-    start = open_fds(node.pxd.pid)
-    for garbage in GARBAGE:
-        with connected(node.socket) as sock:
-            sock.sendall(garbage)
-            sock.shutdown(socket.SHUT_WR)
-            with contextlib.suppress(TimeoutError, ConnectionResetError):
-                reply = receive_frame(sock)
-                assert reply is None, (garbage, reply)
-        assert node.call("node.status")["status"] == "up", garbage
-    wait_for_fds(node.pxd.pid, start)
-    assert "Traceback" not in node.log_text()
-
-
 def test_control_socket_request_then_junk(node: Node) -> None:
     with connected(node.socket) as sock:
         sock.sendall(frame([REQUEST, 7, "node.status", []]) + b"\x00\x00")
@@ -658,37 +580,9 @@ def test_control_methods_reject_bad_arguments(node: Node, attached: str) -> None
     assert "Traceback" not in node.log_text()
 
 
-def authenticate(sock: socket.socket, secret: bytes) -> None:
-    """Pass the peer socket's handshake."""
-    challenge = receive_frame(sock)
-    assert challenge[0] == CHALLENGE
-    sock.sendall(frame([RESPONSE, handshake_digest(secret, challenge[1])]))
-    assert receive_frame(sock) == [WELCOME, True]
-
-
 def peer_socket(node: Node) -> Path:
     """The peer socket that pxd puts beside the control socket."""
     return node.socket.parent / "peer.sock"
-
-
-def test_peer_socket_rejects_clients_without_the_secret(node: Node) -> None:
-    assert node.pxd is not None
-    node.call("node.status")
-    start = open_fds(node.pxd.pid)
-    attempts = [
-        frame([REQUEST, 1, "store.info", ["1"]]),
-        frame([RESPONSE, b"x" * 32]),
-        frame([RESPONSE, "not bytes"]),
-        frame([RESPONSE, handshake_digest(b"wrong secret", b"")]),
-        b"garbage",
-    ]
-    for attempt in attempts:
-        with connected(peer_socket(node)) as sock:
-            assert receive_frame(sock)[0] == CHALLENGE
-            sock.sendall(attempt)
-            with contextlib.suppress(ConnectionResetError):
-                assert receive_frame(sock) is None, attempt
-    wait_for_fds(node.pxd.pid, start)
 
 
 STORE_CALLS: list[tuple[str, list[Any]]] = [
