@@ -137,7 +137,11 @@ class Node(VolumeControl):
                 raise Unavailable(
                     f"cannot serve the peer RPC on {host}:{port}: {exc.strerror}"
                 ) from None
-        control = RpcServer(self.handlers(), name="control rpc")
+        control = RpcServer(
+            self.handlers(),
+            name="control rpc",
+            max_connections=self.config.control_max_connections,
+        )
         await nursery.start(_serve_unix, control, self.control_socket)
 
     async def _register_node(self) -> None:

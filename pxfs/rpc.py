@@ -225,12 +225,19 @@ class RpcServer:
     """Serve a table of async handlers on unix or TCP sockets, one task per request."""
 
     def __init__(
-        self, handlers: Mapping[str, Handler], *, secret: bytes | None = None, name: str = "rpc"
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        secret: bytes | None = None,
+        name: str = "rpc",
+        max_connections: int | None = None,
     ) -> None:
         self.handlers = dict(handlers)
         self.secret = secret
         self.name = name
         self.connections = 0
+        #: Connections served at once; the server closes one beyond it at once. None: no bound.
+        self.max_connections = max_connections
         self.rejections = _RejectionLog(name)
 
     async def serve_unix(
@@ -308,6 +315,12 @@ class RpcServer:
         await self._serve_connection(tls)
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        if self.max_connections is not None and self.connections >= self.max_connections:
+            self.rejections.record(
+                "closed a new connection: %d connections are open, the maximum", self.connections
+            )
+            await trio.aclose_forcefully(stream)
+            return
         self.connections += 1
         conn = _Stream(stream)
         try:

@@ -1,7 +1,7 @@
-"""pxd's bounds from pxd.toml: volumes per node.
+"""pxd's bounds from pxd.toml: connections to the control socket and volumes per node.
 
-One real pxd serves the module, started with a pxd.toml that sets max_volumes = 2, and a
-sidecar in front of it for the REST create.
+One real pxd serves the module, started with a pxd.toml that sets control_max_connections = 3
+and max_volumes = 2, and a sidecar in front of it for the REST create.
 """
 
 from __future__ import annotations
@@ -10,21 +10,29 @@ import contextlib
 import errno
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from nodeproc import REPO, START_TIMEOUT, Node
 
 from pxfs import errors
+from pxfs.rpc import REPLY, REQUEST
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="pxd runs as root")
 
+MAX_CONNECTIONS = 3
 MAX_VOLUMES = 2
 SIZE = 16 << 20
+FD_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     root = tmp_path_factory.mktemp("limits") / "node"
     root.mkdir()
     config = root / "pxd.toml"
-    config.write_text(f"max_volumes = {MAX_VOLUMES}\n")
+    config.write_text(f"control_max_connections = {MAX_CONNECTIONS}\nmax_volumes = {MAX_VOLUMES}\n")
     node = Node(root)
     node.socket.parent.mkdir(parents=True)
     with open(node.log_path, "ab") as log:
@@ -58,6 +66,92 @@ def wait_until_up(node: Node) -> None:
         assert node.pxd.poll() is None, node.log_text()
         time.sleep(0.1)
     raise AssertionError(f"pxd did not start:\n{node.log_text()}")
+
+
+def open_fds(pid: int) -> int:
+    """Count the open file descriptors of process `pid`."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_for_fds(pid: int, expected: int) -> None:
+    """Wait until process `pid` has at most `expected` open descriptors."""
+    deadline = time.monotonic() + FD_TIMEOUT
+    while open_fds(pid) > expected:
+        assert time.monotonic() < deadline, f"{open_fds(pid)} descriptors open, {expected} at start"
+        time.sleep(0.05)
+
+
+def connect(path: Path) -> socket.socket:
+    """A unix socket connection to `path` with a timeout."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    return sock
+
+
+def call(sock: socket.socket, request_id: int, method: str) -> Any:
+    """Send one request frame on `sock` and return the reply frame; None when it closed."""
+    body = msgpack.packb([REQUEST, request_id, method, []], use_bin_type=True)
+    try:
+        sock.sendall(struct.pack(">I", len(body)) + body)
+        header = receive_exactly(sock, 4)
+        if header is None:
+            return None
+        data = receive_exactly(sock, struct.unpack(">I", header)[0])
+    except ConnectionError:
+        return None
+    return None if data is None else msgpack.unpackb(data, raw=False)
+
+
+def receive_exactly(sock: socket.socket, count: int) -> bytes | None:
+    """Read `count` bytes; None when the peer closes first."""
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def test_control_socket_bound(node: Node) -> None:
+    assert node.pxd is not None
+    node.call("node.status")
+    start = open_fds(node.pxd.pid)
+    # The sidecar keeps one connection open to pxd, so the test may open the rest.
+    free = MAX_CONNECTIONS - 1
+
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(connect(node.socket)) for _ in range(free)]
+        for number, sock in enumerate(held):
+            reply = call(sock, number, "node.status")
+            assert reply is not None
+            assert reply[0] == REPLY
+            assert reply[3]["status"] == "up"
+
+        for _ in range(10):
+            started = time.monotonic()
+            with connect(node.socket) as rejected:
+                assert call(rejected, 99, "node.status") is None
+            assert time.monotonic() - started < CLOSE_TIMEOUT
+        result = node.pxctl("status")
+        assert result.returncode == errors.Unavailable.exit_code, result.stderr
+        assert result.stderr.startswith("pxctl: ")
+        assert "Traceback" not in result.stderr
+
+        # The admitted connections still work.
+        for number, sock in enumerate(held):
+            assert call(sock, 100 + number, "node.status") is not None
+
+    wait_for_fds(node.pxd.pid, start)
+    assert node.pxctl("status").returncode == 0
+    for _ in range(3):
+        with connect(node.socket) as sock:
+            assert call(sock, 1, "node.status") is not None
+    wait_for_fds(node.pxd.pid, start)
+    log = node.log_text()
+    assert f"control rpc: closed a new connection: {MAX_CONNECTIONS} connections are open" in log
+    assert "Traceback" not in log
 
 
 def create(node: Node, name: str) -> dict[str, Any]:
