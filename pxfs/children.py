@@ -51,6 +51,9 @@ MAX_BACKOFF = 30.0
 STABLE_AFTER = 60.0
 #: The longest path of a unix socket that Linux accepts (sun_path is 108 bytes with the NUL).
 MAX_SOCKET_PATH = 107
+#: Seconds between two checks that the volume of each running mount child is still attached
+#: here at the child's epoch.
+ATTACHMENT_CHECK_INTERVAL = 3.0
 
 
 class ChildSupervisor(StatsSampling):
@@ -265,6 +268,55 @@ class ChildSupervisor(StatsSampling):
             ", ".join(child.paths) or "its paths",
         )
 
+    async def _fence_lost_volumes(self) -> None:
+        """Stop the mount children of volumes that a newer attach took away from this node.
+
+        A node cut off from etcd and its peers cannot see the takeover; this runs once it can
+        read the catalog again. Raises Unavailable when the catalog cannot be read.
+        """
+        running = [child for child in self._mounts.values() if child.running]
+        if not running:
+            return
+        records = {record["id"]: record for record in await self._catalog().list_volumes()}
+        for child in running:
+            if not self._lost(child, records.get(child.vol_id)):
+                continue
+            async with self._volume_locks[child.vol_id]:
+                # A restart or an unmount may have replaced or stopped the child meanwhile.
+                found = await self._catalog().get_volume(child.vol_id)
+                record = found.record if found is not None else None
+                if self._mounts.get(child.vol_id) is child and self._lost(child, record):
+                    await self._fence(child, record)
+
+    def _lost(self, child: MountChild, record: VolumeRecord | None) -> bool:
+        """Tell whether a running child serves a volume that is no longer its to serve."""
+        if not child.running or child.stopping:
+            return False
+        if record is None:
+            return True
+        return bool(record["attached_on"] != self.node_id or record["epoch"] > child.epoch)
+
+    async def _fence(self, child: MountChild, record: VolumeRecord | None) -> None:
+        """Unmount every path of a child whose volume was taken over, then stop the child."""
+        where = (
+            f"attached on node {record['attached_on'] or 'none'} at epoch {record['epoch']}"
+            if record is not None
+            else "deleted"
+        )
+        log.warning(
+            "volume %s: %s, so the mount child of epoch %d stops; unmounting %s",
+            child.vol_id,
+            where,
+            child.epoch,
+            ", ".join(child.paths) or "no path",
+        )
+        # The paths go first, so no new open reaches the old child. Its writes fail meanwhile,
+        # because the replicas and the catalog reject its epoch.
+        child.stopping = True
+        await self._detach_dead_paths(child)
+        child.paths.clear()
+        await self._stop_child(child, sync=False)
+
     def _gone(self, child: MountChild) -> bool:
         return child.stopping or self._shutting_down or self._mounts.get(child.vol_id) is not child
 
@@ -304,12 +356,17 @@ class ChildSupervisor(StatsSampling):
         with contextlib.suppress(ValueError):
             child.paths.remove(path)
 
-    async def _stop_child(self, child: MountChild) -> None:
-        """SIGTERM the child, wait for it to exit and make sure its mountpoint is gone."""
+    async def _stop_child(self, child: MountChild, *, sync: bool = True) -> None:
+        """SIGTERM the child, wait for it to exit and make sure its mountpoint is gone.
+
+        With `sync`, the kernel first writes the volume's dirty pages to the child; a fenced
+        child, whose every write fails, is stopped without.
+        """
         child.stopping = True
         process = child.process
         if process is not None and child.running:
-            await self._sync_kernel_cache(child)
+            if sync:
+                await self._sync_kernel_cache(child)
             # The last I/O, the writeback that syncfs caused included, is counted before the
             # child goes.
             await self._sample(child)

@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from pxfs.catalog import Catalog, LocalCatalog, VolumeRecord
+from pxfs.children import ATTACHMENT_CHECK_INTERVAL
 from pxfs.datadir import MOUNTS_DIR, REPLICAS_DIR, ensure_secret, load_node_id, lock_data_dir
 from pxfs.errors import Busy, PxfsError, Unavailable
 from pxfs.etcd import EtcdClient
@@ -60,6 +61,7 @@ class Node(VolumeControl):
                 if self._etcd is not None:
                     await self._register_node()
                     nursery.start_soon(self._publish_status_periodically)
+                    nursery.start_soon(self._check_attachments_periodically)
                 log.info("pxd ready: node %s, control socket %s", self.node_id, self.control_socket)
                 task_status.started()
                 await self._stop.wait()
@@ -175,6 +177,19 @@ class Node(VolumeControl):
             if failures:
                 log.info("publishing the node status works again after %d failures", failures)
             failures = 0
+
+    async def _check_attachments_periodically(self) -> None:
+        """Stop the mount children of volumes that another node took over meanwhile."""
+        while True:
+            await trio.sleep(ATTACHMENT_CHECK_INTERVAL)
+            try:
+                await self._fence_lost_volumes()
+            except PxfsError as exc:
+                # etcd is out of reach; the lease task and the status publication log that.
+                log.debug("checking the attachments of the mounted volumes failed: %s", exc)
+            except Exception:
+                # A bug here must not take down pxd and every volume it serves.
+                log.exception("checking the attachments of the mounted volumes failed")
 
     async def _remount_volumes(self) -> None:
         records = await self._catalog().list_volumes()
