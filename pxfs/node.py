@@ -205,6 +205,9 @@ class Node(VolumeControl):
                     log.error("volume %s: remount at start failed: %s", record["id"], exc.message)
                 except Exception:
                     log.exception("volume %s: remount at start failed", record["id"])
+            # A raise of the ha level that the stop of the last run interrupted goes on, through
+            # the new mount child, or here when the remount failed.
+            self._resume_raise(record)
 
     async def _reattach(self, record: VolumeRecord) -> None:
         record = await self._catalog().update_volume(record["id"], self._attach_change)

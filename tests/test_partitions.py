@@ -73,6 +73,8 @@ RESYNC_DEADLINE = 45.0
 FENCE_DEADLINE = DEFAULT_NODE_TTL / 3 + ETCD_TIMEOUT + 3.0 + 15.0
 #: How long after a heal every node may take to list the healed node online again.
 HEAL_DEADLINE = DEFAULT_NODE_TTL / 3 + ETCD_TIMEOUT + 10.0
+#: How long a copy to a new replica of a volume of at most 256 MiB may take on a loaded machine.
+COPY_DEADLINE = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -421,6 +423,52 @@ def test_node_without_replica_cut_off_and_healed(cluster: NetnsCluster, tmp_path
         release_on(first, "bystander", path)
     _assert_verified(first, "bystander")
     first.call("volume.delete", "bystander")
+
+
+# A raise of the ha level interrupted by a restart of pxd resumes by itself
+
+
+def _wait_for_ha(node: ClusterNode, name: str, ha_level: int) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        record: dict[str, Any] = node.call("volume.inspect", name)
+        if record["ha_level"] == ha_level and "replica_nodes_next" not in record:
+            return record
+        return None
+
+    found: dict[str, Any] = wait_until(done, COPY_DEADLINE, f"ha level {ha_level} not reached")
+    return found
+
+
+def test_raise_resumes_after_pxd_restart(cluster: NetnsCluster, tmp_path: Path) -> None:
+    first, second, _ = cluster.nodes
+    vol_id = _create(first, "resumed", 1, [first])
+    path = tmp_path / "mnt"
+    payload = os.urandom(128 * MIB)
+    try:
+        mount_on(first, "resumed", path)
+        _write_synced(path / "blob", payload)
+        first.call("volume.update", "resumed", {"ha_level": 2, "nodes": [second.node_id]})
+        # Cut off, the new replica cannot get its copy, so the raise is still running when pxd
+        # stops. After the restart nothing but pxd itself goes on with it: no mount, no update.
+        cluster.cut(second)
+        assert "replica_nodes_next" in first.call("volume.inspect", "resumed")
+        assert first.stop() == 0
+        first.start()
+        record = first.call("volume.inspect", "resumed")
+        assert record["ha_level"] == 1
+        assert record["replica_nodes_next"] == [first.node_id, second.node_id]
+        cluster.heal(second)
+
+        record = _wait_for_ha(first, "resumed", 2)
+        assert record["replica_nodes"] == [first.node_id, second.node_id]
+        record = _wait_in_sync(first, "resumed")
+        assert sha256_file(path / "blob") == hashlib.sha256(payload).hexdigest()
+        _assert_verified(first, "resumed")
+    finally:
+        cluster.heal(second)
+        release_on(first, "resumed", path)
+    _assert_replicas_identical([first, second], vol_id)
+    first.call("volume.delete", "resumed")
 
 
 # The launcher: tools/cluster start --netns, cut, heal and stop
