@@ -13,6 +13,11 @@ Concurrency rules, all relying on trio running one task at a time between awaits
 - A block that is replaced while its read is in flight keeps the new bytes.
 - `flush` writes every block that was dirty when it started, and waits for the writes that were
   in flight then. Blocks dirtied later may be written too, but are not waited for.
+
+A block is held as immutable bytes, and only a partial write turns it into a bytearray to
+patch. Write-back freezes a bytearray into bytes once and sends those, so a write in flight
+never sees later changes, and a block that was read or written whole moves to and from the
+device with no copy in the cache.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ class BlockCache:
         self._capacity = max(2 * self._batch, capacity_bytes // BLOCK_SIZE)
         self._dirty_limit = max(self._batch, dirty_limit_bytes // BLOCK_SIZE)
         self._limiter = trio.CapacityLimiter(max(1, max_in_flight))
-        self._blocks: dict[int, bytearray] = {}
+        self._blocks: dict[int, bytes | bytearray] = {}
         self._clean: OrderedDict[int, None] = OrderedDict()
         # Dirty block -> generation at which it became dirty; 0 marks a failed write.
         self._dirty: dict[int, int] = {}
@@ -95,7 +100,7 @@ class BlockCache:
         """Tell whether a block is in memory."""
         return blockno in self._blocks
 
-    def peek(self, blockno: int) -> bytearray | None:
+    def peek(self, blockno: int) -> bytes | bytearray | None:
         """Return the cached bytes of a block, or None; the caller must not keep them."""
         data = self._blocks.get(blockno)
         if data is not None and blockno in self._clean:
@@ -139,7 +144,7 @@ class BlockCache:
             event.set()
         for blockno, data in zip(blocknos, found, strict=True):
             if blockno not in self._blocks:
-                self._blocks[blockno] = bytearray(data)
+                self._blocks[blockno] = bytes(data)
                 self._clean[blockno] = None
         self._evict(protect=set(blocknos))
 
@@ -147,11 +152,7 @@ class BlockCache:
         """Replace a whole block with `data` and mark it dirty."""
         if len(data) != BLOCK_SIZE:
             raise InternalError(f"block {blockno}: put of {len(data)} bytes")
-        current = self._blocks.get(blockno)
-        if current is None:
-            self._blocks[blockno] = bytearray(data)
-        else:
-            current[:] = data
+        self._blocks[blockno] = bytes(data)
         self._mark_dirty(blockno)
 
     def put_zero(self, blockno: int) -> None:
@@ -164,6 +165,8 @@ class BlockCache:
         current = self._blocks.get(blockno)
         if current is None:
             raise InternalError(f"block {blockno} is not cached for a partial write")
+        if not isinstance(current, bytearray):
+            current = self._blocks[blockno] = bytearray(current)
         current[offset : offset + len(data)] = data
         self._mark_dirty(blockno)
 
@@ -250,7 +253,7 @@ class BlockCache:
             batch = [b for b in blocknos if b in self._dirty and b not in self._writing]
             if not batch:
                 return
-            payload = [(blockno, bytes(self._blocks[blockno])) for blockno in batch]
+            payload = [(blockno, self._frozen(blockno)) for blockno in batch]
             event = trio.Event()
             self._oldest_in_write[event] = min(self._dirty[blockno] for blockno in batch)
             for blockno in batch:
@@ -277,6 +280,13 @@ class BlockCache:
             if blockno in self._blocks and blockno not in self._dirty:
                 self._clean[blockno] = None
         self._evict()
+
+    def _frozen(self, blockno: int) -> bytes:
+        """Return the block as bytes, keeping that form so the next write-back copies nothing."""
+        data = self._blocks[blockno]
+        if isinstance(data, bytearray):
+            data = self._blocks[blockno] = bytes(data)
+        return data
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write back in the background whenever dirty bytes pass half the limit."""

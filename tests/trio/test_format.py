@@ -112,6 +112,37 @@ def test_tree_rejects_invalid_changes() -> None:
         tree.apply(new_inode_record(3, stat.S_IFDIR | 0o755, 0, 0, 1))
 
 
+@pytest.mark.parametrize(
+    "index, value",
+    [
+        (0, 0),  # ino below the root's
+        (0, True),  # bool is no inode number
+        (1, 0o170644),  # no known file type
+        (1, 2**16),  # mode wider than 16 bits
+        (3, -1),  # negative uid
+        (6, 2**63),  # size past an off_t
+        (7, 2**63),  # atime past a signed 64-bit time
+        (7, 1.5),  # a float time
+        (11, "target"),  # target not bytes
+        (11, b"x" * 4096),  # target past SYMLINK_MAX
+    ],
+)
+def test_tree_rejects_invalid_inode_record(index: int, value: object) -> None:
+    tree = _sample_tree()
+    change = new_inode_record(3, stat.S_IFREG | 0o644, 0, 0, 1)
+    change[index + 1] = value
+    with pytest.raises(Corrupted):
+        tree.apply(change)
+    assert tree.inodes[3].mode == stat.S_IFREG | 0o644
+
+
+def test_tree_rejects_short_inode_record() -> None:
+    tree = _sample_tree()
+    with pytest.raises(Corrupted):
+        tree.apply(new_inode_record(7, stat.S_IFREG | 0o644, 0, 0, 1)[:-1])
+    assert 7 not in tree.inodes
+
+
 def test_tree_decode_rejects_garbage() -> None:
     with pytest.raises(Corrupted):
         Tree.decode(b"\x93\x01")
