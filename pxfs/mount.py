@@ -66,8 +66,15 @@ log = logging.getLogger(__name__)
 UNMOUNT_GRACE = 10.0
 #: Seconds that connecting to one replica and passing its handshake may take.
 CONNECT_TIMEOUT = 10.0
-#: Seconds between two attempts to resync the replicas that are out of sync.
-RESYNC_INTERVAL = 5.0
+#: Seconds between two attempts to resync the replicas that are out of sync. A returning replica
+#: waits up to this long before its resync starts, and an attempt at a node that is down costs
+#: one refused connection, or one CONNECT_TIMEOUT when no host answers.
+RESYNC_INTERVAL = 1.0
+#: Seconds between two attempts to reconnect the write-set replicas whose connection was lost.
+#: The first one back lets a reconcile run, which drops from the write set every replica still
+#: unreachable then. The longer interval gives nodes that restart together the time to return
+#: together.
+RECONNECT_INTERVAL = 5.0
 #: The TLS client context for the replicas on other nodes, set from --ssl-cert, --ssl-key and
 #: --ssl-ca at open. It is one process-wide setting because a child serves a single volume and
 #: every TCP connection it opens is to a replica of it.
@@ -362,11 +369,16 @@ async def _resync_periodically(
     # Attempts that failed in a row, by replica: only the first one is a warning, so a node
     # that stays down does not flood the log.
     failures: dict[str, int] = {}
+    next_reconnect = trio.current_time() + RECONNECT_INTERVAL
     while True:
         await trio.sleep(RESYNC_INTERVAL)
-        # A write-set replica whose connection was lost is reconnected too: a write below the
-        # quorum keeps it in the write set, and its reconcile needs that replica back.
-        for replica_id in device.out_of_sync + device.disconnected:
+        returning = device.out_of_sync
+        if trio.current_time() >= next_reconnect:
+            next_reconnect = trio.current_time() + RECONNECT_INTERVAL
+            # A write-set replica whose connection was lost is reconnected too: a write below
+            # the quorum keeps it in the write set, and its reconcile needs that replica back.
+            returning += device.disconnected
+        for replica_id in returning:
             if replica_id not in addresses:
                 # Dropped by mount.remove_replica while this loop waited.
                 continue

@@ -91,7 +91,9 @@ class Node(VolumeControl):
         )
         (self.data_dir / REPLICAS_DIR).mkdir(mode=0o700, exist_ok=True)
         (self.data_dir / MOUNTS_DIR).mkdir(mode=0o700, exist_ok=True)
-        self.store = ReplicaStore(self.data_dir / REPLICAS_DIR)
+        # In a cluster, a resync's target pulls blocks straight from the source's node.
+        peers = self._peers if self._etcd is not None else None
+        self.store = ReplicaStore(self.data_dir / REPLICAS_DIR, peers=peers)
         self.stats = StatsStore(self.data_dir)
 
     async def _open_catalog(self, nursery: trio.Nursery) -> Catalog:

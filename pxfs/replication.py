@@ -350,11 +350,13 @@ class ReplicationClient:
         quorum_flushed = trio.Event()
 
         async def flush_replica(replica: _Replica) -> None:
-            await replica.call("store.flush", self.vol_id, timeout=SLOW_TIMEOUT)
-            # The writes are durable only if they went to the replica's own data file. A versions
-            # call raises Corrupted when that file was removed, replaced or truncated under the
-            # store, so the replica leaves the write set and its resync makes a full copy.
-            await replica.call("store.versions", self.vol_id, 0, 1)
+            # The writes are durable only if they went to the replica's own data file. The
+            # store's flush raises Corrupted when that file was removed, replaced or truncated
+            # under it, so the replica leaves the write set and its resync makes a full copy.
+            reply = await replica.call("store.flush", self.vol_id, timeout=SLOW_TIMEOUT)
+            if not (isinstance(reply, dict) and reply.get("data_file_checked") is True):
+                # A store from before that check: a versions call checks the file instead.
+                await replica.call("store.versions", self.vol_id, 0, 1)
             flushed.add(replica.id)
             if len(flushed & set(self._write_set)) >= self.write_quorum:
                 quorum_flushed.set()
@@ -779,7 +781,7 @@ class ReplicationClient:
             if replica not in members:
                 self._leave_write_set(replica, "reconcile", Unavailable("not connected"))
         try:
-            await resync.reconcile(self.vol_id, self.epoch, members, ranges)
+            await resync.reconcile(self.vol_id, self.epoch, members, ranges, self.nblocks)
         except StaleEpoch as exc:
             self._stop(exc)
             raise

@@ -2,9 +2,13 @@
 
 Every block of a replica carries the version of the write or trim that last changed it
 (docs/store-format.md). Two replicas contain the same content for a block exactly when their
-versions match, so a table scan of both finds the blocks that one of them missed. Copies go
-through `store.copy`, which stores a block only while the target still has the version that the
-scan read. A write that reaches the target after the scan therefore wins over the copy.
+versions match, so a table scan of both finds the blocks that one of them missed. The scan first
+compares a digest of the versions of each region of DIGEST_BLOCKS blocks (`store.digests`) and
+reads the versions of the regions whose digests differ only, so what it moves grows with the
+blocks missed rather than with the volume. A resync's target pulls the blocks from the source's
+node (`store.pull`) when its store can, and otherwise this client reads them and sends them on
+with `store.copy`. Either way a block is stored only while the target still has the version that
+the scan read, so a write that reaches the target after the scan wins over the copy.
 
 The rules for which copy is authoritative are in docs/replication.md.
 """
@@ -15,30 +19,41 @@ import array
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
 
-from pxfs.errors import ChecksumMismatch, InvalidArgument, ProtocolError, PxfsError, Unavailable
-from pxfs.store import BLOCK_SIZE
+from pxfs.errors import (
+    ChecksumMismatch,
+    InvalidArgument,
+    NotSupported,
+    ProtocolError,
+    PxfsError,
+    StaleEpoch,
+    Unavailable,
+)
+from pxfs.store import DIGEST_BLOCKS, DIGEST_SIZE, MAX_DIGESTS_PER_CALL, Entry, check_entries
 
 log = logging.getLogger(__name__)
 
 #: Blocks per version scan call: 65536 versions are a 512 KiB reply and cover 4 GiB of volume.
 SCAN_BLOCKS = 65536
+#: Blocks per digests call: 16384 digests are a 256 KiB reply and cover 1 TiB of volume.
+DIGEST_SCAN_BLOCKS = MAX_DIGESTS_PER_CALL * DIGEST_BLOCKS
 #: Blocks per copy call: 4 MiB of data, the size of the replication client's write frames.
 COPY_BLOCKS = 64
 #: Copy calls in flight at once, so that reading from the source overlaps writing the target.
 COPY_IN_FLIGHT = 4
 
-#: A block as `store.read_versioned` returns it: (version, data). data is None for an unwritten
-#: block and False for a copy that fails its checksum.
-Entry = tuple[int, bytes | None | bool]
-
 
 class Peer(Protocol):
     """The interface of a replica that the functions of this module call."""
+
+    @property
+    def id(self) -> str:
+        """The replica's id: the id of its node, which `store.pull` names as the source."""
+        ...
 
     @property
     def name(self) -> str:
@@ -66,6 +81,22 @@ class ResyncProgress:
 
 
 @dataclass
+class PullState:
+    """Whether the batches of one resync still go as `store.pull`, straight between the nodes.
+
+    A pull moves each block once, from the source's node to the target's, where the copy
+    through this client moves it twice. The first pull that fails turns pulls off for the rest
+    of the resync, and the batches go through this client.
+    """
+
+    enabled: bool = True
+    #: Set once a pull has succeeded. Until then one pull runs at a time, so that a target
+    #: that cannot pull fails one batch rather than every batch in flight.
+    proven: bool = False
+    probe: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass
 class BadCopy:
     """A copy of a block that failed its checksum, with its replica, index and claimed version."""
 
@@ -86,23 +117,58 @@ async def fetch_versions(peer: Peer, vol_id: str, first: int, count: int) -> arr
     return versions
 
 
+async def fetch_digests(peer: Peer, vol_id: str, first: int, count: int) -> list[bytes] | None:
+    """Return the region digests of blocks [first, first + count) of `peer`, one per region.
+
+    Returns None when the replica's store predates `store.digests`.
+    """
+    try:
+        raw = await peer.call("store.digests", vol_id, first, count)
+    except NotSupported:
+        return None
+    regions = -(-count // DIGEST_BLOCKS)
+    if not isinstance(raw, bytes) or len(raw) != DIGEST_SIZE * regions:
+        raise ProtocolError(f"replica {peer.name} sent a malformed digests reply")
+    return [raw[offset : offset + DIGEST_SIZE] for offset in range(0, len(raw), DIGEST_SIZE)]
+
+
+async def differing_ranges(
+    vol_id: str, peers: Sequence[Peer], first: int, count: int, nblocks: int
+) -> list[tuple[int, int]]:
+    """Return the (first, count) ranges of [first, first + count) where `peers` may differ.
+
+    Regions whose digests agree on every peer are left out, and the rest come back as runs of
+    at most SCAN_BLOCKS blocks, whose versions the caller compares. A range that does not start
+    at a region boundary, or does not end at one or at `nblocks`, comes back whole, and so does
+    every range when a peer's store has no digests.
+    """
+    end = first + count
+    aligned = first % DIGEST_BLOCKS == 0 and (end % DIGEST_BLOCKS == 0 or end == nblocks)
+    if not aligned or count < DIGEST_BLOCKS:
+        return _split([(first, count)])
+    ranges: list[tuple[int, int]] = []
+    for start in range(first, end, DIGEST_SCAN_BLOCKS):
+        length = min(DIGEST_SCAN_BLOCKS, end - start)
+        columns = [await fetch_digests(peer, vol_id, start, length) for peer in peers]
+        if any(column is None for column in columns):
+            ranges.append((start, length))
+            continue
+        for index, row in enumerate(zip(*columns, strict=True)):
+            if all(digest == row[0] for digest in row[1:]):
+                continue
+            region = start + index * DIGEST_BLOCKS
+            stop = min(region + DIGEST_BLOCKS, end)
+            if ranges and ranges[-1][0] + ranges[-1][1] == region:
+                ranges[-1] = (ranges[-1][0], stop - ranges[-1][0])
+            else:
+                ranges.append((region, stop - region))
+    return _split(ranges)
+
+
 async def read_versioned(peer: Peer, vol_id: str, blocknos: Sequence[int]) -> list[Entry]:
     """Read blocks from `peer` as (version, data) entries, checking the reply's shape."""
     reply = await peer.call("store.read_versioned", vol_id, list(blocknos))
-    if not isinstance(reply, list) or len(reply) != len(blocknos):
-        raise ProtocolError(f"replica {peer.name} sent a malformed read reply")
-    entries: list[Entry] = []
-    for item in reply:
-        if not isinstance(item, (list, tuple)) or len(item) != 2:
-            raise ProtocolError(f"replica {peer.name} sent a malformed block entry")
-        version, data = item
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise ProtocolError(f"replica {peer.name} sent a malformed block version")
-        good_data = isinstance(data, bytes) and len(data) == BLOCK_SIZE
-        if not (good_data or data is None or data is False):
-            raise ProtocolError(f"replica {peer.name} sent a malformed block")
-        entries.append((version, data))
-    return entries
+    return check_entries(reply, len(blocknos), peer.name)
 
 
 async def read_good(
@@ -221,21 +287,48 @@ async def resync(
     `floor` is the lowest version of the writes that the client also sends to `target`. A
     target block at `floor` or above came from such a write, so it is current and is not copied.
     """
-    for first in range(0, nblocks, SCAN_BLOCKS):
+    current = _current_sources(vol_id, sources)
+    ranges = await differing_ranges(vol_id, [current[0], target], 0, nblocks, nblocks)
+    pull = PullState()
+    # The regions whose digests agree hold nothing to copy: writes from the floor on reach
+    # both replicas, and the client waited for the writes before the floor.
+    progress.scanned = nblocks - sum(count for _, count in ranges)
+    # The ranges are compared in groups of at most SCAN_BLOCKS blocks, and each group's plan is
+    # copied before the next group is compared, which bounds the plan held in memory.
+    for group in _groups(ranges, SCAN_BLOCKS):
         if progress.aborted:
             raise Unavailable(
                 f"volume {vol_id}: resync of {target.name} stopped: {progress.aborted}"
             )
-        count = min(SCAN_BLOCKS, nblocks - first)
-        current = sources()
-        if not current:
-            raise Unavailable(f"volume {vol_id}: no replica of the write set is left to copy from")
-        source_versions = await fetch_versions(current[0], vol_id, first, count)
-        target_versions = await fetch_versions(target, vol_id, first, count)
-        plan = _differing(first, source_versions, target_versions, floor)
+        current = _current_sources(vol_id, sources)
+        plan: list[tuple[int, int]] = []
+        for first, count in group:
+            source_versions = await fetch_versions(current[0], vol_id, first, count)
+            target_versions = await fetch_versions(target, vol_id, first, count)
+            plan += _differing(first, source_versions, target_versions, floor)
         progress.planned += len(plan)
-        await copy_blocks(vol_id, epoch, sources, target, plan, progress)
-        progress.scanned += count
+        await copy_blocks(vol_id, epoch, sources, target, plan, progress, pull)
+        progress.scanned += sum(count for _, count in group)
+
+
+def _groups(ranges: list[tuple[int, int]], limit: int) -> list[list[tuple[int, int]]]:
+    """Split ranges of at most `limit` blocks into groups of at most `limit` blocks in all."""
+    groups: list[list[tuple[int, int]]] = []
+    total = limit
+    for first, count in ranges:
+        if total + count > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append((first, count))
+        total += count
+    return groups
+
+
+def _current_sources(vol_id: str, sources: Callable[[], Sequence[Peer]]) -> Sequence[Peer]:
+    current = sources()
+    if not current:
+        raise Unavailable(f"volume {vol_id}: no replica of the write set is left to copy from")
+    return current
 
 
 def _differing(
@@ -258,11 +351,13 @@ async def copy_blocks(
     target: Peer,
     plan: Sequence[tuple[int, int]],
     progress: ResyncProgress | None = None,
+    pull: PullState | None = None,
 ) -> int:
     """Copy the (blockno, expected version) blocks of `plan` to `target`; return those stored.
 
     Each batch reads from the replicas that `sources` returns when the batch starts, and adds
-    the blocks it stored to `progress.copied` as it finishes.
+    the blocks it stored to `progress.copied` as it finishes. With `pull`, the target pulls
+    each batch from the first source while `pull.enabled` holds.
     """
     stored = 0
     limiter = trio.CapacityLimiter(COPY_IN_FLIGHT)
@@ -274,7 +369,7 @@ async def copy_blocks(
             if failures:
                 return
             try:
-                count = await _copy_batch(vol_id, epoch, sources(), target, batch)
+                count = await _copy_batch(vol_id, epoch, sources(), target, batch, pull)
             except PxfsError as exc:
                 # Raised after the nursery exits, because raising inside it would wrap the error
                 # in an ExceptionGroup.
@@ -299,7 +394,97 @@ async def _copy_batch(
     sources: Sequence[Peer],
     target: Peer,
     batch: Sequence[tuple[int, int]],
+    pull: PullState | None,
 ) -> int:
+    if pull is not None and sources:
+        stored = await _try_pull(vol_id, epoch, sources, target, batch, pull)
+        if stored is not None:
+            return stored
+    return await _relay_batch(vol_id, epoch, sources, target, batch)
+
+
+async def _try_pull(
+    vol_id: str,
+    epoch: int,
+    sources: Sequence[Peer],
+    target: Peer,
+    batch: Sequence[tuple[int, int]],
+    pull: PullState,
+) -> int | None:
+    """Have `target` pull a batch; return the blocks stored, or None when pulls are off."""
+    if not pull.proven:
+        async with pull.probe:
+            if pull.enabled and not pull.proven:
+                stored = await _pull_or_stop(vol_id, epoch, sources, target, batch, pull)
+                pull.proven = stored is not None
+                return stored
+    if not pull.enabled:
+        return None
+    return await _pull_or_stop(vol_id, epoch, sources, target, batch, pull)
+
+
+async def _pull_or_stop(
+    vol_id: str,
+    epoch: int,
+    sources: Sequence[Peer],
+    target: Peer,
+    batch: Sequence[tuple[int, int]],
+    pull: PullState,
+) -> int | None:
+    try:
+        return await _pull_batch(vol_id, epoch, sources, target, batch)
+    except (StaleEpoch, InvalidArgument):
+        raise
+    except PxfsError as exc:
+        # A store from before store.pull answers NotSupported. A target that reaches this
+        # client but not the source's node fails otherwise. A target that is gone fails the
+        # copy through this client as well, which then ends the resync.
+        if pull.enabled:
+            log.log(
+                logging.INFO if isinstance(exc, NotSupported) else logging.WARNING,
+                "volume %s: %s cannot pull from %s, so blocks go through this client: %s",
+                vol_id,
+                target.name,
+                sources[0].name,
+                exc.message,
+            )
+        pull.enabled = False
+        return None
+
+
+async def _pull_batch(
+    vol_id: str, epoch: int, sources: Sequence[Peer], target: Peer, batch: Sequence[tuple[int, int]]
+) -> int:
+    """Have `target` pull a batch from the first source; return the blocks stored."""
+    entries = [[blockno, expected] for blockno, expected in batch]
+    reply = await target.call("store.pull", vol_id, epoch, sources[0].id, entries)
+    stored, bad = _check_pull_reply(reply, len(batch), target.name)
+    if bad:
+        # The source's copies of these blocks fail their checksum. read_good reads each of
+        # them from the next replica that has a good copy, or raises ChecksumMismatch.
+        stored += await _relay_batch(vol_id, epoch, sources, target, [batch[i] for i in bad])
+    return stored
+
+
+def _check_pull_reply(reply: Any, count: int, target: str) -> tuple[int, list[int]]:
+    if not isinstance(reply, dict):
+        raise ProtocolError(f"replica {target} sent a malformed pull reply")
+    stored, bad = reply.get("stored"), reply.get("bad")
+    if isinstance(stored, bool) or not isinstance(stored, int) or not isinstance(bad, list):
+        raise ProtocolError(f"replica {target} sent a malformed pull reply")
+    if not all(type(index) is int and 0 <= index < count for index in bad):
+        raise ProtocolError(f"replica {target} sent a malformed pull reply")
+    return stored, bad
+
+
+async def _relay_batch(
+    vol_id: str,
+    epoch: int,
+    sources: Sequence[Peer],
+    target: Peer,
+    batch: Sequence[tuple[int, int]],
+) -> int:
+    """Read a batch from the sources and send it to `target`; return the blocks stored."""
     blocknos = [blockno for blockno, _ in batch]
     entries, _ = await read_good(vol_id, sources, blocknos)
     copies = [
@@ -313,16 +498,24 @@ async def _copy_batch(
 
 
 async def reconcile(
-    vol_id: str, epoch: int, members: Sequence[Peer], ranges: Sequence[tuple[int, int]]
+    vol_id: str,
+    epoch: int,
+    members: Sequence[Peer],
+    ranges: Sequence[tuple[int, int]],
+    nblocks: int,
 ) -> int:
     """Make `members` agree on the blocks of the (first, count) ranges; return the blocks copied.
 
     Where the members' versions of a block differ, the lowest version wins and is copied over
     the others, because a higher version comes from a write that was never acknowledged. The
-    caller makes sure no write is in flight.
+    caller makes sure no write is in flight. `nblocks` is the size of the replicas, where the
+    last region of digests ends.
     """
     copied = 0
-    for first, count in _split(ranges):
+    pieces: list[tuple[int, int]] = []
+    for first, count in ranges:
+        pieces += await differing_ranges(vol_id, members, first, count, nblocks)
+    for first, count in pieces:
         versions = [await fetch_versions(member, vol_id, first, count) for member in members]
         for holders, plans in _disagreements(first, members, versions).items():
             for target, plan in plans.items():

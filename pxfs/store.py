@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -23,9 +24,9 @@ import struct
 import sys
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import trio
@@ -37,8 +38,13 @@ from pxfs.errors import (
     InvalidArgument,
     NoSpace,
     NotFound,
+    NotSupported,
+    ProtocolError,
+    PxfsError,
     StaleEpoch,
+    Unavailable,
 )
+from pxfs.rpc import RpcClient
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,16 @@ MAX_CHECKSUMS_PER_CALL = 2**19
 #: Blocks per checksums call that also reads the data: 1024 blocks are 64 MiB read from disk
 #: under the replica's lock, as one slice of a verify scan is.
 MAX_CHECKED_PER_CALL = 1024
+#: Blocks that one digest of `store.digests` covers: 64 MiB of volume, 8 KiB of versions.
+DIGEST_BLOCKS = 1024
+#: Bytes of one digest: blake2b-128 of the versions of its blocks.
+DIGEST_SIZE = 16
+#: Digests per digests call: 16384 digests are a 256 KiB reply and cover 1 TiB of volume.
+MAX_DIGESTS_PER_CALL = 16384
+#: Seconds that one `store.pull` may spend connecting to the source node and reading from it.
+#: It stays below the 5 s after which a replication client drops a replica that has not
+#: replied, so a pull from a slow source fails alone and the resync copies through the client.
+PULL_TIMEOUT = 4.0
 
 # One table record: version (u64), crc32 (u32) and flags (u32), little-endian. The flags word
 # makes each version an aligned u64, which _count_unwritten relies on.
@@ -203,6 +219,40 @@ def _parse_meta(raw: bytes, vol_id: str, path: Path) -> tuple[int, int]:
     return nblocks, epoch
 
 
+#: A block as `store.read_versioned` returns it: (version, data). data is None for an unwritten
+#: block and False for a copy that fails its checksum.
+Entry = tuple[int, bytes | None | bool]
+
+
+def check_entries(reply: object, count: int, source: str) -> list[Entry]:
+    """Check the shape of a `store.read_versioned` reply of `count` blocks from `source`.
+
+    Raises ProtocolError naming `source` for a reply of another shape.
+    """
+    if not isinstance(reply, list) or len(reply) != count:
+        raise ProtocolError(f"replica {source} sent a malformed read reply")
+    entries: list[Entry] = []
+    for item in reply:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ProtocolError(f"replica {source} sent a malformed block entry")
+        version, data = item
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ProtocolError(f"replica {source} sent a malformed block version")
+        good_data = isinstance(data, bytes) and len(data) == BLOCK_SIZE
+        if not (good_data or data is None or data is False):
+            raise ProtocolError(f"replica {source} sent a malformed block")
+        entries.append((version, data))
+    return entries
+
+
+class PeerConnector(Protocol):
+    """Opens authenticated peer RPC connections to the stores of other nodes, by node id."""
+
+    def connect(self, node_ids: Sequence[str]) -> AbstractAsyncContextManager[list[RpcClient]]:
+        """Return a context that opens one client per node id and closes them at its exit."""
+        ...
+
+
 class _Replica:
     """The open files and the counters of one volume replica.
 
@@ -223,6 +273,9 @@ class _Replica:
         self.closed = False
         self.lock = trio.Lock()
         self._warned_no_punch = False
+        #: The digest of each region of DIGEST_BLOCKS blocks, by region index, as computed from
+        #: the table. Every change of a record drops the digest of its region.
+        self._digests: dict[int, bytes] = {}
 
     def count_used(self, first: int, stop: int) -> int:
         """Count the written blocks in [first, stop) by scanning the table."""
@@ -270,8 +323,8 @@ class _Replica:
     def read_versioned(self, blocknos: Sequence[int]) -> list[tuple[int, bytes | None | bool]]:
         """Read blocks as (version, data): data None when unwritten, False when its crc32 fails."""
         result: list[tuple[int, bytes | None | bool]] = []
-        for blockno in blocknos:
-            version, crc, flags = self._read_record(blockno)
+        records = self._records_of(blocknos)
+        for blockno, (version, crc, flags) in zip(blocknos, records, strict=True):
             if _unwritten(version, flags):
                 result.append((version, None))
                 continue
@@ -284,10 +337,51 @@ class _Replica:
                 result.append((version, data))
         return result
 
+    def _records_of(self, blocknos: Sequence[int]) -> list[tuple[int, int, int]]:
+        """Return the (version, crc32, flags) records of `blocknos`, in their order."""
+        records = self._consecutive_records(blocknos)
+        if records is not None:
+            return records
+        return [self._read_record(blockno) for blockno in blocknos]
+
+    def _consecutive_records(self, blocknos: Sequence[int]) -> list[tuple[int, int, int]] | None:
+        """Return the records of `blocknos` read in one pread, or None if they are not a run.
+
+        Resync, sequential reads and sequential writes ask for runs of consecutive blocks.
+        """
+        first = blocknos[0] if blocknos else 0
+        if list(blocknos) != list(range(first, first + len(blocknos))):
+            return None
+        return list(_RECORD.iter_unpack(self._read_records(first, len(blocknos))))
+
     def versions(self, first: int, count: int) -> bytes:
         """Return the versions of blocks [first, first + count) as little-endian u64s."""
         self.check_data_file()
         return _versions_of(self._read_records(first, count))
+
+    def digests(self, first: int, count: int) -> bytes:
+        """Return the digest of each region of [first, first + count), DIGEST_SIZE bytes each.
+
+        The range starts and ends at region boundaries: a region has DIGEST_BLOCKS blocks,
+        except the last one of the replica, which ends at nblocks.
+        """
+        self.check_data_file()
+        parts = []
+        for region in range(first // DIGEST_BLOCKS, -(-(first + count) // DIGEST_BLOCKS)):
+            digest = self._digests.get(region)
+            if digest is None:
+                start = region * DIGEST_BLOCKS
+                length = min(DIGEST_BLOCKS, self.nblocks - start)
+                versions = _versions_of(self._read_records(start, length))
+                digest = hashlib.blake2b(versions, digest_size=DIGEST_SIZE).digest()
+                self._digests[region] = digest
+            parts.append(digest)
+        return b"".join(parts)
+
+    def _changed(self, first: int, count: int = 1) -> None:
+        """Drop the cached digests of the regions that blocks [first, first + count) are in."""
+        for region in range(first // DIGEST_BLOCKS, (first + count - 1) // DIGEST_BLOCKS + 1):
+            self._digests.pop(region, None)
 
     def check_data_file(self) -> None:
         """Raise Corrupted when the data file was removed, replaced or truncated while open."""
@@ -321,25 +415,39 @@ class _Replica:
         Raises NoSpace when the disk fills. The blocks before the failing one are stored, and
         the failing block keeps its old content.
         """
+        # Read ahead only for a run: a block given twice must see its first write's record.
+        records = self._consecutive_records([blockno for blockno, _ in blocks])
         for index, (blockno, data) in enumerate(blocks):
-            old_version, _, old_flags = self._read_record(blockno)
+            old = records[index] if records is not None else self._read_record(blockno)
             try:
-                _pwrite_all(self.data_fd, data, blockno * BLOCK_SIZE)
-            except OSError as exc:
-                if not _no_space(exc):
-                    raise
-                self._release_failed_block(blockno, _unwritten(old_version, old_flags))
+                self._write_block(blockno, data, version, old)
+            except NoSpace as exc:
                 raise NoSpace(
-                    f"no space left on this node for block {blockno} of volume {self.vol_id} "
-                    f"({index} of the {len(blocks)} blocks of the write were stored)"
+                    f"{exc.message} ({index} of the {len(blocks)} blocks of the write were stored)"
                 ) from None
-            # NOTE: an overwrite cut short here (kill -9 inside the pwrite, or a power loss
-            # before the next flush) leaves new data under the old record. The block then reads
-            # as ChecksumMismatch rather than as its old content.
-            record = _RECORD.pack(version, zlib.crc32(data), 0)
-            _pwrite_all(self.table_fd, record, blockno * RECORD_SIZE)
-            if _unwritten(old_version, old_flags):
-                self.used_blocks += 1
+
+    def _write_block(
+        self, blockno: int, data: bytes, version: int, old: tuple[int, int, int]
+    ) -> None:
+        """Write one block's data and then its record; `old` is the record it replaces."""
+        old_version, _, old_flags = old
+        try:
+            _pwrite_all(self.data_fd, data, blockno * BLOCK_SIZE)
+        except OSError as exc:
+            if not _no_space(exc):
+                raise
+            self._release_failed_block(blockno, _unwritten(old_version, old_flags))
+            raise NoSpace(
+                f"no space left on this node for block {blockno} of volume {self.vol_id}"
+            ) from None
+        # NOTE: an overwrite cut short here (kill -9 inside the pwrite, or a power loss
+        # before the next flush) leaves new data under the old record. The block then reads
+        # as ChecksumMismatch rather than as its old content.
+        record = _RECORD.pack(version, zlib.crc32(data), 0)
+        self._changed(blockno)
+        _pwrite_all(self.table_fd, record, blockno * RECORD_SIZE)
+        if _unwritten(old_version, old_flags):
+            self.used_blocks += 1
 
     def _release_failed_block(self, blockno: int, was_unwritten: bool) -> None:
         # A failed write into an unwritten block may have allocated part of it. The table
@@ -356,6 +464,7 @@ class _Replica:
             written = count - _count_unwritten(records)
             # The table is cleared before the hole is punched. A crash in between then leaves
             # an unwritten block with stale bytes, never a written block whose data is gone.
+            self._changed(first, count)
             _pwrite_all(self.table_fd, record * count, first * RECORD_SIZE)
             self.used_blocks -= written
             self._punch(first, count)
@@ -367,14 +476,15 @@ class _Replica:
         others had changed since their version was read, and are left alone.
         """
         stored = 0
-        for blockno, expected, version, data in blocks:
-            current, _, _ = self._read_record(blockno)
-            if current != expected:
+        records = self._consecutive_records([blockno for blockno, _, _, _ in blocks])
+        for index, (blockno, expected, version, data) in enumerate(blocks):
+            current = records[index] if records is not None else self._read_record(blockno)
+            if current[0] != expected:
                 continue
             if data is None:
                 self.trim_blocks([blockno], version)
             else:
-                self.write_blocks(version, [(blockno, data)])
+                self._write_block(blockno, data, version, current)
             stored += 1
         return stored
 
@@ -391,12 +501,15 @@ class _Replica:
             )
 
     def flush(self) -> None:
-        """Make every completed write durable."""
+        """Make every completed write durable, then check the data file (`check_data_file`)."""
         os.fdatasync(self.data_fd)
         os.fdatasync(self.table_fd)
+        self.check_data_file()
 
     def resize(self, nblocks: int) -> None:
         """Grow or shrink the replica to `nblocks` blocks."""
+        # The last region ends at nblocks, so its digest covers other blocks afterwards.
+        self._digests.clear()
         if nblocks > self.nblocks:
             self._grow(nblocks)
         elif nblocks < self.nblocks:
@@ -664,6 +777,18 @@ def _check_data(blockno: int, data: object) -> bytes:
     return bytes(data)
 
 
+def _check_pulls(replica: _Replica, blocks: object) -> list[tuple[int, int]]:
+    items = _check_list("blocks", blocks)
+    _check_count("blocks", items, MAX_BLOCKS_PER_CALL)
+    checked = []
+    for entry in items:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise InvalidArgument("invalid pull entry: expected [block number, expected version]")
+        blockno = _check_int("block number", entry[0], 0, replica.nblocks - 1)
+        checked.append((blockno, _check_int("expected version", entry[1], 0, MAX_VERSION)))
+    return checked
+
+
 def _check_copies(replica: _Replica, blocks: object) -> list[tuple[int, int, int, bytes | None]]:
     items = _check_list("blocks", blocks)
     _check_count("blocks", items, MAX_BLOCKS_PER_CALL)
@@ -684,13 +809,24 @@ def _check_copies(replica: _Replica, blocks: object) -> list[tuple[int, int, int
 
 
 class ReplicaStore:
-    """The replicas of every volume that this node hosts, under one root directory."""
+    """The replicas of every volume that this node hosts, under one root directory.
 
-    def __init__(self, root_dir: str | os.PathLike[str]) -> None:
+    With `peers`, the store can pull blocks from the stores of other nodes (`store.pull`), so
+    that a resync moves each block once, from the source node to the target node.
+    """
+
+    def __init__(
+        self, root_dir: str | os.PathLike[str], *, peers: PeerConnector | None = None
+    ) -> None:
         self.root = Path(root_dir)
         self._replicas: dict[str, _Replica] = {}
         # Guards opening, creating and deleting replicas, so a volume is never open twice.
         self._lock = trio.Lock()
+        self._peers = peers
+        #: Open connections to the stores of other nodes for `pull`, by node id, each with the
+        #: exit stack that closes it.
+        self._sources: dict[str, tuple[RpcClient, AsyncExitStack]] = {}
+        self._sources_lock = trio.Lock()
 
     def handlers(self) -> dict[str, Callable[..., Awaitable[Any]]]:
         """Return the RPC handlers of the store, by method name, for the peer server."""
@@ -707,9 +843,11 @@ class ReplicaStore:
             "store.grow": self.grow,
             "store.verify": self.verify,
             "store.versions": self.versions,
+            "store.digests": self.digests,
             "store.checksums": self.checksums,
             "store.read_versioned": self.read_versioned,
             "store.copy": self.copy,
+            "store.pull": self.pull,
             "store.reset": self.reset,
         }
 
@@ -811,6 +949,28 @@ class ReplicaStore:
             count = _check_int("block count", count, 0, limit)
             return await trio.to_thread.run_sync(replica.versions, first, count)
 
+    async def digests(self, vol_id: str, first: int, count: int) -> bytes:
+        """Return a digest of the versions of each region of blocks [first, first + count).
+
+        A region is DIGEST_BLOCKS blocks from a multiple of DIGEST_BLOCKS, the last one of the
+        replica shorter. The range must start and end at region boundaries (or at nblocks) and
+        span at most MAX_DIGESTS_PER_CALL regions. Each digest is the blake2b-128 of the
+        little-endian u64 versions of its blocks, as `versions` returns them, so two replicas
+        with equal digests for a region hold the same versions there. Raises Corrupted when the
+        data file is missing or shorter than the replica.
+        """
+        async with self._locked(vol_id) as replica:
+            first = _check_int("first block", first, 0, replica.nblocks - 1)
+            limit = min(MAX_DIGESTS_PER_CALL * DIGEST_BLOCKS, replica.nblocks - first)
+            count = _check_int("block count", count, 1, limit)
+            end = first + count
+            if first % DIGEST_BLOCKS or (end % DIGEST_BLOCKS and end != replica.nblocks):
+                raise InvalidArgument(
+                    f"invalid digest range {first}+{count}: it must start and end at a multiple "
+                    f"of {DIGEST_BLOCKS} blocks or at the replica's end, {replica.nblocks}"
+                )
+            return await trio.to_thread.run_sync(replica.digests, first, count)
+
     async def checksums(
         self, vol_id: str, first: int, count: int, check_data: bool = False
     ) -> bytes:
@@ -849,6 +1009,86 @@ class ReplicaStore:
             await self._accept_epoch(replica, epoch)
             return await trio.to_thread.run_sync(replica.copy_blocks, checked)
 
+    async def pull(self, vol_id: str, epoch: int, source: str, blocks: list[Any]) -> dict[str, Any]:
+        """Copy [blockno, expected] blocks from the replica of `vol_id` on node `source`.
+
+        Each block is read from the source with `store.read_versioned` and stored as `copy`
+        stores it: only while its version here is still `expected`. A block whose copy on the
+        source fails its checksum is left alone and listed in "bad" by its index in `blocks`,
+        so the caller can read it from another replica. Returns {"stored": n, "bad": [index]}.
+        Raises NotSupported when this store has no connections to other nodes, and Unavailable
+        when the source cannot be read.
+        """
+        if self._peers is None:
+            raise NotSupported("this node's store cannot connect to other nodes to pull blocks")
+        if not isinstance(source, str) or not source:
+            raise InvalidArgument(f"invalid source node {source!r}: expected a node id")
+        replica = await self._replica(_check_vol_id(vol_id))
+        wanted = _check_pulls(replica, blocks)
+        epoch = _check_int("epoch", epoch, 0, MAX_EPOCH)
+        if epoch < replica.epoch:
+            # This raises StaleEpoch before the read from the source. The copy below checks
+            # the epoch again, under the lock.
+            await self._accept_epoch(replica, epoch)
+        blocknos = [blockno for blockno, _ in wanted]
+        entries = check_entries(
+            await self._read_source(source, vol_id, blocknos), len(wanted), source
+        )
+        copies = [
+            [blockno, expected, version, data]
+            for (blockno, expected), (version, data) in zip(wanted, entries, strict=True)
+            if data is not False
+        ]
+        bad = [index for index, (_, data) in enumerate(entries) if data is False]
+        async with self._locked(vol_id) as replica:
+            checked = _check_copies(replica, copies)
+            await self._accept_epoch(replica, epoch)
+            stored = await trio.to_thread.run_sync(replica.copy_blocks, checked)
+        return {"stored": stored, "bad": bad}
+
+    async def _read_source(self, source: str, vol_id: str, blocknos: list[int]) -> Any:
+        """Call `store.read_versioned` on node `source`; raises Unavailable when it fails."""
+        client = None
+        try:
+            with trio.fail_after(PULL_TIMEOUT):
+                client = await self._source_client(source)
+                return await client.call("store.read_versioned", vol_id, blocknos)
+        except trio.TooSlowError:
+            await self._drop_source(source)
+            raise Unavailable(
+                f"pull of volume {vol_id}: node {source} did not reply within {PULL_TIMEOUT:g} s"
+            ) from None
+        except PxfsError as exc:
+            if client is None or client.broken:
+                await self._drop_source(source)
+            raise Unavailable(
+                f"pull of volume {vol_id} from node {source} failed: {exc.message}"
+            ) from None
+
+    async def _source_client(self, source: str) -> RpcClient:
+        assert self._peers is not None
+        async with self._sources_lock:
+            opened = self._sources.get(source)
+            if opened is not None and not opened[0].broken:
+                return opened[0]
+            if opened is not None:
+                await opened[1].aclose()
+            stack = AsyncExitStack()
+            try:
+                (client,) = await stack.enter_async_context(self._peers.connect([source]))
+            except BaseException:
+                await stack.aclose()
+                raise
+            self._sources[source] = (client, stack)
+            log.info("connected to the store of node %s to pull blocks", source)
+            return client
+
+    async def _drop_source(self, source: str) -> None:
+        opened = self._sources.pop(source, None)
+        if opened is not None:
+            with trio.CancelScope(shield=True):
+                await opened[1].aclose()
+
     async def reset(self, vol_id: str, epoch: int, nblocks: int) -> None:
         """Replace the replica of `vol_id` with an empty one of `nblocks` blocks at `epoch`.
 
@@ -871,10 +1111,17 @@ class ReplicaStore:
             "reset replica of volume %s to %d empty blocks for a full copy", vol_id, nblocks
         )
 
-    async def flush(self, vol_id: str) -> None:
-        """Return once every write completed before the call is durable (fdatasync)."""
+    async def flush(self, vol_id: str) -> dict[str, bool]:
+        """Return once every write completed before the call is durable (fdatasync).
+
+        Raises Corrupted when the data file was removed, replaced or truncated since the store
+        opened it, because the writes then did not reach the replica. The reply
+        {"data_file_checked": True} tells a client that this check ran, which stores before it
+        did not do.
+        """
         async with self._locked(vol_id) as replica:
             await trio.to_thread.run_sync(replica.flush)
+        return {"data_file_checked": True}
 
     async def info(self, vol_id: str) -> dict[str, int]:
         """Return nblocks, used_blocks and the highest epoch seen."""
@@ -931,7 +1178,9 @@ class ReplicaStore:
         return bad
 
     async def aclose(self) -> None:
-        """Close the files of every open replica."""
+        """Close the files of every open replica and the connections to other nodes."""
+        for source in list(self._sources):
+            await self._drop_source(source)
         async with self._lock:
             for replica in self._replicas.values():
                 async with replica.lock:

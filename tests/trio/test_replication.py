@@ -151,6 +151,35 @@ async def test_flush_reaches_every_replica(cluster, nodes):
     await device.write_blocks([(0, block(0))])
     await device.flush()
     assert [node.calls["store.flush"] for node in nodes] == [1, 1]
+    # The store's flush reply says that it checked the data file, so no versions call follows.
+    assert [node.calls["store.versions"] for node in nodes] == [0, 0]
+
+
+async def test_flush_checks_data_file_of_older_store(cluster, nodes):
+    flush = nodes[1].server.handlers["store.flush"]
+
+    async def flush_without_reply(*args):
+        await flush(*args)
+
+    # A store from before the flush reply: it returns None and checks nothing.
+    nodes[1].server.handlers["store.flush"] = flush_without_reply
+    device = await cluster.device(nodes, write_quorum=1)
+    await device.write_blocks([(0, block(0))])
+    await device.flush()
+    assert [node.calls["store.versions"] for node in nodes] == [0, 1]
+    nodes[1].data_path().unlink()
+    await device.write_blocks([(1, block(1))])
+    await device.flush()
+    assert device.write_set == [str(nodes[0].socket_path)]
+
+
+async def test_flush_drops_replica_whose_data_file_is_gone(cluster, nodes):
+    device = await cluster.device(nodes, write_quorum=1)
+    await device.write_blocks([(0, block(0))])
+    nodes[1].data_path().unlink()
+    await device.flush()
+    assert device.write_set == [str(nodes[0].socket_path)]
+    assert [node.calls["store.versions"] for node in nodes] == [0, 0]
 
 
 async def test_open_raises_epoch_on_replicas(cluster, nodes):

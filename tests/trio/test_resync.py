@@ -1,5 +1,6 @@
 """Resync of returning replicas, against real stores behind real RPC servers."""
 
+import contextlib
 import logging
 import os
 import random
@@ -9,11 +10,12 @@ import struct
 import pytest
 import trio
 import trio.testing
-from test_quorum import NBLOCKS, VOL, Harness, block
+from test_quorum import NBLOCKS, SECRET, VOL, Harness, Replica, block
 
 from pxfs import errors
 from pxfs.replication import ReplicationClient
-from pxfs.store import BLOCK_SIZE
+from pxfs.rpc import RpcClient, RpcServer
+from pxfs.store import BLOCK_SIZE, DIGEST_BLOCKS, ReplicaStore
 from pxfs.volume.format import Geometry
 from pxfs.volume.namespace import Volume
 
@@ -364,3 +366,173 @@ async def test_write_below_quorum_restarts_resync(harness):
     assert device.write_set == ["a", "b", "c"]
     assert await device.read_blocks([40]) == [block(40)]
     await assert_replicas_match([a, b, c])
+
+
+#: Eight regions of digests, so that a scan can skip the regions that agree.
+REGIONS_NBLOCKS = 8 * DIGEST_BLOCKS
+
+
+async def test_resync_reads_versions_of_changed_regions_only(harness):
+    a, b = await harness.start("a", "b", nblocks=REGIONS_NBLOCKS)
+    device = await harness.device([a, b], ha_level=2, nblocks=REGIONS_NBLOCKS)
+    await device.write_blocks([(n * 1000, block(n)) for n in range(8)])
+    b.stop()
+    # Region 1 alone, and regions 6 and 7 together, which one versions call covers.
+    missed = [
+        DIGEST_BLOCKS + 5,
+        6 * DIGEST_BLOCKS + 9,
+        7 * DIGEST_BLOCKS + 1,
+        7 * DIGEST_BLOCKS + 2,
+    ]
+    await device.write_blocks([(blockno, block(blockno)) for blockno in missed])
+    await b.start()
+    before = {replica.name: replica.calls["store.versions"] for replica in (a, b)}
+    assert await device.resync("b", await harness.connect(b)) == len(missed)
+    # b gets one more versions call, of one block, which checks its data file before the scan.
+    assert a.calls["store.versions"] - before["a"] == 2
+    assert b.calls["store.versions"] - before["b"] == 3
+    assert a.calls["store.digests"] >= 1
+    assert device.write_set == ["a", "b"]
+    await assert_replicas_match([a, b], REGIONS_NBLOCKS)
+
+
+async def test_resync_from_store_without_digests(harness):
+    a, b = await harness.start("a", "b", nblocks=REGIONS_NBLOCKS)
+    # A store from before digests: the RPC server answers NotSupported.
+    del a.server.handlers["store.digests"]
+    device = await harness.device([a, b], ha_level=2, nblocks=REGIONS_NBLOCKS)
+    await device.write_blocks([(n * 1000, block(n)) for n in range(8)])
+    b.stop()
+    await device.write_blocks([(3 * DIGEST_BLOCKS + 7, block(7)), (100, block(100))])
+    await b.start()
+    before = a.calls["store.versions"]
+    assert await device.resync("b", await harness.connect(b)) == 2
+    # Every block is compared: REGIONS_NBLOCKS fit one versions call.
+    assert a.calls["store.versions"] - before == 1
+    await assert_replicas_match([a, b], REGIONS_NBLOCKS)
+
+
+async def test_full_copy_skips_unwritten_regions(harness):
+    a, b = await harness.start("a", "b", nblocks=REGIONS_NBLOCKS)
+    device = await harness.device([a, b], ha_level=2, nblocks=REGIONS_NBLOCKS)
+    first = 2 * DIGEST_BLOCKS
+    await device.write_blocks([(n, block(n)) for n in range(first, first + 64)])
+    b.stop()
+    await device.write_blocks([(first + 100, block(100))])
+    (b.store.root / VOL / "data").unlink()
+    await b.start()
+    before = a.calls["store.versions"]
+    assert await device.resync("b", await harness.connect(b)) == 65
+    # Region 2 alone holds written blocks, so the other seven are not compared block by block.
+    assert a.calls["store.versions"] - before == 1
+    await assert_replicas_match([a, b], REGIONS_NBLOCKS)
+
+
+async def test_open_reconciles_only_differing_regions(harness):
+    a, b = await harness.start("a", "b", nblocks=REGIONS_NBLOCKS)
+    first = await harness.device([a, b], ha_level=2, nblocks=REGIONS_NBLOCKS)
+    blockno = 5 * DIGEST_BLOCKS + 3
+    await first.write_blocks([(blockno, block(1)), (10, block(10))])
+    acked = a.version(blockno)
+    # A write that reached b only, as a coordinator that stopped after sending it leaves.
+    await b.store.write(VOL, 1, acked + 1, [[blockno, block(2)]])
+    before = {replica.name: replica.calls["store.versions"] for replica in (a, b)}
+    second = await harness.device([a, b], ha_level=2, epoch=2, nblocks=REGIONS_NBLOCKS)
+    assert [replica.calls["store.versions"] - before[replica.name] for replica in (a, b)] == [1, 1]
+    assert b.version(blockno) == acked
+    assert await second.read_blocks([blockno]) == [block(1)]
+    await assert_replicas_match([a, b], REGIONS_NBLOCKS)
+
+
+class SocketPeers:
+    """Connects a store to the other stores of a test by replica name, over their sockets."""
+
+    def __init__(self, root, reachable: set[str]) -> None:
+        self.root = root
+        self.reachable = reachable
+
+    @contextlib.asynccontextmanager
+    async def connect(self, node_ids):
+        unknown = [name for name in node_ids if name not in self.reachable]
+        if unknown:
+            raise errors.Unavailable(f"nodes {unknown} are not reachable")
+        clients = [
+            await RpcClient.connect_unix(self.root / f"{name}.sock", SECRET) for name in node_ids
+        ]
+        try:
+            yield clients
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
+async def start_pulling(harness, *names, reachable=None):
+    """Start replicas whose stores pull from the `reachable` ones (default: all of `names`)."""
+    peers = SocketPeers(harness.root, set(names if reachable is None else reachable))
+    for name in names:
+        replica = Replica(harness.nursery, harness.root, name)
+        replica.store = ReplicaStore(harness.root / name, peers=peers)
+        handlers = replica.store.handlers()
+        replica.server = RpcServer(
+            {key: replica._wrap(key, handler) for key, handler in handlers.items()},
+            secret=SECRET,
+            name=f"store {name}",
+        )
+        await replica.start()
+        await replica.store.create(VOL, NBLOCKS)
+        harness.replicas.append(replica)
+    return harness.replicas
+
+
+async def test_resync_pulls_between_stores(harness):
+    a, b = await start_pulling(harness, "a", "b")
+    device = await harness.device([a, b], ha_level=2)
+    await device.write_blocks([(n, block(n)) for n in range(0, 300, 2)])
+    b.stop()
+    missed = list(range(1, 300, 3))
+    await device.write_blocks([(n, block(n + 7)) for n in missed])
+    await b.start()
+    reads = a.calls["store.read_versioned"]
+    assert await device.resync("b", await harness.connect(b)) == len(missed)
+    assert b.calls["store.pull"] == -(-len(missed) // 64)
+    assert b.calls["store.copy"] == 0
+    # The pulls read from a over b's own connection, not through the client.
+    assert a.calls["store.read_versioned"] - reads == b.calls["store.pull"]
+    assert device.write_set == ["a", "b"]
+    await assert_replicas_match([a, b])
+
+
+async def test_pull_failure_copies_through_client(harness, caplog):
+    a, b = await start_pulling(harness, "a", "b", reachable=["b"])
+    device = await harness.device([a, b], ha_level=2)
+    await device.write_blocks([(n, block(n)) for n in range(10)])
+    b.stop()
+    await device.write_blocks([(n, block(n + 50)) for n in range(200, 330)])
+    await b.start()
+    assert await device.resync("b", await harness.connect(b)) == 130
+    # The first pull failed, and every batch then went through the client.
+    assert b.calls["store.pull"] == 1
+    assert b.calls["store.copy"] == 3
+    assert "cannot pull from a (" in caplog.text
+    assert "nodes ['a'] are not reachable" in caplog.text
+    await assert_replicas_match([a, b])
+
+
+async def test_pulled_bad_copy_read_from_next_replica(harness):
+    a, b, c = await start_pulling(harness, "a", "b", "c")
+    device = await harness.device([a, b, c], ha_level=3)
+    await device.write_blocks([(n, block(n)) for n in range(8)])
+    c.stop()
+    await device.write_blocks([(n, block(n + 100)) for n in range(4, 12)])
+    # a is read first, and its copy of block 6 has rotted.
+    with open(a.store.root / VOL / "data", "r+b") as f:
+        f.seek(6 * BLOCK_SIZE + 17)
+        f.write(b"rot")
+    await c.start()
+    assert await device.resync("c", await harness.connect(c)) == 8
+    assert c.calls["store.pull"] == 1
+    assert c.calls["store.copy"] == 1
+    assert await c.block(6) == block(106)
+    for blockno in range(12):
+        assert c.version(blockno) == b.version(blockno)
+    assert await c.store.verify(VOL) == []

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import struct
 
@@ -10,7 +11,10 @@ from pxfs.replication import BLOCKS_PER_FRAME, TRIMS_PER_FRAME
 from pxfs.rpc import MAX_FRAME
 from pxfs.store import (
     BLOCK_SIZE,
+    DIGEST_BLOCKS,
+    DIGEST_SIZE,
     MAX_BLOCKS_PER_CALL,
+    MAX_DIGESTS_PER_CALL,
     MAX_TRIMS_PER_CALL,
     MAX_VERSIONS_PER_CALL,
     RECORD_SIZE,
@@ -359,9 +363,11 @@ def test_handlers_cover_the_rpc_table(tmp_path):
         "grow",
         "verify",
         "versions",
+        "digests",
         "checksums",
         "read_versioned",
         "copy",
+        "pull",
         "reset",
     }
     assert names == {f"store.{name}" for name in expected}
@@ -620,3 +626,187 @@ async def test_reset_rejects_stale_epoch(store):
     with pytest.raises(errors.StaleEpoch):
         await store.reset(VOL, 3, 16)
     assert await store.read(VOL, [3]) == [block(3)]
+
+
+def split_digests(raw: bytes) -> list[bytes]:
+    return [raw[offset : offset + DIGEST_SIZE] for offset in range(0, len(raw), DIGEST_SIZE)]
+
+
+async def expected_digest(store: ReplicaStore, first: int, count: int) -> bytes:
+    """The digest of a region computed from its versions, as the store documents it."""
+    versions = await store.versions(VOL, first, count)
+    return hashlib.blake2b(versions, digest_size=DIGEST_SIZE).digest()
+
+
+@pytest.fixture
+async def regions(store):
+    """A replica of two and a half regions."""
+    await store.create(VOL, 2 * DIGEST_BLOCKS + DIGEST_BLOCKS // 2)
+    return store
+
+
+async def test_digests_are_blake2b_of_versions(regions):
+    nblocks = 2 * DIGEST_BLOCKS + DIGEST_BLOCKS // 2
+    await regions.write(VOL, 0, 7, [[5, block(5)], [2 * DIGEST_BLOCKS + 3, block(6)]])
+    digests = split_digests(await regions.digests(VOL, 0, nblocks))
+    assert len(digests) == 3
+    assert digests[0] == await expected_digest(regions, 0, DIGEST_BLOCKS)
+    assert digests[1] == hashlib.blake2b(bytes(8 * DIGEST_BLOCKS), digest_size=16).digest()
+    last = 2 * DIGEST_BLOCKS
+    assert digests[2] == await expected_digest(regions, last, nblocks - last)
+
+
+async def test_digest_follows_every_change(regions):
+    async def first_region() -> bytes:
+        return await regions.digests(VOL, 0, DIGEST_BLOCKS)
+
+    seen = [await first_region()]
+    await regions.write(VOL, 0, 3, [[10, block(1)]])
+    seen.append(await first_region())
+    await regions.trim(VOL, 0, [10], 4)
+    seen.append(await first_region())
+    await regions.copy(VOL, 0, [[10, 4, 5, block(2)]])
+    seen.append(await first_region())
+    await regions.copy(VOL, 0, [[11, 0, 6, None]])
+    seen.append(await first_region())
+    assert len(set(seen)) == len(seen)
+    assert seen[-1] == await expected_digest(regions, 0, DIGEST_BLOCKS)
+    # The other region saw none of it.
+    untouched = await regions.digests(VOL, DIGEST_BLOCKS, DIGEST_BLOCKS)
+    assert untouched == hashlib.blake2b(bytes(8 * DIGEST_BLOCKS), digest_size=16).digest()
+
+
+async def test_digest_of_last_region_follows_grow(regions):
+    nblocks = 2 * DIGEST_BLOCKS + DIGEST_BLOCKS // 2
+    before = await regions.digests(VOL, 2 * DIGEST_BLOCKS, nblocks - 2 * DIGEST_BLOCKS)
+    await regions.grow(VOL, 0, 3 * DIGEST_BLOCKS)
+    after = await regions.digests(VOL, 2 * DIGEST_BLOCKS, DIGEST_BLOCKS)
+    assert after != before
+    assert after == await expected_digest(regions, 2 * DIGEST_BLOCKS, DIGEST_BLOCKS)
+
+
+async def test_equal_versions_give_equal_digests(tmp_path):
+    stores = [ReplicaStore(tmp_path / name) for name in ("a", "b")]
+    try:
+        for replica in stores:
+            await replica.create(VOL, 4 * DIGEST_BLOCKS)
+            await replica.write(VOL, 0, 9, [[n * 700, block(n)] for n in range(5)])
+        await stores[1].write(VOL, 0, 10, [[3 * DIGEST_BLOCKS + 1, block(99)]])
+        digests = [split_digests(await s.digests(VOL, 0, 4 * DIGEST_BLOCKS)) for s in stores]
+        assert digests[0][:3] == digests[1][:3]
+        assert digests[0][3] != digests[1][3]
+    finally:
+        for replica in stores:
+            await replica.aclose()
+
+
+@pytest.mark.parametrize(
+    ("first", "count", "message"),
+    [
+        (1, DIGEST_BLOCKS, "multiple of"),
+        (0, DIGEST_BLOCKS + 1, "multiple of"),
+        (0, 0, "block count"),
+        (0, 3 * DIGEST_BLOCKS, "block count"),
+        (3 * DIGEST_BLOCKS, 1, "first block"),
+    ],
+)
+async def test_digests_range_is_checked(regions, first, count, message):
+    with pytest.raises(errors.InvalidArgument, match=message):
+        await regions.digests(VOL, first, count)
+    assert MAX_DIGESTS_PER_CALL * DIGEST_SIZE < MAX_FRAME
+
+
+async def test_digests_report_missing_data_file(regions):
+    await regions.digests(VOL, 0, DIGEST_BLOCKS)
+    data_path(regions).unlink()
+    with pytest.raises(errors.Corrupted, match="missing"):
+        await regions.digests(VOL, 0, DIGEST_BLOCKS)
+
+
+async def test_flush_reports_checked_data_file(volume):
+    await volume.write(VOL, 0, 1, [[0, block(0)]])
+    assert await volume.flush(VOL) == {"data_file_checked": True}
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "replace"])
+async def test_flush_raises_for_damaged_data_file(volume, damage):
+    await volume.write(VOL, 0, 1, [[0, block(0)]])
+    path = data_path(volume)
+    if damage == "delete":
+        path.unlink()
+    elif damage == "truncate":
+        os.truncate(path, BLOCK_SIZE)
+    else:
+        path.rename(path.with_name("old-data"))
+        path.write_bytes(bytes(1024 * BLOCK_SIZE))
+    with pytest.raises(errors.Corrupted, match="data file"):
+        await volume.flush(VOL)
+
+
+async def test_read_versioned_in_any_order(volume):
+    await volume.write(VOL, 0, 5, [[n, block(n)] for n in range(4)])
+    await volume.trim(VOL, 0, [2], 6)
+    consecutive = await volume.read_versioned(VOL, [0, 1, 2, 3])
+    assert consecutive == [(5, block(0)), (5, block(1)), (6, None), (5, block(3))]
+    shuffled = await volume.read_versioned(VOL, [3, 1, 2, 0, 1])
+    assert shuffled == [(5, block(3)), (5, block(1)), (6, None), (5, block(0)), (5, block(1))]
+
+
+async def test_pull_without_peers_not_supported(volume):
+    with pytest.raises(errors.NotSupported, match="cannot connect to other nodes"):
+        await volume.pull(VOL, 0, "node-b", [[0, 0]])
+
+
+@pytest.mark.parametrize(
+    ("source", "entries", "message"),
+    [
+        ("", [[0, 0]], "invalid source node"),
+        ("b", [[0]], "invalid pull entry"),
+        ("b", [[1024, 0]], "block number"),
+        ("b", [[0, -1]], "expected version"),
+        ("b", [[n, 0] for n in range(MAX_BLOCKS_PER_CALL + 1)], "too many blocks"),
+    ],
+)
+async def test_bad_pull_rejected(tmp_path, source, entries, message):
+    store = ReplicaStore(tmp_path / "replicas", peers=NoPeers())
+    try:
+        await store.create(VOL, 1024)
+        with pytest.raises(errors.InvalidArgument, match=message):
+            await store.pull(VOL, 0, source, entries)
+    finally:
+        await store.aclose()
+
+
+async def test_pull_with_stale_epoch_reads_nothing(tmp_path):
+    peers = NoPeers()
+    store = ReplicaStore(tmp_path / "replicas", peers=peers)
+    try:
+        await store.create(VOL, 16)
+        await store.open(VOL, 5)
+        with pytest.raises(errors.StaleEpoch):
+            await store.pull(VOL, 4, "b", [[0, 0]])
+        assert peers.requested == []
+    finally:
+        await store.aclose()
+
+
+class NoPeers:
+    """A peer connector that reaches no node, and records the node ids it was asked for."""
+
+    def __init__(self) -> None:
+        self.requested: list[str] = []
+
+    def connect(self, node_ids):
+        self.requested += node_ids
+        raise errors.Unavailable(f"nodes {node_ids} are unreachable")
+
+
+async def test_pull_from_unreachable_node_unavailable(tmp_path):
+    store = ReplicaStore(tmp_path / "replicas", peers=NoPeers())
+    try:
+        await store.create(VOL, 16)
+        with pytest.raises(errors.Unavailable, match="unreachable"):
+            await store.pull(VOL, 0, "b", [[0, 0]])
+        assert await store.read(VOL, [0]) == [None]
+    finally:
+        await store.aclose()
