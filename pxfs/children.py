@@ -32,7 +32,7 @@ from pxfs.hostmounts import (
     syncfs,
     unmount,
 )
-from pxfs.nodebase import MountChild, child_replica_order
+from pxfs.nodebase import FencedVolume, MountChild, child_replica_order, replica_set
 from pxfs.sampling import StatsSampling
 from pxfs.tls import TlsFiles
 
@@ -168,6 +168,7 @@ class ChildSupervisor(StatsSampling):
         child.generation += 1
         child.sample_failures = 0
         child.process, child.epoch, child.stopping = process, epoch, False
+        child.replica_nodes = replica_set(record)
         child.exited, child.stderr_closed = trio.Event(), trio.Event()
         child.started_at = trio.current_time()
         assert process.stderr is not None
@@ -279,6 +280,8 @@ class ChildSupervisor(StatsSampling):
             return
         records = {record["id"]: record for record in await self._catalog().list_volumes()}
         for child in running:
+            if child.vol_id in records:
+                child.replica_nodes = replica_set(records[child.vol_id])
             if not self._lost(child, records.get(child.vol_id)):
                 continue
             async with self._volume_locks[child.vol_id]:
@@ -316,6 +319,56 @@ class ChildSupervisor(StatsSampling):
         await self._detach_dead_paths(child)
         child.paths.clear()
         await self._stop_child(child, sync=False)
+
+    async def _fence_self(self) -> None:
+        """Stop the mount child of every volume that another node could take over from here.
+
+        This runs when this node's etcd lease may lapse soon, before etcd can let another node
+        attach its volumes. A volume whose only replica is here cannot move, so it stays.
+        """
+        children = [
+            child
+            for child in list(self._mounts.values())
+            if child.running and not child.stopping and self._movable(child)
+        ]
+        # Every volume is cut off before pxd waits for any child to exit, because a child that
+        # flushes to a replica out of reach takes seconds to go.
+        for child in children:
+            await self._cut_child_off(child)
+        async with trio.open_nursery() as nursery:
+            for child in children:
+                nursery.start_soon(self._stop_fenced_child, child)
+
+    async def _stop_fenced_child(self, child: MountChild) -> None:
+        try:
+            await self._stop_child(child, sync=False)
+        except Exception:
+            # One child that fails to stop must not leave the others running.
+            log.exception("volume %s: stopping the fenced mount child failed", child.vol_id)
+
+    def _movable(self, child: MountChild) -> bool:
+        return any(node_id != self.node_id for node_id in child.replica_nodes)
+
+    async def _cut_child_off(self, child: MountChild) -> None:
+        """Unmount the paths of a child, SIGTERM it and remember the volume as fenced here."""
+        others = [node_id for node_id in child.replica_nodes if node_id != self.node_id]
+        log.warning(
+            "volume %s: the etcd lease of this node may lapse, and then node %s can take the "
+            "volume over; the mount child of epoch %d stops, unmounting %s",
+            child.vol_id,
+            ", ".join(others),
+            child.epoch,
+            ", ".join(child.paths) or "no path",
+        )
+        # No volume lock: an operation holding it may wait for etcd longer than the lease has
+        # left. Marked as stopping, the child is not restarted by its supervisor.
+        child.stopping = True
+        self._self_fenced[child.vol_id] = FencedVolume(child, list(child.paths))
+        await self._detach_dead_paths(child)
+        child.paths.clear()
+        if child.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
 
     def _gone(self, child: MountChild) -> bool:
         return child.stopping or self._shutting_down or self._mounts.get(child.vol_id) is not child

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a node stays online after its process stops refreshing its lease.
 DEFAULT_NODE_TTL = 10
+#: The longest wait before a failed lease refresh is tried again, so a node cut off from etcd
+#: has its lease back soon after etcd answers again.
+LEASE_RETRY_INTERVAL = 1.0
 
 
 class EtcdCatalog(Catalog):
@@ -87,6 +90,13 @@ class EtcdCatalog(Catalog):
         # key ends up under the lease that the background task refreshes.
         self._lease_lock = trio.Lock()
         self._lease = 0
+        #: When the grant of the current lease was sent and the TTL etcd gave it, until the
+        #: node keys are under it.
+        self._granted: tuple[float, int] | None = None
+        #: The trio clock time before which etcd cannot have expired the lease that the node
+        #: keys are under; -inf without such a lease.
+        self._lease_expiry = -math.inf
+        self._lease_changed = trio.Event()
         self._registered: dict[str, bytes] = {}
         self._keepalive_scope: trio.CancelScope | None = None
         self._closed = False
@@ -190,10 +200,26 @@ class EtcdCatalog(Catalog):
                 await self._put_node_keys(node_id, value, lease)
             except NotFound:
                 # The lease expired before the put (etcd was unreachable for longer than the
-                # TTL), so take a new one.
-                self._lease = 0
-                await self._put_node_keys(node_id, value, await self._ensure_lease())
+                # TTL), so take a new one and put every node's keys under it.
+                self._lease_lost(lease)
+                self._registered[node_id] = value
+                await self._register_again()
+                return
             self._registered[node_id] = value
+            self._confirm_grant(lease)
+
+    @property
+    def lease_expiry(self) -> float:
+        """The trio clock time before which etcd cannot have expired this catalog's nodes.
+
+        It is the time at which the last successful lease grant or refresh was sent, plus the
+        TTL that etcd answered with; -inf while no lease holds the node keys.
+        """
+        return self._lease_expiry
+
+    async def wait_lease_change(self) -> None:
+        """Return once `lease_expiry` has changed: a refresh succeeded or the lease was lost."""
+        await self._lease_changed.wait()
 
     async def list_nodes(self) -> list[NodeRecord]:
         """Return the record of every node, with `online` true while its lease lives."""
@@ -267,8 +293,9 @@ class EtcdCatalog(Catalog):
 
     async def _ensure_lease(self) -> int:
         if not self._lease:
+            sent = trio.current_time()
             granted = await self._client.lease_grant(self.node_ttl)
-            self._lease = granted.id
+            self._lease, self._granted = granted.id, (sent, granted.ttl)
             log.info("catalog: lease %x granted with a TTL of %d s", granted.id, granted.ttl)
         if self._keepalive_scope is None:
             assert self._nursery is not None
@@ -280,7 +307,7 @@ class EtcdCatalog(Catalog):
         failures = 0
         with scope:
             while True:
-                await trio.sleep(self.node_ttl / 3)
+                await trio.sleep(self._refresh_interval(failures))
                 try:
                     await self._refresh_lease()
                 except PxfsError as exc:
@@ -301,10 +328,22 @@ class EtcdCatalog(Catalog):
                     )
                 failures = 0
 
+    def _refresh_interval(self, failures: int) -> float:
+        interval = self.node_ttl / 3
+        # A refresh that failed, or whose request was sent long before etcd answered (during a
+        # partition), leaves the lease short of time: the next one comes soon.
+        short = self._lease_expiry - trio.current_time() < self.node_ttl - interval
+        return min(interval, LEASE_RETRY_INTERVAL) if failures or short else interval
+
     async def _refresh_lease(self) -> None:
         expired = self._lease
-        if expired and await self._client.lease_keepalive(expired) > 0:
-            return
+        if expired:
+            # etcd starts the new TTL when it handles the request, which is after it was sent.
+            sent = trio.current_time()
+            ttl = await self._client.lease_keepalive(expired)
+            if ttl > 0:
+                self._lease_refreshed(expired, sent + ttl)
+                return
         async with self._lease_lock:
             if self._lease != expired:
                 # put_node replaced the lease meanwhile and put its keys under the new one.
@@ -312,13 +351,44 @@ class EtcdCatalog(Catalog):
             # The lease expired, so etcd deleted the alive keys: register every node again.
             if expired:
                 log.warning("catalog: lease %x expired; registering nodes again", expired)
+                self._lease_lost(expired)
+            await self._register_again()
+
+    async def _register_again(self) -> None:
+        """Take a new lease and put the keys of every registered node under it."""
+        self._lease = 0
+        lease = await self._ensure_lease()
+        for node_id, value in list(self._registered.items()):
+            await self._put_node_keys(node_id, value, lease)
+        self._confirm_grant(lease)
+
+    def _confirm_grant(self, lease: int) -> None:
+        """Count a new lease as held once the node keys are under it."""
+        if self._granted is not None and lease == self._lease:
+            sent, ttl = self._granted
+            self._granted = None
+            self._lease_refreshed(lease, sent + ttl)
+
+    def _lease_refreshed(self, lease: int, expiry: float) -> None:
+        # A refresh of a lease that another task replaced meanwhile, or of a new lease that the
+        # node keys are not under yet, says nothing about the keys.
+        if lease != self._lease or self._granted is not None or expiry <= self._lease_expiry:
+            return
+        self._set_lease_expiry(expiry)
+
+    def _lease_lost(self, lease: int) -> None:
+        if lease == self._lease:
             self._lease = 0
-            lease = await self._ensure_lease()
-            for node_id, value in list(self._registered.items()):
-                await self._put_node_keys(node_id, value, lease)
+        self._set_lease_expiry(-math.inf)
+
+    def _set_lease_expiry(self, expiry: float) -> None:
+        self._lease_expiry = expiry
+        self._lease_changed.set()
+        self._lease_changed = trio.Event()
 
     async def _revoke_lease(self) -> None:
         lease, self._lease = self._lease, 0
+        self._set_lease_expiry(-math.inf)
         try:
             with trio.fail_after(self._client.timeout):
                 await self._client.lease_revoke(lease)

@@ -34,6 +34,11 @@ FINGERPRINT_KEY = "secret-fingerprint"
 FINGERPRINT_MESSAGE = b"pxfs cluster secret fingerprint v1"
 #: Seconds between two publications of this node's status in the catalog.
 STATUS_INTERVAL = 3.0
+#: How long before the earliest moment etcd may expire this node's lease pxd fences itself:
+#: this share of the lease TTL, and at least FENCE_MARGIN_MIN seconds. The margin covers the
+#: fence itself (a few lazy unmounts and signals) and a clock of etcd that runs slightly fast.
+FENCE_MARGIN_SHARE = 0.25
+FENCE_MARGIN_MIN = 1.0
 #: How long connecting to a peer, passing its handshake and one call on it may take.
 PEER_TIMEOUT = 30.0
 #: The word that a mount child's --replica option uses for the store behind --peer-socket.
@@ -68,6 +73,11 @@ async def check_secret_fingerprint(
             f"{cluster_id!r} in etcd; give this node the secret file of the other nodes "
             "(pxd --secret-file FILE)"
         )
+
+
+def fence_margin(ttl: float) -> float:
+    """Return how many seconds before its lease may expire a node stops its volumes."""
+    return max(FENCE_MARGIN_MIN, FENCE_MARGIN_SHARE * ttl)
 
 
 def peer_address(node: NodeRecord) -> tuple[str, int]:

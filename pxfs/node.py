@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from pxfs.datadir import MOUNTS_DIR, REPLICAS_DIR, ensure_secret, load_node_id, 
 from pxfs.errors import Busy, PxfsError, Unavailable
 from pxfs.etcd import EtcdClient
 from pxfs.etcdcatalog import EtcdCatalog
-from pxfs.membership import STATUS_INTERVAL, Peers, check_secret_fingerprint
+from pxfs.membership import STATUS_INTERVAL, Peers, check_secret_fingerprint, fence_margin
 from pxfs.nodebase import now_ns
 from pxfs.rpc import RpcServer, read_secret
 from pxfs.stats import StatsStore
@@ -37,6 +38,9 @@ from pxfs.tls import PeerTls, TlsFiles
 from pxfs.volumes import VolumeControl
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two attempts to mount the volumes fenced here again once the lease is back.
+REMOUNT_RETRY_INTERVAL = 3.0
 
 
 class Node(VolumeControl):
@@ -62,6 +66,7 @@ class Node(VolumeControl):
                     await self._register_node()
                     nursery.start_soon(self._publish_status_periodically)
                     nursery.start_soon(self._check_attachments_periodically)
+                    nursery.start_soon(self._guard_lease)
                 log.info("pxd ready: node %s, control socket %s", self.node_id, self.control_socket)
                 task_status.started()
                 await self._stop.wait()
@@ -103,6 +108,7 @@ class Node(VolumeControl):
         cluster_id = self.config.cluster_id
         self._etcd = EtcdClient(self.config.etcd_endpoints)
         catalog = EtcdCatalog(self._etcd, cluster_id, nursery=nursery)
+        self._leased = catalog
         await check_secret_fingerprint(
             self._etcd, catalog.prefix, cluster_id, self.secret, self.secret_file
         )
@@ -192,6 +198,93 @@ class Node(VolumeControl):
             except Exception:
                 # A bug here must not take down pxd and every volume it serves.
                 log.exception("checking the attachments of the mounted volumes failed")
+
+    async def _guard_lease(self) -> None:
+        """Fence the volumes that could move while the etcd lease may lapse; remount them after.
+
+        The lease may lapse at `lease_expiry`; the fence comes a margin before, so this node has
+        stopped serving those volumes before etcd lets another node attach them.
+        """
+        catalog = self._leased
+        assert catalog is not None
+        margin = fence_margin(catalog.node_ttl)
+        cut_off_at: float | None = None
+        while True:
+            if self._cut_off():
+                if cut_off_at is None:
+                    cut_off_at = trio.current_time()
+                    left = max(0.0, catalog.lease_expiry - cut_off_at)
+                    log.warning(
+                        "etcd lease not refreshed in time, it may lapse in %.1f s: this node is "
+                        "cut off and stops the volumes that another node could take over",
+                        left,
+                    )
+                await self._guarded(self._fence_self, "fencing the volumes")
+                await catalog.wait_lease_change()
+                continue
+            if cut_off_at is not None:
+                log.info(
+                    "etcd lease held again after %.1f s; volumes to mount again: %d",
+                    trio.current_time() - cut_off_at,
+                    len(self._self_fenced),
+                )
+                cut_off_at = None
+            if self._self_fenced:
+                await self._guarded(self._remount_self_fenced, "mounting the fenced volumes")
+            retry = REMOUNT_RETRY_INTERVAL if self._self_fenced else math.inf
+            with trio.move_on_after(retry):
+                await trio.sleep_until(catalog.lease_expiry - margin)
+
+    async def _guarded(self, step: Callable[[], Awaitable[None]], what: str) -> None:
+        try:
+            await step()
+        except Exception:
+            # A bug here must not take down pxd and every volume it serves.
+            log.exception("%s failed", what)
+
+    async def _remount_self_fenced(self) -> None:
+        """Mount the volumes fenced here again that the catalog still has attached here."""
+        for vol_id in list(self._self_fenced):
+            if self._cut_off():
+                return
+            async with self._volume_locks[vol_id]:
+                try:
+                    await self._remount_fenced_volume(vol_id)
+                except Unavailable as exc:
+                    # etcd went out of reach again; the next round tries once more.
+                    log.warning("volume %s: mounting it again failed: %s", vol_id, exc.message)
+                    return
+                except PxfsError as exc:
+                    log.error("volume %s: mounting it again failed: %s", vol_id, exc.message)
+                    self._self_fenced.pop(vol_id, None)
+
+    async def _remount_fenced_volume(self, vol_id: str) -> None:
+        fenced = self._self_fenced[vol_id]
+        if fenced.child.process is not None:
+            # The old child still exits. Gone late, it could unmount its successor's mountpoint,
+            # which is the same path; the next round tries again.
+            return
+        found = await self._catalog().get_volume(vol_id)
+        record = found.record if found is not None else None
+        if record is None or record.get("deleting"):
+            log.info("volume %s: deleted while this node was cut off; not mounting it", vol_id)
+        elif record["attached_on"] != self.node_id:
+            log.warning(
+                "volume %s: attached on node %s now, so it stays unmounted here from %s",
+                vol_id,
+                record["attached_on"] or "none",
+                ", ".join(fenced.paths) or "no path",
+            )
+        elif self._child_running(vol_id):
+            log.info("volume %s: mounted again meanwhile", vol_id)
+        else:
+            log.info(
+                "volume %s: still attached here after the cut; attaching and mounting it again",
+                vol_id,
+            )
+            await self._reattach(record)
+            self._resume_raise(record)
+        del self._self_fenced[vol_id]
 
     async def _remount_volumes(self) -> None:
         records = await self._catalog().list_volumes()

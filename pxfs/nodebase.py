@@ -25,7 +25,8 @@ from pxfs.config import Config
 from pxfs.datadir import SECRET_FILE
 from pxfs.errors import NotFound, PxfsError, Unavailable
 from pxfs.etcd import EtcdClient
-from pxfs.membership import Peers
+from pxfs.etcdcatalog import EtcdCatalog
+from pxfs.membership import Peers, fence_margin
 from pxfs.rpc import RpcClient
 from pxfs.stats import StatsStore
 from pxfs.store import BLOCK_SIZE, ReplicaStore
@@ -84,6 +85,12 @@ def renumber_runtime_state(
     return renumbered
 
 
+def replica_set(record: VolumeRecord) -> list[str]:
+    """Return the nodes of a volume's replicas, those that a raise of its ha level adds too."""
+    nodes = list(record["replica_nodes"]) + list(record.get("replica_nodes_next") or [])
+    return list(dict.fromkeys(nodes))
+
+
 def now_ns() -> int:
     """Return the wall-clock time in nanoseconds, as the records store it."""
     return time.time_ns()
@@ -102,6 +109,8 @@ class MountChild:
     sample_failures: int = 0
     process: trio.Process | None = None
     epoch: int = 0
+    #: The replica nodes of the volume as pxd last read them, with those a raise adds.
+    replica_nodes: list[str] = field(default_factory=list)
     started_at: float = 0.0
     failures: int = 0
     #: Number of processes started, so a waiting restart notices that another one ran.
@@ -121,6 +130,15 @@ class MountChild:
     def last_error(self) -> str:
         """Return the last line that the child wrote to stderr, for error messages."""
         return self.stderr_tail[-1] if self.stderr_tail else "no error output"
+
+
+@dataclass
+class FencedVolume:
+    """A volume whose mount child this node stopped while its etcd lease could lapse."""
+
+    #: The stopped child; its volume is mounted again only once it has gone.
+    child: MountChild
+    paths: list[str]
 
 
 class NodeBase:
@@ -143,6 +161,13 @@ class NodeBase:
         self.stats: StatsStore | None = None
         #: The etcd client of an EtcdCatalog, or None with the LocalCatalog.
         self._etcd: EtcdClient | None = None
+        #: The EtcdCatalog whose lease keeps this node online, or None with the LocalCatalog.
+        self._leased: EtcdCatalog | None = None
+        #: The volumes that this node fenced itself from while its lease could lapse, by
+        #: volume id, until it mounts them again or learns that they moved.
+        self._self_fenced: dict[str, FencedVolume] = {}
+        #: The volume records of the last status, for a status while etcd is out of reach.
+        self._status_volumes: list[VolumeRecord] | None = None
         self._peers: Peers | None = None
         self._lock_fd: int | None = None
         self._nursery: trio.Nursery | None = None
@@ -169,9 +194,10 @@ class NodeBase:
     async def status(self) -> dict[str, Any]:
         """Return the node's identity, state, volume counts and the space of its data directory.
 
-        The state is "starting" until the volumes of the last run are mounted again, then "up".
+        The state is "starting" until the volumes of the last run are mounted again, then "up",
+        or "cut off" while the node's etcd lease may lapse because etcd is out of reach.
         """
-        volumes = await self._catalog().list_volumes()
+        volumes = await self._volumes_for_status()
         fs = os.statvfs(self.data_dir)
         used = 0
         for record in volumes:
@@ -182,7 +208,7 @@ class NodeBase:
             "ip": self.config.node_ip,
             "data_dir": str(self.data_dir),
             "version": version(),
-            "status": "up" if self._remounted else "starting",
+            "status": self._state(),
             "volumes": len(volumes),
             "mounted": sum(1 for child in self._mounts.values() if child.running),
             "capacity_bytes": fs.f_blocks * fs.f_frsize,
@@ -191,7 +217,33 @@ class NodeBase:
             "started_ns": self.started_ns,
         }
 
+    def _cut_off(self) -> bool:
+        """True while this node's etcd lease may expire within the fence margin, or has."""
+        catalog = self._leased
+        if catalog is None:
+            return False
+        margin = fence_margin(catalog.node_ttl)
+        return trio.current_time() >= catalog.lease_expiry - margin
+
     # Helpers
+
+    def _state(self) -> str:
+        if not self._remounted:
+            return "starting"
+        return "cut off" if self._cut_off() else "up"
+
+    async def _volumes_for_status(self) -> list[VolumeRecord]:
+        """List the volumes; the last list while etcd is out of reach, so status still answers."""
+        if self._status_volumes is not None and self._cut_off():
+            return self._status_volumes
+        try:
+            volumes = await self._catalog().list_volumes()
+        except Unavailable:
+            if self._status_volumes is None:
+                raise
+            return self._status_volumes
+        self._status_volumes = volumes
+        return volumes
 
     def _child_running(self, vol_id: str) -> bool:
         child = self._mounts.get(vol_id)

@@ -32,7 +32,7 @@ from pxfs.errors import (
 )
 from pxfs.hostmounts import check_mount_path, normalize_path
 from pxfs.membership import PEER_TIMEOUT, choose_replica_nodes, parse_requested_nodes
-from pxfs.nodebase import MountChild, now_ns
+from pxfs.nodebase import MountChild, now_ns, replica_set
 from pxfs.replication import ReplicationClient
 from pxfs.scrub import Scrubber
 from pxfs.units import check_size, validate_labels, validate_name
@@ -497,6 +497,10 @@ class VolumeControl(ChildSupervisor):
 
         before = await self._catalog().find_volume(vol_id)
         after = await self._catalog().update_volume(vol_id, change)
+        child = self._mounts.get(vol_id)
+        if child is not None and child.epoch == epoch:
+            # A replica that joined may let another node take the volume over from now on.
+            child.replica_nodes = replica_set(after)
         if after["ha_level"] != before["ha_level"]:
             log.info(
                 "volume %s: ha level is now %d, replicas on %s",

@@ -39,6 +39,7 @@ from clusterproc import (
 )
 
 from pxfs import errors
+from pxfs.children import STOP_TIMEOUT
 from pxfs.etcd import DEFAULT_TIMEOUT as ETCD_TIMEOUT
 from pxfs.etcdcatalog import DEFAULT_NODE_TTL
 from pxfs.replication import DEFAULT_TIMEOUT
@@ -73,6 +74,18 @@ RESYNC_DEADLINE = 45.0
 FENCE_DEADLINE = DEFAULT_NODE_TTL / 3 + ETCD_TIMEOUT + 3.0 + 15.0
 #: How long after a heal every node may take to list the healed node online again.
 HEAL_DEADLINE = DEFAULT_NODE_TTL / 3 + ETCD_TIMEOUT + 10.0
+#: How long after a cut the cut-off node may serve a volume that can move: its lease lapses at
+#: most a TTL after the cut, and it fences a margin before that.
+SELF_FENCE_DEADLINE = DEFAULT_NODE_TTL + 5.0
+#: How long a fenced mount child may take to exit: the flush of its close times out against the
+#: replica out of reach, then pxd stops it with SIGKILL after STOP_TIMEOUT.
+CHILD_EXIT_DEADLINE = STOP_TIMEOUT + 15.0
+#: How long after a heal a volume fenced on the healed node may take to be mounted there again:
+#: the lease back, the old child gone, a new attach and a new mount child.
+REMOUNT_DEADLINE = HEAL_DEADLINE + 30.0
+#: How long a reader process runs at most, and the pause between two of its reads.
+READER_SECONDS = 240.0
+READER_INTERVAL = 0.1
 #: How long a copy to a new replica of a volume of at most 256 MiB may take on a loaded machine.
 COPY_DEADLINE = 120.0
 
@@ -214,6 +227,57 @@ def _stale_write_refused(node: ClusterNode, vol_id: str, epoch: int) -> bool:
     return trio.run(attempt)
 
 
+#: A reader process: python -c READER PATH SECONDS INTERVAL. It opens PATH, reads it whole and
+#: closes it again and again, and prints "ok START END SHA256" or "error START END ERRNO" for
+#: each attempt, with the monotonic times around it. It stops by itself after SECONDS.
+READER = """
+import hashlib, sys, time
+path, seconds, interval = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    started = time.monotonic()
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        print("ok", started, time.monotonic(), digest, flush=True)
+    except OSError as exc:
+        print("error", started, time.monotonic(), exc.errno, flush=True)
+    time.sleep(interval)
+"""
+
+
+class Reader:
+    """A READER process on `path`; `stop` ends it and parses what it read."""
+
+    def __init__(self, path: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", READER, str(path), str(READER_SECONDS), str(READER_INTERVAL)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        #: (end time, sha256) of each read that returned data.
+        self.served: list[tuple[float, str]] = []
+        #: (end time, errno) of each read that failed.
+        self.failed: list[tuple[float, int]] = []
+
+    def stop(self) -> Reader:
+        """End the reader (it may hang in a read of a dying mount) and parse its output."""
+        self.process.terminate()
+        try:
+            out, _ = self.process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, _ = self.process.communicate()
+        for line in out.splitlines():
+            words = line.split()
+            if len(words) != 4:
+                continue
+            if words[0] == "ok":
+                self.served.append((float(words[2]), words[3]))
+            else:
+                self.failed.append((float(words[2]), int(words[3])))
+        return self
+
+
 def _cleanup_old_mount(node: ClusterNode, vol_id: str, path: Path) -> None:
     node.kill_children()
     lazy_unmount(path)
@@ -273,38 +337,50 @@ def test_replica_cut_off_during_writes(
     nodes[0].call("volume.delete", name)
 
 
-# b. The attached node cut off: it stops acknowledging, another node takes over, the old one
-#    is fenced on heal
+# b. The attached node cut off: it stops serving before its lease lapses, another node takes
+#    over, and the old node leaves the volume alone after the heal
 
 
 def test_attached_node_cut_off_and_fenced(cluster: NetnsCluster, tmp_path: Path) -> None:
     old, new, _ = cluster.nodes
     vol_id = _create(old, "fenced", 2, [old, new])
     old_path, new_path = tmp_path / "old", tmp_path / "new"
-    payload = os.urandom(8 * MIB)
-    kept = None
+    payload, before, after = os.urandom(8 * MIB), os.urandom(BLOCK), os.urandom(BLOCK)
+    kept = reader = None
     try:
         mount_on(old, "fenced", old_path)
         epoch = old.call("volume.inspect", "fenced")["epoch"]
+        _write_synced(old_path / "probe", before)
         # A file that stays open on the old node across the whole partition, as an
-        # application's would.
+        # application's would, and a reader that opens the probe again and again.
         kept = open(old_path / "kept", "wb")
+        reader = Reader(old_path / "probe")
         writer = Writer(old_path / "stream", 120.0, CHUNK, MAX_BYTES)
         time.sleep(WRITER_SECONDS / 3)
         cut_at = time.monotonic()
         cluster.cut(old)
 
-        # The old node can no longer record that its peer left the write set, so it must
-        # not acknowledge another write.
+        # The old node can no longer record that its peer left the write set, and then it
+        # stops the mount child, so it must not acknowledge another write.
         writer.finish(WRITE_FAIL_DEADLINE + WRITER_SLACK)
         assert writer.failed is not None, "the cut-off node acknowledged every write"
         failed_errno, failed_at = writer.failed
-        assert failed_errno == errno.EIO
+        assert failed_errno in (errno.EIO, errno.ENOTCONN)
         write_failed = failed_at - cut_at
         assert write_failed < WRITE_FAIL_DEADLINE
         assert writer.length > 0, "the writer fsync'd nothing before the cut"
 
+        # Before its lease can lapse, the old node unmounts the volume by itself.
+        wait_until(
+            lambda: not _mounted(old_path), SELF_FENCE_DEADLINE, "the cut-off node serves on"
+        )
+        unmounted = time.monotonic() - cut_at
+        assert old.call("node.status", timeout=2 * ETCD_TIMEOUT)["status"] == "cut off"
+
+        attach_started = [0.0]
+
         def attach() -> bool:
+            attach_started[0] = time.monotonic()
             try:
                 new.call("volume.attach", "fenced", timeout=2 * ETCD_TIMEOUT)
             except errors.Busy:
@@ -320,44 +396,60 @@ def test_attached_node_cut_off_and_fenced(cluster: NetnsCluster, tmp_path: Path)
         assert record["attached_on"] == new.node_id
         assert record["runtime_state"]["RuntimeState"] == "degraded"
         _write_synced(new_path / "after", payload)
+        _write_synced(new_path / "probe", after)
 
-        # Two nodes never both accept writes: the old one still fails them.
+        # Two nodes never both accept writes: the old one fails them.
         with pytest.raises(OSError) as raised:
             kept.write(b"stale")
             kept.flush()
             os.fsync(kept.fileno())
-        assert raised.value.errno == errno.EIO
+        assert raised.value.errno in (errno.EIO, errno.ENOTCONN)
+        wait_until(lambda: not old.child_pids(), CHILD_EXIT_DEADLINE, "the old mount child runs on")
+        child_gone = time.monotonic() - cut_at
 
-        healed_at = time.monotonic()
         cluster.heal(old)
-        # The old node learns of the takeover from etcd and stops its mount child.
-        wait_until(lambda: not old.child_pids(), FENCE_DEADLINE, "the old mount child runs on")
-        fenced = time.monotonic() - healed_at
-        assert not _mounted(old_path)
-        assert not _mounted(old.data_dir / "mnt" / vol_id)
-        with pytest.raises(OSError):
-            kept.write(b"stale")
-            kept.flush()
-            os.fsync(kept.fileno())
-
         record = _wait_in_sync(new, "fenced")
         assert sorted(record["write_set"]) == sorted([old.node_id, new.node_id])
         assert record["attached_on"] == new.node_id
+        # Healed, the old node learns that the volume moved and mounts nothing again.
+        wait_until(
+            lambda: old.call("node.status")["status"] == "up", HEAL_DEADLINE, "still cut off"
+        )
+        assert not _mounted(old_path)
+        assert not _mounted(old.data_dir / "mnt" / vol_id)
+        assert not old.child_pids()
+
+        # No read on the old node returned data once the other node could have the volume.
+        reader.stop()
+        assert reader.served, "the reader read nothing before the cut"
+        assert {digest for _, digest in reader.served} == {hashlib.sha256(before).hexdigest()}
+        last_served = max(at for at, _ in reader.served)
+        assert last_served < attach_started[0], (
+            f"the old node served a read {last_served - attach_started[0]:.1f} s after the "
+            "takeover began"
+        )
+        assert reader.failed, "no read on the old node failed"
+
         assert _stale_write_refused(old, vol_id, epoch), "the old replica took a stale write"
         copied = _resynced(new, "fenced", old)
         expected = hashlib.sha256(writer.expected()).hexdigest()
         assert sha256_prefix(new_path / "stream", writer.length) == expected
         assert sha256_file(new_path / "after") == hashlib.sha256(payload).hexdigest()
+        assert sha256_file(new_path / "probe") == hashlib.sha256(after).hexdigest()
         kept_there = new_path / "kept"
         assert not kept_there.exists() or not kept_there.read_bytes()
         _assert_verified(new, "fenced")
         print(
-            f"\nattached node cut off: its writes failed with EIO {write_failed:.1f} s after "
-            f"the cut; mounted on the other node {taken_over:.1f} s after the cut; the old "
-            f"mount child stopped {fenced:.1f} s after the heal; {copied} blocks resynced to "
-            f"the old replica; {writer.length // MIB} MiB fsync'd before the cut all there"
+            f"\nattached node cut off: its writes failed with errno {failed_errno} "
+            f"{write_failed:.1f} s after the cut; it unmounted the volume {unmounted:.1f} s and "
+            f"its mount child was gone {child_gone:.1f} s after the cut; its last read ended "
+            f"{attach_started[0] - last_served:.1f} s before the takeover began; mounted on the "
+            f"other node {taken_over:.1f} s after the cut; {copied} blocks resynced to the old "
+            f"replica; {writer.length // MIB} MiB fsync'd before the cut all there"
         )
     finally:
+        if reader is not None and reader.process.poll() is None:
+            reader.stop()
         if kept is not None:
             try:
                 kept.close()
@@ -368,6 +460,102 @@ def test_attached_node_cut_off_and_fenced(cluster: NetnsCluster, tmp_path: Path)
         release_on(new, "fenced", new_path)
     _assert_replicas_identical([old, new], vol_id)
     new.call("volume.delete", "fenced")
+
+
+# A short cut: the cut-off node fences a volume that could move and mounts it again after the
+# heal; a volume whose only replica is there serves on through the cut
+
+
+def _append_synced(path: Path, written: list[tuple[float, bytes]]) -> None:
+    """Append one fsync'd chunk to `path`, read it back and note when it was done."""
+    chunk = os.urandom(BLOCK)
+    with open(path, "ab") as f:
+        offset = f.tell()
+        f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        assert os.pread(f.fileno(), len(chunk), offset) == chunk
+    written.append((time.monotonic(), chunk))
+
+
+def test_short_cut_fences_and_remounts(cluster: NetnsCluster, tmp_path: Path) -> None:
+    node, peer, _ = cluster.nodes
+    moving_id = _create(node, "moving", 2, [node, peer])
+    _create(node, "alone", 1, [node])
+    moving, alone = tmp_path / "moving", tmp_path / "alone"
+    payload, kept_here = os.urandom(8 * MIB), os.urandom(8 * MIB)
+    written: list[tuple[float, bytes]] = []
+    try:
+        mount_on(node, "moving", moving)
+        epoch = node.call("volume.inspect", "moving")["epoch"]
+        mount_on(node, "alone", alone)
+        alone_epoch = node.call("volume.inspect", "alone")["epoch"]
+        _write_synced(moving / "blob", payload)
+        _write_synced(alone / "blob", kept_here)
+        pids = set(node.child_pids())
+        cut_at = time.monotonic()
+        cluster.cut(node)
+
+        # The ha 1 volume cannot move, so it serves writes and reads all through the cut.
+        def fenced() -> bool:
+            _append_synced(alone / "stream", written)
+            return not _mounted(moving)
+
+        wait_until(fenced, SELF_FENCE_DEADLINE, "the volume that can move stayed mounted")
+        unmounted = time.monotonic() - cut_at
+        assert node.call("node.status", timeout=2 * ETCD_TIMEOUT)["status"] == "cut off"
+
+        def one_child_left() -> list[int]:
+            _append_synced(alone / "stream", written)
+            left = node.child_pids()
+            return left if len(left) == 1 else []
+
+        survivor = wait_until(one_child_left, CHILD_EXIT_DEADLINE, "the fenced child runs on")
+        assert set(survivor) < pids
+        for _ in range(5):
+            _append_synced(alone / "stream", written)
+        assert sha256_file(alone / "blob") == hashlib.sha256(kept_here).hexdigest()
+        times = [cut_at] + [at for at, _ in written]
+        stall = max(later - earlier for earlier, later in zip(times, times[1:], strict=False))
+
+        healed_at = time.monotonic()
+        cluster.heal(node)
+
+        def remounted() -> dict[str, Any] | None:
+            record: dict[str, Any] = node.call("volume.inspect", "moving")
+            return record if record["mounted"] and _mounted(moving) else None
+
+        record = wait_until(remounted, REMOUNT_DEADLINE, "moving was not mounted again")
+        back = time.monotonic() - healed_at
+        assert record["attached_on"] == node.node_id
+        assert record["epoch"] > epoch
+        assert record["mount_paths"] == [str(moving)]
+        assert sha256_file(moving / "blob") == hashlib.sha256(payload).hexdigest()
+        assert node.call("node.status")["status"] == "up"
+
+        # The ha 1 volume was never touched: the same child at the same epoch.
+        assert survivor[0] in node.child_pids()
+        assert node.call("volume.inspect", "alone")["epoch"] == alone_epoch
+        expected = b"".join(chunk for _, chunk in written)
+        assert sha256_file(alone / "stream") == hashlib.sha256(expected).hexdigest()
+
+        _wait_in_sync(node, "moving")
+        _assert_verified(node, "moving")
+        _assert_verified(node, "alone")
+        print(
+            f"\nshort cut: the volume that can move was unmounted {unmounted:.1f} s after the "
+            f"cut and mounted again {back:.1f} s after the heal at epoch {record['epoch']} "
+            f"(was {epoch}); the ha 1 volume took {len(written)} fsync'd writes during the cut, "
+            f"longest gap {stall:.2f} s"
+        )
+    finally:
+        cluster.heal(node)
+        release_on(node, "moving", moving)
+        release_on(node, "alone", alone)
+    _assert_replicas_identical([node, peer], moving_id)
+    node.call("volume.delete", "moving")
+    node.call("volume.delete", "alone")
 
 
 # c and d. A node without a replica cut off: I/O goes on; healed, it is back in the cluster
