@@ -6,9 +6,9 @@ With etcd endpoints the catalog is the cluster's EtcdCatalog: pxd then also serv
 on TCP to the other nodes and publishes its status in its node record every few seconds.
 
 The parts of the Node class live in their own modules: pxfs/nodebase.py (shared state),
-pxfs/sampling.py (I/O statistics), pxfs/children.py (mount children and bind mounts) and
-pxfs/volumes.py (the volume methods). This module holds start-up, shutdown and the node and
-cluster methods.
+pxfs/sampling.py (I/O statistics), pxfs/children.py (mount children and bind mounts),
+pxfs/volumes.py (the volume methods) and pxfs/detached.py (the resync of detached volumes).
+This module holds start-up, shutdown and the node and cluster methods.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import trio
 from pxfs.catalog import Catalog, LocalCatalog, VolumeRecord
 from pxfs.children import ATTACHMENT_CHECK_INTERVAL
 from pxfs.datadir import MOUNTS_DIR, REPLICAS_DIR, ensure_secret, load_node_id, lock_data_dir
+from pxfs.detached import DetachedResync
 from pxfs.errors import Busy, PxfsError, Unavailable
 from pxfs.etcd import EtcdClient
 from pxfs.etcdcatalog import EtcdCatalog
@@ -35,7 +36,6 @@ from pxfs.rpc import RpcServer, read_secret
 from pxfs.stats import StatsStore
 from pxfs.store import ReplicaStore
 from pxfs.tls import PeerTls, TlsFiles
-from pxfs.volumes import VolumeControl
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 REMOUNT_RETRY_INTERVAL = 3.0
 
 
-class Node(VolumeControl):
+class Node(DetachedResync):
     """The pxd of one node: start-up, the control methods, mount children, shutdown."""
 
     # Start-up and shutdown
@@ -67,6 +67,7 @@ class Node(VolumeControl):
                     nursery.start_soon(self._publish_status_periodically)
                     nursery.start_soon(self._check_attachments_periodically)
                     nursery.start_soon(self._guard_lease)
+                    nursery.start_soon(self._resync_detached_periodically)
                 log.info("pxd ready: node %s, control socket %s", self.node_id, self.control_socket)
                 task_status.started()
                 await self._stop.wait()

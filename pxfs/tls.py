@@ -1,9 +1,10 @@
 """Mutual TLS on the peer RPC over TCP: the SSL contexts of one node, built from its files.
 
 With `ssl = true` in pxd.toml, every peer RPC connection over TCP, between nodes and from a
-mount child to a remote replica, runs over TLS. Each side presents the certificate in `ssl_cert` (with its key
-in `ssl_key`) and rejects a peer whose certificate the CA in `ssl_ca` did not sign. The secret
-handshake of pxfs.rpc still runs inside the TLS session. Unix sockets stay plain.
+mount child to a remote replica, runs over TLS. Each side presents the certificate in
+`ssl_cert` (with its key in `ssl_key`) and rejects a peer whose certificate the CA in `ssl_ca`
+did not sign. The secret handshake of pxfs.rpc still runs inside the TLS session. Unix sockets
+stay plain.
 
 The names in a certificate are not compared with the address that was dialled. Nodes are
 reached at the addresses they publish in the catalog, and the CA is the cluster's own. So a

@@ -335,7 +335,7 @@ class VolumeControl(ChildSupervisor):
             if path in record["mount_paths"]:
                 raise Busy(f"volume {record['name']} is already mounted at {path}")
             check_mount_path(path)
-            # A child and pxd must not copy to the new replicas of a raise at the same time.
+            # A child and pxd must not copy to the same replicas at the same time.
             await self._stop_offline_copy(vol_id)
             try:
                 child = await self._ensure_running(record)

@@ -288,6 +288,49 @@ def test_stopped_replica_gets_missed_blocks(cluster: Cluster, tmp_path: Path) ->
     first.call("volume.delete", "stopped")
 
 
+def test_detached_volume_resynced_by_pxd(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, _ = cluster.nodes[:3]
+    vol_id = _create(first, "detached", 2, [first, second])
+    path = tmp_path / "mnt"
+    expected = bytearray(os.urandom(16 * MIB))
+    try:
+        mount_on(first, "detached", path)
+        _write_synced(path / "blob", bytes(expected))
+        assert second.stop() == 0
+        stale = second.versions(vol_id)
+        rng = random.Random(2)
+        with open(path / "blob", "r+b") as f:
+            for _ in range(2 * MIB // BLOCK):
+                block = rng.randrange(len(expected) // BLOCK)
+                data = os.urandom(BLOCK)
+                f.seek(block * BLOCK)
+                f.write(data)
+                expected[block * BLOCK : (block + 1) * BLOCK] = data
+            f.flush()
+            os.fsync(f.fileno())
+        release_on(first, "detached", path)
+        missed = _differing(stale, first.versions(vol_id))
+        assert first.call("volume.inspect", "detached")["out_of_sync"] == [second.node_id]
+
+        # Nobody attaches the volume: pxd on the write set's node resyncs it.
+        second.start()
+        record = _wait_in_sync(first, "detached")
+        assert record["attached_on"] == ""
+        assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
+        assert missed > 0
+        _assert_replicas_identical([first, second], vol_id)
+        print(f"\ndetached volume: {missed} blocks missed, resynced without an attach")
+
+        # Attached on the node that missed the writes, reads come from its local replica.
+        mount_on(second, "detached", path)
+        assert sha256_file(path / "blob") == hashlib.sha256(expected).hexdigest()
+    finally:
+        if second.pxd is None:
+            second.start()
+        release_on(second, "detached", path)
+    first.call("volume.delete", "detached")
+
+
 # A replica's pxd killed or hung during a sustained write
 
 
