@@ -19,6 +19,7 @@ cancels it before the child starts.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import trio
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two checks of the detached volumes for replicas to resync.
 RESYNC_DETACHED_INTERVAL = 5.0
+#: Seconds before a detached volume whose resync failed is tried again. Each attempt raises
+#: the volume's epoch, so a replica that etcd lists online but this node cannot reach does not
+#: get an attempt, a raise and a warning every RESYNC_DETACHED_INTERVAL.
+RESYNC_DETACHED_BACKOFF = 60.0
 
 
 class DetachedResync(VolumeControl):
@@ -43,6 +48,9 @@ class DetachedResync(VolumeControl):
         #: The running resync of a detached volume, by volume id: its cancel scope and an event
         #: set when it has ended.
         self._detached_resyncs: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        #: The trio clock time before which a detached volume whose resync failed is left
+        #: alone, by volume id.
+        self._detached_retry_at: dict[str, float] = {}
 
     async def _resync_detached_periodically(self) -> None:
         """Resync the returning replicas of detached volumes, one volume at a time."""
@@ -78,6 +86,8 @@ class DetachedResync(VolumeControl):
             return False
         if record.get("replica_nodes_next") is not None or record["id"] in self._ha_raises:
             return False
+        if trio.current_time() < self._detached_retry_at.get(record["id"], -math.inf):
+            return False
         if not any(node_id in online for node_id in record["out_of_sync"]):
             return False
         return write_set[0] == self.node_id and all(node_id in online for node_id in write_set)
@@ -100,10 +110,20 @@ class DetachedResync(VolumeControl):
         try:
             with scope:
                 await self._resync_replicas(record, online)
+            self._detached_retry_at.pop(vol_id, None)
         except StaleEpoch:
             log.info("volume %s: attached meanwhile, so its mount child resyncs it", vol_id)
         except PxfsError as exc:
-            log.warning("volume %s: resync of the detached volume failed: %s", vol_id, exc)
+            # The first failure in a row is a warning, the repeats are not.
+            failed_before = vol_id in self._detached_retry_at
+            self._detached_retry_at[vol_id] = trio.current_time() + RESYNC_DETACHED_BACKOFF
+            log.log(
+                logging.DEBUG if failed_before else logging.WARNING,
+                "volume %s: resync of the detached volume failed, next try in %g s: %s",
+                vol_id,
+                RESYNC_DETACHED_BACKOFF,
+                exc,
+            )
         finally:
             del self._detached_resyncs[vol_id]
             done.set()
