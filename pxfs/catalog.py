@@ -19,7 +19,7 @@ import errno
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,18 @@ class Catalog(abc.ABC):
     @abc.abstractmethod
     async def list_nodes(self) -> list[NodeRecord]:
         """Return the record of every node."""
+
+    @abc.abstractmethod
+    async def add_leftovers(self, vol_id: str, node_ids: Sequence[str]) -> None:
+        """Record that the replicas of `vol_id` on `node_ids` remain to be deleted."""
+
+    @abc.abstractmethod
+    async def list_leftovers(self, node_id: str) -> list[str]:
+        """Return the ids of the volumes whose replica on `node_id` remains to be deleted."""
+
+    @abc.abstractmethod
+    async def remove_leftover(self, vol_id: str, node_id: str) -> None:
+        """Forget the replica of `vol_id` on `node_id` once it is deleted."""
 
     async def close(self) -> None:  # noqa: B027 - a backend without connections has nothing to close
         """Release what the backend holds open."""
@@ -231,6 +243,33 @@ class LocalCatalog(Catalog):
         """Return the record of every node."""
         return [copy.deepcopy(node) for node in self._state["nodes"].values()]
 
+    async def add_leftovers(self, vol_id: str, node_ids: Sequence[str]) -> None:
+        """Record that the replicas of `vol_id` on `node_ids` remain to be deleted."""
+        async with self._lock:
+            state = copy.deepcopy(self._state)
+            leftovers = state.setdefault("leftovers", {})
+            for node_id in node_ids:
+                volumes = leftovers.setdefault(node_id, [])
+                if vol_id not in volumes:
+                    volumes.append(vol_id)
+            await self._commit(state)
+
+    async def list_leftovers(self, node_id: str) -> list[str]:
+        """Return the ids of the volumes whose replica on `node_id` remains to be deleted."""
+        return list(self._state.get("leftovers", {}).get(node_id, []))
+
+    async def remove_leftover(self, vol_id: str, node_id: str) -> None:
+        """Forget the replica of `vol_id` on `node_id` once it is deleted."""
+        async with self._lock:
+            if vol_id not in self._state.get("leftovers", {}).get(node_id, []):
+                return
+            state = copy.deepcopy(self._state)
+            volumes = state["leftovers"][node_id]
+            volumes.remove(vol_id)
+            if not volumes:
+                del state["leftovers"][node_id]
+            await self._commit(state)
+
     async def _commit(self, state: dict[str, Any]) -> None:
         # The write runs in a thread because fsync can take tens of milliseconds. It is
         # shielded, so a cancelled caller cannot leave memory and file out of step.
@@ -288,6 +327,14 @@ def _load(path: Path) -> dict[str, Any]:
     for key, node in state["nodes"].items():
         if not isinstance(node, dict) or node.get("id") != key:
             raise Corrupted(f"catalog {path}: node {key!r} has no matching id: {node!r:.200}")
+    # Catalogs written before leftovers existed have no such key.
+    leftovers = state.get("leftovers", {})
+    valid = isinstance(leftovers, dict) and all(
+        isinstance(volumes, list) and all(isinstance(vol_id, str) for vol_id in volumes)
+        for volumes in leftovers.values()
+    )
+    if not valid:
+        raise Corrupted(f"catalog {path}: 'leftovers' is not a map of node ids to volume ids")
     return state
 
 

@@ -221,6 +221,22 @@ class EtcdCatalog(Catalog):
         """Return once `lease_expiry` has changed: a refresh succeeded or the lease was lost."""
         await self._lease_changed.wait()
 
+    async def add_leftovers(self, vol_id: str, node_ids: Sequence[str]) -> None:
+        """Record that the replicas of `vol_id` on `node_ids` remain to be deleted."""
+        if node_ids:
+            puts = [Put(self._leftover_key(node_id, vol_id), b"") for node_id in node_ids]
+            await self._client.txn([], puts)
+
+    async def list_leftovers(self, node_id: str) -> list[str]:
+        """Return the ids of the volumes whose replica on `node_id` remains to be deleted."""
+        prefix = self._leftover_key(node_id, "")
+        result = await self._client.range(prefix, prefix=True)
+        return [kv.key[len(prefix) :].decode(errors="replace") for kv in result.kvs]
+
+    async def remove_leftover(self, vol_id: str, node_id: str) -> None:
+        """Forget the replica of `vol_id` on `node_id` once it is deleted."""
+        await self._client.delete(self._leftover_key(node_id, vol_id))
+
     async def list_nodes(self) -> list[NodeRecord]:
         """Return the record of every node, with `online` true while its lease lives."""
         nodes_prefix, alive_prefix = self._key("nodes/"), self._key("alive/")
@@ -414,6 +430,9 @@ class EtcdCatalog(Catalog):
 
     def _alive_key(self, node_id: str) -> bytes:
         return self._key("alive/" + node_id)
+
+    def _leftover_key(self, node_id: str, vol_id: str) -> bytes:
+        return self._key(f"leftovers/{node_id}/{vol_id}")
 
     def _decode_volume(self, kv: KeyValue) -> VolumeRecord:
         record = self._decode_json(kv)

@@ -7,7 +7,8 @@ on TCP to the other nodes and publishes its status in its node record every few 
 
 The parts of the Node class live in their own modules: pxfs/nodebase.py (shared state),
 pxfs/sampling.py (I/O statistics), pxfs/children.py (mount children and bind mounts),
-pxfs/volumes.py (the volume methods) and pxfs/detached.py (the resync of detached volumes).
+pxfs/volumes.py (the volume methods), pxfs/detached.py (the resync of detached volumes) and
+pxfs/leftovers.py (the replicas that a delete left on offline nodes).
 This module holds start-up, shutdown and the node and cluster methods.
 """
 
@@ -26,10 +27,10 @@ import trio
 from pxfs.catalog import Catalog, LocalCatalog, VolumeRecord
 from pxfs.children import ATTACHMENT_CHECK_INTERVAL
 from pxfs.datadir import MOUNTS_DIR, REPLICAS_DIR, ensure_secret, load_node_id, lock_data_dir
-from pxfs.detached import DetachedResync
 from pxfs.errors import Busy, PxfsError, Unavailable
 from pxfs.etcd import EtcdClient
 from pxfs.etcdcatalog import EtcdCatalog
+from pxfs.leftovers import LeftoverReplicas
 from pxfs.membership import STATUS_INTERVAL, Peers, check_secret_fingerprint, fence_margin
 from pxfs.nodebase import now_ns
 from pxfs.rpc import RpcServer, read_secret
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 REMOUNT_RETRY_INTERVAL = 3.0
 
 
-class Node(DetachedResync):
+class Node(LeftoverReplicas):
     """The pxd of one node: start-up, the control methods, mount children, shutdown."""
 
     # Start-up and shutdown
@@ -68,6 +69,7 @@ class Node(DetachedResync):
                     nursery.start_soon(self._check_attachments_periodically)
                     nursery.start_soon(self._guard_lease)
                     nursery.start_soon(self._resync_detached_periodically)
+                    nursery.start_soon(self._delete_leftovers_periodically)
                 log.info("pxd ready: node %s, control socket %s", self.node_id, self.control_socket)
                 task_status.started()
                 await self._stop.wait()

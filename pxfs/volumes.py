@@ -264,10 +264,25 @@ class VolumeControl(ChildSupervisor):
             nodes = record["replica_nodes"] + [
                 n for n in pending if n not in record["replica_nodes"]
             ]
-            await self.peers.call_each(nodes, "store.delete", vol_id)
+            offline = await self._offline_nodes(nodes)
+            if offline:
+                # Those nodes delete their replica when they return (pxfs/leftovers.py).
+                await self._catalog().add_leftovers(vol_id, offline)
+                log.warning(
+                    "volume %s: nodes %s are offline; each deletes its replica when it returns",
+                    vol_id,
+                    ", ".join(offline),
+                )
+            online = [node_id for node_id in nodes if node_id not in offline]
+            await self.peers.call_each(online, "store.delete", vol_id)
             self._stats().delete(vol_id)
             await self._catalog().delete_volume(vol_id)
         log.info("volume %s: deleted %r", vol_id, record["name"])
+
+    async def _offline_nodes(self, node_ids: list[str]) -> list[str]:
+        """Return the nodes of `node_ids` that the catalog lists as offline, or not at all."""
+        online = {node["id"] for node in await self._nodes_with_status() if node.get("online")}
+        return [node_id for node_id in node_ids if node_id not in online]
 
     async def attach_volume(self, ref: Any) -> VolumeRecord:
         """Attach the volume to this node, raising its epoch; a no-op if already attached here."""

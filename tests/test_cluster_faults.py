@@ -331,6 +331,35 @@ def test_detached_volume_resynced_by_pxd(cluster: Cluster, tmp_path: Path) -> No
     first.call("volume.delete", "detached")
 
 
+def test_delete_with_replica_node_offline(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, _ = cluster.nodes[:3]
+    vol_id = _create(first, "gone", 2, [first, second])
+    path = tmp_path / "mnt"
+    mount_on(first, "gone", path)
+    _write_synced(path / "blob", os.urandom(MIB))
+    release_on(first, "gone", path)
+    try:
+        assert second.stop() == 0
+        assert second.replica_dir(vol_id).exists()
+        first.call("volume.delete", "gone")
+        assert not first.replica_dir(vol_id).exists()
+        with pytest.raises(errors.NotFound):
+            first.call("volume.inspect", "gone")
+        # The name is free again at once, while the old replica still lies on the offline node.
+        _create(first, "gone", 1, [first])
+        assert second.replica_dir(vol_id).exists()
+    finally:
+        if second.pxd is None:
+            second.start()
+    wait_until(
+        lambda: not second.replica_dir(vol_id).exists(),
+        RESYNC_DEADLINE,
+        "the returning node kept the replica of the deleted volume",
+    )
+    assert first.call("volume.inspect", "gone")["id"] != vol_id
+    first.call("volume.delete", "gone")
+
+
 # A replica's pxd killed or hung during a sustained write
 
 

@@ -131,3 +131,11 @@ def test_load_rejects_malformed_node(tmp_path: Path) -> None:
     )
     with pytest.raises(Corrupted, match="node 'n1' has no matching id"):
         LocalCatalog(tmp_path)
+
+
+@pytest.mark.parametrize("leftovers", [[], {"n1": "7"}, {"n1": [7]}, {"n1": None}])
+def test_load_rejects_malformed_leftovers(tmp_path: Path, leftovers: Any) -> None:
+    state = {"format": 1, "revision": 1, "volumes": {}, "nodes": {}, "leftovers": leftovers}
+    (tmp_path / "catalog.json").write_text(json.dumps(state))
+    with pytest.raises(Corrupted, match="'leftovers' is not a map"):
+        LocalCatalog(tmp_path)

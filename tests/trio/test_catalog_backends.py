@@ -282,6 +282,28 @@ async def test_nodes(catalog: Catalog) -> None:
     assert nodes == [{"id": "a", "hostname": "h2"}, {"id": "b", "hostname": "h3"}]
 
 
+async def test_leftovers_by_node(catalog: Catalog) -> None:
+    assert await catalog.list_leftovers("a") == []
+    await catalog.add_leftovers("1", ["a", "b"])
+    await catalog.add_leftovers("2", ["a"])
+    await catalog.add_leftovers("2", ["a"])
+    assert sorted(await catalog.list_leftovers("a")) == ["1", "2"]
+    assert await catalog.list_leftovers("b") == ["1"]
+    await catalog.remove_leftover("1", "a")
+    await catalog.remove_leftover("1", "a")
+    assert await catalog.list_leftovers("a") == ["2"]
+    assert await catalog.list_leftovers("b") == ["1"]
+    await catalog.remove_leftover("2", "a")
+    assert await catalog.list_leftovers("a") == []
+
+
+async def test_leftovers_survive_reopen(reopen: Reopen) -> None:
+    async with reopen() as catalog:
+        await catalog.add_leftovers("7", ["node"])
+    async with reopen() as reopened:
+        assert await reopened.list_leftovers("node") == ["7"]
+
+
 async def test_state_survives_reopen(reopen: Reopen) -> None:
     async with reopen() as catalog:
         await catalog.create_volume(make_record("1", "vol", labels={"k": "v"}))
