@@ -392,7 +392,8 @@ class DockerPlugin:
 
     def __init__(self, control: ControlClient, mount_base: Path, refs: RefStore) -> None:
         self.control = control
-        self.mount_base = Path(os.path.abspath(mount_base))
+        # pxd records mount paths with their symbolic links resolved, so the base is too.
+        self.mount_base = Path(os.path.realpath(mount_base))
         self.refs = refs
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
