@@ -147,6 +147,8 @@ def resolve_settings(args: argparse.Namespace) -> app.SidecarSettings:
         ),
         max_requests=config.rest_max_requests,
         plugin_limits=ConnectionLimits(config.plugin_max_connections),
+        plugin_mode=config.socket_mode,
+        plugin_group=config.socket_gid(),
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from pxfs.datadir import write_file_atomically
 from pxfs.errors import (
     AlreadyExists,
     Corrupted,
@@ -276,7 +277,7 @@ class LocalCatalog(Catalog):
         data = json.dumps(state, indent=1, sort_keys=True).encode() + b"\n"
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(_write_atomically, self.path, data)
+                await trio.to_thread.run_sync(write_file_atomically, self.path, data)
             except OSError as exc:
                 log.error("catalog: writing %s failed: %s", self.path, exc)
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -375,26 +376,3 @@ def volume_entry_problem(key: str, entry: Any) -> str | None:
     if not all(isinstance(value, str) for value in labels.values()):
         return "has a label value that is not a string"
     return None
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]

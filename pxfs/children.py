@@ -25,8 +25,10 @@ from pxfs.datadir import MOUNTS_DIR
 from pxfs.errors import Busy, PxfsError, Unavailable
 from pxfs.hostmounts import (
     bind,
+    binds_of,
     is_mounted,
     lazy_unmount,
+    leads_to_mount,
     mount_devices,
     mountinfo,
     syncfs,
@@ -381,7 +383,9 @@ class ChildSupervisor(StatsSampling):
 
     async def _detach_dead_paths(self, child: MountChild) -> None:
         for path in child.paths:
-            await lazy_unmount(path)
+            if leads_to_mount(path, child.mountpoint):
+                await lazy_unmount(path)
+        await self._detach_moved_binds(child)
         await lazy_unmount(child.mountpoint)
 
     async def _bind_paths(self, child: MountChild, paths: list[str]) -> None:
@@ -398,6 +402,19 @@ class ChildSupervisor(StatsSampling):
         child.paths.append(path)
 
     async def _unbind(self, child: MountChild, path: str, *, lazy_if_busy: bool) -> None:
+        if not leads_to_mount(path, child.mountpoint):
+            # Unmounting `path` now could unmount another filesystem. The volume's bind is
+            # found by its device instead, at the place it was moved to.
+            log.warning(
+                "volume %s: %s no longer leads to the volume's mount (a directory on the way "
+                "was moved or replaced by a symbolic link); not unmounting that path",
+                child.vol_id,
+                path,
+            )
+            with contextlib.suppress(ValueError):
+                child.paths.remove(path)
+            await self._detach_moved_binds(child)
+            return
         if is_mounted(path):
             try:
                 await unmount(path)
@@ -408,6 +425,15 @@ class ChildSupervisor(StatsSampling):
                 await lazy_unmount(path)
         with contextlib.suppress(ValueError):
             child.paths.remove(path)
+
+    async def _detach_moved_binds(self, child: MountChild) -> None:
+        """Lazily unmount the binds of the volume's mount that are at none of its paths."""
+        # NOTE: a directory that is moved again between reading mountinfo and the unmount
+        # still redirects it; the window is that of one umount(8) run.
+        for path in binds_of(child.mountpoint):
+            if path not in child.paths:
+                log.warning("volume %s: lazily unmounting its moved bind at %s", child.vol_id, path)
+                await lazy_unmount(path)
 
     async def _stop_child(self, child: MountChild, *, sync: bool = True) -> None:
         """SIGTERM the child, wait for it to exit and make sure its mountpoint is gone.
@@ -504,7 +530,9 @@ class ChildSupervisor(StatsSampling):
                 await lazy_unmount(path)
 
     async def _clear_stale_mount(self, path: str) -> None:
-        fstype = mountinfo().get(os.path.realpath(path))
+        if os.path.realpath(path) != path:
+            raise Busy(f"{path} now leads through a symbolic link; not remounting there")
+        fstype = mountinfo().get(path)
         if fstype is None:
             return
         if not fstype.startswith("fuse"):

@@ -6,6 +6,7 @@ Every key of the configuration file is optional and overrides the default of the
     max_volumes = 1024                       # volumes with a replica on this node, at most
     control_socket = "/run/pxfs/pxd.sock"
     control_max_connections = 64             # open connections to the control socket
+    socket_group = ""                        # group of the control and plugin sockets (0660)
     peer_socket = "/run/pxfs/peer.sock"      # default: peer.sock next to control_socket
     rest_host = "127.0.0.1"
     rest_port = 9001
@@ -34,6 +35,7 @@ Command-line flags override the file in turn.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import logging
 import os
@@ -59,6 +61,9 @@ class Config:
     control_socket: Path = Path("/run/pxfs/pxd.sock")
     #: Connections that pxd serves on the control socket at once; more are closed at once.
     control_max_connections: int = 64
+    #: The group (name or number) that may use the control and plugin sockets, which then get
+    #: mode 0660 instead of 0600. Empty: only root.
+    socket_group: str = ""
     peer_socket: Path | None = None
     rest_host: str = "127.0.0.1"
     rest_port: int = 9001
@@ -108,6 +113,15 @@ class Config:
             return self.node_ip, self.peer_port
         return parse_listen(self.listen, self.peer_port)
 
+    @property
+    def socket_mode(self) -> int:
+        """The mode of the control and plugin sockets: 0660 with a socket_group, else 0600."""
+        return 0o660 if self.socket_group else 0o600
+
+    def socket_gid(self) -> int | None:
+        """Return the gid of socket_group, None without one; raises InvalidArgument."""
+        return resolve_group(self.socket_group) if self.socket_group else None
+
     def replace(self, **changes: Any) -> Config:
         """Return a copy with the given fields changed; None values are ignored."""
         overrides = {key: value for key, value in changes.items() if value is not None}
@@ -134,6 +148,18 @@ def parse_listen(value: str, default_port: int) -> tuple[str, int]:
     if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise InvalidArgument(f"invalid listen address {value!r}: expected HOST:PORT")
     return host, int(port_text)
+
+
+def resolve_group(group: str) -> int:
+    """Return the gid of a group name or number; raises InvalidArgument for an unknown one."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise InvalidArgument(
+            f"socket_group {group!r} is not a group of this host; create it or give a gid"
+        ) from None
 
 
 def parse_endpoints(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -212,6 +238,12 @@ def _convert(file: Path, key: str, value: Any) -> Any:
     if key == "ssl":
         if not isinstance(value, bool):
             raise InvalidArgument(f"{file}: {key} must be true or false, not {value!r}")
+        return value
+    if key == "socket_group":
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{file}: {key} must be a group name or gid, not {value!r}")
+        if value:
+            _with_file(file, key, resolve_group, value)
         return value
     if key == "node_ip":
         try:

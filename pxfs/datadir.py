@@ -1,7 +1,8 @@
-"""The data directory of pxd: its lock, the node id and the cluster secret."""
+"""The data directory of pxd: its lock, the node id, the cluster secret, atomic file writes."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -64,11 +65,37 @@ def ensure_secret(data_dir: Path) -> Path:
 
 
 def _write_private_file(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    write_file_atomically(path, text.encode())
+
+
+def write_file_atomically(path: Path, data: bytes, *, temporary: Path | None = None) -> None:
+    """Replace `path` with a file of mode 0600 that contains `data`, durably.
+
+    The data goes to a temporary file, which is fsynced and renamed over `path`, and then the
+    directory is fsynced. A crash leaves the old file or the new one. On an error, a full disk
+    included, the old file stays as it was and the temporary file (default PATH.tmp) is
+    removed. Raises OSError.
+    """
+    if temporary is None:
+        temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                # On a nearly full file system a write can be short, and the next one then
+                # fails with ENOSPC, so a single write could rename a truncated file into place.
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        os.close(directory)

@@ -121,6 +121,38 @@ def normalize_path(path: Any) -> str:
     return os.path.normpath(path)
 
 
+def resolve_path(path: Any) -> str:
+    """Return the mount path with every symbolic link resolved; raises InvalidArgument.
+
+    pxd records and unmounts the resolved path, so a link that is changed later cannot
+    redirect an unmount or a remount to another directory.
+    """
+    return os.path.realpath(normalize_path(path))
+
+
+def leads_to_mount(path: str, mountpoint: str) -> bool:
+    """True if `path` has no symbolic link on the way and is a bind of the mount at `mountpoint`.
+
+    A directory on the way that was moved or replaced by a link since the mount makes `path`
+    lead to another directory, and unmounting it would unmount whatever is mounted there.
+    """
+    if os.path.realpath(path) != path:
+        return False
+    devices = mount_devices()
+    return path in devices and devices[path] == devices.get(os.path.realpath(mountpoint))
+
+
+def binds_of(mountpoint: str) -> list[str]:
+    """Return every other mountpoint of the filesystem mounted at `mountpoint`, newest first."""
+    mountpoint = os.path.realpath(mountpoint)
+    devices = mount_devices()
+    device = devices.get(mountpoint)
+    if device is None:
+        return []
+    binds = [path for path, other in devices.items() if other == device and path != mountpoint]
+    return binds[::-1]
+
+
 def check_mount_path(path: str) -> None:
     """Raise unless `path` is an existing empty directory that is not a mountpoint."""
     if is_mounted(path):

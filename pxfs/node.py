@@ -155,7 +155,14 @@ class Node(LeftoverReplicas):
             name="control rpc",
             max_connections=self.config.control_max_connections,
         )
-        await nursery.start(_serve_unix, control, self.control_socket)
+        await nursery.start(
+            functools.partial(
+                control.serve_unix,
+                self.control_socket,
+                mode=self.config.socket_mode,
+                group=self.config.socket_gid(),
+            )
+        )
 
     async def _register_node(self) -> None:
         """Write this node's record, with its status, to the catalog."""

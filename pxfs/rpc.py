@@ -245,9 +245,13 @@ class RpcServer:
         path: str | os.PathLike[str],
         *,
         mode: int = 0o600,
+        group: int | None = None,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on a unix socket at `path` (replacing a stale one) until cancelled."""
+        """Listen on a unix socket at `path` (replacing a stale one) until cancelled.
+
+        The socket gets `mode` and, when `group` is a gid, that group.
+        """
         path = os.fspath(path)
         _remove_stale_socket(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -258,6 +262,8 @@ class RpcServer:
             await sock.bind(path)
         finally:
             os.umask(old_umask)
+        if group is not None:
+            os.chown(path, -1, group)
         os.chmod(path, mode)
         sock.listen(128)
         listener = trio.SocketListener(sock)

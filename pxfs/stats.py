@@ -38,6 +38,8 @@ from typing import Any
 
 import trio
 
+from pxfs.datadir import write_file_atomically
+
 log = logging.getLogger(__name__)
 
 STATS_DIR = "stats"
@@ -407,6 +409,8 @@ class StatsStore:
         self.directory = data_dir / STATS_DIR
         self.directory.mkdir(mode=0o700, exist_ok=True)
         self._volumes: dict[str, VolumeStats] = {}
+        #: Volumes whose last save failed; their next failures are logged at DEBUG.
+        self._failing: set[str] = set()
 
     def get(self, vol_id: str) -> VolumeStats:
         """Return the statistics of `vol_id`, loading them from disk the first time."""
@@ -432,14 +436,23 @@ class StatsStore:
         data = json.dumps(stats.to_dict(), sort_keys=True).encode() + b"\n"
         stats.dirty = False
         try:
-            await trio.to_thread.run_sync(_write_atomically, self._path(vol_id), data)
+            await trio.to_thread.run_sync(write_file_atomically, self._path(vol_id), data)
         except OSError as exc:
             stats.dirty = True
-            log.error("volume %s: saving I/O statistics failed: %s", vol_id, exc)
+            # A full disk fails each save, every 10 s, until space returns. Only the first
+            # failure is an error.
+            level = logging.DEBUG if vol_id in self._failing else logging.ERROR
+            log.log(level, "volume %s: saving I/O statistics failed: %s", vol_id, exc)
+            self._failing.add(vol_id)
+            return
+        if vol_id in self._failing:
+            self._failing.discard(vol_id)
+            log.info("volume %s: saving I/O statistics works again", vol_id)
 
     def delete(self, vol_id: str) -> None:
         """Forget the statistics of a deleted volume and remove its file."""
         self._volumes.pop(vol_id, None)
+        self._failing.discard(vol_id)
         path = self._path(vol_id)
         for stale in (path, path.with_name(path.name + ".corrupt")):
             with contextlib.suppress(FileNotFoundError):
@@ -467,21 +480,3 @@ class StatsStore:
             with contextlib.suppress(OSError):
                 os.replace(path, path.with_name(path.name + ".corrupt"))
             return VolumeStats()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

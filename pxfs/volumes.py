@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import uuid
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from pxfs.errors import (
     StaleEpoch,
     Unavailable,
 )
-from pxfs.hostmounts import check_mount_path, normalize_path
+from pxfs.hostmounts import check_mount_path, normalize_path, resolve_path
 from pxfs.membership import PEER_TIMEOUT, choose_replica_nodes, parse_requested_nodes
 from pxfs.nodebase import MountChild, now_ns, replica_set
 from pxfs.replication import ReplicationClient
@@ -346,7 +347,7 @@ class VolumeControl(ChildSupervisor):
         async with self._volume_locks[vol_id]:
             record = (await self._catalog().require_volume(vol_id)).record
             self._require_attached_here(record)
-            path = normalize_path(path)
+            path = resolve_path(path)
             if path in record["mount_paths"]:
                 raise Busy(f"volume {record['name']} is already mounted at {path}")
             check_mount_path(path)
@@ -388,6 +389,9 @@ class VolumeControl(ChildSupervisor):
         path = normalize_path(path)
         async with self._volume_locks[vol_id]:
             record = (await self._catalog().require_volume(vol_id)).record
+            if path not in record["mount_paths"]:
+                # A path given through a symbolic link names the resolved path in the record.
+                path = os.path.realpath(path)
             if path not in record["mount_paths"]:
                 raise NotFound(f"volume {record['name']} is not mounted at {path}")
             child = self._mounts.get(vol_id)

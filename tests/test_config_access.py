@@ -1,4 +1,4 @@
-"""The REST token, connection bound and volume bound keys of pxd.toml (pxfs/config.py)."""
+"""The REST token, socket group, connection bound and volume bound keys of pxd.toml."""
 
 from __future__ import annotations
 
@@ -63,3 +63,28 @@ def test_token_file_invalid(tmp_path: Path, value: str) -> None:
         errors.InvalidArgument, match='rest_token_file must be an absolute path or ""'
     ):
         load(tmp_path, f"rest_token_file = {value}\n")
+
+
+def test_socket_group_default_is_root_only() -> None:
+    config = Config()
+    assert config.socket_group == ""
+    assert config.socket_mode == 0o600
+    assert config.socket_gid() is None
+
+
+@pytest.mark.parametrize(("value", "gid"), [('"0"', 0), ('"root"', 0), ('"4242"', 4242)])
+def test_socket_group_from_file(tmp_path: Path, value: str, gid: int) -> None:
+    config = load(tmp_path, f"socket_group = {value}\n")
+    assert config.socket_mode == 0o660
+    assert config.socket_gid() == gid
+
+
+@pytest.mark.parametrize("value", ["4242", "true", "[]"])
+def test_socket_group_wrong_type(tmp_path: Path, value: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match="socket_group must be a group name or gid"):
+        load(tmp_path, f"socket_group = {value}\n")
+
+
+def test_socket_group_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(errors.InvalidArgument, match="is not a group of this host"):
+        load(tmp_path, 'socket_group = "no-such-group-pxfs"\n')

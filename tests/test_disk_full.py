@@ -1,18 +1,29 @@
-"""A volume on a FileDevice whose file system fills up: it must recover once files are removed.
+"""A full file system under a volume, under pxd's data directory and under the sidecar's state.
 
-Needs root to mount a small tmpfs, which each test creates and removes itself.
+Each must give ENOSPC or a clear error, keep every file it had intact, and work again once
+space returns. Needs root to mount a small tmpfs, which each test creates and removes itself;
+the pxd test also needs /dev/fuse.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import hashlib
+import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from nodeproc import Node
 
+from pxfs import errors
+from pxfs.api.docker import RefStore
 from pxfs.errors import NoSpace
 from pxfs.volume.check import check_volume
 from pxfs.volume.device import FileDevice
@@ -20,6 +31,7 @@ from pxfs.volume.format import ROOT_INO, device_blocks
 from pxfs.volume.namespace import Volume
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 #: Far larger than the disk under it: the volume is thin and the disk fills first.
 VOLUME_SIZE = 1024 * MIB
 DISK_SIZE = "32m"
@@ -31,9 +43,15 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    disk = tmp_path / "disk"
+    with _tmpfs(tmp_path / "disk", DISK_SIZE) as disk:
+        yield disk
+
+
+@contextlib.contextmanager
+def _tmpfs(disk: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of `size` at `disk` for the duration of the block."""
     disk.mkdir()
-    options = f"size={DISK_SIZE}"
+    options = f"size={size}"
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], check=True)
     try:
         yield disk
@@ -98,3 +116,139 @@ async def _fill_then_recover(path: Path) -> None:
 
 def test_volume_recovers_after_the_disk_fills(small_disk: Path) -> None:
     trio.run(_fill_then_recover, small_disk / "vol.dev")
+
+
+def _fill_disk(disk: Path, leave: int = 0) -> Path:
+    """Fill the file system of `disk` with one file, then free about `leave` bytes of it."""
+    filler = disk / "filler"
+    chunk = b"\xff" * MIB
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            os.write(fd, chunk)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+# --- the sidecar's reference counts -------------------------------------------------------------
+
+
+def test_docker_refs_survive_a_full_disk(tmp_path: Path) -> None:
+    with _tmpfs(tmp_path / "disk", "1m") as disk:
+        asyncio.run(_refs_on_a_full_disk(disk / "sidecar" / "docker-refs.json"))
+
+
+async def _refs_on_a_full_disk(path: Path) -> None:
+    refs = RefStore(path)
+    # A file of several pages, so that a write into the last free page of the disk is short.
+    for index in range(200):
+        await refs.add("111", "vol-a", f"container-{index:04d}-" + "c" * 40)
+    before = path.read_bytes()
+    assert len(before) > 3 * 4096
+    filler = _fill_disk(path.parent.parent, leave=4096)
+
+    with pytest.raises(errors.NoSpace) as failure:
+        await refs.add("111", "vol-a", "one-more")
+    assert "docker-refs.json" in failure.value.message
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == ["docker-refs.json"]
+    assert len(RefStore.load(path).volume_ids()) == 1
+
+    filler.unlink()
+    await refs.add("111", "vol-a", "one-more")
+    saved = json.loads(path.read_text())
+    assert "one-more" in saved["volumes"]["111"]["containers"]
+    assert len(saved["volumes"]["111"]["containers"]) == 201
+
+
+# --- pxd with its data directory on a full disk -------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_and_fsync(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _wait_for_log(node: Node, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in node.log_text():
+        assert time.monotonic() < deadline, f"pxd never logged {text!r}:\n{node.log_text()}"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_pxd_data_dir_on_a_full_disk(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    with _tmpfs(tmp_path / "disk", "64m") as disk:
+        node = Node(tmp_path / "node")
+        node.data_dir = disk / "data"
+        try:
+            _run_pxd_on_a_full_disk(node, disk, mountpoint)
+        finally:
+            node.cleanup([mountpoint])
+
+
+def _run_pxd_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
+    node.root.mkdir()
+    node.start()
+    node.mount_volume("full-a", mountpoint, size=GIB)
+    _write_and_fsync(mountpoint / "kept", os.urandom(2 * MIB))
+    kept_digest = _sha256(mountpoint / "kept")
+    catalog = node.data_dir / "catalog.json"
+    catalog_before = json.loads(catalog.read_text())
+    filler = _fill_disk(disk)
+
+    # A create needs a replica and a catalog record: it fails with NoSpace and changes nothing.
+    result = node.pxctl("volume", "create", "full-b", "--size", "1")
+    assert result.returncode == errors.NoSpace.exit_code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads(catalog.read_text()) == catalog_before
+    assert not (node.data_dir / "catalog.json.tmp").exists()
+    assert sorted(os.listdir(node.data_dir / "replicas")) == [_only_volume_id(catalog_before)]
+
+    # Writes to the volume fail with ENOSPC at fsync, and the file written before stays.
+    with pytest.raises(OSError) as failure:
+        _write_and_fsync(mountpoint / "lost", os.urandom(4 * MIB))
+    assert failure.value.errno == errno.ENOSPC
+    (mountpoint / "lost").unlink()
+    _wait_for_log(node, "saving I/O statistics failed")
+    assert _sha256(mountpoint / "kept") == kept_digest
+
+    filler.unlink()
+    _wait_for_log(node, "saving I/O statistics works again")
+    assert node.log_text().count("saving I/O statistics failed") == 1
+    created = node.pxctl("volume", "create", "full-b", "--size", "1")
+    assert created.returncode == 0, created.stderr
+    _write_and_fsync(mountpoint / "again", os.urandom(4 * MIB))
+    for stats_file in (node.data_dir / "stats").iterdir():
+        json.loads(stats_file.read_text())
+
+    # A restart finds the catalog intact and mounts the volume again.
+    assert node.stop() == 0
+    node.start()
+    assert _sha256(mountpoint / "kept") == kept_digest
+    names = sorted(record["name"] for record in node.call("volume.list", {}))
+    assert names == ["full-a", "full-b"]
+    node.call("volume.unmount", "full-a", str(mountpoint))
+    node.call("volume.detach", "full-a")
+    for name in names:
+        node.call("volume.delete", name)
+
+
+def _only_volume_id(catalog: dict[str, object]) -> str:
+    volumes = catalog["volumes"]
+    assert isinstance(volumes, dict) and len(volumes) == 1
+    return str(next(iter(volumes)))

@@ -869,3 +869,66 @@ def test_malformed_catalog_stops_pxd(tmp_path: Path, entry: Any) -> None:
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"pxd: catalog {catalog}: volume '7'"), result.stderr
+
+
+# --- Symbolic links in mount paths --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def other_mount(path: Path) -> Iterator[Path]:
+    """A small tmpfs at `path` with a file `marker`: another filesystem that pxd must not touch."""
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
+    try:
+        (path / "marker").write_text("other")
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_mount_through_symlink_records_real_path(node: Node, attached: str, tmp_path: Path) -> None:
+    (tmp_path / "real" / "mnt").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    mounted = node.pxctl("host", "mount", attached, str(tmp_path / "link" / "mnt"))
+    assert mounted.returncode == 0, mounted.stderr
+    assert node.call("volume.inspect", attached)["mount_paths"] == [str(tmp_path / "real" / "mnt")]
+
+    unmounted = node.pxctl("host", "unmount", attached, str(tmp_path / "link" / "mnt"))
+    assert unmounted.returncode == 0, unmounted.stderr
+    assert node.call("volume.inspect", attached)["mount_paths"] == []
+    assert not is_mountpoint(tmp_path / "real" / "mnt")
+
+
+def test_unmount_after_symlink_swap_spares_others(
+    node: Node, attached: str, tmp_path: Path
+) -> None:
+    with other_mount(tmp_path / "other" / "mnt") as other:
+        (tmp_path / "outer" / "mnt").mkdir(parents=True)
+        mounted = node.pxctl("host", "mount", attached, str(tmp_path / "outer" / "mnt"))
+        assert mounted.returncode == 0, mounted.stderr
+        # Whoever owns "outer" moves it away and puts a link to another mount in its place.
+        (tmp_path / "outer").rename(tmp_path / "moved")
+        (tmp_path / "outer").symlink_to(tmp_path / "other")
+
+        result = node.pxctl("host", "unmount", attached, str(tmp_path / "outer" / "mnt"))
+        assert result.returncode == 0, result.stderr
+        assert is_mountpoint(other)
+        assert (other / "marker").read_text() == "other"
+        assert not is_mountpoint(tmp_path / "moved" / "mnt")
+        assert node.call("volume.inspect", attached)["mount_paths"] == []
+        assert "no longer leads to the volume's mount" in node.log_text()
+        wait_until(lambda: node.mount_child_pids() == [], "the mount child to stop")
+
+
+def test_remount_after_symlink_swap_skipped(own_node: Node, tmp_path: Path) -> None:
+    own_node.mount_volume("swap", tmp_path / "outer" / "mnt")
+    assert own_node.stop() == 0
+    (tmp_path / "outer").rename(tmp_path / "moved")
+    (tmp_path / "elsewhere" / "mnt").mkdir(parents=True)
+    (tmp_path / "outer").symlink_to(tmp_path / "elsewhere")
+
+    own_node.start()
+    assert not is_mountpoint(tmp_path / "elsewhere" / "mnt")
+    assert not is_mountpoint(tmp_path / "moved" / "mnt")
+    assert "now leads through a symbolic link; not remounting there" in own_node.log_text()
+    assert mounted_at(own_node, "swap") == []

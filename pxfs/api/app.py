@@ -263,6 +263,9 @@ class SidecarSettings:
     )
     max_requests: int = Config.rest_max_requests
     plugin_limits: ConnectionLimits = ConnectionLimits(Config.plugin_max_connections)
+    #: The mode of the plugin socket and the gid it gets (None: root's group).
+    plugin_mode: int = 0o600
+    plugin_group: int | None = None
 
 
 async def run_sidecar(
@@ -297,7 +300,12 @@ async def run_sidecar(
     plugin_socket: _PluginSocket | None = None
     try:
         await _start_site(runner, settings.host, settings.port, settings.token is not None)
-        plugin_socket = await _start_plugin_site(plugin_runner, Path(settings.plugin_socket))
+        plugin_socket = await _start_plugin_site(
+            plugin_runner,
+            Path(settings.plugin_socket),
+            mode=settings.plugin_mode,
+            group=settings.plugin_group,
+        )
         if notify is not None:
             notify("READY=1")
         await _log_pxd(control)
@@ -341,8 +349,10 @@ class _PluginSocket:
             self.path.unlink()
 
 
-async def _start_plugin_site(runner: web.AppRunner, path: Path) -> _PluginSocket:
-    sock = _bind_plugin_socket(path)
+async def _start_plugin_site(
+    runner: web.AppRunner, path: Path, *, mode: int, group: int | None
+) -> _PluginSocket:
+    sock = _bind_plugin_socket(path, mode=mode, group=group)
     site = web.SockSite(runner, sock)
     await site.start()
     info = os.lstat(path)
@@ -350,18 +360,23 @@ async def _start_plugin_site(runner: web.AppRunner, path: Path) -> _PluginSocket
     return _PluginSocket(path, info.st_dev, info.st_ino)
 
 
-def _bind_plugin_socket(path: Path) -> socket.socket:
-    """Bind a unix socket at `path` with mode 0600, replacing a stale socket file."""
+def _bind_plugin_socket(
+    path: Path, *, mode: int = 0o600, group: int | None = None
+) -> socket.socket:
+    """Bind a unix socket at `path` with `mode` and `group`, replacing a stale socket file."""
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Bound under a temporary name and renamed once it is 0600, so that no other user
-        # ever sees the socket with the default mode.
+        # Bound under a temporary name and renamed once it has its mode and group, so that no
+        # other user ever sees the socket with the default mode.
         temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         try:
             sock.bind(str(temporary))
             os.chmod(temporary, 0o600)
+            if group is not None:
+                os.chown(temporary, -1, group)
+            os.chmod(temporary, mode)
             os.rename(temporary, path)
         except BaseException:
             sock.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from pxfs import errors, units
 from pxfs.api import osd
 from pxfs.api.control import ControlClient
 from pxfs.api.server import oversized_body
+from pxfs.datadir import write_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -349,12 +351,13 @@ class RefStore:
         async with self._write_lock:
             data = json.dumps({"version": _REFS_VERSION, "volumes": self._volumes}, indent=1)
             try:
-                await asyncio.to_thread(_write_atomically, self.path, data.encode())
+                await asyncio.to_thread(_write_refs, self.path, data.encode())
             except OSError as exc:
                 log.error("cannot save the Docker reference counts to %s: %s", self.path, exc)
-                raise errors.InternalError(
-                    f"cannot save the reference counts to {self.path}: {exc.strerror}"
-                ) from None
+                message = f"cannot save the reference counts to {self.path}: {exc.strerror}"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise errors.NoSpace(message) from None
+                raise errors.InternalError(message) from None
 
 
 def _decode_refs(path: Path, text: str) -> dict[str, dict[str, Any]]:
@@ -376,22 +379,9 @@ def _decode_refs(path: Path, text: str) -> dict[str, dict[str, Any]]:
     return {vol_id: entry for vol_id, entry in volumes.items() if entry["containers"]}
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_refs(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    # The rename is durable only once the directory itself is synced.
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_file_atomically(path, data, temporary=path.with_name(f".{path.name}.tmp"))
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -402,7 +392,8 @@ class DockerPlugin:
 
     def __init__(self, control: ControlClient, mount_base: Path, refs: RefStore) -> None:
         self.control = control
-        self.mount_base = Path(os.path.abspath(mount_base))
+        # pxd records mount paths with their symbolic links resolved, so the base is too.
+        self.mount_base = Path(os.path.realpath(mount_base))
         self.refs = refs
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
