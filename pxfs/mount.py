@@ -629,7 +629,7 @@ async def _start_control(
 
 
 def _fuse_init(volume: Volume, mountpoint: str, meter: IoMeter) -> Operations:
-    operations = Operations(volume, meter)
+    operations = Operations(volume, meter, mountpoint)
     try:
         pyfuse3.init(operations, mountpoint, set(MOUNT_OPTIONS))
     except RuntimeError as exc:

@@ -77,8 +77,11 @@ FLUSH_INTERVAL = 1.0
 #: Buffered record bytes that wake the background flush early.
 FLUSH_BYTES = 1024 * 1024
 DIRECTORY_SIZE = 4096
-#: Blocks read along with a sequential read that misses the cache.
-READ_AHEAD_BLOCKS = 16
+#: The readahead window of sequential reads, in blocks: 4 MiB after the last block read.
+READ_AHEAD_BLOCKS = 64
+#: Blocks read along with a sequential read that misses the cache, and the least number of
+#: absent blocks in the window that starts a background read.
+READ_AHEAD_STEP = 16
 #: Files whose last read end is remembered to detect sequential reads.
 _READ_AHEAD_FILES = 1024
 _RELATIME_NS = 24 * 3600 * 10**9
@@ -929,8 +932,17 @@ class Volume:
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         """Read up to `size` bytes at `offset`. Holes read as zeros."""
+        return bytes(await self.read_buffer(ino, offset, size))
+
+    async def read_buffer(self, ino: int, offset: int, size: int) -> bytes | memoryview:
+        """Read as `read` does, but a read inside one block returns a view of the cached block.
+
+        The view is valid only until the caller's next await, because a later write may
+        change the cached block in place.
+        """
         if offset < 0 or size < 0:
             raise InvalidArgument(f"invalid read of {size} bytes at {offset}")
+        sequential = self._is_sequential(ino, offset)
         while True:
             inode = self._regular(ino)
             end = min(offset + size, inode.size)
@@ -940,16 +952,24 @@ class Volume:
             first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
             mapped = [inode.blocks.get(findex) for findex in range(first, last + 1)]
             wanted = [blockno for blockno in mapped if blockno is not None]
-            missing = [blockno for blockno in wanted if not self._cache.has(blockno)]
-            if missing:
-                await self._cache.load(wanted + self._read_ahead(inode, offset, last))
+            if any(not self._cache.has(blockno) for blockno in wanted):
+                ahead = self._blocks_ahead(inode, last, READ_AHEAD_STEP) if sequential else []
+                await self._cache.load(wanted + ahead)
                 # The file may have changed while the blocks were read: start over.
                 continue
             data = self._gather(mapped, offset - first * BLOCK_SIZE, end - offset)
-            if data is not None:
-                self._note_read(ino, end)
-                self._touch_atime(inode)
-                return data
+            if data is None:
+                continue
+            if sequential:
+                self._prefetch_ahead(inode, last)
+            self._note_read(ino, end)
+            self._touch_atime(inode)
+            return data
+
+    def _is_sequential(self, ino: int, offset: int) -> bool:
+        """Tell whether a read at `offset` continues the last read of the file, or nearly."""
+        previous = self._read_ends.get(ino)
+        return previous is not None and 0 <= offset - previous <= READ_AHEAD_BLOCKS * BLOCK_SIZE
 
     def _note_read(self, ino: int, end: int) -> None:
         self._read_ends.pop(ino, None)
@@ -957,31 +977,42 @@ class Volume:
         if len(self._read_ends) > _READ_AHEAD_FILES:
             del self._read_ends[next(iter(self._read_ends))]
 
-    def _read_ahead(self, inode: Inode, offset: int, last: int) -> list[int]:
-        """Return the uncached blocks after `last` to load along, if the reads are sequential."""
-        previous = self._read_ends.get(inode.ino)
-        if previous is None or not 0 <= offset - previous <= READ_AHEAD_BLOCKS * BLOCK_SIZE:
-            return []
+    def _blocks_ahead(self, inode: Inode, last: int, count: int) -> list[int]:
+        """Return the mapped blocks of the `count` file blocks after `last` that are absent."""
         assert inode.blocks is not None
-        limit = min(last + 1 + READ_AHEAD_BLOCKS, -(-inode.size // BLOCK_SIZE))
+        limit = min(last + 1 + count, -(-inode.size // BLOCK_SIZE))
         ahead = (inode.blocks.get(findex) for findex in range(last + 1, limit))
-        return [
-            blockno for blockno in ahead if blockno is not None and not self._cache.has(blockno)
-        ]
+        return self._cache.absent(blockno for blockno in ahead if blockno is not None)
 
-    def _gather(self, mapped: list[int | None], skip: int, length: int) -> bytes | None:
-        parts: list[bytes | bytearray | memoryview] = []
+    def _prefetch_ahead(self, inode: Inode, last: int) -> None:
+        """Queue a background read of the readahead window once a step of it is absent.
+
+        Waiting for a whole step makes each read call to the replicas move at least
+        READ_AHEAD_STEP blocks. The end of the file starts the read of what is left.
+        """
+        absent = self._blocks_ahead(inode, last, READ_AHEAD_BLOCKS)
+        reaches_end = (last + 1 + READ_AHEAD_BLOCKS) * BLOCK_SIZE >= inode.size
+        if len(absent) >= READ_AHEAD_STEP or (absent and reaches_end):
+            self._cache.prefetch(absent)
+
+    def _gather(
+        self, mapped: list[int | None], skip: int, length: int
+    ) -> bytes | memoryview | None:
+        if len(mapped) == 1:
+            single = ZERO_BLOCK if mapped[0] is None else self._cache.peek(mapped[0])
+            if single is None:
+                return None
+            return memoryview(single)[skip : skip + length]
+        parts: list[memoryview] = []
         for blockno in mapped:
-            if blockno is None:
-                parts.append(ZERO_BLOCK)
-                continue
-            block = self._cache.peek(blockno)
+            block = ZERO_BLOCK if blockno is None else self._cache.peek(blockno)
             if block is None:
                 return None
-            parts.append(block)
-        if len(parts) == 1:
-            return bytes(memoryview(parts[0])[skip : skip + length])
-        return b"".join(parts)[skip : skip + length]
+            parts.append(memoryview(block))
+        # Only the requested bytes of the first and last block are copied.
+        parts[0] = parts[0][skip:]
+        parts[-1] = parts[-1][: skip + length - (len(parts) - 1) * BLOCK_SIZE]
+        return b"".join(parts)
 
     def _touch_atime(self, inode: Inode) -> None:
         """Update atime the way relatime does: once after each change, else once a day."""
