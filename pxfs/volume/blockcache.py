@@ -39,12 +39,7 @@ from pxfs.volume.device import BLOCK_SIZE, BlockDevice
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-#: Clean blocks kept in memory. Random reads run at memory speed only inside what the cache
-#: holds: a 4 KiB read that misses costs a 64 KiB read from a replica, estimated from fio's
-#: random reads at about a millisecond here, a round trip between two processes.
-# NOTE: the cache is per mounted volume and is not given back under memory pressure, so a node
-# with many busy volumes needs this much memory for each of them.
-DEFAULT_CACHE_BYTES = 1024 * MIB
+DEFAULT_CACHE_BYTES = 256 * MIB
 DEFAULT_DIRTY_BYTES = 64 * MIB
 DEFAULT_BATCH_BLOCKS = 64
 DEFAULT_MAX_IN_FLIGHT = 4
