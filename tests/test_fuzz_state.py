@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pxfs import catalog, store
+from pxfs import catalog, replicafiles, store
 from pxfs.errors import Corrupted
 
 # No example database, so a run leaves no files behind. The deadline catches a parser that loops.
@@ -219,14 +219,14 @@ VOL_ID = "4242"
 
 def valid_meta(nblocks: int, epoch: int) -> bytes:
     """Return a meta file as the store writes it."""
-    meta = {"format": store.FORMAT_VERSION, "vol_id": VOL_ID, "nblocks": nblocks, "epoch": epoch}
+    meta = {"format": replicafiles.FORMAT_VERSION, "vol_id": VOL_ID, "nblocks": nblocks, "epoch": epoch}
     return msgpack.packb(meta, use_bin_type=True)
 
 
 def parse_meta(raw: bytes) -> tuple[int, int] | None:
     """Parse `raw` as the meta of VOL_ID; return None when it is Corrupted."""
     try:
-        return store._parse_meta(raw, VOL_ID, Path("/replicas") / VOL_ID / "meta")
+        return replicafiles.parse_meta(raw, VOL_ID, Path("/replicas") / VOL_ID / "meta")
     except Corrupted:
         return None
 
@@ -236,12 +236,12 @@ def check_meta(parsed: tuple[int, int]) -> None:
     nblocks, epoch = parsed
     assert isinstance(nblocks, int)
     assert isinstance(epoch, int)
-    assert 0 < nblocks <= store.MAX_NBLOCKS
-    assert 0 <= epoch <= store.MAX_EPOCH
+    assert 0 < nblocks <= replicafiles.MAX_NBLOCKS
+    assert 0 <= epoch <= replicafiles.MAX_EPOCH
 
 
 @fuzz(300)
-@given(st.integers(1, store.MAX_NBLOCKS), st.integers(0, store.MAX_EPOCH), st.integers(0, 2**32))
+@given(st.integers(1, replicafiles.MAX_NBLOCKS), st.integers(0, replicafiles.MAX_EPOCH), st.integers(0, 2**32))
 def test_mutated_meta_parses_or_corrupted(nblocks: int, epoch: int, seed: int) -> None:
     """300 valid meta files, 10 mutants each (3000 files): in-range values or Corrupted."""
     raw = valid_meta(nblocks, epoch)
