@@ -7,7 +7,8 @@ on TCP to the other nodes and publishes its status in its node record every few 
 
 The parts of the Node class live in their own modules: pxfs/nodebase.py (shared state),
 pxfs/sampling.py (I/O statistics), pxfs/children.py (mount children and bind mounts),
-pxfs/volumes.py (the volume methods), pxfs/detached.py (the resync of detached volumes) and
+pxfs/volumes.py (the volume methods), pxfs/replicaset.py (write-set reports and changes of the
+ha level), pxfs/detached.py (the resync of detached volumes) and
 pxfs/leftovers.py (the replicas that a delete left on offline nodes).
 This module holds start-up, shutdown and the node and cluster methods.
 """
