@@ -245,7 +245,7 @@ class VolumeControl(ReplicaSetControl):
 
     def _attach_change(self, record: VolumeRecord, take_from: str = "") -> VolumeRecord:
         if record.get("deleting"):
-            raise NotFound(f"volume {record['id']} is being deleted")
+            raise NotFound(f"volume {record['name']} is being deleted; delete it again to finish")
         if record["attached_on"] not in ("", self.node_id):
             if record["attached_on"] != take_from:
                 raise Busy(f"volume {record['name']} is attached on node {record['attached_on']}")
@@ -331,6 +331,13 @@ class VolumeControl(ReplicaSetControl):
         path = normalize_path(path)
         async with self._volume_locks[vol_id]:
             record = (await self._catalog().require_volume(vol_id)).record
+            if record["attached_on"] not in ("", self.node_id):
+                # Its mount paths are paths on that node: unmounting them here would tear down
+                # whatever this host has mounted there, and drop that node's record of them.
+                raise Busy(
+                    f"volume {record['name']} is attached on node {record['attached_on']}; "
+                    "unmount it there"
+                )
             if path not in record["mount_paths"]:
                 # A path given through a symbolic link names the resolved path in the record.
                 path = os.path.realpath(path)
@@ -425,7 +432,7 @@ class VolumeControl(ReplicaSetControl):
     async def _check_update(self, record: VolumeRecord, parsed: dict[str, Any]) -> None:
         """Raise for a change that cannot be applied, before any change is made."""
         if record.get("deleting"):
-            raise NotFound(f"volume {record['id']} is being deleted")
+            raise NotFound(f"volume {record['name']} is being deleted; delete it again to finish")
         if "size" in parsed:
             _check_not_shrinking(record, parsed["size"])
 

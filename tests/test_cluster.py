@@ -196,6 +196,25 @@ def test_replica_down_then_resynced(cluster: Cluster, tmp_path: Path) -> None:
     first.call("volume.delete", "degraded")
 
 
+def test_unmount_from_other_node_rejected(cluster: Cluster, tmp_path: Path) -> None:
+    first, second = cluster.nodes[:2]
+    _create(first, "owned", 1, nodes=[first.node_id])
+    path = tmp_path / "mnt"
+    path.mkdir()
+    first.call("volume.attach", "owned")
+    try:
+        first.call("volume.mount", "owned", str(path))
+        with pytest.raises(errors.Busy, match="attached on node"):
+            second.call("volume.unmount", "owned", str(path))
+        assert is_mountpoint(path)
+        assert first.call("volume.inspect", "owned")["mount_paths"] == [str(path)]
+    finally:
+        if is_mountpoint(path):
+            first.call("volume.unmount", "owned", str(path))
+        first.call("volume.detach", "owned")
+    first.call("volume.delete", "owned")
+
+
 def test_out_of_sync_replica_kept_at_remount(cluster: Cluster, tmp_path: Path) -> None:
     first, second, third = cluster.nodes[:3]
     record = _create(first, "stale", 2, nodes=[first.node_id, second.node_id])
@@ -322,7 +341,9 @@ def test_killed_node_goes_offline(cluster: Cluster) -> None:
     assert listed[second.node_id]["online"] is True
 
     # Two online nodes cannot hold three replicas.
-    with pytest.raises(errors.InvalidArgument, match="needs 3 nodes, but the cluster has 2"):
+    with pytest.raises(
+        errors.InvalidArgument, match="needs 3 online nodes, but the cluster has 2 online"
+    ):
         _create(first, "ha3", 3)
 
     third.start()
