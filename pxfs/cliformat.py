@@ -20,6 +20,8 @@ def verify_lines(ref: str, result: Mapping[str, Any]) -> list[str]:
     allocated = int(result.get("allocated_blocks") or 0)
     differing = int(result.get("differing_blocks") or 0)
     if result.get("identical"):
+        if replicas == 1:
+            return [f"Volume {ref}: its one replica is consistent ({allocated} allocated blocks)"]
         return [
             f"Volume {ref}: the {replicas} replicas are identical ({allocated} allocated blocks)"
         ]

@@ -106,7 +106,8 @@ def choose_replica_nodes(
         return _check_requested(online, ha_level, list(requested))
     if ha_level > len(online):
         raise InvalidArgument(
-            f"ha_level {ha_level} needs {ha_level} nodes, but the cluster has {len(online)}"
+            f"ha_level {ha_level} needs {ha_level} online nodes, but the cluster has "
+            f"{len(online)} online"
         )
     ranked = sorted(
         online.values(), key=lambda node: (-int(node.get("free_bytes") or 0), node["id"])
@@ -121,7 +122,8 @@ def _check_requested(
         raise InvalidArgument(f"the replica nodes {requested} name a node more than once")
     if len(requested) != ha_level:
         raise InvalidArgument(
-            f"ha_level {ha_level} needs {ha_level} replica nodes, but {len(requested)} are given"
+            f"ha_level {ha_level} needs {ha_level} replica nodes, but the request names "
+            f"{len(requested)}"
         )
     for node_id in requested:
         if node_id not in online:

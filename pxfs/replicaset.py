@@ -77,7 +77,8 @@ class ReplicaSetControl(ChildSupervisor):
         nodes = sum(1 for node in await self._nodes_with_status() if node.get("online"))
         if ha_level > nodes:
             raise InvalidArgument(
-                f"ha_level {ha_level} needs {ha_level} nodes, but the cluster has {nodes}"
+                f"ha_level {ha_level} needs {ha_level} online nodes, but the cluster has "
+                f"{nodes} online"
             )
 
     async def _delete_replicas_after_failure(self, vol_id: str, node_ids: list[str]) -> None:

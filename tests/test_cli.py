@@ -651,7 +651,7 @@ def test_ha_update_needs_nodes(pxd: Any) -> None:
     create(pxd, "vol1")
     result = pxctl(pxd.socket, "volume", "ha-update", "--repl", "2", "vol1")
     assert_one_line_error(result, errors.InvalidArgument.exit_code)
-    assert "needs 2 nodes" in result.stderr
+    assert "needs 2 online nodes" in result.stderr
 
 
 def test_ha_update_starts_the_change(pxd: Any) -> None:

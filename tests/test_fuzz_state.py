@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pxfs import catalog, replicafiles, store
+from pxfs import catalog, replicafiles
 from pxfs.errors import Corrupted
 
 # No example database, so a run leaves no files behind. The deadline catches a parser that loops.
@@ -219,7 +219,12 @@ VOL_ID = "4242"
 
 def valid_meta(nblocks: int, epoch: int) -> bytes:
     """Return a meta file as the store writes it."""
-    meta = {"format": replicafiles.FORMAT_VERSION, "vol_id": VOL_ID, "nblocks": nblocks, "epoch": epoch}
+    meta = {
+        "format": replicafiles.FORMAT_VERSION,
+        "vol_id": VOL_ID,
+        "nblocks": nblocks,
+        "epoch": epoch,
+    }
     return msgpack.packb(meta, use_bin_type=True)
 
 
@@ -241,7 +246,11 @@ def check_meta(parsed: tuple[int, int]) -> None:
 
 
 @fuzz(300)
-@given(st.integers(1, replicafiles.MAX_NBLOCKS), st.integers(0, replicafiles.MAX_EPOCH), st.integers(0, 2**32))
+@given(
+    st.integers(1, replicafiles.MAX_NBLOCKS),
+    st.integers(0, replicafiles.MAX_EPOCH),
+    st.integers(0, 2**32),
+)
 def test_mutated_meta_parses_or_corrupted(nblocks: int, epoch: int, seed: int) -> None:
     """300 valid meta files, 10 mutants each (3000 files): in-range values or Corrupted."""
     raw = valid_meta(nblocks, epoch)

@@ -268,7 +268,7 @@ def test_ha_update_errors(cluster: Cluster) -> None:
     try:
         with pytest.raises(errors.InvalidArgument) as caught:
             first.call("volume.update", "bad", {"ha_level": 3})
-        assert str(caught.value) == "ha_level 3 needs 3 nodes, but the cluster has 2"
+        assert str(caught.value) == "ha_level 3 needs 3 online nodes, but the cluster has 2 online"
     finally:
         third.start()
     record = first.call("volume.inspect", "bad")

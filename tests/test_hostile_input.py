@@ -144,7 +144,11 @@ def fsync_write(path: Path, data: bytes) -> None:
         (["volume", "create", "s", "--repl", "0"], 2, "invalid replica count '0'"),
         (["volume", "create", "s", "--repl", "4"], 2, "invalid replica count '4'"),
         (["volume", "create", "s", "--repl", "1.0"], 2, "invalid replica count '1.0'"),
-        (["volume", "create", "s", "--repl", "2"], 2, "needs 2 nodes, but the cluster has 1"),
+        (
+            ["volume", "create", "s", "--repl", "2"],
+            2,
+            "needs 2 online nodes, but the cluster has 1 online",
+        ),
         (["volume", "create", "s", "--label", "novalue"], 2, "expected KEY=VALUE"),
         (["volume", "create", "s", "--label", "k" * 129 + "=v"], 2, "maximum is 128 bytes"),
         (["volume", "create", "s", "extra"], 2, "unrecognized arguments"),
@@ -380,7 +384,7 @@ def test_rest_create_rejects_bad_bodies(node: Node, body: bytes, reason: str) ->
     ("body", "reason"),
     [
         (create_body(size=1000), "below the minimum"),
-        (create_body(ha_level=2), "needs 2 nodes, but the cluster has 1"),
+        (create_body(ha_level=2), "needs 2 online nodes, but the cluster has 1 online"),
     ],
 )
 def test_rest_create_soft_errors(node: Node, body: bytes, reason: str) -> None:

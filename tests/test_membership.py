@@ -27,7 +27,9 @@ def test_placement_most_free_first() -> None:
 
 
 def test_placement_skips_offline_nodes() -> None:
-    with pytest.raises(errors.InvalidArgument, match="needs 4 nodes, but the cluster has 3"):
+    with pytest.raises(
+        errors.InvalidArgument, match="needs 4 online nodes, but the cluster has 3 online"
+    ):
         choose_replica_nodes(NODES, 4, None)
 
 
@@ -44,7 +46,7 @@ def test_placement_on_requested_nodes() -> None:
     ("requested", "message"),
     [
         (["a", "a"], "more than once"),
-        (["a"], "needs 2 replica nodes, but 1 are given"),
+        (["a"], "needs 2 replica nodes, but the request names 1"),
         (["a", "c"], "replica node c is not an online node"),
         (["a", "x"], "replica node x is not an online node"),
     ],

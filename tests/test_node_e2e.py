@@ -80,9 +80,14 @@ def test_pxctl_volume_lifecycle(node: Node, tmp_path: Path) -> None:
 
 
 def test_rest_inspect_matches_reference_shape(node: Node) -> None:
-    status, reply = node.rest("POST", "/v1/osd-volumes", {
-        "locator": {"name": "px7vol"}, "spec": {"size": 14 * GIB, "ha_level": 1},
-    })
+    status, reply = node.rest(
+        "POST",
+        "/v1/osd-volumes",
+        {
+            "locator": {"name": "px7vol"},
+            "spec": {"size": 14 * GIB, "ha_level": 1},
+        },
+    )
     assert status == 200
     volume_id = reply["id"]
     assert volume_id.isdigit()
@@ -114,9 +119,14 @@ def test_rest_inspect_matches_reference_shape(node: Node) -> None:
 
 
 def test_rest_attach_mount_unmount_detach(node: Node, tmp_path: Path) -> None:
-    status, reply = node.rest("POST", "/v1/osd-volumes", {
-        "locator": {"name": "restvol"}, "spec": {"size": GIB, "ha_level": 1},
-    })
+    status, reply = node.rest(
+        "POST",
+        "/v1/osd-volumes",
+        {
+            "locator": {"name": "restvol"},
+            "spec": {"size": GIB, "ha_level": 1},
+        },
+    )
     volume_id = reply["id"]
     mountpoint = tmp_path / "mnt-rest"
     mountpoint.mkdir()
@@ -124,8 +134,11 @@ def test_rest_attach_mount_unmount_detach(node: Node, tmp_path: Path) -> None:
     status, reply = node.rest("PUT", f"/v1/osd-volumes/{volume_id}", {"action": {"attach": 2}})
     assert status == 200
     assert reply["volume"]["state"] == 3
-    status, reply = node.rest("PUT", f"/v1/osd-volumes/{volume_id}",
-                              {"action": {"mount": 2, "mount_path": str(mountpoint)}})
+    status, reply = node.rest(
+        "PUT",
+        f"/v1/osd-volumes/{volume_id}",
+        {"action": {"mount": 2, "mount_path": str(mountpoint)}},
+    )
     assert status == 200
     assert "error" not in reply.get("volume_response", {})
     assert reply["volume"]["attach_path"] == [str(mountpoint)]
@@ -138,8 +151,11 @@ def test_rest_attach_mount_unmount_detach(node: Node, tmp_path: Path) -> None:
 
     status, reply = node.rest("DELETE", f"/v1/osd-volumes/{volume_id}")
     assert "attached" in reply.get("error", "")
-    status, reply = node.rest("PUT", f"/v1/osd-volumes/{volume_id}",
-                              {"action": {"mount": 1, "mount_path": str(mountpoint)}})
+    status, reply = node.rest(
+        "PUT",
+        f"/v1/osd-volumes/{volume_id}",
+        {"action": {"mount": 1, "mount_path": str(mountpoint)}},
+    )
     assert status == 200
     assert not os.path.ismount(mountpoint)
     status, reply = node.rest("PUT", f"/v1/osd-volumes/{volume_id}", {"action": {"attach": 1}})
@@ -255,9 +271,19 @@ def test_second_pxd_on_same_data_dir_refused(node: Node) -> None:
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.pxd", "--data-dir", str(node.data_dir),
-         "--socket", str(node.root / "run" / "other.sock")],
-        capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent,
+        [
+            sys.executable,
+            "-m",
+            "daemon.pxd",
+            "--data-dir",
+            str(node.data_dir),
+            "--socket",
+            str(node.root / "run" / "other.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).parent.parent,
     )
     assert result.returncode != 0
     assert "in use" in result.stderr

@@ -155,7 +155,7 @@ def test_ha_level_above_nodes_rejected(node: Node) -> None:
     create(node, "ha2")
     with pytest.raises(errors.InvalidArgument) as caught:
         node.call("volume.update", "ha2", {"ha_level": 2, "size": 128 * MIB})
-    assert str(caught.value) == "ha_level 2 needs 2 nodes, but the cluster has 1"
+    assert str(caught.value) == "ha_level 2 needs 2 online nodes, but the cluster has 1 online"
     record = node.call("volume.inspect", "ha2")
     assert record["size"] == 64 * MIB
     assert record["ha_level"] == 1

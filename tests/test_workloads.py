@@ -74,8 +74,9 @@ def remount(node: Node, name: str, mountpoint: Path) -> None:
 def test_stdlib_copy_survives_remount(node: Node, tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     node.mount_volume("tree", mountpoint, size=2 * GIB)
-    shutil.copytree(stdlib_tree(), mountpoint / "stdlib", symlinks=True,
-                    ignore=ignore_site_packages)
+    shutil.copytree(
+        stdlib_tree(), mountpoint / "stdlib", symlinks=True, ignore=ignore_site_packages
+    )
     remount(node, "tree", mountpoint)
     count = compare_trees(stdlib_tree(), mountpoint / "stdlib")
     assert count > 1000
@@ -87,20 +88,27 @@ def test_git_repository_fsck_after_remount(node: Node, tmp_path: Path) -> None:
     work = mountpoint / "repo"
     shutil.copytree(stdlib_tree() / "json", work / "json")
     shutil.copytree(stdlib_tree() / "email", work / "email")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(work), *args], check=True, env=env,
-                              capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["git", "-C", str(work), *args], check=True, env=env, capture_output=True, text=True
+        ).stdout
 
     git("init", "-q")
     git("add", "-A")
     git("commit", "-q", "-m", "stdlib subset")
     head = git("rev-parse", "HEAD").strip()
     remount(node, "git", mountpoint)
-    subprocess.run(["git", "-C", str(work), "fsck", "--full", "--strict"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(work), "fsck", "--full", "--strict"], check=True, capture_output=True
+    )
     assert git("rev-parse", "HEAD").strip() == head
     assert git("status", "--porcelain") == ""
 
@@ -151,8 +159,11 @@ def restart_after_crash(node: Node, mountpoint: Path) -> None:
 
 
 def start_writer(mountpoint: Path, manifest: Path, seed: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, str(WRITER), str(mountpoint), str(manifest),
-                             str(seed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, str(WRITER), str(mountpoint), str(manifest), str(seed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def wait_for_fsyncs(manifest: Path, count: int, writer: subprocess.Popen[bytes]) -> None:
@@ -190,8 +201,9 @@ def check_after_crash(node: Node, mountpoint: Path, manifest: Path) -> None:
 
 
 @pytest.mark.parametrize("fsyncs", [3, 40])
-def test_pxd_kill_during_writes_keeps_fsynced_files(node: Node, tmp_path: Path,
-                                                    fsyncs: int) -> None:
+def test_pxd_kill_during_writes_keeps_fsynced_files(
+    node: Node, tmp_path: Path, fsyncs: int
+) -> None:
     mountpoint, manifest = tmp_path / "mnt", tmp_path / "manifest"
     node.mount_volume("crash", mountpoint)
     writer = start_writer(mountpoint, manifest, seed=fsyncs)

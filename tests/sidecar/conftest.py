@@ -285,7 +285,8 @@ class FakePxd:
         nodes = len(self.cluster_nodes())
         if ha_level > nodes:
             raise errors.InvalidArgument(
-                f"ha_level {ha_level} needs {ha_level} nodes, but the cluster has {nodes}"
+                f"ha_level {ha_level} needs {ha_level} online nodes, but the cluster has "
+                f"{nodes} online"
             )
         # As pxd does: a raise records the target set and returns while the copy runs.
         record["replica_nodes_next"] = [node["node_id"] for node in self.cluster_nodes()][:ha_level]

@@ -437,7 +437,7 @@ async def test_put_same_spec_no_change(rest_client: Client, fake_pxd: FakePxd) -
         ({"spec": {"size": 2 << 40}}, 400, "maximum volume size"),
         ({"spec": {"size": -1}}, 400, "spec.size must be a non-negative integer"),
         ({"spec": {"size": 1.5}}, 400, "spec.size must be a non-negative integer"),
-        ({"spec": {"ha_level": 3}}, 400, "needs 3 nodes"),
+        ({"spec": {"ha_level": 3}}, 400, "needs 3 online nodes"),
         ({"spec": {"ha_level": "2"}}, 400, "spec.ha_level"),
         ({"locator": {"volume_labels": {"": "v"}}}, 400, "label"),
         ({"locator": {"name": "renamed"}}, 501, "renaming volume vol1 is not supported"),
