@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import subprocess
+import urllib.request
 import sys
 import time
 from collections.abc import Iterator
@@ -391,6 +392,23 @@ def test_cluster_tool_starts_and_stops(tmp_path: Path) -> None:
     try:
         assert started.returncode == 0, started.stderr
         assert "--socket" in started.stdout
+        # start returns once every sidecar serves its REST port.
+        for node in state["nodes"]:
+            url = f"{node['rest']}/v1/cluster/enumerate"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                assert reply.status == 200
+
+        # A second cluster on the same addresses fails at once rather than reporting REST URLs
+        # that the first cluster serves.
+        second = subprocess.run(
+            [*tool, "start", "1", "--dir", str(tmp_path / "second")],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert second.returncode != 0
+        assert "port 9001 on 127.0.0.2 is in use" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert not (tmp_path / "second" / "cluster.json").exists()
+
         sockets = [node["socket"] for node in state["nodes"]]
         with BlockingClient(sockets[1]) as client:
             listed = client.call("cluster.nodes")
