@@ -258,7 +258,10 @@ def volume_ha_update(client: BlockingClient, args: argparse.Namespace) -> int:
     if current == args.repl:
         print(f"Volume {args.ref} already has {current} replica(s)")
         return 0
-    client.call("volume.update", args.ref, {"ha_level": args.repl})
+    changes: dict[str, Any] = {"ha_level": args.repl}
+    if args.nodes:
+        changes["nodes"] = osd.node_ids_from_ips(client.call("cluster.nodes"), args.nodes)
+    client.call("volume.update", args.ref, changes)
     print(
         f"Update Volume Replication: Replication update started successfully for volume {args.ref}"
     )
@@ -533,6 +536,12 @@ def _add_volume_update_commands(verbs: Any) -> None:
     ha_update.add_argument("ref", metavar="NAME|ID", type=parse_text, help="volume name or id")
     ha_update.add_argument(
         "--repl", type=parse_repl_option, required=True, help="new number of replicas, 1 to 3"
+    )
+    ha_update.add_argument(
+        "--nodes",
+        type=parse_nodes_option,
+        metavar="ID,...",
+        help="node ids or IPs for the new replicas, one per replica added (default: pxd chooses)",
     )
     ha_update.set_defaults(func=volume_ha_update)
 

@@ -663,6 +663,17 @@ def test_ha_update_starts_the_change(pxd: Any) -> None:
     assert len(pxd.find("vol1")["replica_nodes_next"]) == 2
 
 
+def test_ha_update_on_named_node(pxd: Any) -> None:
+    pxd.other_nodes = [
+        {"node_id": "node-b2", "online": True, "status": "up"},
+        {"node_id": "node-b3", "online": True, "status": "up"},
+    ]
+    create(pxd, "vol1")
+    result = pxctl(pxd.socket, "volume", "ha-update", "--repl", "2", "--nodes", "node-b3", "vol1")
+    assert result.returncode == 0, result.stderr
+    assert pxd.find("vol1")["replica_nodes_next"][1:] == ["node-b3"]
+
+
 def test_ha_update_same_level(pxd: Any) -> None:
     create(pxd, "vol1")
     result = pxctl(pxd.socket, "volume", "ha-update", "--repl", "1", "vol1")

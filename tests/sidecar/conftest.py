@@ -258,7 +258,7 @@ class FakePxd:
     def update(self, ref: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Serve volume.update: validate every key present, then apply them all."""
         record = self.find(ref)
-        unknown = sorted(set(changes) - {"size", "ha_level", "labels"})
+        unknown = sorted(set(changes) - {"size", "ha_level", "labels", "nodes"})
         if unknown:
             raise errors.InvalidArgument(f"volume.update does not know the key {unknown[0]!r}")
         size = record["size"]
@@ -269,7 +269,7 @@ class FakePxd:
                     f"volume {record['name']} is {record['size']} bytes; shrinking is not supported"
                 )
         if "ha_level" in changes:
-            self._check_ha_change(record, changes["ha_level"])
+            self._check_ha_change(record, changes["ha_level"], changes.get("nodes"))
         labels = record["labels"]
         if "labels" in changes:
             labels = units.validate_labels(changes["labels"])
@@ -277,7 +277,9 @@ class FakePxd:
         record["labels"] = dict(labels)
         return record
 
-    def _check_ha_change(self, record: dict[str, Any], ha_level: Any) -> None:
+    def _check_ha_change(
+        self, record: dict[str, Any], ha_level: Any, requested: list[str] | None = None
+    ) -> None:
         if isinstance(ha_level, bool) or not isinstance(ha_level, int) or not 1 <= ha_level <= 3:
             raise errors.InvalidArgument(f"ha_level must be 1 to 3, got {ha_level!r}")
         if ha_level == record["ha_level"]:
@@ -289,6 +291,9 @@ class FakePxd:
                 f"{nodes} online"
             )
         # As pxd does: a raise records the target set and returns while the copy runs.
+        if requested is not None:
+            record["replica_nodes_next"] = list(record["replica_nodes"]) + list(requested)
+            return
         record["replica_nodes_next"] = [node["node_id"] for node in self.cluster_nodes()][:ha_level]
 
     def stats(self, ref: str, cumulative: bool = True) -> dict[str, int]:
