@@ -6,9 +6,9 @@ import hashlib
 import json
 import os
 import subprocess
-import urllib.request
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
