@@ -377,6 +377,8 @@ async def _resync_periodically(
             next_reconnect = trio.current_time() + RECONNECT_INTERVAL
             # A write-set replica whose connection was lost is reconnected too: a write below
             # the quorum keeps it in the write set, and its reconcile needs that replica back.
+            # The probe finds the connections lost while the volume was idle.
+            await device.probe_write_set()
             returning += device.disconnected
         for replica_id in returning:
             if replica_id not in addresses:
@@ -392,9 +394,25 @@ async def _resync_periodically(
                 failures[replica_id] = failures.get(replica_id, 0) + 1
                 level = logging.WARNING if failures[replica_id] == 1 else logging.DEBUG
                 log.log(level, "resync of replica %s failed: %s", replica_id, exc.message)
+                await _drop_if_unreachable(device, replica_id, exc)
                 continue
             failures.pop(replica_id, None)
             log.info("replica %s is in the write set again; %d blocks copied", replica_id, copied)
+
+
+async def _drop_if_unreachable(device: ReplicationClient, replica_id: str, exc: PxfsError) -> None:
+    """Drop a write-set replica that could not be reconnected, so the volume shows degraded."""
+    if replica_id not in device.disconnected:
+        return
+    try:
+        await device.drop_unreachable(replica_id, exc)
+    except PxfsError as report_error:
+        # pxd did not record the change; the next write or attempt reports it again.
+        log.warning(
+            "recording that replica %s left the write set failed: %s",
+            replica_id,
+            report_error.message,
+        )
 
 
 async def _resync_one(

@@ -11,6 +11,7 @@ MAX_IN_FLIGHT frames in flight.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -687,6 +688,43 @@ class ReplicationClient:
                     self._abort_resync(replica, operation, Unavailable("the write set failed it"))
             raise self._quorum_error(operation, stored, failed_members)
         await self._ensure_reported()
+
+    async def probe_write_set(self) -> None:
+        """Call each write-set replica once, so that a lost connection shows in `disconnected`.
+
+        A connection notices that its peer is gone only when a call waits on it, so without
+        this an idle volume would not learn that a replica died.
+        """
+
+        async def probe(replica: _Replica) -> None:
+            with contextlib.suppress(PxfsError):
+                # A reply or an error reply proves the connection; a lost one marks it broken.
+                await replica.call("store.info", self.vol_id)
+
+        # A client of a single replica has no call timeout, so the probe bounds itself.
+        with trio.move_on_after(DEFAULT_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for replica_id in self._write_set:
+                    replica = self._replicas[replica_id]
+                    if not replica.client.broken:
+                        nursery.start_soon(probe, replica)
+
+    async def drop_unreachable(self, replica_id: str, exc: PxfsError) -> bool:
+        """Drop a write-set replica whose lost connection could not be opened again.
+
+        Without this, a replica that dies while the volume is idle stays in the write set, and
+        the volume reports clean, until the next write fails on it. Returns True when the
+        replica left the write set and the catalog has the change. It stays when the rest of
+        the write set would be below the write quorum, or while blocks of a write below the
+        quorum wait for their reconcile, which needs every member back.
+        """
+        if replica_id not in self._write_set or self._unsettled:
+            return False
+        if len(self._write_set) - 1 < self.write_quorum:
+            return False
+        self._leave_write_set(self._replicas[replica_id], "reconnect", exc)
+        await self._ensure_reported()
+        return True
 
     def _leave_write_set(self, replica: _Replica, operation: str, exc: PxfsError) -> None:
         self._write_set.remove(replica.id)

@@ -45,6 +45,9 @@ OFFLINE_DEADLINE = DEFAULT_NODE_TTL + 10.0
 #: How long a returning replica may take to rejoin the write set: the mount child tries every
 #: 5 s, and copying a 64 MiB volume takes a few seconds at most.
 RESYNC_DEADLINE = 45.0
+#: How long an idle mount child may take to drop a replica whose pxd died: it tries to
+#: reconnect every 5 s, and a refused connection fails at once.
+IDLE_DROP_DEADLINE = 20.0
 #: Seconds that a writer process runs, the size of each of its fsync'd chunks, the maximum it
 #: writes, and the size of the volumes it writes to.
 WRITER_SECONDS = 6.0
@@ -329,6 +332,36 @@ def test_detached_volume_resynced_by_pxd(cluster: Cluster, tmp_path: Path) -> No
             second.start()
         release_on(second, "detached", path)
     first.call("volume.delete", "detached")
+
+
+def test_idle_volume_degraded_when_replica_dies(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, _ = cluster.nodes[:3]
+    _create(first, "idle", 2, [first, second])
+    path = tmp_path / "mnt"
+    try:
+        mount_on(first, "idle", path)
+        _write_synced(path / "blob", os.urandom(MIB))
+        assert _runtime(first, "idle")["RuntimeState"] == "clean"
+        second.kill()
+        killed_at = time.monotonic()
+
+        # No write follows: the mount child notices the lost connection by itself.
+        def degraded() -> bool:
+            record = first.call("volume.inspect", "idle")
+            state = record["runtime_state"]["RuntimeState"]
+            return record["out_of_sync"] == [second.node_id] and state == "degraded"
+
+        wait_until(degraded, IDLE_DROP_DEADLINE, "the idle volume still shows clean")
+        noticed = time.monotonic() - killed_at
+        second.start()
+        record = _wait_in_sync(first, "idle")
+        assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
+        print(f"\nidle volume: degraded {noticed:.1f} s after the kill of a replica's pxd")
+    finally:
+        if second.pxd is None:
+            second.start()
+        release_on(first, "idle", path)
+    first.call("volume.delete", "idle")
 
 
 def test_delete_with_replica_node_offline(cluster: Cluster, tmp_path: Path) -> None:

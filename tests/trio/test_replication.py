@@ -182,6 +182,38 @@ async def test_flush_drops_replica_whose_data_file_is_gone(cluster, nodes):
     assert [node.calls["store.versions"] for node in nodes] == [0, 0]
 
 
+async def test_unreachable_replica_dropped_when_idle(cluster, nodes):
+    device = await cluster.device(nodes, write_quorum=1)
+    first, second = (str(node.socket_path) for node in nodes)
+    await cluster.clients[1].aclose()
+    assert device.disconnected == [second]
+    assert await device.drop_unreachable(second, errors.Unavailable("connection refused"))
+    assert device.write_set == [first]
+    assert device.out_of_sync == [second]
+    assert device.runtime_state()["RuntimeState"] == "degraded"
+
+
+async def test_probe_finds_lost_connection(cluster, nodes):
+    device = await cluster.device(nodes, write_quorum=1)
+    second = str(nodes[1].socket_path)
+    await device.probe_write_set()
+    assert device.disconnected == []
+    # The server goes away while the client waits on nothing, as a killed pxd would.
+    nodes[1].scope.cancel()
+    await trio.sleep(0.1)
+    await device.probe_write_set()
+    assert device.disconnected == [second]
+
+
+async def test_unreachable_replica_kept_for_quorum(cluster, nodes):
+    device = await cluster.device(nodes, write_quorum=2)
+    first, second = (str(node.socket_path) for node in nodes)
+    await cluster.clients[1].aclose()
+    assert not await device.drop_unreachable(second, errors.Unavailable("connection refused"))
+    assert device.write_set == [first, second]
+    assert device.out_of_sync == []
+
+
 async def test_open_raises_epoch_on_replicas(cluster, nodes):
     await cluster.device(nodes, epoch=6)
     for node in nodes:
