@@ -344,10 +344,13 @@ class Node(LeftoverReplicas):
         # Mount paths stay in the catalog, so that the next start mounts them again.
         self._shutting_down = True
         log.info("pxd stopping; mounted volumes: %d", len(self._mounts))
-        for child in list(self._mounts.values()):
+        # The deepest paths go first: a volume mounted inside another one's mount must be
+        # unmounted before the mount that holds its path.
+        children = sorted(self._mounts.values(), key=lambda child: -_deepest(child.paths))
+        for child in children:
             async with self._volume_locks[child.vol_id]:
                 paths = ", ".join(child.paths) or "no path"
-                for path in list(child.paths):
+                for path in sorted(child.paths, key=lambda path: -_deepest([path])):
                     await self._unbind(child, path, lazy_if_busy=True)
                 await self._stop_child(child)
             log.info("volume %s: unmounted from %s until the next start", child.vol_id, paths)
@@ -425,3 +428,8 @@ async def _serve_unix(
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await server.serve_unix(path, mode=0o600, task_status=task_status)
+
+
+def _deepest(paths: list[str]) -> int:
+    """Return the number of components of the longest of `paths`, 0 without any."""
+    return max((len(Path(path).parts) for path in paths), default=0)

@@ -673,6 +673,30 @@ def test_restart_remounts(pxd: Pxd, tmp_path: Path) -> None:
 
 
 @needs_mount
+def test_stop_unmounts_nested_volume_first(pxd: Pxd, tmp_path: Path) -> None:
+    outer, _ = mount_new(pxd, "outer", tmp_path)
+    inner = outer / "inner"
+    inner.mkdir()
+    create(pxd, "inner")
+    pxd.call("volume.attach", "inner")
+    pxd.call("volume.mount", "inner", str(inner))
+    (inner / "file").write_bytes(b"nested")
+
+    assert pxd.stop() == 0
+    mounted = mounted_paths()
+    assert str(inner) not in mounted
+    assert str(outer) not in mounted
+    log = pxd.log()
+    assert "unmounting it lazily" not in log
+    assert "no longer leads" not in log
+
+    pxd.start()
+    assert alive_mount(outer)
+    assert alive_mount(inner)
+    assert (inner / "file").read_bytes() == b"nested"
+
+
+@needs_mount
 def test_pxd_killed_then_restart_remounts(pxd: Pxd, tmp_path: Path) -> None:
     target, epoch = mount_new(pxd, "crash", tmp_path)
     write_synced(target / "f", b"before the crash")
