@@ -29,7 +29,7 @@ from pxfs.etcdcatalog import EtcdCatalog
 from pxfs.membership import Peers, fence_margin
 from pxfs.rpc import RpcClient
 from pxfs.stats import StatsStore
-from pxfs.store import BLOCK_SIZE, ReplicaStore
+from pxfs.store import BLOCK_SIZE, RECORD_SIZE, ReplicaStore
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class NodeBase:
         fs = os.statvfs(self.data_dir)
         used = 0
         for record in volumes:
-            used += await self._usage(record["id"])
+            used += await self._footprint(record["id"])
         return {
             "node_id": self.node_id,
             "hostname": socket.gethostname(),
@@ -318,6 +318,15 @@ class NodeBase:
         except NotFound:
             return 0
         return int(info["used_blocks"]) * BLOCK_SIZE
+
+    async def _footprint(self, vol_id: str) -> int:
+        """Return the bytes that the replica of `vol_id` takes here: its data and block table."""
+        try:
+            info = await self._store().info(vol_id)
+        except NotFound:
+            return 0
+        # The table is allocated whole at create, 16 bytes per block of the volume.
+        return int(info["used_blocks"]) * BLOCK_SIZE + int(info["nblocks"]) * RECORD_SIZE
 
     def _reject_while_stopping(self) -> None:
         if self._shutting_down or self._stop.is_set():
