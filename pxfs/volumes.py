@@ -217,7 +217,14 @@ class VolumeControl(ReplicaSetControl):
                     ", ".join(offline),
                 )
             online = [node_id for node_id in nodes if node_id not in offline]
-            await self.peers.call_each(online, "store.delete", vol_id)
+            try:
+                await self.peers.call_each(online, "store.delete", vol_id)
+            except Unavailable as exc:
+                raise Unavailable(
+                    f"volume {record['name']}: deleting a replica failed: {exc.message}. The "
+                    "volume stays marked as being deleted; run delete again once that node "
+                    "answers or is listed offline"
+                ) from None
             self._stats().delete(vol_id)
             await self._catalog().delete_volume(vol_id)
         log.info("volume %s: deleted %r", vol_id, record["name"])

@@ -247,7 +247,8 @@ field_values = (
     st.none()
     | st.booleans()
     | st.integers(-(2**16), 2**16)
-    | st.integers(-(2**70), 2**70)
+    # The whole range that msgpack encodes: a signed 64-bit low end, an unsigned 64-bit top.
+    | st.integers(-(2**63), 2**64 - 1)
     | st.text(max_size=6)
     | st.binary(max_size=20)
     | st.lists(st.integers(-4, 4000), max_size=3)

@@ -523,7 +523,11 @@ def test_short_cut_fences_and_remounts(cluster: NetnsCluster, tmp_path: Path) ->
         cluster.heal(node)
 
         def remounted() -> dict[str, Any] | None:
-            record: dict[str, Any] = node.call("volume.inspect", "moving")
+            try:
+                record: dict[str, Any] = node.call("volume.inspect", "moving")
+            except errors.Unavailable:
+                # Just after the heal the node may not have reached etcd again yet.
+                return None
             return record if record["mounted"] and _mounted(moving) else None
 
         record = wait_until(remounted, REMOUNT_DEADLINE, "moving was not mounted again")
