@@ -421,6 +421,31 @@ def test_cluster_tool_starts_and_stops(tmp_path: Path) -> None:
             client.call("volume.attach", "tool")
             client.call("volume.mount", "tool", str(mountpoint))
         assert is_mountpoint(mountpoint)
+
+        # One node's pxd killed as a crash would, then started again, and stop sees the new pid.
+        old_pid = state["nodes"][1]["pxd_pid"]
+        killed = subprocess.run(
+            [*tool, "stop-node", "2", "--kill", "--dir", str(directory)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert killed.returncode == 0, killed.stderr
+        assert not _runs_in(old_pid, directory)
+        again = subprocess.run(
+            [*tool, "start-node", "2", "--dir", str(directory)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        state = json.loads((directory / "cluster.json").read_text())
+        assert state["nodes"][1]["pxd_pid"] != old_pid
+        assert _runs_in(state["nodes"][1]["pxd_pid"], directory)
+        with BlockingClient(sockets[1]) as client:
+            assert client.call("node.status")["status"] == "up"
+        twice = subprocess.run(
+            [*tool, "start-node", "2", "--dir", str(directory)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert twice.returncode == 1
+        assert "runs already" in twice.stderr
     finally:
         stopped = subprocess.run(
             [*tool, "stop", "--dir", str(directory)],
