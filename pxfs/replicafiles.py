@@ -162,11 +162,16 @@ def write_meta(directory: Path, vol_id: str, nblocks: int, epoch: int) -> None:
     temporary = directory / (_META + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        _pwrite_all(fd, payload, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, directory / _META)
+        try:
+            _pwrite_all(fd, payload, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, directory / _META)
+    except BaseException:
+        # A full disk fails the write; the partial temporary file must not stay behind.
+        temporary.unlink(missing_ok=True)
+        raise
     _fsync_dir(directory)
 
 

@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import os
 import struct
@@ -6,7 +7,7 @@ import msgpack
 import pytest
 import trio
 
-from pxfs import errors
+from pxfs import errors, replicafiles
 from pxfs.replication import BLOCKS_PER_FRAME, TRIMS_PER_FRAME
 from pxfs.rpc import MAX_FRAME
 from pxfs.store import (
@@ -810,3 +811,14 @@ async def test_pull_from_unreachable_node_unavailable(tmp_path):
         assert await store.read(VOL, [0]) == [None]
     finally:
         await store.aclose()
+
+
+
+def test_failed_meta_write_leaves_no_temporary(tmp_path, monkeypatch):
+    def no_space(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(replicafiles, "_pwrite_all", no_space)
+    with pytest.raises(OSError):
+        replicafiles.write_meta(tmp_path, VOL, 64, 3)
+    assert list(tmp_path.iterdir()) == []
