@@ -36,7 +36,7 @@ RESYNC_DETACHED_INTERVAL = 5.0
 #: Seconds before a detached volume whose resync failed is tried again. Each attempt raises
 #: the volume's epoch, so a replica that etcd lists online but this node cannot reach does not
 #: get an attempt, a raise and a warning every RESYNC_DETACHED_INTERVAL.
-RESYNC_DETACHED_BACKOFF = 60.0
+RESYNC_DETACHED_BACKOFF = 15.0
 
 
 class DetachedResync(VolumeControl):
@@ -114,11 +114,11 @@ class DetachedResync(VolumeControl):
         except StaleEpoch:
             log.info("volume %s: attached meanwhile, so its mount child resyncs it", vol_id)
         except PxfsError as exc:
-            # The first failure in a row is a warning, the repeats are not.
+            # The first failure in a row is a warning, the repeats are informational.
             failed_before = vol_id in self._detached_retry_at
             self._detached_retry_at[vol_id] = trio.current_time() + RESYNC_DETACHED_BACKOFF
             log.log(
-                logging.DEBUG if failed_before else logging.WARNING,
+                logging.INFO if failed_before else logging.WARNING,
                 "volume %s: resync of the detached volume failed, next try in %g s: %s",
                 vol_id,
                 RESYNC_DETACHED_BACKOFF,

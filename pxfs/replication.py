@@ -493,8 +493,13 @@ class ReplicationClient:
         except BaseException as exc:
             self._resyncing.pop(replica.id, None)
             self._resynced[replica.id] += progress.copied
-            message = exc.message if isinstance(exc, PxfsError) else type(exc).__name__
-            log.warning("volume %s: resync of %s failed: %s", self.vol_id, replica.name, message)
+            if isinstance(exc, PxfsError):
+                log.warning(
+                    "volume %s: resync of %s failed: %s", self.vol_id, replica.name, exc.message
+                )
+            else:
+                # Cancelled, as when a mount or delete stops a copy that pxd runs itself.
+                log.info("volume %s: resync of %s stopped", self.vol_id, replica.name)
             raise
         if progress.aborted:
             self._resynced[replica.id] += progress.copied
@@ -698,11 +703,13 @@ class ReplicationClient:
 
         async def probe(replica: _Replica) -> None:
             with contextlib.suppress(PxfsError):
-                # A reply or an error reply proves the connection; a lost one marks it broken.
-                await replica.call("store.info", self.vol_id)
+                # A reply or an error reply proves the connection. A lost one marks it broken,
+                # and so does a call that times out, whose connection the call closes.
+                await replica.call("store.info", self.vol_id, timeout=DEFAULT_TIMEOUT)
 
-        # A client of a single replica has no call timeout, so the probe bounds itself.
-        with trio.move_on_after(DEFAULT_TIMEOUT):
+        # A client of a single replica has no call timeout, so the probe bounds itself, later
+        # than the call timeout of the others so that theirs can close a hung connection.
+        with trio.move_on_after(2 * DEFAULT_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 for replica_id in self._write_set:
                     replica = self._replicas[replica_id]
@@ -767,6 +774,18 @@ class ReplicationClient:
             if self._on_change is not None:
                 try:
                     await self._on_change(write_set, out_of_sync)
+                except StaleEpoch as exc:
+                    # A newer attach owns the volume: this client must stop, and that is no bug.
+                    self._stop(exc)
+                    raise
+                except PxfsError as exc:
+                    log.warning(
+                        "volume %s: recording the write set failed: %s", self.vol_id, exc.message
+                    )
+                    raise Unavailable(
+                        f"volume {self.vol_id}: recording the write set {write_set} failed: "
+                        f"{exc.message}"
+                    ) from exc
                 except Exception as exc:
                     log.exception("volume %s: recording the write set failed", self.vol_id)
                     raise Unavailable(

@@ -205,6 +205,34 @@ async def test_probe_finds_lost_connection(cluster, nodes):
     assert device.disconnected == [second]
 
 
+async def test_probe_closes_hung_connection(cluster, nodes):
+    device = await cluster.device(nodes, write_quorum=1)
+    second = str(nodes[1].socket_path)
+
+    async def hang(*args):
+        await trio.sleep_forever()
+
+    # A replica that accepts calls and never replies, as a stopped pxd would.
+    nodes[1].server.handlers["store.info"] = hang
+    await device.probe_write_set()
+    assert device.disconnected == [second]
+
+
+async def test_stale_report_stops_client(cluster, nodes):
+    clients = [await cluster.connect(node) for node in nodes]
+
+    async def report(write_set, out_of_sync):
+        raise errors.StaleEpoch("volume is at epoch 2, not 1; a newer attach owns its write set")
+
+    device = ReplicationClient(VOL, 1, NBLOCKS, clients, 1, on_write_set_change=report)
+    await device.open()
+    await clients[1].aclose()
+    with pytest.raises(errors.StaleEpoch):
+        await device.drop_unreachable(str(nodes[1].socket_path), errors.Unavailable("gone"))
+    with pytest.raises(errors.StaleEpoch):
+        await device.write_blocks([(0, block(0))])
+
+
 async def test_unreachable_replica_kept_for_quorum(cluster, nodes):
     device = await cluster.device(nodes, write_quorum=2)
     first, second = (str(node.socket_path) for node in nodes)
