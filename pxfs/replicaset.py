@@ -1,9 +1,9 @@
 """The replica set of a volume: write-set reports, and online changes of the ha level.
 
 A mount child reports each change of its write set (`report_write_set`), and pxd records it in
-the catalog. A change of the ha level (`volume.update` with `ha_level`) adds replicas by a full
-copy, through the mount child while the volume is mounted and through a ReplicationClient of
-pxd's own while it is not, or drops one replica at a time. docs/pxd.md describes the steps.
+the catalog. A higher ha level (`volume.update` with `ha_level`) adds replicas by a full copy.
+The mount child makes the copy while the volume is mounted, and a ReplicationClient of pxd's
+own while it is not. A lower one drops one replica at a time. docs/pxd.md describes the steps.
 """
 
 from __future__ import annotations
