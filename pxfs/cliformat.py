@@ -290,6 +290,9 @@ def format_time(ns: int | None) -> str:
 def list_row(record: Mapping[str, Any]) -> list[str]:
     attached_on = record.get("attached_on") or ""
     where = f"attached on {attached_on}" if attached_on else "detached"
+    if record.get("deleting"):
+        # A delete that stopped half-way: attach fails until a repeated delete finishes.
+        where = "being deleted"
     ha_level = int(record["ha_level"])
     in_sync = len(osd.in_sync_nodes(record))
     # A degraded volume shows its in-sync replicas over ha_level, as "1/2".

@@ -186,6 +186,14 @@ def test_list_table(pxd: Any) -> None:
     assert lines[0].index("NAME") == lines[1].index(lines[1].split()[1])
 
 
+def test_list_shows_half_deleted_volume(pxd: Any) -> None:
+    create(pxd, "gone", "--size", "1")
+    pxd.find("gone")["deleting"] = True
+    result = pxctl(pxd.socket, "volume", "list")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].endswith("up - being deleted")
+
+
 def test_list_empty_prints_header(pxd: Any) -> None:
     result = pxctl(pxd.socket, "v", "l")
     assert result.returncode == 0, result.stderr
