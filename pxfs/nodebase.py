@@ -313,20 +313,23 @@ class NodeBase:
         return ""
 
     async def _usage(self, vol_id: str) -> int:
-        try:
-            info = await self._store().info(vol_id)
-        except NotFound:
-            return 0
-        return int(info["used_blocks"]) * BLOCK_SIZE
+        info = await self._replica_info(vol_id)
+        return int(info["used_blocks"]) * BLOCK_SIZE if info else 0
 
     async def _footprint(self, vol_id: str) -> int:
         """Return the bytes that the replica of `vol_id` takes here: its data and block table."""
-        try:
-            info = await self._store().info(vol_id)
-        except NotFound:
+        info = await self._replica_info(vol_id)
+        if info is None:
             return 0
         # The table is allocated whole at create, 16 bytes per block of the volume.
         return int(info["used_blocks"]) * BLOCK_SIZE + int(info["nblocks"]) * RECORD_SIZE
+
+    async def _replica_info(self, vol_id: str) -> dict[str, int] | None:
+        """Return `store.info` of the replica of `vol_id` here, or None when there is none."""
+        try:
+            return await self._store().info(vol_id)
+        except NotFound:
+            return None
 
     def _reject_while_stopping(self) -> None:
         if self._shutting_down or self._stop.is_set():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from clusterproc import (
+    WRITER,
     Cluster,
     ClusterNode,
     lazy_unmount,
@@ -54,32 +55,6 @@ WRITER_SECONDS = 6.0
 WRITER_CHUNK = 256 * 1024
 WRITER_MAX_BYTES = 192 * MIB
 WRITER_VOLUME_SIZE = 256 * MIB
-
-#: A writer process: python -c WRITER PATH SECONDS CHUNK MAX_BYTES. It appends chunks of seeded
-#: random data to PATH, fsyncs each one and then prints "END_OFFSET MONOTONIC_TIME". At the
-#: first OSError it prints "error ERRNO" and exits 3. It stops by itself after SECONDS or
-#: MAX_BYTES.
-WRITER = """
-import os, random, sys, time
-path, seconds = sys.argv[1], float(sys.argv[2])
-chunk, max_bytes = int(sys.argv[3]), int(sys.argv[4])
-rng = random.Random(path)
-deadline = time.monotonic() + seconds
-offset = 0
-with open(path, "wb") as f:
-    while offset + chunk <= max_bytes:
-        if time.monotonic() > deadline:
-            break
-        try:
-            f.write(rng.randbytes(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-        except OSError as exc:
-            print("error", exc.errno, flush=True)
-            sys.exit(3)
-        offset += chunk
-        print(offset, time.monotonic(), flush=True)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +169,8 @@ def _writer_outcome(
     failed = None
     done = []
     for line in out.splitlines():
-        first, second = line.split()
+        # "END_OFFSET TIME", or "error ERRNO TIME" for the write that failed.
+        first, second = line.split()[:2]
         if first == "error":
             failed = int(second)
         else:
@@ -315,7 +291,7 @@ def test_detached_volume_resynced_by_pxd(cluster: Cluster, tmp_path: Path) -> No
         missed = _differing(stale, first.versions(vol_id))
         assert first.call("volume.inspect", "detached")["out_of_sync"] == [second.node_id]
 
-        # Nobody attaches the volume: pxd on the write set's node resyncs it.
+        # No node attaches the volume: pxd on the write set's node resyncs it.
         second.start()
         record = _wait_in_sync(first, "detached")
         assert record["attached_on"] == ""

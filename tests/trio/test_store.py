@@ -813,7 +813,6 @@ async def test_pull_from_unreachable_node_unavailable(tmp_path):
         await store.aclose()
 
 
-
 def test_failed_meta_write_leaves_no_temporary(tmp_path, monkeypatch):
     def no_space(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
