@@ -10,7 +10,7 @@ pxfs/sampling.py (I/O statistics), pxfs/children.py (mount children and bind mou
 pxfs/volumes.py (the volume methods), pxfs/replicaset.py (write-set reports and changes of the
 ha level), pxfs/detached.py (the resync of detached volumes) and
 pxfs/leftovers.py (the replicas that a delete left on offline nodes).
-This module holds start-up, shutdown and the node and cluster methods.
+This module contains start-up, shutdown and the node and cluster methods.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ class Node(LeftoverReplicas):
         self._shutting_down = True
         log.info("pxd stopping; mounted volumes: %d", len(self._mounts))
         # The deepest paths go first: a volume mounted inside another one's mount must be
-        # unmounted before the mount that holds its path.
+        # unmounted before the mount that contains its path.
         children = sorted(self._mounts.values(), key=lambda child: -_deepest(child.paths))
         for child in children:
             async with self._volume_locks[child.vol_id]:

@@ -422,7 +422,7 @@ class ReplicaSetControl(ChildSupervisor):
             ) from None
 
     async def _inspect_record(self, record: VolumeRecord) -> VolumeRecord:
-        """The public record with `ha_update`, the progress of a running change of ha level."""
+        """Return the public record with `ha_update`, the progress of a running ha change."""
         public = await self._public(record)
         target = record.get("replica_nodes_next")
         if target is None:

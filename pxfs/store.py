@@ -50,7 +50,7 @@ from pxfs.rpc import RpcClient
 log = logging.getLogger(__name__)
 
 # The format constants that callers of the store use, so that they need not know the module
-# that holds them.
+# that defines them.
 __all__ = [
     "BLOCK_SIZE",
     "DATA_BAD",
