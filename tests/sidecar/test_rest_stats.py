@@ -39,13 +39,15 @@ async def get(client: Client, path: str) -> tuple[int, Any]:
 
 async def test_stats_cumulative_default(rest_client: Client, fake_pxd: FakePxd) -> None:
     volume_id = await create(rest_client, "vol1")
+    # A volume created a second ago, so its interval is not 0, which the reply would omit.
+    fake_pxd.find("vol1")["ctime_ns"] -= 10**9
     fake_pxd.totals[volume_id] = {"writes": 4, "write_bytes": 4 << 20, "write_ms": 12}
     status, stats = await get(rest_client, f"/v1/osd-volumes/stats/{volume_id}")
     assert status == 200
     assert stats["writes"] == 4
     assert stats["write_bytes"] == 4 << 20
     assert stats["write_ms"] == 12
-    assert stats["interval_ms"] >= 0
+    assert stats["interval_ms"] >= 1000
     for key in ("reads", "read_bytes", "read_ms", "io_progress", "bytes_used"):
         assert key not in stats, key
     assert fake_pxd.calls[-1] == ("volume.stats", (volume_id, True))
