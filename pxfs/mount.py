@@ -47,6 +47,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from pxfs.cachesize import fit_cache_to_memory
 from pxfs.config import parse_listen
 from pxfs.errors import Busy, Corrupted, InvalidArgument, NotFound, PxfsError, Unavailable
 from pxfs.fuseops import MOUNT_OPTIONS, Operations
@@ -507,6 +508,7 @@ async def _serve(
             raise
         try:
             nursery.start_soon(_stop_on_signal, signals, session)
+            nursery.start_soon(fit_cache_to_memory, volume.block_cache)
             print("ready", flush=True)
             log.info("volume %s mounted at %s", volume.superblock.uuid, mountpoint)
             await _serve_requests(operations)

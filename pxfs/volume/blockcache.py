@@ -1,10 +1,11 @@
 """The block cache: 64 KiB device blocks in memory, with batched write-back.
 
-Clean blocks sit in an LRU bounded by `capacity_bytes`. Dirty blocks stay until written. While
-dirty bytes exceed `dirty_limit_bytes`, writers wait in `throttle` and write back the oldest dirty
-blocks themselves. Write-back sends batches of up to `batch_blocks` blocks per `write_blocks`
-call, with at most `max_in_flight` calls outstanding for the whole cache. A background task
-(`run`) starts writing back at half the limit, so that writers seldom wait.
+Clean blocks sit in an LRU bounded by `capacity_bytes`, which `resize` changes. Dirty blocks
+stay until written. While dirty bytes exceed `dirty_limit_bytes`, writers wait in `throttle`
+and write back the oldest dirty blocks themselves. Write-back sends batches of up to
+`batch_blocks` blocks per `write_blocks` call, with at most `max_in_flight` calls outstanding
+for the whole cache. A background task (`run`) starts writing back at half the limit, so that
+writers seldom wait.
 
 Concurrency rules, all relying on trio running one task at a time between awaits:
 - A block is read from the device by one task at a time; the others wait for its event.
@@ -109,6 +110,21 @@ class BlockCache:
     def cached_blocks(self) -> int:
         """The number of blocks held in memory."""
         return len(self._blocks)
+
+    @property
+    def cached_bytes(self) -> int:
+        """The bytes of the blocks held in memory, clean or dirty."""
+        return len(self._blocks) * BLOCK_SIZE
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The bytes of clean blocks kept before the least recently used ones are dropped."""
+        return self._capacity * BLOCK_SIZE
+
+    def resize(self, capacity_bytes: int) -> None:
+        """Change the bytes of clean blocks kept, dropping the least recently used ones now."""
+        self._capacity = max(2 * self._batch, capacity_bytes // BLOCK_SIZE)
+        self._evict()
 
     def has(self, blockno: int) -> bool:
         """Tell whether a block is in memory."""
@@ -382,6 +398,7 @@ class BlockCache:
         """Return counters for monitoring."""
         return {
             "cached_blocks": len(self._blocks),
+            "capacity_blocks": self._capacity,
             "dirty_blocks": len(self._dirty),
             "writing_blocks": len(self._writing),
             "hits": self.stats.hits,

@@ -1102,6 +1102,11 @@ class Volume:
         self._inode(ino)
         await self.sync()
 
+    @property
+    def block_cache(self) -> BlockCache:
+        """The cache of the volume's data blocks, for sizing it to the host's memory."""
+        return self._cache
+
     def statistics(self) -> dict[str, Any]:
         """Return counters for monitoring."""
         return {

@@ -1,0 +1,126 @@
+"""Sizing a mount child's block cache to the memory the host has available.
+
+A fixed cache is either too small to hold a working set or too large for a host with many
+volumes. So each mount child sizes its own cache from /proc/meminfo, once a second. While
+MemAvailable stays above a high mark, the cache may grow by the surplus, up to a ceiling. When
+MemAvailable falls below a low mark, it shrinks by the deficit, down to a floor, and the freed
+blocks are given back to the kernel at once. The children of one host do not talk to each
+other: each reacts to the same figure, so under pressure they all shrink, and the one that
+reads most keeps most.
+
+The marks are fractions of MemTotal. The kernel counts its page cache as available, so the
+block cache gives way to processes, not to the page cache of pxd's data files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from pxfs.volume.blockcache import BlockCache
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+MEMINFO = "/proc/meminfo"
+#: Seconds between two reads of MemAvailable.
+INTERVAL = 1.0
+#: The cache of one volume never shrinks below this, nor grows above CEILING_SHARE of MemTotal
+#: or CEILING_MAX.
+FLOOR = 64 * MIB
+CEILING_SHARE = 1 / 8
+CEILING_MAX = 4 * GIB
+#: The cache shrinks below LOW_SHARE of MemTotal available, and may grow above HIGH_SHARE.
+LOW_SHARE = 0.10
+HIGH_SHARE = 0.20
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """The floor, ceiling and marks, in bytes, that a cache's size follows."""
+
+    floor: int
+    ceiling: int
+    low: int
+    high: int
+
+    @classmethod
+    def for_host(cls, total: int) -> CachePolicy:
+        """Return the policy for a host with `total` bytes of memory."""
+        ceiling = max(FLOOR, min(int(total * CEILING_SHARE), CEILING_MAX))
+        return cls(FLOOR, ceiling, int(total * LOW_SHARE), int(total * HIGH_SHARE))
+
+    def next_capacity(self, capacity: int, cached: int, available: int) -> int:
+        """Return the capacity to set, given the current one, the bytes cached and available."""
+        if available < self.low:
+            return max(self.floor, min(capacity, cached) - (self.low - available))
+        if available > self.high:
+            return min(self.ceiling, capacity + (available - self.high))
+        return capacity
+
+
+def read_meminfo(path: str = MEMINFO) -> tuple[int, int]:
+    """Return MemTotal and MemAvailable in bytes."""
+    values: dict[str, int] = {}
+    with open(path, encoding="ascii") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("MemTotal", "MemAvailable"):
+                values[name] = int(rest.split()[0]) * 1024
+    return values["MemTotal"], values["MemAvailable"]
+
+
+def _trim_function() -> Callable[[int], int] | None:
+    """Return glibc's malloc_trim, or None on a C library without it."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _trim_function()
+
+
+def give_back_freed_memory() -> None:
+    """Return the free pages of the C heap to the kernel.
+
+    A block is 64 KiB, below glibc's threshold for a mapping of its own, so freed blocks stay in
+    the heap, counted in the process's resident memory, until malloc_trim releases them.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+async def fit_cache_to_memory(
+    cache: BlockCache, *, meminfo: str = MEMINFO, interval: float = INTERVAL
+) -> None:
+    """Resize `cache` to the host's available memory every `interval` seconds, until cancelled."""
+    try:
+        total, _ = read_meminfo(meminfo)
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning(
+            "block cache stays at %d MiB: failed to read %s: %s",
+            cache.capacity_bytes // MIB, meminfo, exc,
+        )  # fmt: skip
+        return
+    policy = CachePolicy.for_host(total)
+    while True:
+        try:
+            _, available = read_meminfo(meminfo)
+        except (OSError, KeyError, ValueError) as exc:
+            log.debug("block cache size unchanged: failed to read %s: %s", meminfo, exc)
+        else:
+            capacity = cache.capacity_bytes
+            target = policy.next_capacity(capacity, cache.cached_bytes, available)
+            if target != capacity:
+                cache.resize(target)
+                if target < capacity:
+                    give_back_freed_memory()
+        await trio.sleep(interval)
