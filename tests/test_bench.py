@@ -91,7 +91,11 @@ def expect_gluster() -> bool:
 
 
 def load_bench() -> ModuleType:
-    """Import tools/bench.py, which is a script and not part of a package."""
+    """Import tools/bench.py, which is a script and not part of a package.
+
+    benchcommon is imported again too, so that each test starts with no teardown failures.
+    """
+    sys.modules.pop("benchcommon", None)
     spec = importlib.util.spec_from_file_location("bench", BENCH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -40,17 +40,15 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import trio
+from benchcommon import BenchError, leftover_mounts, raise_interrupt, work_directory
 
 REPO = Path(__file__).resolve().parent.parent
 # The cluster and node helpers of the test suite start and stop the real processes.
@@ -84,10 +82,6 @@ WRITE_CHUNK = 4 * MIB
 ETCD = Path("/usr/bin/etcd")
 
 Figures = dict[str, Any]
-
-
-class BenchError(Exception):
-    """A failed step of the benchmark, with a message that names it."""
 
 
 def progress(part: str, step: str) -> None:
@@ -453,31 +447,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    """Turn SIGTERM into KeyboardInterrupt, so that `timeout` gets the teardown too."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def work_directory(requested: Path | None) -> Iterator[Path]:
-    """Yield the work directory; a new temporary one is removed afterwards unless mounted."""
-    work = requested or Path(tempfile.mkdtemp(prefix="pxfs-bench-scale-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        yield work
-    finally:
-        if requested is None and not leftover_mounts(work):
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def leftover_mounts(work: Path) -> list[str]:
-    """Return the mount points under `work` that are still mounted."""
-    prefix = str(work.resolve()) + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts]
-    return [point for point in points if point.startswith(prefix)]
-
-
 MEASURERS = {"mount": measure_mount, "resync": measure_resync, "copy": measure_copy}
 
 
@@ -498,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        with work_directory(args.work_dir) as work:
+        with work_directory(args.work_dir, "pxfs-bench-scale-") as work:
             results = run(args, work)
             left = leftover_mounts(work)
             if left:
