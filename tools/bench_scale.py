@@ -48,7 +48,15 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from benchcommon import BenchError, leftover_mounts, raise_interrupt, work_directory
+from benchcommon import (
+    TEARDOWN_FAILURES,
+    BenchError,
+    leftover_mounts,
+    raise_interrupt,
+    register_teardown,
+    teardown_outcome,
+    work_directory,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # The cluster and node helpers of the test suite start and stop the real processes.
@@ -186,7 +194,7 @@ def measure_mount(work: Path, args: argparse.Namespace, stack: contextlib.ExitSt
     progress("mount", f"start pxd in {node.root}")
     node.start()
     record = node.call("volume.create", {"name": "scale", "size": GIB, "ha_level": 1, "labels": {}})
-    stack.callback(_quietly, lambda: node.call("volume.delete", "scale"))
+    register_teardown(stack, "delete volume scale", lambda: node.call("volume.delete", "scale"))
     progress("mount", f"create {args.files} files with the library")
     started = time.monotonic()
     trio.run(
@@ -202,12 +210,14 @@ def measure_mount(work: Path, args: argparse.Namespace, stack: contextlib.ExitSt
 
     progress("mount", "attach and mount")
     node.call("volume.attach", "scale")
-    stack.callback(_quietly, lambda: node.call("volume.detach", "scale"))
+    register_teardown(stack, "detach volume scale", lambda: node.call("volume.detach", "scale"))
     last = args.files - 1
     probe = mountpoint / f"d{last // args.files_per_dir:05d}" / f"f{last:07d}"
     started = time.monotonic()
     node.call("volume.mount", "scale", str(mountpoint))
-    stack.callback(_quietly, lambda: node.call("volume.unmount", "scale", str(mountpoint)))
+    register_teardown(
+        stack, "unmount volume scale", lambda: node.call("volume.unmount", "scale", str(mountpoint))
+    )
     mounted = time.monotonic()
     wait_for(lambda: _stat_answers(probe), f"a stat of {probe}")
     answered = time.monotonic()
@@ -229,14 +239,6 @@ def _stat_answers(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def _quietly(action: Callable[[], object]) -> None:
-    """Run one teardown step; report its failure and go on with the next."""
-    try:
-        action()
-    except (errors.PxfsError, OSError, BenchError) as exc:
-        print(f"bench_scale: teardown step failed: {exc}", file=sys.stderr)
 
 
 # The cluster parts.
@@ -268,12 +270,14 @@ def create_volume(node: ClusterNode, name: str, size: int, nodes: list[ClusterNo
 def mount_volume(node: ClusterNode, name: str, path: Path, stack: contextlib.ExitStack) -> None:
     """Attach and mount a volume on `node`; undone when `stack` closes."""
     path.mkdir(parents=True, exist_ok=True)
-    stack.callback(_quietly, lambda: node.call("volume.delete", name))
+    register_teardown(stack, f"delete volume {name}", lambda: node.call("volume.delete", name))
     node.call("volume.attach", name)
-    stack.callback(_quietly, lambda: node.call("volume.detach", name))
+    register_teardown(stack, f"detach volume {name}", lambda: node.call("volume.detach", name))
     node.call("volume.mount", name, str(path))
     stack.callback(lazy_unmount, path)
-    stack.callback(_quietly, lambda: node.call("volume.unmount", name, str(path)))
+    register_teardown(
+        stack, f"unmount volume {name}", lambda: node.call("volume.unmount", name, str(path))
+    )
 
 
 def is_clean(node: ClusterNode, name: str) -> dict[str, Any] | None:
@@ -474,10 +478,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise BenchError(f"mounts left after the teardown: {left}")
     except (BenchError, errors.PxfsError, AssertionError) as exc:
         print(f"bench_scale: {exc}", file=sys.stderr)
+        print(f"bench_scale: {teardown_outcome()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bench_scale: interrupted; everything started was stopped", file=sys.stderr)
+        print(f"bench_scale: interrupted; {teardown_outcome()}", file=sys.stderr)
         return 130
+    if TEARDOWN_FAILURES:
+        print(f"bench_scale: {teardown_outcome()}", file=sys.stderr)
+        return 1
     report = json.dumps(results, indent=2)
     print(report)
     if args.json:
