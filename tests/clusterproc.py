@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -46,6 +47,14 @@ ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 #: How long one `ip` command may take.
 IP_TIMEOUT = 10.0
+#: The size of the volumes that create_volume makes by default: 64 MiB.
+DEFAULT_VOLUME_SIZE = 64 * 1024 * 1024
+#: How long a replica that returns (restarted, or healed after a network cut) may take to rejoin
+#: the write set. The mount child tries every 5 s, and an attempt that started during a cut may
+#: wait out its 10 s connect. Copying what the tests write during an outage takes a few seconds.
+RESYNC_DEADLINE = 45.0
+#: How long a copy to a new replica of a volume of at most 256 MiB may take on a loaded machine.
+COPY_DEADLINE = 120.0
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, message: str) -> Any:
@@ -635,3 +644,96 @@ def release_on(node: ClusterNode, name: str, path: Path) -> None:
     if is_mountpoint(path):
         node.call("volume.unmount", name, str(path))
     node.call("volume.detach", name)
+
+
+def create_volume(
+    node: ClusterNode,
+    name: str,
+    ha_level: int,
+    nodes: list[ClusterNode],
+    size: int = DEFAULT_VOLUME_SIZE,
+) -> str:
+    """Create volume `name` through `node` with its replicas on `nodes`, and return its id."""
+    spec = {
+        "name": name,
+        "size": size,
+        "ha_level": ha_level,
+        "labels": {},
+        "nodes": [member.node_id for member in nodes],
+    }
+    return str(node.call("volume.create", spec)["id"])
+
+
+def write_synced(path: Path, payload: bytes) -> None:
+    """Replace the content of the file at `path` with `payload` and fsync it."""
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_runtime_state(node: ClusterNode, name: str) -> dict[str, str]:
+    """Return the runtime state that `node` reports for volume `name`."""
+    state: dict[str, str] = node.call("volume.inspect", name)["runtime_state"]
+    return state
+
+
+def parse_pairs(text: str) -> dict[int, int]:
+    """Parse a runtime state list such as "[{0 12} {1 3}]" into {0: 12, 1: 3}."""
+    return {int(key): int(value) for key, value in re.findall(r"\{(\d+) (\d+)\}", text)}
+
+
+def count_differing(old: list[int], new: list[int]) -> int:
+    """Count the blocks whose version differs between two block tables."""
+    length = max(len(old), len(new))
+    old = old + [0] * (length - len(old))
+    new = new + [0] * (length - len(new))
+    return sum(1 for before, after in zip(old, new, strict=True) if before != after)
+
+
+def wait_in_sync(node: ClusterNode, name: str, *, clean: bool = False) -> dict[str, Any]:
+    """Wait until `node` lists no replica of volume `name` out of sync, and return the record.
+
+    With `clean`, also wait until the runtime state on `node` is "clean". Use it only where the
+    volume is mounted on `node`, because pxd reports an empty runtime state for a volume that is
+    not. Raises AssertionError after RESYNC_DEADLINE seconds.
+    """
+
+    def in_sync() -> dict[str, Any] | None:
+        record: dict[str, Any] = node.call("volume.inspect", name)
+        if record["out_of_sync"]:
+            return None
+        if clean and record["runtime_state"].get("RuntimeState") != "clean":
+            return None
+        return record
+
+    found: dict[str, Any] = wait_until(in_sync, RESYNC_DEADLINE, f"{name} did not resync")
+    return found
+
+
+def wait_for_ha_level(node: ClusterNode, name: str, ha_level: int) -> dict[str, Any]:
+    """Wait until volume `name` has `ha_level` and no ha change runs, and return the record.
+
+    Raises AssertionError, with the last record, after COPY_DEADLINE seconds.
+    """
+    deadline = time.monotonic() + COPY_DEADLINE
+    while True:
+        record: dict[str, Any] = node.call("volume.inspect", name)
+        if record["ha_level"] == ha_level and "replica_nodes_next" not in record:
+            return record
+        assert time.monotonic() < deadline, f"ha level {ha_level} not reached: {record}"
+        time.sleep(0.2)
+
+
+def assert_replicas_identical(nodes: list[ClusterNode], vol_id: str) -> None:
+    """Assert that the replicas on `nodes` have the same block table and data file.
+
+    The block table contains the version and crc32 of every block. Call it once the volume is
+    unmounted, so that no write is in flight.
+    """
+    tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in nodes]
+    for node, table in zip(nodes[1:], tables[1:], strict=True):
+        assert table == tables[0], f"block table of {node.ip} differs from {nodes[0].ip}"
+    data = [sha256_file(node.replica_dir(vol_id) / "data") for node in nodes]
+    for node, digest in zip(nodes[1:], data[1:], strict=True):
+        assert digest == data[0], f"data file of {node.ip} differs from {nodes[0].ip}"

@@ -6,15 +6,14 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from benchproc import interrupt_at, mounts_under, processes_mentioning
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "tools" / "bench.py"
@@ -52,28 +51,6 @@ def glusterd_port_busy() -> bool:
     with socket.socket() as sock:
         sock.settimeout(1.0)
         return sock.connect_ex(("127.0.0.1", GLUSTERD_PORT)) == 0
-
-
-def processes_mentioning(marker: str) -> list[str]:
-    """Return the command lines of running processes that contain `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline:
-            found.append(f"{entry.name}: {cmdline}")
-    return found
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Return the mount points below `path`."""
-    prefix = str(path) + "/"
-    with open("/proc/self/mounts") as mounts:
-        return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
 
 
 def cluster_dirs(stderr: str) -> list[str]:
@@ -114,7 +91,11 @@ def expect_gluster() -> bool:
 
 
 def load_bench() -> ModuleType:
-    """Import tools/bench.py, which is a script and not part of a package."""
+    """Import tools/bench.py, which is a script and not part of a package.
+
+    benchcommon is imported again too, so that each test starts with no teardown failures.
+    """
+    sys.modules.pop("benchcommon", None)
     spec = importlib.util.spec_from_file_location("bench", BENCH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -192,26 +173,7 @@ def test_sigterm_tears_everything_down(tmp_path: Path) -> None:
         marker = "[pxfs ha 3] random 4 KiB reads"
     else:
         marker = "[pxfs ha 1] random 4 KiB"
-    seen = []
-    deadline = time.monotonic() + RUN_TIMEOUT
-    with subprocess.Popen(
-        bench_command(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True,
-    ) as process:  # fmt: skip
-        assert process.stderr is not None
-        try:
-            for line in process.stderr:
-                seen.append(line)
-                if marker in line:
-                    process.send_signal(signal.SIGTERM)
-                    break
-                assert time.monotonic() < deadline, "".join(seen[-20:])
-            rest = process.stderr.read()
-            returncode = process.wait(timeout=120)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    seen, rest, returncode = interrupt_at(bench_command(tmp_path), REPO, marker, RUN_TIMEOUT)
     output = "".join(seen) + rest
     assert any(marker in line for line in seen), output[-4000:]
 

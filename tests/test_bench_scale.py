@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from benchproc import interrupt_at, mounts_under, processes_mentioning
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "tools" / "bench_scale.py"
@@ -44,28 +43,6 @@ def bench_command(root: Path, chosen: list[str]) -> list[str]:
         sys.executable, str(BENCH), "--smoke", "--parts", ",".join(chosen),
         "--work-dir", str(root / "work"), "--json", str(root / "report.json"),
     ]  # fmt: skip
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Return the mount points below `path`."""
-    prefix = str(path) + "/"
-    with open("/proc/self/mounts") as mounts:
-        return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
-
-
-def processes_mentioning(marker: str) -> list[str]:
-    """Return the command lines of running processes that contain `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline:
-            found.append(f"{entry.name}: {cmdline}")
-    return found
 
 
 def test_smoke_run_reports_every_part(short_dir: Path) -> None:
@@ -109,25 +86,8 @@ def test_sigterm_tears_everything_down(short_dir: Path) -> None:
     chosen = parts()
     # Interrupt in the middle of the last part, with a volume mounted and a node stopped.
     marker = "[resync] write 16 blocks" if "resync" in chosen else "[mount] attach and mount"
-    seen = []
-    deadline = time.monotonic() + RUN_TIMEOUT
     command = bench_command(short_dir, chosen[-2:])
-    with subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    ) as process:
-        assert process.stderr is not None
-        try:
-            for line in process.stderr:
-                seen.append(line)
-                if marker in line:
-                    process.send_signal(signal.SIGTERM)
-                    break
-                assert time.monotonic() < deadline, "".join(seen[-20:])
-            rest = process.stderr.read()
-            returncode = process.wait(timeout=120)
-        finally:
-            if process.poll() is None:
-                process.kill()
+    seen, rest, returncode = interrupt_at(command, REPO, marker, RUN_TIMEOUT)
     assert any(marker in line for line in seen), "".join(seen[-20:])
     assert returncode == 130, rest[-4000:]
     assert "interrupted" in rest

@@ -22,14 +22,22 @@ from pathlib import Path
 
 import pytest
 from clusterproc import (
+    RESYNC_DEADLINE,
     WRITER,
     Cluster,
     ClusterNode,
+    assert_replicas_identical,
+    count_differing,
+    create_volume,
     lazy_unmount,
     mount_on,
+    parse_pairs,
+    read_runtime_state,
     release_on,
     sha256_file,
+    wait_in_sync,
     wait_until,
+    write_synced,
 )
 
 from pxfs import errors
@@ -43,9 +51,6 @@ BLOCK = 64 * 1024
 #: How long after a kill -9 a node may still show online: the lease TTL, one status period
 #: and the time etcd takes to expire a lease.
 OFFLINE_DEADLINE = DEFAULT_NODE_TTL + 10.0
-#: How long a returning replica may take to rejoin the write set: the mount child tries every
-#: 5 s, and copying a 64 MiB volume takes a few seconds at most.
-RESYNC_DEADLINE = 45.0
 #: How long an idle mount child may take to drop a replica whose pxd died: it tries to
 #: reconnect every 5 s, and a refused connection fails at once.
 IDLE_DROP_DEADLINE = 20.0
@@ -77,63 +82,6 @@ def every_node_running(cluster: Cluster) -> Iterator[None]:
 
 
 # Helpers
-
-
-def _create(
-    node: ClusterNode, name: str, ha_level: int, nodes: list[ClusterNode], size: int = 64 * MIB
-) -> str:
-    spec = {
-        "name": name,
-        "size": size,
-        "ha_level": ha_level,
-        "labels": {},
-        "nodes": [member.node_id for member in nodes],
-    }
-    return str(node.call("volume.create", spec)["id"])
-
-
-def _write_synced(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _runtime(node: ClusterNode, name: str) -> dict[str, str]:
-    state: dict[str, str] = node.call("volume.inspect", name)["runtime_state"]
-    return state
-
-
-def _pairs(text: str) -> dict[int, int]:
-    """Parse a runtime state list such as "[{0 12} {1 3}]" into {0: 12, 1: 3}."""
-    return {int(key): int(value) for key, value in re.findall(r"\{(\d+) (\d+)\}", text)}
-
-
-def _differing(old: list[int], new: list[int]) -> int:
-    """Count the blocks whose version differs between two tables."""
-    length = max(len(old), len(new))
-    old = old + [0] * (length - len(old))
-    new = new + [0] * (length - len(new))
-    return sum(1 for before, after in zip(old, new, strict=True) if before != after)
-
-
-def _wait_in_sync(node: ClusterNode, name: str) -> dict[str, object]:
-    def clean() -> dict[str, object] | None:
-        record: dict[str, object] = node.call("volume.inspect", name)
-        return None if record.get("out_of_sync") else record
-
-    found: dict[str, object] = wait_until(clean, RESYNC_DEADLINE, f"{name} did not resync")
-    return found
-
-
-def _assert_replicas_identical(nodes: list[ClusterNode], vol_id: str) -> None:
-    """Compare the block tables (versions and crc32 of every block) and the data files."""
-    tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in nodes]
-    for node, table in zip(nodes[1:], tables[1:], strict=True):
-        assert table == tables[0], f"block table of {node.ip} differs from {nodes[0].ip}"
-    data = [sha256_file(node.replica_dir(vol_id) / "data") for node in nodes]
-    for node, digest in zip(nodes[1:], data[1:], strict=True):
-        assert digest == data[0], f"data file of {node.ip} differs from {nodes[0].ip}"
 
 
 def _start_writer(
@@ -217,13 +165,13 @@ def _resync_rate(node: ClusterNode, vol_id: str) -> float | None:
 
 def test_stopped_replica_gets_missed_blocks(cluster: Cluster, tmp_path: Path) -> None:
     first, second, third = cluster.nodes[:3]
-    vol_id = _create(first, "stopped", 2, [first, second])
+    vol_id = create_volume(first, "stopped", 2, [first, second])
     path = tmp_path / "mnt"
     expected = bytearray(os.urandom(32 * MIB))
     written: set[int] = set()
     try:
         mount_on(third, "stopped", path)
-        _write_synced(path / "blob", bytes(expected))
+        write_synced(path / "blob", bytes(expected))
 
         assert second.stop() == 0
         stale = second.versions(vol_id)
@@ -241,40 +189,40 @@ def test_stopped_replica_gets_missed_blocks(cluster: Cluster, tmp_path: Path) ->
         inspected = third.call("volume.inspect", "stopped")
         assert inspected["write_set"] == [first.node_id]
         assert inspected["out_of_sync"] == [second.node_id]
-        assert _runtime(third, "stopped")["RuntimeState"] == "degraded"
+        assert read_runtime_state(third, "stopped")["RuntimeState"] == "degraded"
 
-        missed = _differing(stale, first.versions(vol_id))
+        missed = count_differing(stale, first.versions(vol_id))
         # Every file block written is a device block written, plus the metadata that maps them.
         assert missed >= len(written)
         second.start()
-        _wait_in_sync(third, "stopped")
-        state = _runtime(third, "stopped")
+        wait_in_sync(third, "stopped")
+        state = read_runtime_state(third, "stopped")
         index = inspected["replica_nodes"].index(second.node_id)
-        copied = _pairs(state["ResyncBlocks"])[index]
+        copied = parse_pairs(state["ResyncBlocks"])[index]
         print(
             f"\nstopped replica: {len(written)} file blocks and {missed} device blocks written "
             f"during the outage, {copied} blocks resynced"
         )
         assert copied == missed
         assert state["RuntimeState"] == "clean"
-        assert _pairs(state["FullResyncBlocks"]) == {}
+        assert parse_pairs(state["FullResyncBlocks"]) == {}
         assert sha256_file(path / "blob") == hashlib.sha256(expected).hexdigest()
     finally:
         if second.pxd is None:
             second.start()
         release_on(third, "stopped", path)
-    _assert_replicas_identical([first, second], vol_id)
+    assert_replicas_identical([first, second], vol_id)
     first.call("volume.delete", "stopped")
 
 
 def test_detached_volume_resynced_by_pxd(cluster: Cluster, tmp_path: Path) -> None:
     first, second, _ = cluster.nodes[:3]
-    vol_id = _create(first, "detached", 2, [first, second])
+    vol_id = create_volume(first, "detached", 2, [first, second])
     path = tmp_path / "mnt"
     expected = bytearray(os.urandom(16 * MIB))
     try:
         mount_on(first, "detached", path)
-        _write_synced(path / "blob", bytes(expected))
+        write_synced(path / "blob", bytes(expected))
         assert second.stop() == 0
         stale = second.versions(vol_id)
         rng = random.Random(2)
@@ -288,16 +236,16 @@ def test_detached_volume_resynced_by_pxd(cluster: Cluster, tmp_path: Path) -> No
             f.flush()
             os.fsync(f.fileno())
         release_on(first, "detached", path)
-        missed = _differing(stale, first.versions(vol_id))
+        missed = count_differing(stale, first.versions(vol_id))
         assert first.call("volume.inspect", "detached")["out_of_sync"] == [second.node_id]
 
         # No node attaches the volume: pxd on the write set's node resyncs it.
         second.start()
-        record = _wait_in_sync(first, "detached")
+        record = wait_in_sync(first, "detached")
         assert record["attached_on"] == ""
         assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
         assert missed > 0
-        _assert_replicas_identical([first, second], vol_id)
+        assert_replicas_identical([first, second], vol_id)
         print(f"\ndetached volume: {missed} blocks missed, resynced without an attach")
 
         # Attached on the node that missed the writes, reads come from its local replica.
@@ -312,12 +260,12 @@ def test_detached_volume_resynced_by_pxd(cluster: Cluster, tmp_path: Path) -> No
 
 def test_idle_volume_degraded_when_replica_dies(cluster: Cluster, tmp_path: Path) -> None:
     first, second, _ = cluster.nodes[:3]
-    _create(first, "idle", 2, [first, second])
+    create_volume(first, "idle", 2, [first, second])
     path = tmp_path / "mnt"
     try:
         mount_on(first, "idle", path)
-        _write_synced(path / "blob", os.urandom(MIB))
-        assert _runtime(first, "idle")["RuntimeState"] == "clean"
+        write_synced(path / "blob", os.urandom(MIB))
+        assert read_runtime_state(first, "idle")["RuntimeState"] == "clean"
         second.kill()
         killed_at = time.monotonic()
 
@@ -330,7 +278,7 @@ def test_idle_volume_degraded_when_replica_dies(cluster: Cluster, tmp_path: Path
         wait_until(degraded, IDLE_DROP_DEADLINE, "the idle volume still shows clean")
         noticed = time.monotonic() - killed_at
         second.start()
-        record = _wait_in_sync(first, "idle")
+        record = wait_in_sync(first, "idle")
         assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
         print(f"\nidle volume: degraded {noticed:.1f} s after the kill of a replica's pxd")
     finally:
@@ -342,10 +290,10 @@ def test_idle_volume_degraded_when_replica_dies(cluster: Cluster, tmp_path: Path
 
 def test_delete_with_replica_node_offline(cluster: Cluster, tmp_path: Path) -> None:
     first, second, _ = cluster.nodes[:3]
-    vol_id = _create(first, "gone", 2, [first, second])
+    vol_id = create_volume(first, "gone", 2, [first, second])
     path = tmp_path / "mnt"
     mount_on(first, "gone", path)
-    _write_synced(path / "blob", os.urandom(MIB))
+    write_synced(path / "blob", os.urandom(MIB))
     release_on(first, "gone", path)
     try:
         assert second.stop() == 0
@@ -355,7 +303,7 @@ def test_delete_with_replica_node_offline(cluster: Cluster, tmp_path: Path) -> N
         with pytest.raises(errors.NotFound):
             first.call("volume.inspect", "gone")
         # The name is free again at once, while the old replica still lies on the offline node.
-        _create(first, "gone", 1, [first])
+        create_volume(first, "gone", 1, [first])
         assert second.replica_dir(vol_id).exists()
     finally:
         if second.pxd is None:
@@ -371,7 +319,7 @@ def test_delete_with_replica_node_offline(cluster: Cluster, tmp_path: Path) -> N
 
 def test_delete_while_dead_node_listed_online(cluster: Cluster) -> None:
     first, second, _ = cluster.nodes[:3]
-    _create(first, "late", 2, [first, second])
+    create_volume(first, "late", 2, [first, second])
     second.kill()
     try:
         # Until its lease lapses the dead node is listed online, so delete needs it and fails,
@@ -405,7 +353,7 @@ def test_replica_killed_during_writes(cluster: Cluster, tmp_path: Path, ha_level
     nodes = cluster.nodes[:3]
     name = f"killed{ha_level}"
     replicas = nodes[:ha_level]
-    vol_id = _create(nodes[0], name, ha_level, replicas, WRITER_VOLUME_SIZE)
+    vol_id = create_volume(nodes[0], name, ha_level, replicas, WRITER_VOLUME_SIZE)
     victim = replicas[1]
     # The mount is on a node that stays up: the third node, a replica only at ha 3.
     coordinator = nodes[2]
@@ -424,16 +372,16 @@ def test_replica_killed_during_writes(cluster: Cluster, tmp_path: Path, ha_level
         assert victim.node_id not in inspected["write_set"]
         assert inspected["out_of_sync"] == [victim.node_id]
         assert len(inspected["write_set"]) == ha_level - 1
-        assert _runtime(coordinator, name)["RuntimeState"] == "degraded"
+        assert read_runtime_state(coordinator, name)["RuntimeState"] == "degraded"
 
         survivor = replicas[0]
-        missed = _differing(victim.versions(vol_id), survivor.versions(vol_id))
+        missed = count_differing(victim.versions(vol_id), survivor.versions(vol_id))
         victim.start()
-        record = _wait_in_sync(coordinator, name)
+        record = wait_in_sync(coordinator, name)
         assert sorted(record["write_set"]) == sorted(node.node_id for node in replicas)
-        state = _runtime(coordinator, name)
+        state = read_runtime_state(coordinator, name)
         index = record["replica_nodes"].index(victim.node_id)
-        copied = _pairs(state["ResyncBlocks"])[index]
+        copied = parse_pairs(state["ResyncBlocks"])[index]
         rate = _resync_rate(coordinator, vol_id)
         length = done[-1][0]
         print(
@@ -452,13 +400,13 @@ def test_replica_killed_during_writes(cluster: Cluster, tmp_path: Path, ha_level
         if victim.pxd is None:
             victim.start()
         release_on(coordinator, name, path)
-    _assert_replicas_identical(replicas, vol_id)
+    assert_replicas_identical(replicas, vol_id)
     nodes[0].call("volume.delete", name)
 
 
 def test_hung_replica_dropped_after_timeout(cluster: Cluster, tmp_path: Path) -> None:
     first, second, third = cluster.nodes[:3]
-    vol_id = _create(first, "hung", 2, [first, second], WRITER_VOLUME_SIZE)
+    vol_id = create_volume(first, "hung", 2, [first, second], WRITER_VOLUME_SIZE)
     path = tmp_path / "mnt"
     try:
         mount_on(third, "hung", path)
@@ -479,14 +427,14 @@ def test_hung_replica_dropped_after_timeout(cluster: Cluster, tmp_path: Path) ->
 
         inspected = third.call("volume.inspect", "hung")
         assert inspected["write_set"] == [first.node_id]
-        record = _wait_in_sync(third, "hung")
+        record = wait_in_sync(third, "hung")
         assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
         length = done[-1][0]
         expected = _writer_payload(path / "stream", length)
         assert sha256_file(path / "stream") == hashlib.sha256(expected).hexdigest()
     finally:
         release_on(third, "hung", path)
-    _assert_replicas_identical([first, second], vol_id)
+    assert_replicas_identical([first, second], vol_id)
     first.call("volume.delete", "hung")
 
 
@@ -495,13 +443,13 @@ def test_hung_replica_dropped_after_timeout(cluster: Cluster, tmp_path: Path) ->
 
 def test_failover_to_replica_node(cluster: Cluster, tmp_path: Path) -> None:
     first, second, third = cluster.nodes[:3]
-    vol_id = _create(first, "failover", 2, [first, second])
+    vol_id = create_volume(first, "failover", 2, [first, second])
     old_path, new_path = tmp_path / "old", tmp_path / "new"
     payload = os.urandom(8 * MIB)
     try:
         mount_on(first, "failover", old_path)
         (old_path / "dir").mkdir()
-        _write_synced(old_path / "dir" / "synced", payload)
+        write_synced(old_path / "dir" / "synced", payload)
         epoch = first.call("volume.inspect", "failover")["epoch"]
 
         # pxd dies and its mount child lives on, as after a crash of pxd alone.
@@ -526,12 +474,12 @@ def test_failover_to_replica_node(cluster: Cluster, tmp_path: Path) -> None:
         assert record["attached_on"] == second.node_id
         assert record["mount_paths"] == [str(new_path)]
         assert sha256_file(new_path / "dir" / "synced") == hashlib.sha256(payload).hexdigest()
-        _write_synced(new_path / "after", payload)
+        write_synced(new_path / "after", payload)
 
         # The old mount child is fenced: the replica rejects its epoch, which FUSE returns as
         # ESTALE. Its own pxd is dead, so it could not have recorded a write set change either.
         with pytest.raises(OSError) as raised:
-            _write_synced(old_path / "stale", payload)
+            write_synced(old_path / "stale", payload)
         assert raised.value.errno == errno.ESTALE
 
         first.start()
@@ -542,7 +490,7 @@ def test_failover_to_replica_node(cluster: Cluster, tmp_path: Path) -> None:
         assert str(old_path) not in mounted
         assert str(first.data_dir / "mnt" / vol_id) not in mounted
         wait_until(lambda: not first.child_pids(), 30, "the stale mount child did not exit")
-        record = _wait_in_sync(second, "failover")
+        record = wait_in_sync(second, "failover")
         assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
         assert record["attached_on"] == second.node_id
         assert not (new_path / "stale").exists()
@@ -554,7 +502,7 @@ def test_failover_to_replica_node(cluster: Cluster, tmp_path: Path) -> None:
         lazy_unmount(old_path)
         lazy_unmount(first.data_dir / "mnt" / vol_id)
         release_on(second, "failover", new_path)
-    _assert_replicas_identical([first, second], vol_id)
+    assert_replicas_identical([first, second], vol_id)
     second.call("volume.delete", "failover")
 
 
@@ -563,16 +511,16 @@ def test_failover_to_replica_node(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_below_quorum_write_rolled_back(cluster: Cluster, tmp_path: Path) -> None:
     first, second, third = cluster.nodes[:3]
-    vol_id = _create(first, "quorum", 3, [first, second, third])
+    vol_id = create_volume(first, "quorum", 3, [first, second, third])
     path = tmp_path / "mnt"
     before = os.urandom(4 * MIB)
     try:
         mount_on(first, "quorum", path)
-        _write_synced(path / "before", before)
+        write_synced(path / "before", before)
         assert second.stop() == 0
         assert third.stop() == 0
         with pytest.raises(OSError) as raised:
-            _write_synced(path / "lost", os.urandom(4 * MIB))
+            write_synced(path / "lost", os.urandom(4 * MIB))
         assert raised.value.errno == errno.EIO
         inspected = first.call("volume.inspect", "quorum")
         assert sorted(inspected["write_set"]) == sorted(n.node_id for n in (first, second, third))
@@ -584,7 +532,7 @@ def test_below_quorum_write_rolled_back(cluster: Cluster, tmp_path: Path) -> Non
         # of the failed write, rolling the one replica that stored them back.
         def writable() -> bool:
             try:
-                _write_synced(path / "after", b"after")
+                write_synced(path / "after", b"after")
             except OSError as exc:
                 assert exc.errno == errno.EIO
                 return False
@@ -593,7 +541,7 @@ def test_below_quorum_write_rolled_back(cluster: Cluster, tmp_path: Path) -> Non
         wait_until(writable, RESYNC_DEADLINE, "writes did not resume after the nodes returned")
         # The reconcile after the first node back drops a node that has not returned by then
         # from the write set; its resync brings it back.
-        record = _wait_in_sync(first, "quorum")
+        record = wait_in_sync(first, "quorum")
         assert len(record["write_set"]) == 3
         assert record["out_of_sync"] == []
         assert sha256_file(path / "before") == hashlib.sha256(before).hexdigest()
@@ -602,7 +550,7 @@ def test_below_quorum_write_rolled_back(cluster: Cluster, tmp_path: Path) -> Non
             if node.pxd is None:
                 node.start()
         release_on(first, "quorum", path)
-    _assert_replicas_identical([first, second, third], vol_id)
+    assert_replicas_identical([first, second, third], vol_id)
     first.call("volume.delete", "quorum")
 
 
@@ -613,30 +561,30 @@ def test_below_quorum_write_rolled_back(cluster: Cluster, tmp_path: Path) -> Non
 def test_damaged_replica_gets_full_copy(cluster: Cluster, tmp_path: Path, damage: str) -> None:
     first, second, third = cluster.nodes[:3]
     name = f"damaged-{damage}"
-    vol_id = _create(first, name, 2, [first, second])
+    vol_id = create_volume(first, name, 2, [first, second])
     path = tmp_path / "mnt"
     payloads = [os.urandom(8 * MIB), os.urandom(8 * MIB)]
     try:
         mount_on(third, name, path)
-        _write_synced(path / "before", payloads[0])
+        write_synced(path / "before", payloads[0])
         data_file = second.replica_dir(vol_id) / "data"
         if damage == "delete":
             data_file.unlink()
         else:
             os.truncate(data_file, 0)
-        _write_synced(path / "after", payloads[1])
+        write_synced(path / "after", payloads[1])
 
-        record = _wait_in_sync(third, name)
+        record = wait_in_sync(third, name)
         assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
-        state = _runtime(third, name)
+        state = read_runtime_state(third, name)
         index = record["replica_nodes"].index(second.node_id)
-        assert _pairs(state["ResyncBlocks"])[index] > 0
+        assert parse_pairs(state["ResyncBlocks"])[index] > 0
         assert "is marked failed and gets a full copy" in third.log_text()
         assert sha256_file(path / "before") == hashlib.sha256(payloads[0]).hexdigest()
         assert sha256_file(path / "after") == hashlib.sha256(payloads[1]).hexdigest()
     finally:
         release_on(third, name, path)
-    _assert_replicas_identical([first, second], vol_id)
+    assert_replicas_identical([first, second], vol_id)
     first.call("volume.delete", name)
 
 
@@ -672,7 +620,7 @@ def test_full_stores_leave_write_set_then_enospc(cluster: Cluster, tmp_path: Pat
     vol_id = ""
     path = tmp_path / "mnt"
     try:
-        vol_id = _create(first, "full", 2, [first, second], WRITER_VOLUME_SIZE)
+        vol_id = create_volume(first, "full", 2, [first, second], WRITER_VOLUME_SIZE)
         mount_on(third, "full", path)
         writer = _start_writer(path / "stream", seconds=120, max_bytes=200 * MIB)
         failed, done = _writer_outcome(writer, timeout=180)

@@ -15,7 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clusterproc import REPO, Cluster, ClusterNode, free_port_on, mount_on, release_on, sha256_file
+from clusterproc import (
+    COPY_DEADLINE,
+    REPO,
+    Cluster,
+    assert_replicas_identical,
+    create_volume,
+    free_port_on,
+    mount_on,
+    release_on,
+    sha256_file,
+    wait_for_ha_level,
+    write_synced,
+)
 
 from pxfs import errors
 from pxfs.rpc import BlockingClient
@@ -23,8 +35,6 @@ from pxfs.rpc import BlockingClient
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
 
 MIB = 1 << 20
-#: How long a copy to a new replica of a volume of at most 256 MiB may take on a loaded machine.
-COPY_DEADLINE = 120.0
 #: How long the writer of the online raise writes after the copy is done.
 WRITER_TAIL = 1.0
 
@@ -37,44 +47,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-def _create(node: ClusterNode, name: str, nodes: list[ClusterNode], size: int = 64 * MIB) -> str:
-    spec = {
-        "name": name,
-        "size": size,
-        "ha_level": len(nodes),
-        "labels": {},
-        "nodes": [n.node_id for n in nodes],
-    }
-    return str(node.call("volume.create", spec)["id"])
-
-
-def _write_synced(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _wait_for_ha(node: ClusterNode, name: str, ha_level: int) -> dict[str, Any]:
-    """Poll until the catalog has `ha_level` and no change running; return the record."""
-    deadline = time.monotonic() + COPY_DEADLINE
-    while True:
-        record: dict[str, Any] = node.call("volume.inspect", name)
-        if record["ha_level"] == ha_level and "replica_nodes_next" not in record:
-            return record
-        assert time.monotonic() < deadline, f"ha level {ha_level} not reached: {record}"
-        time.sleep(0.2)
-
-
-def _assert_replicas_match(nodes: list[ClusterNode], vol_id: str) -> None:
-    """Compare the block tables and the data files of the replicas of a closed volume."""
-    tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in nodes]
-    data = [sha256_file(node.replica_dir(vol_id) / "data") for node in nodes]
-    for node, table, digest in zip(nodes[1:], tables[1:], data[1:], strict=True):
-        assert table == tables[0], f"the block table on {node.node_id} differs"
-        assert digest == data[0], f"the data on {node.node_id} differs"
 
 
 class _Writer(threading.Thread):
@@ -94,7 +66,7 @@ class _Writer(threading.Thread):
             while not self.stop.is_set() and time.monotonic() < deadline:
                 payload = os.urandom(MIB)
                 name = f"w{count % 32}"
-                _write_synced(self.root / name, payload)
+                write_synced(self.root / name, payload)
                 self.written[name] = hashlib.sha256(payload).hexdigest()
                 count += 1
         except BaseException as exc:
@@ -103,18 +75,18 @@ class _Writer(threading.Thread):
 
 def test_raise_1_to_2_while_writing(cluster: Cluster, tmp_path: Path) -> None:
     first, second = cluster.nodes[:2]
-    vol_id = _create(first, "online", [first])
+    vol_id = create_volume(first, "online", 1, [first])
     path = tmp_path / "mnt"
     writer = _Writer(path)
     try:
         mount_on(first, "online", path)
-        _write_synced(path / "before", os.urandom(8 * MIB))
+        write_synced(path / "before", os.urandom(8 * MIB))
         writer.start()
         time.sleep(0.5)
         started = first.call("volume.update", "online", {"ha_level": 2, "nodes": [second.node_id]})
         assert started["ha_level"] == 1
         assert started["replica_nodes_next"] == [first.node_id, second.node_id]
-        record = _wait_for_ha(first, "online", 2)
+        record = wait_for_ha_level(first, "online", 2)
         time.sleep(WRITER_TAIL)
         writer.stop.set()
         writer.join(timeout=60)
@@ -131,27 +103,27 @@ def test_raise_1_to_2_while_writing(cluster: Cluster, tmp_path: Path) -> None:
     finally:
         writer.stop.set()
         release_on(first, "online", path)
-    _assert_replicas_match([first, second], vol_id)
+    assert_replicas_identical([first, second], vol_id)
     first.call("volume.delete", "online")
 
 
 def test_raise_2_to_3_detached(cluster: Cluster, tmp_path: Path) -> None:
     first, second, third = cluster.nodes[:3]
-    vol_id = _create(first, "offline", [first, second])
+    vol_id = create_volume(first, "offline", 2, [first, second])
     path = tmp_path / "mnt"
     payload = os.urandom(16 * MIB)
     try:
         mount_on(first, "offline", path)
-        _write_synced(path / "blob", payload)
+        write_synced(path / "blob", payload)
     finally:
         release_on(first, "offline", path)
 
     first.call("volume.update", "offline", {"ha_level": 3})
-    record = _wait_for_ha(first, "offline", 3)
+    record = wait_for_ha_level(first, "offline", 3)
     assert record["replica_nodes"] == [first.node_id, second.node_id, third.node_id]
     assert sorted(record["write_set"]) == sorted(record["replica_nodes"])
     assert record["attached_on"] == ""
-    _assert_replicas_match([first, second, third], vol_id)
+    assert_replicas_identical([first, second, third], vol_id)
 
     # A detached volume drops replicas from the end of replica_nodes.
     record = first.call("volume.update", "offline", {"ha_level": 1})
@@ -168,13 +140,13 @@ def test_raise_2_to_3_detached(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_lower_drops_right_replicas(cluster: Cluster, tmp_path: Path) -> None:
     first, second, third = cluster.nodes[:3]
-    vol_id = _create(first, "lower", [second, first, third])
+    vol_id = create_volume(first, "lower", 3, [second, first, third])
     path = tmp_path / "mnt"
     payload = os.urandom(8 * MIB)
     try:
         # Attached on the second node, whose replica must stay to the end.
         mount_on(second, "lower", path)
-        _write_synced(path / "blob", payload)
+        write_synced(path / "blob", payload)
 
         record = second.call("volume.update", "lower", {"ha_level": 2})
         assert record["ha_level"] == 2
@@ -190,7 +162,7 @@ def test_lower_drops_right_replicas(cluster: Cluster, tmp_path: Path) -> None:
         assert not first.replica_dir(vol_id).exists()
         assert second.replica_dir(vol_id).exists()
 
-        _write_synced(path / "after", payload)
+        write_synced(path / "after", payload)
         assert sha256_file(path / "blob") == hashlib.sha256(payload).hexdigest()
     finally:
         release_on(second, "lower", path)
@@ -199,12 +171,12 @@ def test_lower_drops_right_replicas(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_lower_drops_out_of_sync_first(cluster: Cluster, tmp_path: Path) -> None:
     first, second, third = cluster.nodes[:3]
-    vol_id = _create(first, "stale", [first, second, third])
+    vol_id = create_volume(first, "stale", 3, [first, second, third])
     path = tmp_path / "mnt"
     try:
         mount_on(first, "stale", path)
         second.kill()
-        _write_synced(path / "blob", os.urandom(4 * MIB))
+        write_synced(path / "blob", os.urandom(4 * MIB))
         record = first.call("volume.inspect", "stale")
         assert record["out_of_sync"] == [second.node_id]
         second.start()
@@ -217,17 +189,17 @@ def test_lower_drops_out_of_sync_first(cluster: Cluster, tmp_path: Path) -> None
         if second.pxd is None:
             second.start()
         release_on(first, "stale", path)
-    _assert_replicas_match([first, third], vol_id)
+    assert_replicas_identical([first, third], vol_id)
     first.call("volume.delete", "stale")
 
 
 def test_progress_visible_during_copy(cluster: Cluster, tmp_path: Path) -> None:
     first, second = cluster.nodes[:2]
-    vol_id = _create(first, "big", [first], size=256 * MIB)
+    vol_id = create_volume(first, "big", 1, [first], size=256 * MIB)
     path = tmp_path / "mnt"
     try:
         mount_on(first, "big", path)
-        _write_synced(path / "fill", os.urandom(192 * MIB))
+        write_synced(path / "fill", os.urandom(192 * MIB))
         first.call("volume.update", "big", {"ha_level": 2, "nodes": [second.node_id]})
         with pytest.raises(errors.Busy) as caught:
             first.call("volume.update", "big", {"ha_level": 3})
@@ -247,16 +219,16 @@ def test_progress_visible_during_copy(cluster: Cluster, tmp_path: Path) -> None:
         assert partial, f"no progress seen during the copy: {samples[:5]}"
         assert partial[0]["total"] >= 256 * MIB // (64 * 1024)
         assert partial[0]["planned"] >= 192 * MIB // (64 * 1024)
-        assert _wait_for_ha(first, "big", 2)["ha_level"] == 2
+        assert wait_for_ha_level(first, "big", 2)["ha_level"] == 2
     finally:
         release_on(first, "big", path)
-    _assert_replicas_match([first, second], vol_id)
+    assert_replicas_identical([first, second], vol_id)
     first.call("volume.delete", "big")
 
 
 def test_ha_update_errors(cluster: Cluster) -> None:
     first, second, third = cluster.nodes[:3]
-    _create(first, "bad", [first])
+    create_volume(first, "bad", 1, [first])
     for ha_level in (0, 4):
         with pytest.raises(errors.InvalidArgument):
             first.call("volume.update", "bad", {"ha_level": ha_level})
@@ -280,7 +252,7 @@ def test_ha_update_errors(cluster: Cluster) -> None:
 
 def test_rest_put_ha_level(cluster: Cluster, tmp_path: Path) -> None:
     first = cluster.nodes[0]
-    vol_id = _create(first, "rest", [first])
+    vol_id = create_volume(first, "rest", 1, [first])
     port = free_port_on(first.ip)
     log = open(tmp_path / "sidecar.log", "wb")  # noqa: SIM115 - closed after the process
     sidecar = subprocess.Popen(
@@ -294,7 +266,7 @@ def test_rest_put_ha_level(cluster: Cluster, tmp_path: Path) -> None:
         url = f"http://{first.ip}:{port}/v1/osd-volumes/{vol_id}"
         reply = _put_when_up(url, body)
         assert reply.get("volume_response", {}).get("error") is None, reply
-        record = _wait_for_ha(first, "rest", 2)
+        record = wait_for_ha_level(first, "rest", 2)
     finally:
         sidecar.terminate()
         sidecar.wait(timeout=30)
@@ -302,7 +274,7 @@ def test_rest_put_ha_level(cluster: Cluster, tmp_path: Path) -> None:
     assert record["replica_nodes"][0] == first.node_id
     added = [node for node in cluster.nodes if node.node_id == record["replica_nodes"][1]]
     assert len(added) == 1
-    _assert_replicas_match([first, added[0]], vol_id)
+    assert_replicas_identical([first, added[0]], vol_id)
     first.call("volume.delete", "rest")
 
 
@@ -329,12 +301,12 @@ def _put_when_up(url: str, body: bytes) -> dict[str, Any]:
 
 def test_mount_takes_over_offline_copy(cluster: Cluster, tmp_path: Path) -> None:
     first, second = cluster.nodes[:2]
-    vol_id = _create(first, "handover", [first], size=256 * MIB)
+    vol_id = create_volume(first, "handover", 1, [first], size=256 * MIB)
     path = tmp_path / "mnt"
     payload = os.urandom(192 * MIB)
     try:
         mount_on(first, "handover", path)
-        _write_synced(path / "fill", payload)
+        write_synced(path / "fill", payload)
     finally:
         release_on(first, "handover", path)
 
@@ -342,11 +314,11 @@ def test_mount_takes_over_offline_copy(cluster: Cluster, tmp_path: Path) -> None
     try:
         # The mount stops the copy that pxd runs and hands the rest to the mount child.
         mount_on(first, "handover", path)
-        record = _wait_for_ha(first, "handover", 2)
+        record = wait_for_ha_level(first, "handover", 2)
         assert sorted(record["write_set"]) == sorted([first.node_id, second.node_id])
         assert sha256_file(path / "fill") == hashlib.sha256(payload).hexdigest()
-        _write_synced(path / "after", os.urandom(4 * MIB))
+        write_synced(path / "after", os.urandom(4 * MIB))
     finally:
         release_on(first, "handover", path)
-    _assert_replicas_match([first, second], vol_id)
+    assert_replicas_identical([first, second], vol_id)
     first.call("volume.delete", "handover")

@@ -14,7 +14,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -30,12 +29,19 @@ from clusterproc import (
     ClusterNode,
     NetnsCluster,
     Writer,
+    assert_replicas_identical,
+    count_differing,
+    create_volume,
     lazy_unmount,
     mount_on,
+    parse_pairs,
     release_on,
     sha256_file,
     sha256_prefix,
+    wait_for_ha_level,
+    wait_in_sync,
     wait_until,
+    write_synced,
 )
 
 from pxfs import errors
@@ -65,10 +71,6 @@ OFFLINE_DEADLINE = DEFAULT_NODE_TTL + 10.0
 #: to the peer replica times out first (DEFAULT_TIMEOUT), then recording the smaller write set
 #: in etcd does (ETCD_TIMEOUT), and sending one chunk takes a little more.
 WRITE_FAIL_DEADLINE = DEFAULT_TIMEOUT + ETCD_TIMEOUT + 10.0
-#: How long a healed replica may take to rejoin the write set. The mount child tries every 5 s,
-#: and an attempt that started during the cut may wait out its 10 s connect. Copying what a
-#: writer wrote in a few seconds takes a few seconds more.
-RESYNC_DEADLINE = 45.0
 #: How long after a heal the old mount child of a volume taken over may run: one lease refresh
 #: (a third of the TTL), one etcd timeout, one attachment check (3 s) and the child's exit.
 FENCE_DEADLINE = DEFAULT_NODE_TTL / 3 + ETCD_TIMEOUT + 3.0 + 15.0
@@ -86,8 +88,6 @@ REMOUNT_DEADLINE = HEAL_DEADLINE + 30.0
 #: How long a reader process runs at most, and the pause between two of its reads.
 READER_SECONDS = 240.0
 READER_INTERVAL = 0.1
-#: How long a copy to a new replica of a volume of at most 256 MiB may take on a loaded machine.
-COPY_DEADLINE = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -113,73 +113,16 @@ def every_node_on_the_network(cluster: NetnsCluster) -> Iterator[None]:
 # Helpers
 
 
-def _create(node: ClusterNode, name: str, ha_level: int, nodes: list[ClusterNode]) -> str:
-    spec = {
-        "name": name,
-        "size": VOLUME_SIZE,
-        "ha_level": ha_level,
-        "labels": {},
-        "nodes": [member.node_id for member in nodes],
-    }
-    return str(node.call("volume.create", spec)["id"])
-
-
-def _write_synced(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _runtime(node: ClusterNode, name: str) -> dict[str, str]:
-    state: dict[str, str] = node.call("volume.inspect", name)["runtime_state"]
-    return state
-
-
-def _pairs(text: str) -> dict[int, int]:
-    """Parse a runtime state list such as "[{0 12} {1 3}]" into {0: 12, 1: 3}."""
-    return {int(key): int(value) for key, value in re.findall(r"\{(\d+) (\d+)\}", text)}
-
-
-def _differing(old: list[int], new: list[int]) -> int:
-    """Count the blocks whose version differs between two block tables."""
-    length = max(len(old), len(new))
-    old = old + [0] * (length - len(old))
-    new = new + [0] * (length - len(new))
-    return sum(1 for before, after in zip(old, new, strict=True) if before != after)
-
-
-def _wait_in_sync(node: ClusterNode, name: str) -> dict[str, Any]:
-    def clean() -> dict[str, Any] | None:
-        record: dict[str, Any] = node.call("volume.inspect", name)
-        if record["out_of_sync"] or record["runtime_state"].get("RuntimeState") != "clean":
-            return None
-        return record
-
-    found: dict[str, Any] = wait_until(clean, RESYNC_DEADLINE, f"{name} did not resync")
-    return found
-
-
 def _resynced(node: ClusterNode, name: str, replica: ClusterNode) -> int:
     """The blocks that the mount child on `node` copied to `replica` in its resyncs."""
     record = node.call("volume.inspect", name)
     index = record["replica_nodes"].index(replica.node_id)
-    return _pairs(record["runtime_state"]["ResyncBlocks"]).get(index, 0)
+    return parse_pairs(record["runtime_state"]["ResyncBlocks"]).get(index, 0)
 
 
 def _assert_verified(node: ClusterNode, name: str) -> None:
     result = node.pxctl("volume", "verify", name)
     assert result.returncode == 0, f"pxctl volume verify {name}:\n{result.stdout}{result.stderr}"
-
-
-def _assert_replicas_identical(nodes: list[ClusterNode], vol_id: str) -> None:
-    """Compare the block tables (versions and crc32 of every block) and the data files."""
-    tables = [(node.replica_dir(vol_id) / "table").read_bytes() for node in nodes]
-    for node, table in zip(nodes[1:], tables[1:], strict=True):
-        assert table == tables[0], f"block table of {node.ip} differs from {nodes[0].ip}"
-    data = [sha256_file(node.replica_dir(vol_id) / "data") for node in nodes]
-    for node, digest in zip(nodes[1:], data[1:], strict=True):
-        assert digest == data[0], f"data file of {node.ip} differs from {nodes[0].ip}"
 
 
 def _online_ids(viewer: ClusterNode) -> set[str] | None:
@@ -294,7 +237,7 @@ def test_replica_cut_off_during_writes(
     nodes = cluster.nodes
     name = f"cut{ha_level}"
     replicas = nodes[:ha_level]
-    vol_id = _create(nodes[0], name, ha_level, replicas)
+    vol_id = create_volume(nodes[0], name, ha_level, replicas, VOLUME_SIZE)
     survivor, victim = replicas[0], replicas[1]
     # The mount is on a node that stays on the network: the third, a replica only at ha 3.
     coordinator = nodes[2]
@@ -316,9 +259,9 @@ def test_replica_cut_off_during_writes(
         assert inspected["runtime_state"]["RuntimeState"] == "degraded"
 
         # Nothing writes to the volume now, and the victim's pxd stores nothing while cut off.
-        missed = _differing(victim.versions(vol_id), survivor.versions(vol_id))
+        missed = count_differing(victim.versions(vol_id), survivor.versions(vol_id))
         cluster.heal(victim)
-        record = _wait_in_sync(coordinator, name)
+        record = wait_in_sync(coordinator, name, clean=True)
         assert sorted(record["write_set"]) == sorted(node.node_id for node in replicas)
         copied = _resynced(coordinator, name, victim)
         print(
@@ -333,7 +276,7 @@ def test_replica_cut_off_during_writes(
     finally:
         cluster.heal(victim)
         release_on(coordinator, name, path)
-    _assert_replicas_identical(replicas, vol_id)
+    assert_replicas_identical(replicas, vol_id)
     nodes[0].call("volume.delete", name)
 
 
@@ -343,14 +286,14 @@ def test_replica_cut_off_during_writes(
 
 def test_attached_node_cut_off_and_fenced(cluster: NetnsCluster, tmp_path: Path) -> None:
     old, new, _ = cluster.nodes
-    vol_id = _create(old, "fenced", 2, [old, new])
+    vol_id = create_volume(old, "fenced", 2, [old, new], VOLUME_SIZE)
     old_path, new_path = tmp_path / "old", tmp_path / "new"
     payload, before, after = os.urandom(8 * MIB), os.urandom(BLOCK), os.urandom(BLOCK)
     kept = reader = None
     try:
         mount_on(old, "fenced", old_path)
         epoch = old.call("volume.inspect", "fenced")["epoch"]
-        _write_synced(old_path / "probe", before)
+        write_synced(old_path / "probe", before)
         # A file that stays open on the old node across the whole partition, as an
         # application's would, and a reader that opens the probe again and again.
         kept = open(old_path / "kept", "wb")
@@ -395,8 +338,8 @@ def test_attached_node_cut_off_and_fenced(cluster: NetnsCluster, tmp_path: Path)
         assert record["epoch"] > epoch
         assert record["attached_on"] == new.node_id
         assert record["runtime_state"]["RuntimeState"] == "degraded"
-        _write_synced(new_path / "after", payload)
-        _write_synced(new_path / "probe", after)
+        write_synced(new_path / "after", payload)
+        write_synced(new_path / "probe", after)
 
         # Two nodes never both accept writes: the old one fails them.
         with pytest.raises(OSError) as raised:
@@ -408,7 +351,7 @@ def test_attached_node_cut_off_and_fenced(cluster: NetnsCluster, tmp_path: Path)
         child_gone = time.monotonic() - cut_at
 
         cluster.heal(old)
-        record = _wait_in_sync(new, "fenced")
+        record = wait_in_sync(new, "fenced", clean=True)
         assert sorted(record["write_set"]) == sorted([old.node_id, new.node_id])
         assert record["attached_on"] == new.node_id
         # Healed, the old node learns that the volume moved and mounts nothing again.
@@ -458,7 +401,7 @@ def test_attached_node_cut_off_and_fenced(cluster: NetnsCluster, tmp_path: Path)
         cluster.heal(old)
         _cleanup_old_mount(old, vol_id, old_path)
         release_on(new, "fenced", new_path)
-    _assert_replicas_identical([old, new], vol_id)
+    assert_replicas_identical([old, new], vol_id)
     new.call("volume.delete", "fenced")
 
 
@@ -481,8 +424,8 @@ def _append_synced(path: Path, written: list[tuple[float, bytes]]) -> None:
 
 def test_short_cut_fences_and_remounts(cluster: NetnsCluster, tmp_path: Path) -> None:
     node, peer, _ = cluster.nodes
-    moving_id = _create(node, "moving", 2, [node, peer])
-    _create(node, "alone", 1, [node])
+    moving_id = create_volume(node, "moving", 2, [node, peer], VOLUME_SIZE)
+    create_volume(node, "alone", 1, [node], VOLUME_SIZE)
     moving, alone = tmp_path / "moving", tmp_path / "alone"
     payload, kept_here = os.urandom(8 * MIB), os.urandom(8 * MIB)
     written: list[tuple[float, bytes]] = []
@@ -491,8 +434,8 @@ def test_short_cut_fences_and_remounts(cluster: NetnsCluster, tmp_path: Path) ->
         epoch = node.call("volume.inspect", "moving")["epoch"]
         mount_on(node, "alone", alone)
         alone_epoch = node.call("volume.inspect", "alone")["epoch"]
-        _write_synced(moving / "blob", payload)
-        _write_synced(alone / "blob", kept_here)
+        write_synced(moving / "blob", payload)
+        write_synced(alone / "blob", kept_here)
         pids = set(node.child_pids())
         cut_at = time.monotonic()
         cluster.cut(node)
@@ -544,7 +487,7 @@ def test_short_cut_fences_and_remounts(cluster: NetnsCluster, tmp_path: Path) ->
         expected = b"".join(chunk for _, chunk in written)
         assert sha256_file(alone / "stream") == hashlib.sha256(expected).hexdigest()
 
-        _wait_in_sync(node, "moving")
+        wait_in_sync(node, "moving", clean=True)
         _assert_verified(node, "moving")
         _assert_verified(node, "alone")
         print(
@@ -557,7 +500,7 @@ def test_short_cut_fences_and_remounts(cluster: NetnsCluster, tmp_path: Path) ->
         cluster.heal(node)
         release_on(node, "moving", moving)
         release_on(node, "alone", alone)
-    _assert_replicas_identical([node, peer], moving_id)
+    assert_replicas_identical([node, peer], moving_id)
     node.call("volume.delete", "moving")
     node.call("volume.delete", "alone")
 
@@ -567,7 +510,7 @@ def test_short_cut_fences_and_remounts(cluster: NetnsCluster, tmp_path: Path) ->
 
 def test_node_without_replica_cut_off_and_healed(cluster: NetnsCluster, tmp_path: Path) -> None:
     first, second, bystander = cluster.nodes
-    vol_id = _create(first, "bystander", 2, [first, second])
+    vol_id = create_volume(first, "bystander", 2, [first, second], VOLUME_SIZE)
     path = tmp_path / "mnt"
     try:
         mount_on(first, "bystander", path)
@@ -620,25 +563,14 @@ def test_node_without_replica_cut_off_and_healed(cluster: NetnsCluster, tmp_path
 # A raise of the ha level interrupted by a restart of pxd resumes by itself
 
 
-def _wait_for_ha(node: ClusterNode, name: str, ha_level: int) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        record: dict[str, Any] = node.call("volume.inspect", name)
-        if record["ha_level"] == ha_level and "replica_nodes_next" not in record:
-            return record
-        return None
-
-    found: dict[str, Any] = wait_until(done, COPY_DEADLINE, f"ha level {ha_level} not reached")
-    return found
-
-
 def test_raise_resumes_after_pxd_restart(cluster: NetnsCluster, tmp_path: Path) -> None:
     first, second, _ = cluster.nodes
-    vol_id = _create(first, "resumed", 1, [first])
+    vol_id = create_volume(first, "resumed", 1, [first], VOLUME_SIZE)
     path = tmp_path / "mnt"
     payload = os.urandom(128 * MIB)
     try:
         mount_on(first, "resumed", path)
-        _write_synced(path / "blob", payload)
+        write_synced(path / "blob", payload)
         first.call("volume.update", "resumed", {"ha_level": 2, "nodes": [second.node_id]})
         # Cut off, the new replica cannot get its copy, so the raise is still running when pxd
         # stops. After the restart nothing but pxd itself goes on with it: no mount, no update.
@@ -651,15 +583,15 @@ def test_raise_resumes_after_pxd_restart(cluster: NetnsCluster, tmp_path: Path) 
         assert record["replica_nodes_next"] == [first.node_id, second.node_id]
         cluster.heal(second)
 
-        record = _wait_for_ha(first, "resumed", 2)
+        record = wait_for_ha_level(first, "resumed", 2)
         assert record["replica_nodes"] == [first.node_id, second.node_id]
-        record = _wait_in_sync(first, "resumed")
+        record = wait_in_sync(first, "resumed", clean=True)
         assert sha256_file(path / "blob") == hashlib.sha256(payload).hexdigest()
         _assert_verified(first, "resumed")
     finally:
         cluster.heal(second)
         release_on(first, "resumed", path)
-    _assert_replicas_identical([first, second], vol_id)
+    assert_replicas_identical([first, second], vol_id)
     first.call("volume.delete", "resumed")
 
 

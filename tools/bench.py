@@ -40,8 +40,17 @@ import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from benchcommon import (
+    TEARDOWN_FAILURES,
+    BenchError,
+    leftover_mounts,
+    raise_interrupt,
+    register_teardown,
+    teardown_outcome,
+    work_directory,
+)
 
 from pxfs import errors
 from pxfs.rpc import BlockingClient
@@ -76,13 +85,6 @@ SYSTEMS = {
 }
 
 Figures = dict[str, float]
-
-# Names of the teardown steps that failed in this run; main reports them in its exit status.
-TEARDOWN_FAILURES: list[str] = []
-
-
-class BenchError(Exception):
-    """The failure of a benchmark step, with a message that names the step and the next action."""
 
 
 def progress(system: str, step: str) -> None:
@@ -289,19 +291,6 @@ def process_cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def register_teardown(stack: contextlib.ExitStack, step: str, action: Callable[[], object]) -> None:
-    """Register `action` on `stack` so that its failure is reported and later steps still run."""
-
-    def guarded() -> None:
-        try:
-            action()
-        except (BenchError, errors.PxfsError, OSError, subprocess.SubprocessError) as error:
-            TEARDOWN_FAILURES.append(step)
-            print(f"bench: teardown step {step!r} failed: {error}", file=sys.stderr)
-
-    stack.callback(guarded)
 
 
 # pxfs.
@@ -819,32 +808,6 @@ def check_prerequisites() -> None:
             raise BenchError(f"{tool} is not installed (apt-get install {package})")
 
 
-def raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    """Turn SIGTERM into KeyboardInterrupt, so `timeout` gets the same teardown as Ctrl-C."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def leftover_mounts(work: Path) -> list[str]:
-    """Return the mount points under `work` that are still mounted."""
-    prefix = str(work.resolve()) + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts]
-    return [point for point in points if point.startswith(prefix)]
-
-
-@contextlib.contextmanager
-def work_directory(requested: Path | None) -> Iterator[Path]:
-    """Yield the work directory, and remove it afterwards if it is a new temporary one."""
-    work = requested or Path(tempfile.mkdtemp(prefix="pxfs-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        yield work
-    finally:
-        # Removing a tree that still has a mount inside would delete files through that mount.
-        if requested is None and not leftover_mounts(work):
-            shutil.rmtree(work, ignore_errors=True)
-
-
 def unavailable_systems(args: argparse.Namespace) -> dict[str, str]:
     """Return why each system that this run does not measure is left out."""
     not_measured = {name: "not chosen with --systems" for name in SYSTEMS}
@@ -885,20 +848,13 @@ def measure_raw(work: Path, args: argparse.Namespace) -> Figures:
     return measure("raw", raw_dir, args)
 
 
-def teardown_outcome() -> str:
-    """Describe whether every teardown step succeeded."""
-    if TEARDOWN_FAILURES:
-        return f"teardown failed at: {', '.join(TEARDOWN_FAILURES)} (details above)"
-    return "everything it started is stopped"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print its table and write the JSON file."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         check_prerequisites()
-        with work_directory(args.work_dir) as work:
+        with work_directory(args.work_dir, "pxfs-bench-") as work:
             report = run(args, work)
     except (BenchError, errors.PxfsError) as error:
         print(f"bench: {error}", file=sys.stderr)

@@ -40,17 +40,23 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import trio
+from benchcommon import (
+    TEARDOWN_FAILURES,
+    BenchError,
+    leftover_mounts,
+    raise_interrupt,
+    register_teardown,
+    teardown_outcome,
+    work_directory,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # The cluster and node helpers of the test suite start and stop the real processes.
@@ -84,10 +90,6 @@ WRITE_CHUNK = 4 * MIB
 ETCD = Path("/usr/bin/etcd")
 
 Figures = dict[str, Any]
-
-
-class BenchError(Exception):
-    """A failed step of the benchmark, with a message that names it."""
 
 
 def progress(part: str, step: str) -> None:
@@ -192,7 +194,7 @@ def measure_mount(work: Path, args: argparse.Namespace, stack: contextlib.ExitSt
     progress("mount", f"start pxd in {node.root}")
     node.start()
     record = node.call("volume.create", {"name": "scale", "size": GIB, "ha_level": 1, "labels": {}})
-    stack.callback(_quietly, lambda: node.call("volume.delete", "scale"))
+    register_teardown(stack, "delete volume scale", lambda: node.call("volume.delete", "scale"))
     progress("mount", f"create {args.files} files with the library")
     started = time.monotonic()
     trio.run(
@@ -208,12 +210,14 @@ def measure_mount(work: Path, args: argparse.Namespace, stack: contextlib.ExitSt
 
     progress("mount", "attach and mount")
     node.call("volume.attach", "scale")
-    stack.callback(_quietly, lambda: node.call("volume.detach", "scale"))
+    register_teardown(stack, "detach volume scale", lambda: node.call("volume.detach", "scale"))
     last = args.files - 1
     probe = mountpoint / f"d{last // args.files_per_dir:05d}" / f"f{last:07d}"
     started = time.monotonic()
     node.call("volume.mount", "scale", str(mountpoint))
-    stack.callback(_quietly, lambda: node.call("volume.unmount", "scale", str(mountpoint)))
+    register_teardown(
+        stack, "unmount volume scale", lambda: node.call("volume.unmount", "scale", str(mountpoint))
+    )
     mounted = time.monotonic()
     wait_for(lambda: _stat_answers(probe), f"a stat of {probe}")
     answered = time.monotonic()
@@ -235,14 +239,6 @@ def _stat_answers(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def _quietly(action: Callable[[], object]) -> None:
-    """Run one teardown step; report its failure and go on with the next."""
-    try:
-        action()
-    except (errors.PxfsError, OSError, BenchError) as exc:
-        print(f"bench_scale: teardown step failed: {exc}", file=sys.stderr)
 
 
 # The cluster parts.
@@ -274,12 +270,14 @@ def create_volume(node: ClusterNode, name: str, size: int, nodes: list[ClusterNo
 def mount_volume(node: ClusterNode, name: str, path: Path, stack: contextlib.ExitStack) -> None:
     """Attach and mount a volume on `node`; undone when `stack` closes."""
     path.mkdir(parents=True, exist_ok=True)
-    stack.callback(_quietly, lambda: node.call("volume.delete", name))
+    register_teardown(stack, f"delete volume {name}", lambda: node.call("volume.delete", name))
     node.call("volume.attach", name)
-    stack.callback(_quietly, lambda: node.call("volume.detach", name))
+    register_teardown(stack, f"detach volume {name}", lambda: node.call("volume.detach", name))
     node.call("volume.mount", name, str(path))
     stack.callback(lazy_unmount, path)
-    stack.callback(_quietly, lambda: node.call("volume.unmount", name, str(path)))
+    register_teardown(
+        stack, f"unmount volume {name}", lambda: node.call("volume.unmount", name, str(path))
+    )
 
 
 def is_clean(node: ClusterNode, name: str) -> dict[str, Any] | None:
@@ -453,31 +451,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    """Turn SIGTERM into KeyboardInterrupt, so that `timeout` gets the teardown too."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def work_directory(requested: Path | None) -> Iterator[Path]:
-    """Yield the work directory; a new temporary one is removed afterwards unless mounted."""
-    work = requested or Path(tempfile.mkdtemp(prefix="pxfs-bench-scale-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        yield work
-    finally:
-        if requested is None and not leftover_mounts(work):
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def leftover_mounts(work: Path) -> list[str]:
-    """Return the mount points under `work` that are still mounted."""
-    prefix = str(work.resolve()) + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts]
-    return [point for point in points if point.startswith(prefix)]
-
-
 MEASURERS = {"mount": measure_mount, "resync": measure_resync, "copy": measure_copy}
 
 
@@ -498,17 +471,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        with work_directory(args.work_dir) as work:
+        with work_directory(args.work_dir, "pxfs-bench-scale-") as work:
             results = run(args, work)
             left = leftover_mounts(work)
             if left:
                 raise BenchError(f"mounts left after the teardown: {left}")
     except (BenchError, errors.PxfsError, AssertionError) as exc:
         print(f"bench_scale: {exc}", file=sys.stderr)
+        print(f"bench_scale: {teardown_outcome()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bench_scale: interrupted; everything started was stopped", file=sys.stderr)
+        print(f"bench_scale: interrupted; {teardown_outcome()}", file=sys.stderr)
         return 130
+    if TEARDOWN_FAILURES:
+        print(f"bench_scale: {teardown_outcome()}", file=sys.stderr)
+        return 1
     report = json.dumps(results, indent=2)
     print(report)
     if args.json:
