@@ -31,7 +31,7 @@ from pxfs.errors import (
     Unavailable,
 )
 from pxfs.resync import ResyncProgress
-from pxfs.rpc import RpcClient
+from pxfs.rpc import PackedArgs, RpcClient
 from pxfs.store import BLOCK_SIZE, MAX_EPOCH
 
 log = logging.getLogger(__name__)
@@ -638,10 +638,10 @@ class ReplicationClient:
         self._in_flight[version] = done
         try:
             if operation == "write":
-                args: tuple[Any, ...] = (self.vol_id, self.epoch, version, frame)
+                args = PackedArgs(self.vol_id, self.epoch, version, frame)
             else:
-                args = (self.vol_id, self.epoch, frame, version)
-            outcomes = await self._fan_out(self._targets(), method, *args)
+                args = PackedArgs(self.vol_id, self.epoch, frame, version)
+            outcomes = await self._fan_out(self._targets(), method, args)
             await self._settle(operation, outcomes, blocknos)
         finally:
             del self._in_flight[version]

@@ -66,6 +66,28 @@ async def test_call_round_trip(server_path):
     await client.aclose()
 
 
+@pytest.mark.parametrize("size", [10, 3 * 64 * 1024])
+async def test_packed_args_round_trip(server_path, size):
+    packed = rpc.PackedArgs("vol", 7, [(1, b"x" * size)])
+    client = await rpc.RpcClient.connect_unix(server_path, SECRET)
+    first = await client.call("echo", packed)
+    second = await client.call("echo", packed)
+    plain = await client.call("echo", "vol", 7, [(1, b"x" * size)])
+    await client.aclose()
+    assert first == ["vol", 7, [[1, b"x" * size]]]
+    assert second == first
+    assert plain == first
+
+
+async def test_packed_args_over_frame_limit(server_path):
+    packed = rpc.PackedArgs(b"x" * rpc.MAX_FRAME)
+    client = await rpc.RpcClient.connect_unix(server_path, SECRET)
+    with pytest.raises(errors.InvalidArgument, match="exceeds"):
+        await client.call("echo", packed)
+    assert await client.call("echo", 1) == [1]
+    await client.aclose()
+
+
 async def test_error_keeps_its_class(server_path):
     client = await rpc.RpcClient.connect_unix(server_path, SECRET)
     with pytest.raises(errors.NotFound, match="volume v1 not found"):
