@@ -443,11 +443,20 @@ class Replica:
                 self.vol_id,
             )
 
-    def flush(self) -> None:
-        """Make every completed write durable, then check the data file (`check_data_file`)."""
-        os.fdatasync(self.data_fd)
-        os.fdatasync(self.table_fd)
+    def flush_handles(self) -> tuple[int, int]:
+        """Check the data file (`check_data_file`) and return new descriptors of the two files.
+
+        The caller syncs and closes them. A duplicate shares the open file of the original, so
+        its sync makes the writes completed through the original durable too. The caller can
+        then sync without the replica's lock, and writes continue during the sync.
+        """
         self.check_data_file()
+        data_fd = os.dup(self.data_fd)
+        try:
+            return data_fd, os.dup(self.table_fd)
+        except OSError:
+            os.close(data_fd)
+            raise
 
     def resize(self, nblocks: int) -> None:
         """Grow or shrink the replica to `nblocks` blocks."""
@@ -662,3 +671,13 @@ def delete_replica(root: Path, vol_id: str) -> bool:
     _fsync_dir(root)
     shutil.rmtree(doomed)
     return True
+
+
+def sync_and_close(handles: tuple[int, int]) -> None:
+    """Make the writes completed through `handles` durable (fdatasync) and close them."""
+    try:
+        for fd in handles:
+            os.fdatasync(fd)
+    finally:
+        for fd in handles:
+            os.close(fd)

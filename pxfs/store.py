@@ -43,6 +43,7 @@ from pxfs.replicafiles import (
     create_replica,
     delete_replica,
     open_replica,
+    sync_and_close,
     write_meta,
 )
 from pxfs.rpc import RpcClient
@@ -522,7 +523,9 @@ class ReplicaStore:
         did not do.
         """
         async with self._locked(vol_id) as replica:
-            await trio.to_thread.run_sync(replica.flush)
+            handles = await trio.to_thread.run_sync(replica.flush_handles)
+        # Without the lock, so that writes to the replica go on while the disk catches up.
+        await trio.to_thread.run_sync(sync_and_close, handles)
         return {"data_file_checked": True}
 
     async def info(self, vol_id: str) -> dict[str, int]:

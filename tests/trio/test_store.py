@@ -2,6 +2,7 @@ import errno
 import hashlib
 import os
 import struct
+import threading
 
 import msgpack
 import pytest
@@ -727,6 +728,32 @@ async def test_digests_report_missing_data_file(regions):
 async def test_flush_reports_checked_data_file(volume):
     await volume.write(VOL, 0, 1, [[0, block(0)]])
     assert await volume.flush(VOL) == {"data_file_checked": True}
+
+
+async def test_writes_go_on_during_flush(volume, monkeypatch):
+    released = threading.Event()
+    syncing = threading.Event()
+    synced: list[int] = []
+
+    def slow_fdatasync(fd: int) -> None:
+        syncing.set()
+        released.wait(timeout=10)
+        synced.append(fd)
+
+    monkeypatch.setattr(replicafiles.os, "fdatasync", slow_fdatasync)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(volume.flush, VOL)
+        await trio.to_thread.run_sync(syncing.wait, 10)
+        with trio.fail_after(5):
+            await volume.write(VOL, 0, 1, [[3, block(3)]])
+        assert synced == []
+        released.set()
+    assert len(synced) == 2
+    assert await volume.read(VOL, [3]) == [block(3)]
+    # The flush closed the descriptors it synced.
+    for fd in synced:
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "replace"])
