@@ -23,6 +23,7 @@ import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import msgpack
 import trio
@@ -77,6 +78,19 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = getattr(_libc, "fallocate64", _libc.fallocate)
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+
+class Patch(NamedTuple):
+    """A change of part of one block: `data` from `offset`, on a block whose crc32 is `base`.
+
+    `crc` is the crc32 of the whole block after the change.
+    """
+
+    blockno: int
+    offset: int
+    data: bytes
+    base: int
+    crc: int
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
@@ -368,6 +382,34 @@ class Replica:
                 raise NoSpace(
                     f"{exc.message} ({index} of the {len(blocks)} blocks of the write were stored)"
                 ) from None
+
+    def patch_blocks(self, version: int, patches: Sequence[Patch]) -> list[int]:
+        """Write parts of blocks in order, and return the blocks left alone.
+
+        A patch changes only the block whose record has the crc32 `base`. That block holds the
+        bytes that the writer patched, so its new record takes the writer's `crc` of the whole
+        block without reading it back. A block that is unwritten, marked, or has another crc32
+        is left alone and returned, for the writer to send whole. Raises NoSpace as
+        write_blocks does.
+        """
+        left: list[int] = []
+        for patch in patches:
+            old_version, old_crc, flags = self._read_record(patch.blockno)
+            if flags or _unwritten(old_version, flags) or old_crc != patch.base:
+                left.append(patch.blockno)
+                continue
+            try:
+                _pwrite_all(self.data_fd, patch.data, patch.blockno * BLOCK_SIZE + patch.offset)
+            except OSError as exc:
+                if not _no_space(exc):
+                    raise
+                raise NoSpace(
+                    f"no space left on this node for block {patch.blockno} of volume {self.vol_id}"
+                ) from None
+            self._changed(patch.blockno)
+            record = _RECORD.pack(version, patch.crc, 0)
+            _pwrite_all(self.table_fd, record, patch.blockno * RECORD_SIZE)
+        return left
 
     def _write_block(
         self, blockno: int, data: bytes, version: int, old: tuple[int, int, int]

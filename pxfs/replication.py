@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -25,6 +25,7 @@ from pxfs.errors import (
     InvalidArgument,
     NoSpace,
     NotFound,
+    NotSupported,
     ProtocolError,
     PxfsError,
     StaleEpoch,
@@ -33,6 +34,7 @@ from pxfs.errors import (
 from pxfs.resync import ResyncProgress
 from pxfs.rpc import PackedArgs, RpcClient
 from pxfs.store import BLOCK_SIZE, MAX_EPOCH
+from pxfs.volume.device import BlockChange
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ SLOW_TIMEOUT = 60.0
 MIN_WRITE_SET = {1: 1, 2: 1, 3: 2}
 
 Job = Callable[[], Awaitable[None]]
+#: One call, or a few, to one replica, whose error is that replica's outcome.
+ReplicaJob = Callable[["_Replica"], Awaitable[Any]]
 #: A callback that receives the write set and the out-of-sync replicas, by id, after each change.
 WriteSetCallback = Callable[[list[str], list[str]], Awaitable[None]]
 Outcomes = list[tuple["_Replica", PxfsError | None]]
@@ -182,6 +186,8 @@ class ReplicationClient:
         self._pause: trio.Event | None = None
         self._unsettled: set[int] = set()
         self._in_flight: dict[int, trio.Event] = {}
+        #: Replicas whose store has no store.patch (a pxd of an older version), by id.
+        self._without_patch: set[str] = set()
         self._stale: StaleEpoch | None = None
         self._counter = 0
         self.repaired_blocks = 0
@@ -313,15 +319,25 @@ class ReplicationClient:
         await _run_jobs([job(first) for first in range(0, len(checked), BLOCKS_PER_FRAME)])
         return result
 
-    async def write_blocks(self, blocks: Sequence[tuple[int, bytes]]) -> None:
-        """Write blocks to the write set and return once a write quorum has stored each one."""
+    async def write_blocks(
+        self,
+        blocks: Sequence[tuple[int, bytes]],
+        changes: Mapping[int, BlockChange] | None = None,
+    ) -> None:
+        """Write blocks to the write set and return once a write quorum has stored each one.
+
+        A block with an entry in `changes` goes to each replica as a store.patch of its changed
+        bytes. A replica that does not hold the block the change starts from gets it whole.
+        """
         checked = [self._check_block(blockno, data) for blockno, data in blocks]
 
         def job(first: int) -> Job:
             async def write_frame() -> None:
                 frame = checked[first : first + BLOCKS_PER_FRAME]
                 blocknos = [blockno for blockno, _ in frame]
-                await self._versioned_call("write", blocknos, "store.write", frame)
+                await self._versioned_call(
+                    "write", blocknos, lambda version: self._write_job(version, frame, changes)
+                )
 
             return write_frame
 
@@ -336,7 +352,12 @@ class ReplicationClient:
         def job(first: int) -> Job:
             async def trim_frame() -> None:
                 frame = checked[first : first + TRIMS_PER_FRAME]
-                await self._versioned_call("trim", frame, "store.trim", frame)
+
+                def trim_job(version: int) -> ReplicaJob:
+                    packed = PackedArgs(self.vol_id, self.epoch, frame, version)
+                    return lambda replica: replica.call("store.trim", packed)
+
+                await self._versioned_call("trim", frame, trim_job)
 
             return trim_frame
 
@@ -627,8 +648,47 @@ class ReplicationClient:
 
     # --- writes and settling -----------------------------------------------------------------
 
+    def _write_job(
+        self,
+        version: int,
+        frame: list[tuple[int, bytes]],
+        changes: Mapping[int, BlockChange] | None,
+    ) -> ReplicaJob:
+        """Return the job that writes `frame` at `version` to one replica, packed once for all."""
+        whole: list[tuple[int, bytes]] = []
+        parts: list[tuple[int, int, bytes, int, int]] = []
+        for blockno, data in frame:
+            change = changes.get(blockno) if changes else None
+            if change is None:
+                whole.append((blockno, data))
+            else:
+                piece = data[change.start : change.end]
+                parts.append((blockno, change.start, piece, change.base, change.crc))
+        packed_whole = PackedArgs(self.vol_id, self.epoch, version, whole) if whole else None
+        packed_parts = PackedArgs(self.vol_id, self.epoch, version, parts) if parts else None
+        blocks = dict(frame)
+
+        async def write(replica: _Replica) -> None:
+            if packed_whole is not None:
+                await replica.call("store.write", packed_whole)
+            if packed_parts is None:
+                return
+            left = [blockno for blockno, *_ in parts]
+            if replica.id not in self._without_patch:
+                try:
+                    reply = await replica.call("store.patch", packed_parts)
+                    left = _patched_left(replica, reply, blocks)
+                except NotSupported:
+                    # A pxd from before store.patch: this replica gets whole blocks from now on.
+                    self._without_patch.add(replica.id)
+            if left:
+                rest = [(blockno, blocks[blockno]) for blockno in left]
+                await replica.call("store.write", self.vol_id, self.epoch, version, rest)
+
+        return write
+
     async def _versioned_call(
-        self, operation: str, blocknos: Sequence[int], method: str, frame: Sequence[Any]
+        self, operation: str, blocknos: Sequence[int], make_job: Callable[[int], ReplicaJob]
     ) -> None:
         await self._before_write()
         # No await from the end of _before_write to the start of the fan-out, so the version and
@@ -637,11 +697,7 @@ class ReplicationClient:
         done = trio.Event()
         self._in_flight[version] = done
         try:
-            if operation == "write":
-                args = PackedArgs(self.vol_id, self.epoch, version, frame)
-            else:
-                args = PackedArgs(self.vol_id, self.epoch, frame, version)
-            outcomes = await self._fan_out(self._targets(), method, args)
+            outcomes = await self._fan_out_each(self._targets(), make_job(version))
             await self._settle(operation, outcomes, blocknos)
         finally:
             del self._in_flight[version]
@@ -1002,3 +1058,12 @@ async def _run_jobs(jobs: list[Job]) -> None:
             nursery.start_soon(run, job)
     if failures:
         raise failures[0]
+
+
+def _patched_left(replica: _Replica, reply: Any, blocks: Mapping[int, bytes]) -> list[int]:
+    """Return the blocks of a store.patch reply; raises ProtocolError for one not in `blocks`."""
+    if not (isinstance(reply, list) and all(type(blockno) is int for blockno in reply)):
+        raise ProtocolError(f"replica {replica.name} sent a malformed patch reply")
+    if not set(reply) <= blocks.keys():
+        raise ProtocolError(f"replica {replica.name} sent a patch reply with unknown blocks")
+    return reply

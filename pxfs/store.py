@@ -38,6 +38,7 @@ from pxfs.replicafiles import (
     MAX_VERSION,
     RECORD_SIZE,
     TRIMMED,
+    Patch,
     Replica,
     check_reset_epoch,
     create_replica,
@@ -180,6 +181,28 @@ def _check_data(blockno: int, data: object) -> bytes:
     return bytes(data)
 
 
+def _check_patches(replica: Replica, patches: object) -> list[Patch]:
+    items = _check_list("patches", patches)
+    _check_count("patches", items, MAX_BLOCKS_PER_CALL)
+    checked = []
+    for entry in items:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 5:
+            raise InvalidArgument(
+                "invalid patch entry: expected [block number, offset, data, base crc32, crc32]"
+            )
+        blockno = _check_int("block number", entry[0], 0, replica.nblocks - 1)
+        offset = _check_int("patch offset", entry[1], 0, BLOCK_SIZE - 1)
+        data = entry[2]
+        if not isinstance(data, (bytes, bytearray)) or not 0 < len(data) <= BLOCK_SIZE - offset:
+            raise InvalidArgument(
+                f"invalid patch data for block {blockno}: expected 1 to {BLOCK_SIZE - offset} bytes"
+            )
+        base = _check_int("base crc32", entry[3], 0, 0xFFFFFFFF)
+        crc = _check_int("crc32", entry[4], 0, 0xFFFFFFFF)
+        checked.append(Patch(blockno, offset, bytes(data), base, crc))
+    return checked
+
+
 def _check_pulls(replica: Replica, blocks: object) -> list[tuple[int, int]]:
     items = _check_list("blocks", blocks)
     _check_count("blocks", items, MAX_BLOCKS_PER_CALL)
@@ -239,6 +262,7 @@ class ReplicaStore:
             "store.open": self.open,
             "store.read": self.read,
             "store.write": self.write,
+            "store.patch": self.patch,
             "store.trim": self.trim,
             "store.flush": self.flush,
             "store.info": self.info,
@@ -329,6 +353,25 @@ class ReplicaStore:
             await self._accept_epoch(replica, epoch)
             await trio.to_thread.run_sync(replica.write_blocks, version, checked)
         log.debug("volume %s: wrote %d blocks at version %x", vol_id, len(checked), version)
+
+    async def patch(
+        self, vol_id: str, epoch: int, version: int, patches: list[list[Any]]
+    ) -> list[int]:
+        """Write [blockno, offset, data, base, crc] parts of blocks under `epoch` and `version`.
+
+        Returns the blocks not patched because their crc32 is not `base` (Replica.patch_blocks),
+        which the writer then sends whole.
+        """
+        async with self._locked(vol_id) as replica:
+            version = _check_int("version", version, 1, MAX_VERSION)
+            checked = _check_patches(replica, patches)
+            await self._accept_epoch(replica, epoch)
+            left = await trio.to_thread.run_sync(replica.patch_blocks, version, checked)
+        log.debug(
+            "volume %s: patched %d of %d blocks at version %x",
+            vol_id, len(checked) - len(left), len(checked), version,
+        )  # fmt: skip
+        return left
 
     async def trim(self, vol_id: str, epoch: int, blocknos: list[int], version: int = 0) -> None:
         """Mark blocks unwritten and free their space, so that later reads return None.

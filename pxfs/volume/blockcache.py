@@ -28,6 +28,7 @@ device with no copy in the cache.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import trio
 
 from pxfs.errors import InternalError, PxfsError
-from pxfs.volume.device import BLOCK_SIZE, BlockDevice
+from pxfs.volume.device import BLOCK_SIZE, BlockChange, BlockDevice
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,13 @@ class BlockCache:
         # can wait for the writes that carry blocks dirtied before it started.
         self._oldest_in_write: dict[trio.Event, int] = {}
         self._loading: dict[int, trio.Event] = {}
+        # Dirty block -> [start, end, crc32 of the block the device holds], for a block that
+        # was clean when a partial write first changed it, so write-back may send only
+        # bytes [start, end). A dirty block without an entry is sent whole.
+        self._changes: dict[int, list[int]] = {}
+        # Clean block -> the crc32 that the device stored for it with its last change, so the
+        # next partial write of the block need not compute it again.
+        self._known_crc: dict[int, int] = {}
         self._write_done = trio.Event()
         self._wakeup = trio.Event()
         # Each queued prefetch carries the event that its blocks wait on in _loading.
@@ -204,11 +212,15 @@ class BlockCache:
         if len(data) != BLOCK_SIZE:
             raise InternalError(f"block {blockno}: put of {len(data)} bytes")
         self._blocks[blockno] = bytes(data)
+        self._changes.pop(blockno, None)
+        self._known_crc.pop(blockno, None)
         self._mark_dirty(blockno)
 
     def put_zero(self, blockno: int) -> None:
         """Start a freshly allocated block as zeros, without reading it."""
         self._blocks[blockno] = bytearray(BLOCK_SIZE)
+        self._changes.pop(blockno, None)
+        self._known_crc.pop(blockno, None)
         self._mark_dirty(blockno)
 
     def patch(self, blockno: int, offset: int, data: bytes | memoryview) -> None:
@@ -216,9 +228,22 @@ class BlockCache:
         current = self._blocks.get(blockno)
         if current is None:
             raise InternalError(f"block {blockno} is not cached for a partial write")
+        end = offset + len(data)
+        change = self._changes.get(blockno)
+        if change is not None:
+            change[0] = min(change[0], offset)
+            change[1] = max(change[1], end)
+        elif blockno not in self._dirty and blockno not in self._writing:
+            # A clean block is what the device holds.
+            base = self._known_crc.pop(blockno, None)
+            if base is None:
+                base = zlib.crc32(current)
+            self._changes[blockno] = [offset, end, base]
+        else:
+            self._known_crc.pop(blockno, None)
         if not isinstance(current, bytearray):
             current = self._blocks[blockno] = bytearray(current)
-        current[offset : offset + len(data)] = data
+        current[offset:end] = data
         self._mark_dirty(blockno)
 
     def zero_from(self, blockno: int, offset: int) -> None:
@@ -231,6 +256,8 @@ class BlockCache:
             self._blocks.pop(blockno, None)
             self._clean.pop(blockno, None)
             self._dirty.pop(blockno, None)
+            self._changes.pop(blockno, None)
+            self._known_crc.pop(blockno, None)
 
     def _mark_dirty(self, blockno: int) -> None:
         self._clean.pop(blockno, None)
@@ -248,6 +275,7 @@ class BlockCache:
                 protected.append(blockno)
             else:
                 del self._blocks[blockno]
+                self._known_crc.pop(blockno, None)
         for blockno in protected:
             self._clean[blockno] = None
 
@@ -305,6 +333,7 @@ class BlockCache:
             if not batch:
                 return
             payload = [(blockno, self._frozen(blockno)) for blockno in batch]
+            changes = self._take_changes(payload)
             event = trio.Event()
             self._oldest_in_write[event] = min(self._dirty[blockno] for blockno in batch)
             for blockno in batch:
@@ -312,7 +341,10 @@ class BlockCache:
                 self._writing[blockno] = event
             try:
                 self.stats.write_calls += 1
-                await self._device.write_blocks(payload)
+                if changes:
+                    await self._device.write_blocks(payload, changes)
+                else:
+                    await self._device.write_blocks(payload)
             except BaseException:
                 self.stats.write_errors += 1
                 for blockno in batch:
@@ -330,7 +362,22 @@ class BlockCache:
         for blockno in batch:
             if blockno in self._blocks and blockno not in self._dirty:
                 self._clean[blockno] = None
+                if blockno in changes:
+                    self._known_crc[blockno] = changes[blockno].crc
         self._evict()
+
+    def _take_changes(self, payload: list[tuple[int, bytes]]) -> dict[int, BlockChange]:
+        """Remove the change records of `payload` and return those worth sending as parts.
+
+        A change of more than half a block is sent whole, which costs about as much.
+        """
+        changes = {}
+        for blockno, data in payload:
+            change = self._changes.pop(blockno, None)
+            if change is not None and change[1] - change[0] <= BLOCK_SIZE // 2:
+                start, end, base = change
+                changes[blockno] = BlockChange(start, end, base, zlib.crc32(data))
+        return changes
 
     def _frozen(self, blockno: int) -> bytes:
         """Return the block as bytes, keeping that form so the next write-back copies nothing."""

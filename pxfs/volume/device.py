@@ -13,14 +13,16 @@ import ctypes
 import errno
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import trio
 
 from pxfs.errors import (
     ChecksumMismatch,
+    InternalError,
     InvalidArgument,
     NoSpace,
     NotFound,
@@ -47,8 +49,17 @@ class BlockDevice(Protocol):
         """Read blocks; a block never written reads as zeros."""
         ...
 
-    async def write_blocks(self, blocks: Sequence[tuple[int, bytes]]) -> None:
-        """Write whole blocks."""
+    async def write_blocks(
+        self,
+        blocks: Sequence[tuple[int, bytes]],
+        changes: Mapping[int, BlockChange] | None = None,
+    ) -> None:
+        """Write whole blocks.
+
+        `changes` may tell, for some of the blocks, the only bytes that differ from the block
+        the device holds. A device may then send only those bytes; it must still store the
+        whole block given.
+        """
         ...
 
     async def trim_blocks(self, blocknos: Sequence[int]) -> None:
@@ -68,6 +79,18 @@ class BlockDevice(Protocol):
         ...
 
 
+class BlockChange(NamedTuple):
+    """The bytes [start, end) that a write changes in a block whose stored crc32 is `base`.
+
+    `crc` is the crc32 of the whole block after the write.
+    """
+
+    start: int
+    end: int
+    base: int
+    crc: int
+
+
 @dataclass
 class DeviceStats:
     """Counts of device calls and of the blocks they moved."""
@@ -78,6 +101,7 @@ class DeviceStats:
     flush_calls: int = 0
     blocks_read: int = 0
     blocks_written: int = 0
+    blocks_changed: int = 0
 
 
 def check_blocknos(nblocks: int, blocknos: Sequence[int]) -> None:
@@ -150,9 +174,15 @@ class MemoryDevice:
                 raise ChecksumMismatch(f"block {blockno} failed its checksum")
         return [self._blocks.get(blockno, ZERO_BLOCK) for blockno in blocknos]
 
-    async def write_blocks(self, blocks: Sequence[tuple[int, bytes]]) -> None:
-        """Store whole blocks."""
+    async def write_blocks(
+        self,
+        blocks: Sequence[tuple[int, bytes]],
+        changes: Mapping[int, BlockChange] | None = None,
+    ) -> None:
+        """Store whole blocks; raises InternalError for a change that misdescribes its block."""
         check_block_data(self.nblocks, blocks)
+        if changes:
+            self._check_changes(blocks, changes)
         await trio.lowlevel.checkpoint()
         self.stats.write_calls += 1
         self.stats.blocks_written += len(blocks)
@@ -160,6 +190,25 @@ class MemoryDevice:
             self._blocks[blockno] = bytes(data)
             self._unflushed.append((blockno, bytes(data)))
             self.bad_blocks.discard(blockno)
+
+    def _check_changes(
+        self, blocks: Sequence[tuple[int, bytes]], changes: Mapping[int, BlockChange]
+    ) -> None:
+        """Check each change against the stored block, as a replica's store.patch relies on."""
+        for blockno, data in blocks:
+            change = changes.get(blockno)
+            if change is None:
+                continue
+            stored = self._blocks.get(blockno, ZERO_BLOCK)
+            if zlib.crc32(stored) != change.base:
+                raise InternalError(f"block {blockno}: change from a base the device does not hold")
+            if zlib.crc32(data) != change.crc:
+                raise InternalError(f"block {blockno}: change with a wrong crc32 of the result")
+            if stored[: change.start] != data[: change.start] or (
+                stored[change.end :] != data[change.end :]
+            ):
+                raise InternalError(f"block {blockno}: bytes outside the change differ")
+            self.stats.blocks_changed += 1
 
     async def trim_blocks(self, blocknos: Sequence[int]) -> None:
         """Forget blocks."""
@@ -278,8 +327,12 @@ class FileDevice:
         self.stats.blocks_read += len(blocknos)
         return await trio.to_thread.run_sync(self._read_sync, list(blocknos))
 
-    async def write_blocks(self, blocks: Sequence[tuple[int, bytes]]) -> None:
-        """Write blocks, one pwritev per run of consecutive blocks."""
+    async def write_blocks(
+        self,
+        blocks: Sequence[tuple[int, bytes]],
+        changes: Mapping[int, BlockChange] | None = None,
+    ) -> None:
+        """Write blocks, one pwritev per run of consecutive blocks; `changes` is not used."""
         check_block_data(self.nblocks, blocks)
         self.stats.write_calls += 1
         self.stats.blocks_written += len(blocks)

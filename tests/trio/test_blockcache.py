@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 import trio
 
 from pxfs.errors import InternalError, Unavailable
 from pxfs.volume.blockcache import BlockCache
-from pxfs.volume.device import BLOCK_SIZE, ZERO_BLOCK, MemoryDevice
+from pxfs.volume.device import BLOCK_SIZE, ZERO_BLOCK, BlockChange, MemoryDevice
 
 MIB = 1024 * 1024
 
@@ -33,12 +33,16 @@ class GatedDevice(MemoryDevice):
         await self.read_gate.wait()
         return await super().read_blocks(blocknos)
 
-    async def write_blocks(self, blocks: Sequence[tuple[int, bytes]]) -> None:
+    async def write_blocks(
+        self,
+        blocks: Sequence[tuple[int, bytes]],
+        changes: Mapping[int, BlockChange] | None = None,
+    ) -> None:
         await self.write_gate.wait()
         if self.fail_writes:
             self.fail_writes -= 1
             raise Unavailable("replica down")
-        await super().write_blocks(blocks)
+        await super().write_blocks(blocks, changes)
 
 
 async def test_one_mib_becomes_one_device_write() -> None:
@@ -247,3 +251,86 @@ async def test_background_write_back_retries_failures(
     assert device.stats.blocks_written >= 24
     warnings = [record for record in caplog.records if "write-back failed" in record.message]
     assert len(warnings) == 1
+
+
+async def test_partial_write_sends_change_of_clean_block() -> None:
+    device = MemoryDevice(8)
+    cache = BlockCache(device)
+    cache.put(2, _block(1))
+    await cache.flush()
+    cache.patch(2, 4096, b"\x07" * 4096)
+    cache.patch(2, 100, b"\x08" * 10)
+    await cache.flush()
+    # MemoryDevice checks the base crc32 and the bytes outside [100, 8192).
+    assert device.stats.blocks_changed == 1
+    stored = (await device.read_blocks([2]))[0]
+    assert (
+        stored
+        == _block(1)[:100]
+        + b"\x08" * 10
+        + _block(1)[110:4096]
+        + b"\x07" * 4096
+        + (_block(1)[8192:])
+    )
+
+
+async def test_large_or_unknown_changes_go_whole() -> None:
+    device = MemoryDevice(8)
+    cache = BlockCache(device)
+    cache.put(0, _block(1))
+    cache.put(1, _block(1))
+    await cache.flush()
+    # More than half a block changed.
+    cache.patch(0, 0, b"\x02" * (BLOCK_SIZE // 2 + 1))
+    # Dirty before its partial write: the device has none of it.
+    cache.put_zero(3)
+    cache.patch(3, 0, b"\x03")
+    await cache.flush()
+    assert device.stats.blocks_changed == 0
+    assert (await device.read_blocks([3]))[0] == b"\x03" + bytes(BLOCK_SIZE - 1)
+
+
+async def test_change_during_write_goes_whole() -> None:
+    device = GatedDevice(8)
+    cache = BlockCache(device)
+    cache.put(0, _block(1))
+    await cache.flush()
+    cache.patch(0, 0, b"\x02")
+    device.write_gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.flush)
+        await trio.testing.wait_all_tasks_blocked()
+        # The device has neither the old block nor the one in flight yet.
+        cache.patch(0, 1, b"\x03")
+        device.write_gate.set()
+    await cache.flush()
+    assert device.stats.blocks_changed == 1
+    assert (await device.read_blocks([0]))[0][:3] == b"\x02\x03" + _block(1)[:1]
+
+
+async def test_failed_write_resends_whole() -> None:
+    device = GatedDevice(8)
+    cache = BlockCache(device)
+    cache.put(0, _block(1))
+    await cache.flush()
+    cache.patch(0, 0, b"\x02")
+    device.fail_writes = 1
+    with pytest.raises(Unavailable):
+        await cache.flush()
+    await cache.flush()
+    assert device.stats.blocks_changed == 0
+    assert (await device.read_blocks([0]))[0][:2] == b"\x02" + _block(1)[:1]
+
+
+async def test_second_change_starts_from_first() -> None:
+    device = MemoryDevice(8)
+    cache = BlockCache(device)
+    cache.put(0, _block(1))
+    await cache.flush()
+    for round_ in range(3):
+        cache.patch(0, round_ * 10, bytes([round_ + 5]) * 10)
+        await cache.flush()
+    # MemoryDevice checked each base crc32 against the block it held.
+    assert device.stats.blocks_changed == 3
+    stored = (await device.read_blocks([0]))[0]
+    assert stored[:30] == b"\x05" * 10 + b"\x06" * 10 + b"\x07" * 10

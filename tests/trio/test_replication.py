@@ -2,6 +2,7 @@ import collections
 import errno
 import functools
 import struct
+import zlib
 
 import pytest
 import trio
@@ -11,6 +12,7 @@ from pxfs import errors
 from pxfs.replication import BLOCKS_PER_FRAME, ZERO_BLOCK, ReplicationClient
 from pxfs.rpc import RpcClient, RpcServer
 from pxfs.store import BLOCK_SIZE, RECORD_SIZE, ReplicaStore
+from pxfs.volume.device import BlockChange
 
 SECRET = b"replication-test-secret"
 VOL = "7340029183746"
@@ -134,6 +136,66 @@ async def test_write_read_round_trip(cluster, nodes):
     assert await device.read_blocks([4, 3, 5]) == [block(4), block(3), ZERO_BLOCK]
     for node in nodes:
         assert await node.store.read(VOL, [3, 4]) == [block(3), block(4)]
+
+
+def _patched(data: bytes, start: int, piece: bytes) -> bytes:
+    return data[:start] + piece + data[start + len(piece) :]
+
+
+async def test_changed_blocks_sent_as_patches(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(3, block(3)), (4, block(4))])
+    new3 = _patched(block(3), 4096, b"\xaa" * 4096)
+    change = BlockChange(4096, 8192, zlib.crc32(block(3)), zlib.crc32(new3))
+    await device.write_blocks([(3, new3), (4, block(44))], {3: change})
+    for node in nodes:
+        assert node.calls["store.patch"] == 1
+        # Block 4 had no change: the first write and this one, nothing for block 3.
+        assert node.calls["store.write"] == 2
+        assert await node.store.read(VOL, [3, 4]) == [new3, block(44)]
+    assert table_version(nodes[0], 3) == table_version(nodes[1], 3)
+
+
+async def test_replica_without_base_gets_whole_block(cluster, nodes):
+    device = await cluster.device(nodes)
+    await device.write_blocks([(3, block(3))])
+    # Node b has another copy of block 3, as a replica that missed writes would.
+    await nodes[1].store.write(VOL, device.epoch, 1, [(3, block(30))])
+    new3 = _patched(block(3), 0, b"\xbb" * 100)
+    await device.write_blocks(
+        [(3, new3)], {3: BlockChange(0, 100, zlib.crc32(block(3)), zlib.crc32(new3))}
+    )
+    assert [node.calls["store.patch"] for node in nodes] == [1, 1]
+    assert [node.calls["store.write"] for node in nodes] == [1, 2]
+    for node in nodes:
+        assert await node.store.read(VOL, [3]) == [new3]
+    assert device.write_set == [str(node.socket_path) for node in nodes]
+
+
+async def test_replica_without_patch_method_gets_whole_blocks(cluster, nodes):
+    rejected = []
+
+    async def unknown_method(*args):
+        rejected.append(args)
+        raise errors.NotSupported("unknown method 'store.patch'")
+
+    # A pxd from before store.patch rejects it as an unknown method.
+    nodes[1].server.handlers["store.patch"] = unknown_method
+    device = await cluster.device(nodes)
+    await device.write_blocks([(3, block(3))])
+    for round_ in range(2):
+        old = await device.read_blocks([3])
+        new = _patched(old[0], 10, bytes([round_]) * 10)
+        await device.write_blocks(
+            [(3, new)], {3: BlockChange(10, 20, zlib.crc32(old[0]), zlib.crc32(new))}
+        )
+        for node in nodes:
+            assert await node.store.read(VOL, [3]) == [new]
+    # The second round skipped the patch call to node b.
+    assert nodes[0].calls["store.patch"] == 2
+    assert len(rejected) == 1
+    assert [node.calls["store.write"] for node in nodes] == [1, 3]
+    assert device.write_set == [str(node.socket_path) for node in nodes]
 
 
 async def test_trim_reads_zeros_everywhere(cluster, nodes):

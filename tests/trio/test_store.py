@@ -3,6 +3,7 @@ import hashlib
 import os
 import struct
 import threading
+import zlib
 
 import msgpack
 import pytest
@@ -59,6 +60,62 @@ async def test_create_starts_empty(volume):
 async def test_write_read_round_trip(volume):
     await volume.write(VOL, 0, 1, [[5, block(5)], [6, block(6)]])
     assert await volume.read(VOL, [6, 5, 7]) == [block(6), block(5), None]
+
+
+def _patch_of(old: bytes, offset: int, piece: bytes) -> tuple[list[object], bytes]:
+    new = old[:offset] + piece + old[offset + len(piece) :]
+    return [5, offset, piece, zlib.crc32(old), zlib.crc32(new)], new
+
+
+async def test_patch_changes_part_of_block(volume):
+    await volume.write(VOL, 0, 1, [[5, block(5)]])
+    patch, new = _patch_of(block(5), 4096, b"\x01" * 4096)
+    assert await volume.patch(VOL, 0, 2, [patch]) == []
+    assert await volume.read(VOL, [5]) == [new]
+    assert (await volume.versions(VOL, 5, 1)) == struct.pack("<Q", 2)
+
+
+async def test_patch_leaves_block_of_other_crc(volume):
+    await volume.write(VOL, 0, 1, [[5, block(6)]])
+    patch, _ = _patch_of(block(5), 0, b"\x01")
+    assert await volume.patch(VOL, 0, 2, [patch]) == [5]
+    assert await volume.read(VOL, [5]) == [block(6)]
+    assert (await volume.versions(VOL, 5, 1)) == struct.pack("<Q", 1)
+
+
+async def test_patch_leaves_unwritten_block(volume):
+    patch, _ = _patch_of(bytes(BLOCK_SIZE), 0, b"\x01")
+    assert await volume.patch(VOL, 0, 2, [patch]) == [5]
+    assert await volume.read(VOL, [5]) == [None]
+
+
+async def test_patch_keeps_checksum_failure_of_rotten_block(volume):
+    await volume.write(VOL, 0, 1, [[5, block(5)]])
+    with open(data_path(volume), "r+b") as f:
+        f.seek(5 * BLOCK_SIZE + 60000)
+        f.write(b"rot")
+    patch, _ = _patch_of(block(5), 0, b"\x01")
+    assert await volume.patch(VOL, 0, 2, [patch]) == []
+    with pytest.raises(errors.ChecksumMismatch):
+        await volume.read(VOL, [5])
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        [5, 0, b"x"],
+        [5, BLOCK_SIZE, b"x", 0, 0],
+        [5, BLOCK_SIZE - 1, b"xy", 0, 0],
+        [5, 0, b"", 0, 0],
+        [5, 0, "text", 0, 0],
+        [5, 0, b"x", -1, 0],
+        [5, 0, b"x", 0, 2**32],
+        [1024, 0, b"x", 0, 0],
+    ],
+)
+async def test_patch_rejects_invalid_entry(volume, entry):
+    with pytest.raises(errors.InvalidArgument):
+        await volume.patch(VOL, 0, 2, [entry])
 
 
 async def test_write_same_block_twice_counts_once(volume):
@@ -358,6 +415,7 @@ def test_handlers_cover_the_rpc_table(tmp_path):
         "open",
         "read",
         "write",
+        "patch",
         "trim",
         "flush",
         "info",

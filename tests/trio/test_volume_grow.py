@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from pxfs.replication import ReplicationClient
 from pxfs.rpc import RpcClient, RpcServer
 from pxfs.store import ReplicaStore
 from pxfs.volume.check import check_volume
-from pxfs.volume.device import BLOCK_SIZE, BlockDevice, FileDevice, MemoryDevice
+from pxfs.volume.device import BLOCK_SIZE, BlockChange, BlockDevice, FileDevice, MemoryDevice
 from pxfs.volume.format import Geometry, Superblock, device_blocks
 from pxfs.volume.namespace import Volume
 
@@ -270,11 +270,15 @@ class StoppingDevice(MemoryDevice):
         await super().grow(nblocks)
         self._reached("device grown")
 
-    async def write_blocks(self, blocks: Sequence[tuple[int, bytes]]) -> None:
+    async def write_blocks(
+        self,
+        blocks: Sequence[tuple[int, bytes]],
+        changes: Mapping[int, BlockChange] | None = None,
+    ) -> None:
         touches_superblock = any(blockno == 0 for blockno, _ in blocks)
         if touches_superblock:
             self._reached("before superblock write")
-        await super().write_blocks(blocks)
+        await super().write_blocks(blocks, changes)
         if touches_superblock:
             self._reached("superblock written")
 
