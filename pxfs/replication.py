@@ -34,7 +34,7 @@ from pxfs.errors import (
 from pxfs.resync import ResyncProgress
 from pxfs.rpc import PackedArgs, RpcClient
 from pxfs.store import BLOCK_SIZE, MAX_EPOCH
-from pxfs.volume.device import BlockChange
+from pxfs.volume.device import BlockChange, BlockData
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class ReplicationClient:
 
     async def write_blocks(
         self,
-        blocks: Sequence[tuple[int, bytes]],
+        blocks: Sequence[tuple[int, BlockData]],
         changes: Mapping[int, BlockChange] | None = None,
     ) -> None:
         """Write blocks to the write set and return once a write quorum has stored each one.
@@ -651,12 +651,12 @@ class ReplicationClient:
     def _write_job(
         self,
         version: int,
-        frame: list[tuple[int, bytes]],
+        frame: list[tuple[int, BlockData]],
         changes: Mapping[int, BlockChange] | None,
     ) -> ReplicaJob:
         """Return the job that writes `frame` at `version` to one replica, packed once for all."""
-        whole: list[tuple[int, bytes]] = []
-        parts: list[tuple[int, int, bytes, int, int]] = []
+        whole: list[tuple[int, BlockData]] = []
+        parts: list[tuple[int, int, BlockData, int, int]] = []
         for blockno, data in frame:
             change = changes.get(blockno) if changes else None
             if change is None:
@@ -944,7 +944,7 @@ class ReplicationClient:
             )
         return blockno
 
-    def _check_block(self, blockno: int, data: bytes) -> tuple[int, bytes]:
+    def _check_block(self, blockno: int, data: BlockData) -> tuple[int, BlockData]:
         self._check_blockno(blockno)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgument(f"volume {self.vol_id}: data of block {blockno} is not bytes")
@@ -953,7 +953,8 @@ class ReplicationClient:
             raise InvalidArgument(
                 f"volume {self.vol_id}: block {blockno} has {size} bytes, expected {BLOCK_SIZE}"
             )
-        return blockno, bytes(data)
+        # A bytearray is not copied: the block cache lends it unchanged until the write ends.
+        return blockno, data if isinstance(data, (bytes, bytearray)) else bytes(data)
 
     def _next_version(self) -> int:
         if self._counter >= MAX_COUNTER:
@@ -1060,7 +1061,7 @@ async def _run_jobs(jobs: list[Job]) -> None:
         raise failures[0]
 
 
-def _patched_left(replica: _Replica, reply: Any, blocks: Mapping[int, bytes]) -> list[int]:
+def _patched_left(replica: _Replica, reply: Any, blocks: Mapping[int, BlockData]) -> list[int]:
     """Return the blocks of a store.patch reply; raises ProtocolError for one not in `blocks`."""
     if not (isinstance(reply, list) and all(type(blockno) is int for blockno in reply)):
         raise ProtocolError(f"replica {replica.name} sent a malformed patch reply")

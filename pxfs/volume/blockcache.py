@@ -20,9 +20,10 @@ ahead of it in memory. It is a hint: a queue that is full drops the request, and
 background read leaves the blocks to the foreground read, which raises the error.
 
 A block is held as immutable bytes, and only a partial write turns it into a bytearray to
-patch. Write-back freezes a bytearray into bytes once and sends those, so a write in flight
-never sees later changes, and a block that was read or written whole moves to and from the
-device with no copy in the cache.
+patch. Write-back lends a bytearray to the device as it is, and a partial write to a block that
+is lent patches a copy, so a write in flight never sees later changes. So a block that was read
+or written whole moves to and from the device with no copy in the cache, and a block patched
+again and again is copied only when a write catches it in flight.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from dataclasses import dataclass
 import trio
 
 from pxfs.errors import InternalError, PxfsError
-from pxfs.volume.device import BLOCK_SIZE, BlockChange, BlockDevice
+from pxfs.volume.device import (
+    BLOCK_SIZE,
+    BlockChange,
+    BlockData,
+    BlockDevice,
+    crc32_after_change,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,34 @@ class CacheStats:
     write_calls: int = 0
     blocks_written: int = 0
     write_errors: int = 0
+
+
+class _Change:
+    """Bytes [start, end) of a block changed by partial writes, with what the device holds.
+
+    `base` is the crc32 of the block on the device and `old` its bytes [start, end).
+    """
+
+    __slots__ = ("base", "end", "old", "start")
+
+    def __init__(self, start: int, end: int, base: int, old: bytes) -> None:
+        self.start = start
+        self.end = end
+        self.base = base
+        self.old = old
+
+    def widen(self, block: BlockData, start: int, end: int) -> bool:
+        """Cover [start, end) too, before `block` gets it; False once over half a block."""
+        if min(start, self.start) < self.start or max(end, self.end) > self.end:
+            new_start, new_end = min(start, self.start), max(end, self.end)
+            if new_end - new_start > BLOCK_SIZE // 2:
+                return False
+            # Bytes outside [self.start, self.end) are still the device's.
+            self.old = (
+                bytes(block[new_start : self.start]) + self.old + bytes(block[self.end : new_end])
+            )
+            self.start, self.end = new_start, new_end
+        return True
 
 
 class BlockCache:
@@ -93,13 +128,15 @@ class BlockCache:
         # can wait for the writes that carry blocks dirtied before it started.
         self._oldest_in_write: dict[trio.Event, int] = {}
         self._loading: dict[int, trio.Event] = {}
-        # Dirty block -> [start, end, crc32 of the block the device holds], for a block that
-        # was clean when a partial write first changed it, so write-back may send only
-        # bytes [start, end). A dirty block without an entry is sent whole.
-        self._changes: dict[int, list[int]] = {}
+        # Dirty block -> what partial writes changed in it, for a block that was clean when the
+        # first one came, so write-back may send only those bytes. A dirty block without an
+        # entry is sent whole.
+        self._changes: dict[int, _Change] = {}
         # Clean block -> the crc32 that the device stored for it with its last change, so the
         # next partial write of the block need not compute it again.
         self._known_crc: dict[int, int] = {}
+        # Block -> the bytearray that a write in flight sends, which must not change.
+        self._lent: dict[int, bytearray] = {}
         self._write_done = trio.Event()
         self._wakeup = trio.Event()
         # Each queued prefetch carries the event that its blocks wait on in _loading.
@@ -231,17 +268,17 @@ class BlockCache:
         end = offset + len(data)
         change = self._changes.get(blockno)
         if change is not None:
-            change[0] = min(change[0], offset)
-            change[1] = max(change[1], end)
+            if not change.widen(current, offset, end):
+                del self._changes[blockno]
         elif blockno not in self._dirty and blockno not in self._writing:
             # A clean block is what the device holds.
             base = self._known_crc.pop(blockno, None)
             if base is None:
                 base = zlib.crc32(current)
-            self._changes[blockno] = [offset, end, base]
+            self._changes[blockno] = _Change(offset, end, base, bytes(current[offset:end]))
         else:
             self._known_crc.pop(blockno, None)
-        if not isinstance(current, bytearray):
+        if not isinstance(current, bytearray) or self._lent.get(blockno) is current:
             current = self._blocks[blockno] = bytearray(current)
         current[offset:end] = data
         self._mark_dirty(blockno)
@@ -332,7 +369,7 @@ class BlockCache:
             batch = [b for b in blocknos if b in self._dirty and b not in self._writing]
             if not batch:
                 return
-            payload = [(blockno, self._frozen(blockno)) for blockno in batch]
+            payload = [(blockno, self._lend(blockno)) for blockno in batch]
             changes = self._take_changes(payload)
             event = trio.Event()
             self._oldest_in_write[event] = min(self._dirty[blockno] for blockno in batch)
@@ -354,6 +391,7 @@ class BlockCache:
             finally:
                 for blockno in batch:
                     del self._writing[blockno]
+                    self._lent.pop(blockno, None)
                 del self._oldest_in_write[event]
                 event.set()
                 self._write_done.set()
@@ -366,7 +404,7 @@ class BlockCache:
                     self._known_crc[blockno] = changes[blockno].crc
         self._evict()
 
-    def _take_changes(self, payload: list[tuple[int, bytes]]) -> dict[int, BlockChange]:
+    def _take_changes(self, payload: list[tuple[int, BlockData]]) -> dict[int, BlockChange]:
         """Remove the change records of `payload` and return those worth sending as parts.
 
         A change of more than half a block is sent whole, which costs about as much.
@@ -374,16 +412,16 @@ class BlockCache:
         changes = {}
         for blockno, data in payload:
             change = self._changes.pop(blockno, None)
-            if change is not None and change[1] - change[0] <= BLOCK_SIZE // 2:
-                start, end, base = change
-                changes[blockno] = BlockChange(start, end, base, zlib.crc32(data))
+            if change is not None and change.end - change.start <= BLOCK_SIZE // 2:
+                crc = crc32_after_change(change.base, change.start, change.old, data)
+                changes[blockno] = BlockChange(change.start, change.end, change.base, crc)
         return changes
 
-    def _frozen(self, blockno: int) -> bytes:
-        """Return the block as bytes, keeping that form so the next write-back copies nothing."""
+    def _lend(self, blockno: int) -> BlockData:
+        """Return the block for a write, recording a bytearray as lent until the write ends."""
         data = self._blocks[blockno]
         if isinstance(data, bytearray):
-            data = self._blocks[blockno] = bytes(data)
+            self._lent[blockno] = data
         return data
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import errno
+import functools
 import logging
 import os
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -51,7 +53,7 @@ class BlockDevice(Protocol):
 
     async def write_blocks(
         self,
-        blocks: Sequence[tuple[int, bytes]],
+        blocks: Sequence[tuple[int, BlockData]],
         changes: Mapping[int, BlockChange] | None = None,
     ) -> None:
         """Write whole blocks.
@@ -77,6 +79,50 @@ class BlockDevice(Protocol):
         under the device cannot hold the larger size.
         """
         ...
+
+
+#: The bytes of one block as a write gets them: a bytearray that the caller does not change
+#: until the write returns, or bytes.
+BlockData = bytes | bytearray
+
+
+def _crc32_combine_function() -> Callable[[int, int, int], int] | None:
+    """Return zlib's crc32_combine from the C library, or None where it cannot be loaded."""
+    name = ctypes.util.find_library("z")
+    try:
+        function = ctypes.CDLL(name).crc32_combine if name else None
+    except (OSError, AttributeError):
+        return None
+    if function is not None:
+        function.argtypes = [ctypes.c_ulong, ctypes.c_ulong, ctypes.c_long]
+        function.restype = ctypes.c_ulong
+    return function
+
+
+_CRC32_COMBINE = _crc32_combine_function()
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros_crc32(length: int) -> int:
+    return zlib.crc32(bytes(length))
+
+
+def crc32_after_change(base: int, start: int, old: bytes, block: BlockData) -> int:
+    """Return the crc32 of `block`, given the crc32 `base` it had with `old` at `start`.
+
+    crc32 is affine over XOR: for blocks a and b of one length n, crc(a ^ b) = crc(a) ^ crc(b)
+    ^ crc(zeros(n)). So only the changed bytes are read, and crc32_combine places their crc32
+    at `start`. This reads about 4 KiB for a 4 KiB write instead of the whole block.
+    """
+    end = start + len(old)
+    if _CRC32_COMBINE is None:
+        return zlib.crc32(block)
+    new = int.from_bytes(block[start:end], "little")
+    delta = (int.from_bytes(old, "little") ^ new).to_bytes(len(old), "little")
+    tail = len(block) - end
+    spread = _CRC32_COMBINE(_zeros_crc32(start), zlib.crc32(delta), len(old))
+    spread = _CRC32_COMBINE(spread, _zeros_crc32(tail), tail)
+    return int(base ^ spread ^ _zeros_crc32(len(block)))
 
 
 class BlockChange(NamedTuple):
@@ -111,7 +157,7 @@ def check_blocknos(nblocks: int, blocknos: Sequence[int]) -> None:
             raise InvalidArgument(f"block {blockno} is outside the device of {nblocks} blocks")
 
 
-def check_block_data(nblocks: int, blocks: Sequence[tuple[int, bytes]]) -> None:
+def check_block_data(nblocks: int, blocks: Sequence[tuple[int, BlockData]]) -> None:
     """Raise InvalidArgument unless every block is in range and exactly BLOCK_SIZE bytes long."""
     check_blocknos(nblocks, [blockno for blockno, _ in blocks])
     for blockno, data in blocks:
@@ -176,7 +222,7 @@ class MemoryDevice:
 
     async def write_blocks(
         self,
-        blocks: Sequence[tuple[int, bytes]],
+        blocks: Sequence[tuple[int, BlockData]],
         changes: Mapping[int, BlockChange] | None = None,
     ) -> None:
         """Store whole blocks; raises InternalError for a change that misdescribes its block."""
@@ -192,7 +238,7 @@ class MemoryDevice:
             self.bad_blocks.discard(blockno)
 
     def _check_changes(
-        self, blocks: Sequence[tuple[int, bytes]], changes: Mapping[int, BlockChange]
+        self, blocks: Sequence[tuple[int, BlockData]], changes: Mapping[int, BlockChange]
     ) -> None:
         """Check each change against the stored block, as a replica's store.patch relies on."""
         for blockno, data in blocks:
@@ -329,7 +375,7 @@ class FileDevice:
 
     async def write_blocks(
         self,
-        blocks: Sequence[tuple[int, bytes]],
+        blocks: Sequence[tuple[int, BlockData]],
         changes: Mapping[int, BlockChange] | None = None,
     ) -> None:
         """Write blocks, one pwritev per run of consecutive blocks; `changes` is not used."""
@@ -389,7 +435,7 @@ class FileDevice:
             data += bytes(size - len(data))
         return data
 
-    def _write_sync(self, latest: dict[int, bytes]) -> None:
+    def _write_sync(self, latest: dict[int, BlockData]) -> None:
         for first, count in block_runs(sorted(latest)):
             # pwritev takes at most IOV_MAX (1024 on Linux) buffers per call.
             for start in range(first, first + count, _MAX_IOV):
@@ -397,7 +443,7 @@ class FileDevice:
                 buffers = [latest[blockno] for blockno in range(start, end)]
                 self._pwritev(buffers, start * BLOCK_SIZE)
 
-    def _pwritev(self, buffers: list[bytes], offset: int) -> None:
+    def _pwritev(self, buffers: list[BlockData], offset: int) -> None:
         total = len(buffers) * BLOCK_SIZE
         try:
             written = os.pwritev(self._fd, buffers, offset)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import random
+import zlib
 from collections.abc import Mapping, Sequence
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import trio
 
 from pxfs.errors import InternalError, Unavailable
 from pxfs.volume.blockcache import BlockCache
-from pxfs.volume.device import BLOCK_SIZE, ZERO_BLOCK, BlockChange, MemoryDevice
+from pxfs.volume.device import (
+    BLOCK_SIZE,
+    ZERO_BLOCK,
+    BlockChange,
+    MemoryDevice,
+    crc32_after_change,
+)
 
 MIB = 1024 * 1024
 
@@ -334,3 +344,34 @@ async def test_second_change_starts_from_first() -> None:
     assert device.stats.blocks_changed == 3
     stored = (await device.read_blocks([0]))[0]
     assert stored[:30] == b"\x05" * 10 + b"\x06" * 10 + b"\x07" * 10
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**32 - 1), start=st.integers(0, BLOCK_SIZE - 1), size=st.integers(1, 9000)
+)
+def test_crc32_after_change_equals_crc32(seed: int, start: int, size: int) -> None:
+    size = min(size, BLOCK_SIZE - start)
+    old_block = random.Random(seed).randbytes(BLOCK_SIZE)
+    new_piece = random.Random(seed + 1).randbytes(size)
+    new_block = old_block[:start] + new_piece + old_block[start + size :]
+    old = old_block[start : start + size]
+    crc = crc32_after_change(zlib.crc32(old_block), start, old, bytearray(new_block))
+    assert crc == zlib.crc32(new_block)
+
+
+async def test_widened_change_keeps_device_bytes() -> None:
+    device = MemoryDevice(8)
+    cache = BlockCache(device)
+    cache.put(0, _block(1))
+    await cache.flush()
+    # Each patch widens the change to one side, and the last one overlaps the first.
+    cache.patch(0, 1000, b"\x01" * 100)
+    cache.patch(0, 5000, b"\x02" * 100)
+    cache.patch(0, 10, b"\x03" * 1500)
+    await cache.flush()
+    # MemoryDevice checked the crc32 of the result and the bytes outside [10, 5100).
+    assert device.stats.blocks_changed == 1
+    stored = (await device.read_blocks([0]))[0]
+    assert stored[10:1510] == b"\x03" * 1500
+    assert stored[5000:5100] == b"\x02" * 100
