@@ -646,3 +646,52 @@ def test_full_stores_leave_write_set_then_enospc(cluster: Cluster, tmp_path: Pat
             first.call("volume.delete", "full")
         _unmount_tmpfs(second, small)
         _unmount_tmpfs(first, large)
+
+
+# Partial writes: blocks changed in part reach the replicas as store.patch
+
+
+def _overwrite_at_random(path: Path, model: bytearray, count: int, seed: int) -> None:
+    """Write `count` random 4 KiB pieces into the file at `path` and into `model`, with fsyncs."""
+    rng = random.Random(seed)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for number in range(count):
+            offset = rng.randrange(0, len(model) - 4096)
+            piece = rng.randbytes(rng.choice([1, 100, 4096]))
+            os.pwrite(fd, piece, offset)
+            model[offset : offset + len(piece)] = piece
+            if number % 100 == 99:
+                os.fsync(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_partial_writes_survive_replica_kill(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    vol_id = create_volume(first, "patches", 3, [first, second, third])
+    path = tmp_path / "mnt"
+    model = bytearray(random.Random(7).randbytes(16 * MIB))
+    try:
+        mount_on(first, "patches", path)
+        write_synced(path / "file", bytes(model))
+        _overwrite_at_random(path / "file", model, 500, seed=1)
+        third.kill()
+        # The write set shrinks to two, and the patches go on to them.
+        _overwrite_at_random(path / "file", model, 500, seed=2)
+        third.start()
+        wait_in_sync(first, "patches")
+        # Patches to a replica that a resync brought back start from its resynced blocks.
+        _overwrite_at_random(path / "file", model, 500, seed=3)
+        assert sha256_file(path / "file") == hashlib.sha256(model).hexdigest()
+    finally:
+        release_on(first, "patches", path)
+    assert_replicas_identical([first, second, third], vol_id)
+    try:
+        # A new mount child reads the blocks back from the replicas, checking their crc32.
+        mount_on(second, "patches", path)
+        assert sha256_file(path / "file") == hashlib.sha256(model).hexdigest()
+    finally:
+        release_on(second, "patches", path)
+    first.call("volume.delete", "patches")
