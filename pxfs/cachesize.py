@@ -66,13 +66,19 @@ class CachePolicy:
 
 
 def read_meminfo(path: str = MEMINFO) -> tuple[int, int]:
-    """Return MemTotal and MemAvailable in bytes."""
+    """Return MemTotal and MemAvailable in bytes.
+
+    Raises KeyError when one is missing and ValueError when one has no number in kB.
+    """
     values: dict[str, int] = {}
     with open(path, encoding="ascii") as f:
         for line in f:
             name, _, rest = line.partition(":")
             if name in ("MemTotal", "MemAvailable"):
-                values[name] = int(rest.split()[0]) * 1024
+                fields = rest.split()
+                if not fields:
+                    raise ValueError(f"{name} has no value")
+                values[name] = int(fields[0]) * 1024
     return values["MemTotal"], values["MemAvailable"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,28 @@ async def test_unreadable_meminfo_keeps_size(tmp_path: Path) -> None:
     with trio.fail_after(1):
         await fit_cache_to_memory(cache, meminfo=str(tmp_path / "missing"), interval=0.01)
     assert cache.capacity_bytes == 64 * MIB
+
+
+def test_read_meminfo_without_value(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:\nMemAvailable:   1024 kB\n")
+    with pytest.raises(ValueError, match="MemTotal has no value"):
+        read_meminfo(str(meminfo))
+
+
+async def test_malformed_meminfo_keeps_size(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    meminfo = tmp_path / "meminfo"
+    # 1 GiB of 8 available is between the marks, so the size stays.
+    _write_meminfo(meminfo, 8 * GIB, GIB)
+    cache = BlockCache(MemoryDevice(64), capacity_bytes=256 * MIB)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(fit_cache_to_memory, cache, meminfo=str(meminfo)))
+        await trio.sleep(1.5)
+        # A line without a number leaves the size, and the task goes on.
+        meminfo.write_text("MemTotal:  8388608 kB\nMemAvailable:\n")
+        await trio.sleep(3)
+        assert cache.capacity_bytes == 256 * MIB
+        _write_meminfo(meminfo, 8 * GIB, 0)
+        await trio.sleep(3)
+        assert cache.capacity_bytes == FLOOR
+        nursery.cancel_scope.cancel()
