@@ -568,7 +568,10 @@ class ReplicaStore:
         async with self._locked(vol_id) as replica:
             handles = await trio.to_thread.run_sync(replica.flush_handles)
         # Without the lock, so that writes to the replica go on while the disk catches up.
-        await trio.to_thread.run_sync(sync_and_close, handles)
+        # Shielded, because to_thread.run_sync raises Cancelled before it starts its thread
+        # when the call is cancelled already, and then nothing would close the handles.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(sync_and_close, handles)
         return {"data_file_checked": True}
 
     async def info(self, vol_id: str) -> dict[str, int]:

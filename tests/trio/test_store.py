@@ -814,6 +814,33 @@ async def test_writes_go_on_during_flush(volume, monkeypatch):
             os.fstat(fd)
 
 
+async def test_cancelled_flush_closes_descriptors(volume, monkeypatch):
+    entered = threading.Event()
+    released = threading.Event()
+    handed_out: list[int] = []
+    flush_handles = replicafiles.Replica.flush_handles
+
+    def slow_flush_handles(replica: replicafiles.Replica) -> tuple[int, int]:
+        entered.set()
+        released.wait(timeout=10)
+        handles = flush_handles(replica)
+        handed_out.extend(handles)
+        return handles
+
+    monkeypatch.setattr(replicafiles.Replica, "flush_handles", slow_flush_handles)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(volume.flush, VOL)
+            await trio.to_thread.run_sync(entered.wait, 10)
+            # As when the peer's connection closes while the store takes the descriptors.
+            scope.cancel()
+            released.set()
+    assert len(handed_out) == 2
+    for fd in handed_out:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
 @pytest.mark.parametrize("damage", ["delete", "truncate", "replace"])
 async def test_flush_raises_for_damaged_data_file(volume, damage):
     await volume.write(VOL, 0, 1, [[0, block(0)]])
