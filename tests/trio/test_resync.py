@@ -1,21 +1,24 @@
 """Resync of returning replicas, against real stores behind real RPC servers."""
 
 import contextlib
+import errno
 import logging
 import os
 import random
 import stat
 import struct
+import zlib
 
 import pytest
 import trio
 import trio.testing
 from test_quorum import NBLOCKS, SECRET, VOL, Harness, Replica, block
 
-from pxfs import errors
+from pxfs import errors, replicafiles
 from pxfs.replication import ReplicationClient
 from pxfs.rpc import RpcClient, RpcServer
 from pxfs.store import BLOCK_SIZE, DIGEST_BLOCKS, ReplicaStore
+from pxfs.volume.device import BlockChange
 from pxfs.volume.format import Geometry
 from pxfs.volume.namespace import Volume
 
@@ -536,3 +539,34 @@ async def test_pulled_bad_copy_read_from_next_replica(harness):
     for blockno in range(12):
         assert c.version(blockno) == b.version(blockno)
     assert await c.store.verify(VOL) == []
+
+
+async def test_patch_without_space_then_resync(harness, monkeypatch):
+    a, b = await harness.start("a", "b")
+    device = await harness.device([a, b], ha_level=2)
+    await device.write_blocks([(n, block(n)) for n in range(4)])
+    full_data_file = os.path.realpath(b.store.root / VOL / "data")
+    pwrite_all = replicafiles._pwrite_all
+
+    def disk_full_on_b(fd: int, data: bytes, offset: int) -> None:
+        if len(data) < BLOCK_SIZE and os.readlink(f"/proc/self/fd/{fd}") == full_data_file:
+            # A filesystem that copies on write can fill up inside an overwrite, and this one
+            # stores half the bytes first.
+            os.pwrite(fd, data[: len(data) // 2], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        pwrite_all(fd, data, offset)
+
+    monkeypatch.setattr(replicafiles, "_pwrite_all", disk_full_on_b)
+    new = block(1)[:100] + b"\x55" * 4000 + block(1)[4100:]
+    change = BlockChange(100, 4100, zlib.crc32(block(1)), zlib.crc32(new))
+    await device.write_blocks([(1, new)], {1: change})
+    assert device.write_set == ["a"]
+    assert await a.block(1) == new
+    # b keeps its old record over half-patched bytes, which fail their checksum.
+    with pytest.raises(errors.ChecksumMismatch):
+        await b.block(1)
+    assert b.version(1) < a.version(1)
+    monkeypatch.undo()
+    assert await device.resync("b", await harness.connect(b)) == 1
+    assert await b.block(1) == new
+    await assert_replicas_match([a, b])
