@@ -8,6 +8,7 @@ the outage, and the resync rate. Run with `-s` to see it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import errno
 import hashlib
@@ -16,6 +17,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -695,3 +697,56 @@ def test_partial_writes_survive_replica_kill(cluster: Cluster, tmp_path: Path) -
     finally:
         release_on(second, "patches", path)
     first.call("volume.delete", "patches")
+
+
+def _overwrite_until(path: Path, model: bytearray, stop: threading.Event, seed: int) -> int:
+    """Overwrite random pieces as _overwrite_at_random does until `stop`, at most 60 s.
+
+    Returns the number of rounds of 100 writes.
+    """
+    deadline = time.monotonic() + 60
+    rounds = 0
+    while not stop.is_set() and time.monotonic() < deadline:
+        _overwrite_at_random(path, model, 100, seed=seed * 100_000 + rounds)
+        rounds += 1
+    return rounds
+
+
+def test_replica_kill_during_partial_writes(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    vol_id = create_volume(first, "patches-live", 3, [first, second, third])
+    path = tmp_path / "mnt"
+    model = bytearray(random.Random(11).randbytes(16 * MIB))
+    stop = threading.Event()
+    try:
+        mount_on(first, "patches-live", path)
+        write_synced(path / "file", bytes(model))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # The kill lands while patches are in flight to the third replica.
+            writing = pool.submit(_overwrite_until, path / "file", model, stop, 1)
+            time.sleep(1)
+            third.kill()
+            time.sleep(1)
+            stop.set()
+            assert writing.result(timeout=120) >= 2
+        third.start()
+        stop.clear()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # The resync copies blocks while patches reach the third replica again.
+            writing = pool.submit(_overwrite_until, path / "file", model, stop, 2)
+            try:
+                wait_in_sync(first, "patches-live")
+            finally:
+                stop.set()
+            writing.result(timeout=120)
+        assert sha256_file(path / "file") == hashlib.sha256(model).hexdigest()
+    finally:
+        stop.set()
+        release_on(first, "patches-live", path)
+    assert_replicas_identical([first, second, third], vol_id)
+    try:
+        mount_on(third, "patches-live", path)
+        assert sha256_file(path / "file") == hashlib.sha256(model).hexdigest()
+    finally:
+        release_on(third, "patches-live", path)
+    first.call("volume.delete", "patches-live")
