@@ -570,3 +570,77 @@ async def test_patch_without_space_then_resync(harness, monkeypatch):
     assert await device.resync("b", await harness.connect(b)) == 1
     assert await b.block(1) == new
     await assert_replicas_match([a, b])
+
+
+async def _change_file_randomly(
+    volume: Volume, ino: int, shadow: bytearray, rng: random.Random, count: int
+) -> None:
+    """Write small pieces, truncate and grow the file, and sync now and then."""
+    for _ in range(count):
+        action = rng.random()
+        if action < 0.8:
+            length = rng.randint(1, 5000)
+            offset = rng.randrange(0, 2 * 1024 * 1024 - length)
+            data = rng.randbytes(length)
+            await volume.write(ino, offset, data)
+            if offset > len(shadow):
+                shadow.extend(bytes(offset - len(shadow)))
+            shadow[offset : offset + length] = data
+        elif action < 0.9:
+            # A cut inside a block zeroes its tail, and the blocks past it are freed for reuse.
+            size = rng.randrange(0, len(shadow) + 1)
+            await volume.setattr(ino, size=size)
+            del shadow[size:]
+        else:
+            await volume.sync()
+
+
+@pytest.mark.parametrize("seed", [3000, 3001, 3002])
+async def test_truncates_and_patches_during_resync(harness, seed):
+    a, b = await harness.start("a", "b")
+    size = 32 * 1024 * 1024
+    journal = slot = 8 * BLOCK_SIZE
+    device = await harness.device([a, b], ha_level=2)
+    await Volume.format(device, "patch-uuid", size, journal_bytes=journal, checkpoint_bytes=slot)
+    rng = random.Random(seed)
+    shadow = bytearray()
+    async with trio.open_nursery() as nursery:
+        volume = await Volume.open(device, nursery=nursery)
+        ino = volume.create(ROOT, b"data", FILE, 0, 0).ino
+        await _change_file_randomly(volume, ino, shadow, rng, 300)
+        await volume.sync()
+        b.stop()
+        await _change_file_randomly(volume, ino, shadow, rng, 300)
+        await volume.sync()
+        await b.start()
+        finished = trio.Event()
+
+        async def resync_b(client) -> None:
+            await device.resync("b", client)
+            finished.set()
+
+        b.gates["store.copy"] = trio.Event()
+        nursery.start_soon(resync_b, await harness.connect(b))
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        await _change_file_randomly(volume, ino, shadow, rng, 300)
+        await volume.sync()
+        b.gates["store.copy"].set()
+        for _ in range(10):
+            if finished.is_set():
+                break
+            await _change_file_randomly(volume, ino, shadow, rng, 50)
+            await volume.sync()
+        with trio.fail_after(30):
+            await finished.wait()
+        await _change_file_randomly(volume, ino, shadow, rng, 300)
+        assert await volume.read(ino, 0, len(shadow) + 10) == bytes(shadow)
+        await volume.close()
+    await assert_replicas_match([a, b])
+    patched = sum(replica.calls["store.patch"] for replica in (a, b))
+    assert patched > 0
+    reopened = ReplicationClient(VOL, 2, NBLOCKS, [await harness.connect(b)])
+    await reopened.open()
+    async with trio.open_nursery() as nursery:
+        volume = await Volume.open(reopened, nursery=nursery)
+        assert await volume.read(ino, 0, len(shadow) + 10) == bytes(shadow)
+        await volume.close()
