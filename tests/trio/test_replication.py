@@ -602,3 +602,21 @@ async def test_all_copies_rotten_raise_eio(cluster, nodes):
     assert device.repaired_blocks == 0
     for node in nodes:
         assert await node.store.verify(VOL) == [9]
+
+
+@pytest.mark.parametrize("reply", [[99], "3", [3.0], None])
+async def test_malformed_patch_reply_drops_replica(cluster, nodes, reply):
+    async def bad_reply(*args):
+        return reply
+
+    nodes[1].server.handlers["store.patch"] = bad_reply
+    device = await cluster.device(nodes)
+    await device.write_blocks([(3, block(3))])
+    new3 = _patched(block(3), 0, b"\xcc" * 100)
+    await device.write_blocks(
+        [(3, new3)], {3: BlockChange(0, 100, zlib.crc32(block(3)), zlib.crc32(new3))}
+    )
+    # A malformed reply is a ProtocolError of node b, which leaves the write set.
+    assert device.write_set == [str(nodes[0].socket_path)]
+    assert await nodes[0].store.read(VOL, [3]) == [new3]
+    assert await device.read_blocks([3]) == [new3]
