@@ -10,6 +10,10 @@ reads most keeps most.
 
 The marks are fractions of MemTotal. The kernel counts its page cache as available, so the
 block cache gives way to processes, not to the page cache of pxd's data files.
+
+NOTE: the figures are the host's. A mount child in a cgroup with a memory limit below them
+can grow its cache past that limit. The children of one host also grow by the same surplus
+at once, so together they can overshoot the high mark before the low mark shrinks them.
 """
 
 from __future__ import annotations
@@ -59,10 +63,13 @@ class CachePolicy:
     def next_capacity(self, capacity: int, cached: int, available: int) -> int:
         """Return the capacity to set, given the current one, the bytes cached and available."""
         if available < self.low:
-            return max(self.floor, min(capacity, cached) - (self.low - available))
-        if available > self.high:
-            return min(self.ceiling, capacity + (available - self.high))
-        return capacity
+            target = max(self.floor, min(capacity, cached) - (self.low - available))
+        elif available > self.high:
+            target = capacity + (available - self.high)
+        else:
+            target = capacity
+        # The starting capacity may be above the ceiling of a small host.
+        return min(self.ceiling, target)
 
 
 def read_meminfo(path: str = MEMINFO) -> tuple[int, int]:

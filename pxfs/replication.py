@@ -674,7 +674,7 @@ class ReplicationClient:
             if packed_parts is None:
                 return
             left = [blockno for blockno, *_ in parts]
-            if replica.id not in self._without_patch:
+            if self._takes_patches(replica):
                 try:
                     reply = await replica.call("store.patch", packed_parts)
                     left = _patched_left(replica, reply, blocks)
@@ -686,6 +686,20 @@ class ReplicationClient:
                 await replica.call("store.write", self.vol_id, self.epoch, version, rest)
 
         return write
+
+    def _takes_patches(self, replica: _Replica) -> bool:
+        """Tell whether `replica` gets partial writes as store.patch, not as whole blocks.
+
+        A replica of the write set that is not resyncing has every block as the writer last
+        wrote it. Any other replica may hold an older copy whose crc32 matches the base by
+        chance (odds of about 2**-32). A patch on that copy would leave two copies that differ
+        at one version, which resync never compares again.
+        """
+        return (
+            replica.id in self._write_set
+            and replica.id not in self._resyncing
+            and replica.id not in self._without_patch
+        )
 
     async def _versioned_call(
         self, operation: str, blocknos: Sequence[int], make_job: Callable[[int], ReplicaJob]

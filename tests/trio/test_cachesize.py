@@ -60,6 +60,8 @@ def test_policy_scales_with_memory() -> None:
         (GIB, 300 * MIB, 700 * MIB, 200 * MIB),
         # Never below the floor.
         (512 * MIB, 512 * MIB, 0, FLOOR),
+        # Never above the ceiling, even between the marks.
+        (2 * GIB, 2 * GIB, GIB, GIB),
     ],
 )
 def test_next_capacity(capacity: int, cached: int, available: int, expected: int) -> None:

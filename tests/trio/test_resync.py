@@ -205,6 +205,37 @@ async def test_writes_during_resync_reach_the_target(harness):
     await assert_replicas_match([a, b])
 
 
+async def test_resyncing_replica_gets_whole_blocks(harness):
+    a, b = await harness.start("a", "b")
+    device = await harness.device([a, b], ha_level=2)
+    await device.write_blocks([(1, block(1))])
+    b.stop()
+    await device.write_blocks([(n, block(n)) for n in range(2, 130)])
+    await b.start()
+    b.gates["store.copy"] = trio.Event()
+    new = block(1)[:100] + b"\x66" * 100 + block(1)[200:]
+    change = BlockChange(100, 200, zlib.crc32(block(1)), zlib.crc32(new))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(device.resync, "b", await harness.connect(b))
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        writes_before = b.calls["store.write"]
+        await device.write_blocks([(1, new)], {1: change})
+        # Its copy of block 1 may be stale, so b gets the block whole.
+        assert a.calls["store.patch"] == 1
+        assert b.calls["store.patch"] == 0
+        assert b.calls["store.write"] == writes_before + 1
+        b.gates["store.copy"].set()
+    assert await b.block(1) == new
+    await assert_replicas_match([a, b])
+    # Back in the write set, b gets the next change as a patch.
+    newer = new[:300] + b"\x77" * 10 + new[310:]
+    await device.write_blocks(
+        [(1, newer)], {1: BlockChange(300, 310, zlib.crc32(new), zlib.crc32(newer))}
+    )
+    assert b.calls["store.patch"] == 1
+    await assert_replicas_match([a, b])
+
+
 async def test_target_failure_stops_resync(harness):
     a, b = await harness.start("a", "b")
     device = await harness.device([a, b], ha_level=2)
