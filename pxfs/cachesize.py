@@ -19,7 +19,6 @@ at once, so together they can overshoot the high mark before the low mark shrink
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,11 +90,12 @@ def read_meminfo(path: str = MEMINFO) -> tuple[int, int]:
 
 def _trim_function() -> Callable[[int], int] | None:
     """Return glibc's malloc_trim, or None on a C library without it."""
-    name = ctypes.util.find_library("c")
+    # The process's own symbols include the C library's, with no search for its file.
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        function: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
+    return function
 
 
 _MALLOC_TRIM = _trim_function()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -88,14 +87,13 @@ BlockData = bytes | bytearray
 
 def _crc32_combine_function() -> Callable[[int, int, int], int] | None:
     """Return zlib's crc32_combine from the C library, or None where it cannot be loaded."""
-    name = ctypes.util.find_library("z")
+    # The soname, not ctypes.util.find_library, which runs ldconfig in a subprocess.
     try:
-        function = ctypes.CDLL(name).crc32_combine if name else None
+        function = ctypes.CDLL("libz.so.1").crc32_combine
     except (OSError, AttributeError):
         return None
-    if function is not None:
-        function.argtypes = [ctypes.c_ulong, ctypes.c_ulong, ctypes.c_long]
-        function.restype = ctypes.c_ulong
+    function.argtypes = [ctypes.c_ulong, ctypes.c_ulong, ctypes.c_long]
+    function.restype = ctypes.c_ulong
     return function
 
 
