@@ -142,6 +142,13 @@ def _gap_after(done: list[tuple[int, float]], moment: float) -> float:
     return after[0] - moment
 
 
+def _longest_gap_after(done: list[tuple[int, float]], moment: float) -> float:
+    """The longest time without a completed fsync from `moment` to the last fsync."""
+    moments = [moment] + [at for _, at in done if at > moment]
+    assert len(moments) > 1, "no fsync completed after the fault"
+    return max(later - earlier for earlier, later in zip(moments, moments[1:], strict=False))
+
+
 def _resync_rate(node: ClusterNode, vol_id: str) -> float | None:
     """MiB/s of the last resync that the node's mount child of `vol_id` logged, if any."""
     started = finished = None
@@ -421,8 +428,10 @@ def test_hung_replica_dropped_after_timeout(cluster: Cluster, tmp_path: Path) ->
         finally:
             second.resume()
         assert status == 0
-        resumed = _gap_after(done, paused_at)
-        print(f"\nhung replica: writes resumed {resumed:.2f} s after it stopped replying")
+        # The longest stall, not the wait for the first fsync, because an fsync whose replies
+        # were already on their way can complete just after the pause.
+        resumed = _longest_gap_after(done, paused_at)
+        print(f"\nhung replica: writes stalled {resumed:.2f} s after it stopped replying")
         # A write gives up on a replica that stopped replying after DEFAULT_TIMEOUT (5 s), and
         # so does a flush once a write quorum has flushed.
         assert 4.0 < resumed < DEFAULT_TIMEOUT + 10.0

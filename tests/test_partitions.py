@@ -48,7 +48,7 @@ from pxfs import errors
 from pxfs.children import STOP_TIMEOUT
 from pxfs.etcd import DEFAULT_TIMEOUT as ETCD_TIMEOUT
 from pxfs.etcdcatalog import DEFAULT_NODE_TTL
-from pxfs.replication import DEFAULT_TIMEOUT
+from pxfs.replication import BLOCKS_PER_FRAME, DEFAULT_TIMEOUT, MAX_IN_FLIGHT
 from pxfs.rpc import BlockingClient, RpcClient, read_secret
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
@@ -269,7 +269,10 @@ def test_replica_cut_off_during_writes(
             f"blocks written during the cut, {copied} resynced after the heal; "
             f"{writer.length // MIB} MiB written"
         )
-        assert copied == missed
+        # A write frame that was on the way when the link went down can reach the victim after
+        # the heal and before its resync, and then the blocks of that frame are not copied.
+        # At most MAX_IN_FLIGHT frames of BLOCKS_PER_FRAME blocks are on the way.
+        assert missed - MAX_IN_FLIGHT * BLOCKS_PER_FRAME <= copied <= missed
         expected = hashlib.sha256(writer.expected()).hexdigest()
         assert sha256_prefix(path / "stream", writer.length) == expected
         _assert_verified(coordinator, name)

@@ -160,7 +160,8 @@ async def test_replica_without_base_gets_whole_block(cluster, nodes):
     device = await cluster.device(nodes)
     await device.write_blocks([(3, block(3))])
     # Node b has another copy of block 3, as a replica that missed writes would.
-    await nodes[1].store.write(VOL, device.epoch, 1, [(3, block(30))])
+    version = table_version(nodes[0], 3)
+    await nodes[1].store.write(VOL, device.epoch, version, [(3, block(30))])
     new3 = _patched(block(3), 0, b"\xbb" * 100)
     await device.write_blocks(
         [(3, new3)], {3: BlockChange(0, 100, zlib.crc32(block(3)), zlib.crc32(new3))}
