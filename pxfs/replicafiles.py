@@ -370,36 +370,18 @@ class Replica:
         """Write blocks in order, each data first and then its table record.
 
         Raises NoSpace when the disk fills. The blocks before the failing one are stored, and
-        the failing block keeps its old content. A block whose record has a newer version is
-        left alone (`_stale`).
+        the failing block keeps its old content.
         """
         # Read ahead only for a run: a block given twice must see its first write's record.
         records = self._consecutive_records([blockno for blockno, _ in blocks])
         for index, (blockno, data) in enumerate(blocks):
             old = records[index] if records is not None else self._read_record(blockno)
-            if self._stale(blockno, version, old[0]):
-                continue
             try:
                 self._write_block(blockno, data, version, old)
             except NoSpace as exc:
                 raise NoSpace(
                     f"{exc.message} ({index} of the {len(blocks)} blocks of the write were stored)"
                 ) from None
-
-    def _stale(self, blockno: int, version: int, stored: int) -> bool:
-        """Tell whether a write at `version` is older than the block's `stored` version.
-
-        Versions of writes only grow, and resync and repair store older versions through
-        store.copy, not here. So an older write is one that arrived late: a frame sent before a
-        network cut can reach the replica after the heal, even after its resync.
-        """
-        if stored <= version:
-            return False
-        log.warning(
-            "volume %s block %d: ignored a write at version %x older than the stored %x",
-            self.vol_id, blockno, version, stored,
-        )  # fmt: skip
-        return True
 
     def patch_blocks(self, version: int, patches: Sequence[Patch]) -> list[int]:
         """Write parts of blocks in order, and return the blocks left alone.
@@ -413,8 +395,6 @@ class Replica:
         left: list[int] = []
         for patch in patches:
             old_version, old_crc, flags = self._read_record(patch.blockno)
-            if self._stale(patch.blockno, version, old_version):
-                continue
             if flags or _unwritten(old_version, flags) or old_crc != patch.base:
                 left.append(patch.blockno)
                 continue

@@ -67,20 +67,6 @@ def _patch_of(old: bytes, offset: int, piece: bytes) -> tuple[list[object], byte
     return [5, offset, piece, zlib.crc32(old), zlib.crc32(new)], new
 
 
-async def test_late_write_of_older_version_ignored(volume, caplog):
-    await volume.write(VOL, 0, 5, [[5, block(5)], [6, block(6)]])
-    # A frame of version 3 that arrives after version 5 was stored, as after a network cut.
-    await volume.write(VOL, 0, 3, [[5, block(7)], [8, block(8)]])
-    patch, _ = _patch_of(block(5), 0, b"\x01")
-    assert await volume.patch(VOL, 0, 4, [patch]) == []
-    assert await volume.read(VOL, [5, 6, 8]) == [block(5), block(6), block(8)]
-    assert await volume.versions(VOL, 5, 4) == struct.pack("<4Q", 5, 5, 0, 3)
-    assert "older than the stored" in caplog.text
-    # A write at the stored version goes through: the whole block after a patch left it.
-    await volume.write(VOL, 0, 5, [[5, block(9)]])
-    assert await volume.read(VOL, [5]) == [block(9)]
-
-
 async def test_patch_changes_part_of_block(volume):
     await volume.write(VOL, 0, 1, [[5, block(5)]])
     patch, new = _patch_of(block(5), 4096, b"\x01" * 4096)
