@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 import trio
 
-from pxfs.volume.blockcache import BlockCache
+from pxfs.volume.blockcache import MIB, BlockCache
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
 GIB = 1024 * MIB
 MEMINFO = "/proc/meminfo"
 #: Seconds between two reads of MemAvailable.

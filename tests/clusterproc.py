@@ -646,6 +646,15 @@ def release_on(node: ClusterNode, name: str, path: Path) -> None:
     node.call("volume.detach", name)
 
 
+def assert_file_reads(node: ClusterNode, name: str, path: Path, file: str, digest: str) -> None:
+    """Mount volume `name` on `node` at `path`, assert the sha256 of `file` in it, release it."""
+    try:
+        mount_on(node, name, path)
+        assert sha256_file(path / file) == digest
+    finally:
+        release_on(node, name, path)
+
+
 def create_volume(
     node: ClusterNode,
     name: str,

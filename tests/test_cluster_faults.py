@@ -28,6 +28,7 @@ from clusterproc import (
     WRITER,
     Cluster,
     ClusterNode,
+    assert_file_reads,
     assert_replicas_identical,
     count_differing,
     create_volume,
@@ -143,7 +144,7 @@ def _gap_after(done: list[tuple[int, float]], moment: float) -> float:
 
 
 def _longest_gap_after(done: list[tuple[int, float]], moment: float) -> float:
-    """The longest time without a completed fsync from `moment` to the last fsync."""
+    """The maximum time without a completed fsync from `moment` to the last fsync."""
     moments = [moment] + [at for _, at in done if at > moment]
     assert len(moments) > 1, "no fsync completed after the fault"
     return max(later - earlier for earlier, later in zip(moments, moments[1:], strict=False))
@@ -428,7 +429,7 @@ def test_hung_replica_dropped_after_timeout(cluster: Cluster, tmp_path: Path) ->
         finally:
             second.resume()
         assert status == 0
-        # The longest stall, not the wait for the first fsync, because an fsync whose replies
+        # The maximum stall, not the wait for the first fsync, because an fsync whose replies
         # were already on their way can complete just after the pause.
         resumed = _longest_gap_after(done, paused_at)
         print(f"\nhung replica: writes stalled {resumed:.2f} s after it stopped replying")
@@ -699,12 +700,8 @@ def test_partial_writes_survive_replica_kill(cluster: Cluster, tmp_path: Path) -
     finally:
         release_on(first, "patches", path)
     assert_replicas_identical([first, second, third], vol_id)
-    try:
-        # A new mount child reads the blocks back from the replicas, checking their crc32.
-        mount_on(second, "patches", path)
-        assert sha256_file(path / "file") == hashlib.sha256(model).hexdigest()
-    finally:
-        release_on(second, "patches", path)
+    # A new mount child reads the blocks back from the replicas, checking their crc32.
+    assert_file_reads(second, "patches", path, "file", hashlib.sha256(model).hexdigest())
     first.call("volume.delete", "patches")
 
 
@@ -753,9 +750,5 @@ def test_replica_kill_during_partial_writes(cluster: Cluster, tmp_path: Path) ->
         stop.set()
         release_on(first, "patches-live", path)
     assert_replicas_identical([first, second, third], vol_id)
-    try:
-        mount_on(third, "patches-live", path)
-        assert sha256_file(path / "file") == hashlib.sha256(model).hexdigest()
-    finally:
-        release_on(third, "patches-live", path)
+    assert_file_reads(third, "patches-live", path, "file", hashlib.sha256(model).hexdigest())
     first.call("volume.delete", "patches-live")

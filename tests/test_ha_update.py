@@ -19,6 +19,7 @@ from clusterproc import (
     COPY_DEADLINE,
     REPO,
     Cluster,
+    assert_file_reads,
     assert_replicas_identical,
     create_volume,
     free_port_on,
@@ -130,11 +131,7 @@ def test_raise_2_to_3_detached(cluster: Cluster, tmp_path: Path) -> None:
     assert record["replica_nodes"] == [first.node_id]
     assert not third.replica_dir(vol_id).exists()
     assert not second.replica_dir(vol_id).exists()
-    try:
-        mount_on(first, "offline", path)
-        assert sha256_file(path / "blob") == hashlib.sha256(payload).hexdigest()
-    finally:
-        release_on(first, "offline", path)
+    assert_file_reads(first, "offline", path, "blob", hashlib.sha256(payload).hexdigest())
     first.call("volume.delete", "offline")
 
 

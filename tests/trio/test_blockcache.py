@@ -264,6 +264,14 @@ async def test_background_write_back_retries_failures(
     assert len(warnings) == 1
 
 
+async def _cache_with_clean_block(device: MemoryDevice) -> BlockCache:
+    """Return a cache over `device` whose block 0 is _block(1), written and clean."""
+    cache = BlockCache(device)
+    cache.put(0, _block(1))
+    await cache.flush()
+    return cache
+
+
 async def test_partial_write_sends_change_of_clean_block() -> None:
     device = MemoryDevice(8)
     cache = BlockCache(device)
@@ -303,9 +311,7 @@ async def test_large_or_unknown_changes_go_whole() -> None:
 
 async def test_change_during_write_goes_whole() -> None:
     device = GatedDevice(8)
-    cache = BlockCache(device)
-    cache.put(0, _block(1))
-    await cache.flush()
+    cache = await _cache_with_clean_block(device)
     cache.patch(0, 0, b"\x02")
     device.write_gate = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -321,9 +327,7 @@ async def test_change_during_write_goes_whole() -> None:
 
 async def test_failed_write_resends_whole() -> None:
     device = GatedDevice(8)
-    cache = BlockCache(device)
-    cache.put(0, _block(1))
-    await cache.flush()
+    cache = await _cache_with_clean_block(device)
     cache.patch(0, 0, b"\x02")
     device.fail_writes = 1
     with pytest.raises(Unavailable):
@@ -335,9 +339,7 @@ async def test_failed_write_resends_whole() -> None:
 
 async def test_second_change_starts_from_first() -> None:
     device = MemoryDevice(8)
-    cache = BlockCache(device)
-    cache.put(0, _block(1))
-    await cache.flush()
+    cache = await _cache_with_clean_block(device)
     for round_ in range(3):
         cache.patch(0, round_ * 10, bytes([round_ + 5]) * 10)
         await cache.flush()
@@ -363,9 +365,7 @@ def test_crc32_after_change_equals_crc32(seed: int, start: int, size: int) -> No
 
 async def test_widened_change_keeps_device_bytes() -> None:
     device = MemoryDevice(8)
-    cache = BlockCache(device)
-    cache.put(0, _block(1))
-    await cache.flush()
+    cache = await _cache_with_clean_block(device)
     # Each patch widens the change to one side, and the last one overlaps the first.
     cache.patch(0, 1000, b"\x01" * 100)
     cache.patch(0, 5000, b"\x02" * 100)
