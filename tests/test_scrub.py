@@ -301,7 +301,11 @@ def test_periodic_scrub_repairs_rot(
         while stored_block(nodes[1], vol_id, blockno) != payload[:BLOCK]:
             assert time.monotonic() < deadline, "the periodic scrub did not repair the block"
             time.sleep(0.5)
-        scrub = nodes[0].call("volume.inspect", "periodic")["scrub"]
+        # The repair lands before the run ends and records its figures.
+        while "scrub" not in (inspected := nodes[0].call("volume.inspect", "periodic")):
+            assert time.monotonic() < deadline, "the periodic scrub recorded no run"
+            time.sleep(0.5)
+        scrub = inspected["scrub"]
         assert scrub["repaired_blocks"] == 1
         assert scrub["runs"] >= 1
         # The first online replica node scrubs the volume, and only it.
