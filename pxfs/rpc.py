@@ -37,7 +37,7 @@ import ssl
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import msgpack
@@ -63,6 +63,18 @@ MAX_IN_FLIGHT = 64
 _LENGTH = struct.Struct(">I")
 #: Frame bodies of at least this many bytes are sent apart from their length prefix.
 _SEPARATE_BODY = 64 * 1024
+#: Byte strings of at least this many bytes in PackedArgs and in list replies are sent from
+#: their own buffers instead of being copied into the frame.
+_GATHER_MIN = 4096
+#: Lists nested deeper than this in a gathered message are packed whole.
+_GATHER_DEPTH = 3
+#: Buffers that one sendmsg call takes at most (the kernel's UIO_MAXIOV).
+_IOV_MAX = 1024
+#: Bytes received per system call; a frame larger than this is received into its own buffer.
+_RECEIVE_BUFFER = 64 * 1024
+
+#: A buffer of a frame to send.
+Buffer = bytes | bytearray
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -72,34 +84,102 @@ def encode_frame(message: Any) -> bytes:
     return b"".join(encode_frame_parts(message))
 
 
-def encode_frame_parts(message: Any) -> list[bytes]:
+def encode_frame_parts(message: Any) -> list[Buffer]:
     """Pack `message` as encode_frame does, into the buffers to send one after the other.
 
     A large body is returned apart from its length prefix, because joining them would copy
     a frame of block data once more.
     """
-    return _frame_parts(b"", _pack(message))
+    return _frame_parts([_pack(message)])
+
+
+def _encode_reply(reply: list[Any]) -> list[Buffer]:
+    result = reply[3]
+    if isinstance(result, list) and any(map(_holds_large_bytes, result)):
+        # Blocks read are sent from their own buffers.
+        return _frame_parts(pack_gather(reply))
+    return encode_frame_parts(reply)
+
+
+def _holds_large_bytes(item: Any) -> bool:
+    """Return whether `item`, or an element of it, is a byte string that pack_gather keeps."""
+    if isinstance(item, (list, tuple)):
+        return any(_is_large_bytes(element) for element in item)
+    return _is_large_bytes(item)
+
+
+def _is_large_bytes(item: Any) -> bool:
+    return isinstance(item, (bytes, bytearray)) and len(item) >= _GATHER_MIN
 
 
 class PackedArgs:
     """The arguments of a call, packed once to send the same call to several servers.
 
     RpcClient.call sends them as they are, so a write of a frame of blocks to three replicas
-    packs its data once instead of three times.
+    packs its data once instead of three times. Large byte strings are not copied: they are
+    sent from the caller's buffers, which must not change until every call that sends them
+    has returned.
     """
 
-    __slots__ = ("body",)
+    __slots__ = ("parts",)
 
     def __init__(self, *args: Any) -> None:
-        self.body = _pack(list(args))
+        self.parts = pack_gather(list(args))
 
 
-def _encode_request(request_id: int, method: str, args: tuple[Any, ...]) -> list[bytes]:
+def _encode_request(request_id: int, method: str, args: tuple[Any, ...]) -> list[Buffer]:
     if len(args) == 1 and isinstance(args[0], PackedArgs):
         # A msgpack array of 4 is its header byte and its 4 items, one after the other.
         head = b"\x94" + _pack(REQUEST) + _pack(request_id) + _pack(method)
-        return _frame_parts(head, args[0].body)
+        return _frame_parts([head, *args[0].parts])
     return encode_frame_parts([REQUEST, request_id, method, list(args)])
+
+
+def pack_gather(message: Any) -> list[Buffer]:
+    """Pack `message` into buffers whose concatenation is its msgpack form.
+
+    Lists and tuples down to _GATHER_DEPTH are walked, and each bytes or bytearray of at least
+    _GATHER_MIN bytes in them is returned as it is, not copied. Raises InvalidArgument as
+    _pack does.
+    """
+    parts: list[Buffer] = []
+    head = bytearray()
+
+    def add(item: Any, depth: int) -> None:
+        nonlocal head
+        if isinstance(item, (list, tuple)) and depth < _GATHER_DEPTH:
+            head += _array_header(len(item))
+            for element in item:
+                add(element, depth + 1)
+        elif _is_large_bytes(item):
+            head += _bin_header(len(item))
+            parts.append(bytes(head))
+            parts.append(item)
+            head = bytearray()
+        else:
+            head += _pack(item)
+
+    add(message, 0)
+    if head or not parts:
+        parts.append(bytes(head))
+    return parts
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count <= 0xFFFF:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def _bin_header(size: int) -> bytes:
+    # Only sizes of at least _GATHER_MIN come here, so the 1-byte length form is never needed.
+    if size <= 0xFFFF:
+        return b"\xc5" + size.to_bytes(2, "big")
+    if size > 0xFFFFFFFF:
+        raise errors.InvalidArgument(f"RPC message cannot be encoded: {size} bytes in one string")
+    return b"\xc6" + size.to_bytes(4, "big")
 
 
 def _pack(message: Any) -> bytes:
@@ -120,22 +200,42 @@ def _pack(message: Any) -> bytes:
     return body
 
 
-def _frame_parts(head: bytes, body: bytes) -> list[bytes]:
-    """Return the buffers of the frame whose body is `head` followed by `body`."""
-    length = len(head) + len(body)
+def _frame_parts(body: list[Buffer]) -> list[Buffer]:
+    """Return the buffers of the frame whose body is the concatenation of `body`."""
+    length = sum(len(part) for part in body)
     if length > MAX_FRAME:
         raise errors.InvalidArgument(f"RPC message of {length} bytes exceeds {MAX_FRAME}")
-    prefix = _LENGTH.pack(length) + head
-    if len(body) < _SEPARATE_BODY:
-        # One send of a small frame costs one system call instead of two.
-        return [prefix + body]
-    return [prefix, body]
+    prefix = _LENGTH.pack(length)
+    if len(body) == 1 and length < _SEPARATE_BODY:
+        # One small buffer costs one copy less to send than two.
+        return [prefix + body[0]]
+    return [prefix, *body]
 
 
-async def send_frame(stream: trio.abc.SendStream, parts: list[bytes]) -> None:
-    """Send the buffers of one frame from encode_frame_parts."""
-    for part in parts:
-        await stream.send_all(part)
+async def send_frame(stream: trio.abc.SendStream, parts: list[Buffer]) -> None:
+    """Send the buffers of one frame from encode_frame_parts.
+
+    A socket stream gets them with sendmsg, so large buffers go to the kernel without a copy
+    into one frame first. A TLS stream encrypts what it sends anyway, so it gets one buffer.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        await stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+        return
+    if stream.socket.did_shutdown_SHUT_WR:
+        raise trio.ClosedResourceError("cannot send after sending EOF")
+    pending: list[Buffer | memoryview] = list(parts)
+    with _translated_socket_errors():
+        while pending:
+            sent = await stream.socket.sendmsg(pending[:_IOV_MAX])
+            while sent:
+                size = len(pending[0])
+                if sent < size:
+                    pending[0] = memoryview(pending[0])[sent:]
+                    break
+                sent -= size
+                del pending[0]
+            while pending and not len(pending[0]):
+                del pending[0]
 
 
 class FrameDecoder:
@@ -224,21 +324,93 @@ def parse_request(message: Any) -> tuple[int, str, list[Any]]:
 
 
 class _Stream:
-    """A trio stream with a frame decoder in front of it."""
+    """A trio stream that sends and receives frames.
+
+    From a socket, frames are received with recv_into: small frames through one buffer, many
+    per system call, and a large frame straight into a buffer of its size, with no copy before
+    it is decoded. Other streams (TLS) go through a FrameDecoder.
+    """
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.decoder = FrameDecoder()
-        self.ready: list[Any] = []
+        #: The largest frame accepted; a longer length prefix raises ProtocolError at once.
+        self.max_frame = MAX_FRAME
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._decoder = FrameDecoder()
+        self._ready: list[Any] = []
+        # Received bytes not yet decoded are self._buffer[self._start : self._end].
+        self._buffer = bytearray(_RECEIVE_BUFFER) if self._socket is not None else bytearray()
+        self._start = self._end = 0
 
     async def receive(self) -> Any:
         """Return the next message; raises Unavailable at end of stream."""
-        while not self.ready:
-            data = await self.stream.receive_some(1024 * 1024)
+        if self._socket is None:
+            return await self._receive_decoded()
+        with _translated_socket_errors():
+            await self._fill(_LENGTH.size)
+            (length,) = _LENGTH.unpack_from(self._buffer, self._start)
+            if length > self.max_frame:
+                raise errors.ProtocolError(f"frame of {length} bytes exceeds {self.max_frame}")
+            self._start += _LENGTH.size
+            if length <= len(self._buffer):
+                await self._fill(length)
+                with memoryview(self._buffer) as view:
+                    message = _unpack(view[self._start : self._start + length])
+                self._start += length
+                return message
+            return await self._receive_large(length)
+
+    async def _receive_decoded(self) -> Any:
+        self._decoder.max_frame = self.max_frame
+        while not self._ready:
+            data = await self.stream.receive_some(_RECEIVE_BUFFER)
             if not data:
                 raise errors.Unavailable("connection closed by peer")
-            self.ready.extend(self.decoder.feed(data))
-        return self.ready.pop(0)
+            self._ready.extend(self._decoder.feed(data))
+        return self._ready.pop(0)
+
+    async def _fill(self, count: int) -> None:
+        """Receive until `count` bytes are buffered; `count` must fit in the buffer."""
+        assert self._socket is not None
+        if self._end - self._start >= count:
+            return
+        if self._start + count > len(self._buffer):
+            # Move what is buffered to the front, to make room for the rest.
+            self._buffer[: self._end - self._start] = self._buffer[self._start : self._end]
+            self._end -= self._start
+            self._start = 0
+        with memoryview(self._buffer) as view:
+            while self._end - self._start < count:
+                received = await self._socket.recv_into(view[self._end :])
+                if not received:
+                    raise errors.Unavailable("connection closed by peer")
+                self._end += received
+
+    async def _receive_large(self, length: int) -> Any:
+        """Receive and decode a frame body larger than the buffer."""
+        assert self._socket is not None
+        frame = bytearray(length)
+        filled = self._end - self._start
+        frame[:filled] = self._buffer[self._start : self._end]
+        self._start = self._end = 0
+        with memoryview(frame) as view:
+            while filled < length:
+                received = await self._socket.recv_into(view[filled:])
+                if not received:
+                    raise errors.Unavailable("connection closed by peer")
+                filled += received
+            return _unpack(view)
+
+
+@contextlib.contextmanager
+def _translated_socket_errors() -> Iterator[None]:
+    """Raise what trio.SocketStream raises for the errors of its socket."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 class _RejectionLog:
@@ -403,7 +575,7 @@ class RpcServer:
     async def _authenticate(self, conn: _Stream) -> bool:
         assert self.secret is not None
         nonce = secrets.token_bytes(32)
-        conn.decoder.max_frame = HANDSHAKE_MAX_FRAME
+        conn.max_frame = HANDSHAKE_MAX_FRAME
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             await conn.stream.send_all(encode_frame([CHALLENGE, nonce]))
             try:
@@ -421,7 +593,7 @@ class RpcServer:
                 and isinstance(message[1], bytes)
                 and hmac.compare_digest(message[1], expected)
             ):
-                conn.decoder.max_frame = MAX_FRAME
+                conn.max_frame = MAX_FRAME
                 await conn.stream.send_all(encode_frame([WELCOME, True]))
                 return True
             self.rejections.record("rejected a connection that failed the handshake")
@@ -469,7 +641,7 @@ class RpcServer:
         finally:
             limiter.release_on_behalf_of(token)
         try:
-            frame = encode_frame_parts(reply)
+            frame = _encode_reply(reply)
         except errors.PxfsError as exc:
             log.exception("%s: reply to %s could not be encoded", self.name, method)
             failure = errors.InternalError(f"reply to {method} could not be encoded: {exc}")
@@ -654,7 +826,7 @@ class RpcClient:
             raise error_from_payload(error)
         return result
 
-    async def _send(self, frame: list[bytes]) -> None:
+    async def _send(self, frame: list[Buffer]) -> None:
         async with self._send_lock:
             # A send cut off half-way would leave a partial frame on the stream, so it is
             # shielded from cancellation, with a timeout of its own against a stalled peer.

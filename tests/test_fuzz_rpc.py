@@ -76,6 +76,37 @@ def test_round_trip_split_anywhere(batch: list[Any], cuts: list[int]) -> None:
     assert decoder.pending == 0
 
 
+# Byte strings on both sides of the size from which pack_gather leaves them in their own buffers.
+large_binaries = st.integers(4000, 70_000).map(lambda size: (bytes(range(256)) * 274)[:size])
+gathered_messages = st.recursive(
+    scalars | large_binaries | large_binaries.map(bytearray),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=4).map(tuple)
+        | st.dictionaries(keys, children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@fuzz(150)
+@given(gathered_messages)
+def test_pack_gather_matches_msgpack(message: Any) -> None:
+    """150 messages with large byte strings at any depth pack to msgpack's bytes exactly."""
+    parts = rpc.pack_gather(message)
+    assert b"".join(parts) == msgpack.packb(message, use_bin_type=True)
+
+
+def test_pack_gather_keeps_large_buffers() -> None:
+    block = os.urandom(65536)
+    patch = bytearray(4096)
+    small = os.urandom(4095)
+    parts = rpc.pack_gather(["vol", 7, [(1, block), (2, patch)], [small]])
+    assert [part for part in parts if part is block or part is patch] == [block, patch]
+    assert not any(part is small for part in parts)
+    assert b"".join(parts) == msgpack.packb(["vol", 7, [(1, block), (2, patch)], [small]])
+
+
 @fuzz(150)
 @given(messages)
 def test_truncated_frame_waits(message: Any) -> None:

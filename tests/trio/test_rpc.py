@@ -1,4 +1,5 @@
 import os
+import random
 import struct
 
 import msgpack
@@ -77,6 +78,101 @@ async def test_packed_args_round_trip(server_path, size):
     assert first == ["vol", 7, [[1, b"x" * size]]]
     assert second == first
     assert plain == first
+
+
+# Sizes around the gather threshold, the receive buffer and the 16-bit msgpack length.
+FRAME_SIZES = [0, 10, 4095, 4096, 65535, 65536, 65537, 200_000, 3 * 1024 * 1024]
+
+
+@pytest.mark.parametrize("size", FRAME_SIZES)
+async def test_packed_args_every_size(server_path, size):
+    blocks = [(index, os.urandom(size)) for index in range(3)]
+    client = await rpc.RpcClient.connect_unix(server_path, SECRET)
+    with trio.fail_after(10):
+        echoed = await client.call("echo", rpc.PackedArgs("vol", blocks, bytearray(b"z" * size)))
+        assert await client.call("echo", blocks) == [[list(block) for block in blocks]]
+    await client.aclose()
+    assert echoed == ["vol", [list(block) for block in blocks], b"z" * size]
+
+
+async def test_concurrent_mixed_sizes_arrive_whole(server_path):
+    # Small replies share system calls and large ones do not, on one connection.
+    payloads = [os.urandom(size) for size in FRAME_SIZES * 3]
+    client = await rpc.RpcClient.connect_unix(server_path, SECRET)
+    results: dict[int, object] = {}
+
+    async def call(index: int) -> None:
+        results[index] = await client.call("echo", index, payloads[index])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for index in range(len(payloads)):
+                nursery.start_soon(call, index)
+    await client.aclose()
+    assert results == {index: [index, payload] for index, payload in enumerate(payloads)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_client_decodes_replies_cut_anywhere(seed):
+    # A peer that writes its replies in pieces of random sizes, across frame boundaries.
+    chance = random.Random(seed)
+    ours, theirs = trio.socket.socketpair()
+    client = rpc.RpcClient(trio.SocketStream(ours), "test peer")
+    peer = trio.SocketStream(theirs)
+    # Mostly frames that fit the receive buffer, so that it fills and moves its remaining bytes
+    # to the front often.
+    sizes = [chance.choice([0, 10, 4095, 4096, 20_000] * 8 + FRAME_SIZES) for _ in range(60)]
+    payloads = [chance.randbytes(size) for size in sizes]
+    results: list[object] = [None] * len(sizes)
+
+    async def serve() -> None:
+        decoder = rpc.FrameDecoder()
+        requests = []
+        while len(requests) < len(sizes):
+            requests += decoder.feed(await peer.receive_some(65536))
+        stream = b"".join(
+            rpc.encode_frame([rpc.REPLY, request[1], None, payloads[request[3][0]]])
+            for request in requests
+        )
+        offset = 0
+        while offset < len(stream):
+            step = chance.choice([1, 3, 4, 5, 1000, 65536, 300_000])
+            await peer.send_all(stream[offset : offset + step])
+            offset += step
+            if chance.random() < 0.2:
+                await trio.sleep(0.001)
+
+    async def call(index: int) -> None:
+        results[index] = await client.call("echo", index)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            for index in range(len(sizes)):
+                nursery.start_soon(call, index)
+    await client.aclose()
+    await peer.aclose()
+    assert results == payloads
+
+
+async def test_client_reports_cut_in_large_frame():
+    ours, theirs = trio.socket.socketpair()
+    client = rpc.RpcClient(trio.SocketStream(ours), "test peer")
+    peer = trio.SocketStream(theirs)
+
+    async def serve() -> None:
+        decoder = rpc.FrameDecoder()
+        (request,) = decoder.feed(await peer.receive_some(65536))
+        frame = rpc.encode_frame([rpc.REPLY, request[1], None, bytes(1024 * 1024)])
+        await peer.send_all(frame[: len(frame) // 2])
+        await peer.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        with pytest.raises(errors.Unavailable, match="lost"):
+            with trio.fail_after(5):
+                await client.call("echo")
+    await client.aclose()
 
 
 async def test_packed_args_over_frame_limit(server_path):
