@@ -341,24 +341,33 @@ class _Stream:
         # Received bytes not yet decoded are self._buffer[self._start : self._end].
         self._buffer = bytearray(_RECEIVE_BUFFER) if self._socket is not None else bytearray()
         self._start = self._end = 0
+        # A frame body too large for the buffer, of which the first bytes have arrived.
+        self._large: bytearray | None = None
+        self._large_filled = 0
 
     async def receive(self) -> Any:
-        """Return the next message; raises Unavailable at end of stream."""
+        """Return the next message; raises Unavailable at end of stream.
+
+        A receive cancelled part-way keeps what it received, so the next one goes on from there.
+        """
         if self._socket is None:
             return await self._receive_decoded()
         with _translated_socket_errors():
-            await self._fill(_LENGTH.size)
-            (length,) = _LENGTH.unpack_from(self._buffer, self._start)
-            if length > self.max_frame:
-                raise errors.ProtocolError(f"frame of {length} bytes exceeds {self.max_frame}")
-            self._start += _LENGTH.size
-            if length <= len(self._buffer):
-                await self._fill(length)
-                with memoryview(self._buffer) as view:
-                    message = _unpack(view[self._start : self._start + length])
-                self._start += length
-                return message
-            return await self._receive_large(length)
+            if self._large is None:
+                await self._fill(_LENGTH.size)
+                (length,) = _LENGTH.unpack_from(self._buffer, self._start)
+                if length > self.max_frame:
+                    raise errors.ProtocolError(f"frame of {length} bytes exceeds {self.max_frame}")
+                size = _LENGTH.size + length
+                if size <= len(self._buffer):
+                    await self._fill(size)
+                    body = self._start + _LENGTH.size
+                    with memoryview(self._buffer) as view:
+                        message = _unpack(view[body : body + length])
+                    self._start += size
+                    return message
+                self._start_large(length)
+            return await self._receive_large()
 
     async def _receive_decoded(self) -> Any:
         self._decoder.max_frame = self.max_frame
@@ -386,19 +395,24 @@ class _Stream:
                     raise errors.Unavailable("connection closed by peer")
                 self._end += received
 
-    async def _receive_large(self, length: int) -> Any:
-        """Receive and decode a frame body larger than the buffer."""
-        assert self._socket is not None
-        frame = bytearray(length)
-        filled = self._end - self._start
-        frame[:filled] = self._buffer[self._start : self._end]
+    def _start_large(self, length: int) -> None:
+        """Move the buffered start of a frame body larger than the buffer to its own buffer."""
+        body = self._start + _LENGTH.size
+        self._large = bytearray(length)
+        self._large_filled = self._end - body
+        self._large[: self._large_filled] = self._buffer[body : self._end]
         self._start = self._end = 0
-        with memoryview(frame) as view:
-            while filled < length:
-                received = await self._socket.recv_into(view[filled:])
+
+    async def _receive_large(self) -> Any:
+        """Receive the rest of the large frame body and decode it."""
+        assert self._socket is not None and self._large is not None
+        with memoryview(self._large) as view:
+            while self._large_filled < len(view):
+                received = await self._socket.recv_into(view[self._large_filled :])
                 if not received:
                     raise errors.Unavailable("connection closed by peer")
-                filled += received
+                self._large_filled += received
+            self._large = None
             return _unpack(view)
 
 

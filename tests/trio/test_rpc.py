@@ -155,6 +155,54 @@ async def test_client_decodes_replies_cut_anywhere(seed):
     assert results == payloads
 
 
+@pytest.mark.parametrize(
+    ("size", "cut"), [(100, 2), (100, 50), (200_000, 2), (200_000, 5000), (200_000, 150_000)]
+)
+async def test_cancelled_receive_keeps_stream_in_step(size, cut):
+    # A call cancelled while its reader has part of a frame leaves the rest to the next reader.
+    ours, theirs = trio.socket.socketpair()
+    client = rpc.RpcClient(trio.SocketStream(ours), "test peer")
+    peer = trio.SocketStream(theirs)
+    decoder = rpc.FrameDecoder()
+    first_payload = os.urandom(size)
+    second_payload = os.urandom(size)
+
+    async def next_request() -> list:
+        while True:
+            requests = decoder.feed(await peer.receive_some(65536))
+            if requests:
+                return requests[0]
+
+    first_call = trio.CancelScope()
+
+    async def cancelled_call() -> None:
+        with first_call:
+            await client.call("echo")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancelled_call)
+        first = await next_request()
+        first_reply = rpc.encode_frame([rpc.REPLY, first[1], None, first_payload])
+        await peer.send_all(first_reply[:cut])
+        await trio.sleep(0.05)
+        first_call.cancel()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            result: list[object] = []
+
+            async def second_call() -> None:
+                result.append(await client.call("echo"))
+
+            nursery.start_soon(second_call)
+            second = await next_request()
+            await peer.send_all(first_reply[cut:])
+            await peer.send_all(rpc.encode_frame([rpc.REPLY, second[1], None, second_payload]))
+    await client.aclose()
+    await peer.aclose()
+    assert result == [second_payload]
+
+
 async def test_client_reports_cut_in_large_frame():
     ours, theirs = trio.socket.socketpair()
     client = rpc.RpcClient(trio.SocketStream(ours), "test peer")
