@@ -155,6 +155,19 @@ class StaleEpoch(PxfsError):
     exit_code = 8
 
 
+class StaleWrite(PxfsError):
+    """A write, patch or trim was sent before the resync of its replica started.
+
+    A network cut can hold a frame in a socket until after the cut heals and the replica's resync
+    has copied newer versions of its blocks, so the store rejects it.
+    """
+
+    code = "stale_write"
+    errno = _errno.ESTALE
+    http_status = 409
+    exit_code = 8
+
+
 class Unavailable(PxfsError):
     """A node, replica or service that the call needs cannot be reached."""
 

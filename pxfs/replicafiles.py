@@ -230,6 +230,9 @@ class Replica:
         self.closed = False
         self.lock = trio.Lock()
         self._warned_no_punch = False
+        #: The floor of the latest resync of this replica: writes, patches and trims at a lower
+        #: version were sent before that resync started, and the store rejects them.
+        self.fence = 0
         #: The digest of each region of DIGEST_BLOCKS blocks, by region index, as computed from
         #: the table. Every change of a record drops the digest of its region.
         self._digests: dict[int, bytes] = {}

@@ -508,6 +508,7 @@ class ReplicationClient:
         log.info("volume %s: resync of replica %s started", self.vol_id, replica.name)
         try:
             await self._wait_for_writes(below=floor)
+            await self._fence(replica, floor)
             await resync.resync(
                 self.vol_id, self.epoch, progress.total, self._read_order, replica, floor, progress
             )
@@ -534,6 +535,23 @@ class ReplicationClient:
             # The replica stays in the write set here. The next write retries the report.
             log.warning("volume %s: %s", self.vol_id, exc.message)
         return progress.copied
+
+    async def _fence(self, replica: _Replica, floor: int) -> None:
+        """Make the target reject writes below `floor`, which were sent before this resync.
+
+        A frame that a network cut held back could otherwise reach the target after the resync
+        copied newer versions of its blocks. The scan that follows finds one that arrived
+        before the fence, and copies the block over.
+        """
+        try:
+            await replica.call("store.fence", self.vol_id, self.epoch, floor)
+        except NotSupported:
+            log.warning(
+                "volume %s: replica %s cannot reject writes sent before its resync; update pxd "
+                "on its node",
+                self.vol_id,
+                replica.name,
+            )
 
     def _rejoin(self, replica: _Replica, progress: ResyncProgress) -> None:
         # No await in here, so the replica goes from the resync targets to the write set in one

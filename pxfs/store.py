@@ -26,6 +26,7 @@ from pxfs.errors import (
     ProtocolError,
     PxfsError,
     StaleEpoch,
+    StaleWrite,
     Unavailable,
 )
 from pxfs.replicafiles import (
@@ -234,6 +235,15 @@ def _check_copies(replica: Replica, blocks: object) -> list[tuple[int, int, int,
     return checked
 
 
+def _check_fence(replica: Replica, version: int) -> None:
+    """Raise StaleWrite for a version below the replica's fence (ReplicaStore.fence)."""
+    if version < replica.fence:
+        raise StaleWrite(
+            f"volume {replica.vol_id}: version {version:x} was sent before the resync of this "
+            f"replica from version {replica.fence:x} started"
+        )
+
+
 class ReplicaStore:
     """The replicas of every volume that this node hosts, under one root directory.
 
@@ -264,6 +274,7 @@ class ReplicaStore:
             "store.write": self.write,
             "store.patch": self.patch,
             "store.trim": self.trim,
+            "store.fence": self.fence,
             "store.flush": self.flush,
             "store.info": self.info,
             "store.resize": self.resize,
@@ -351,6 +362,7 @@ class ReplicaStore:
             version = _check_int("version", version, 1, MAX_VERSION)
             checked = _check_blocks(replica, blocks)
             await self._accept_epoch(replica, epoch)
+            _check_fence(replica, version)
             await trio.to_thread.run_sync(replica.write_blocks, version, checked)
         log.debug("volume %s: wrote %d blocks at version %x", vol_id, len(checked), version)
 
@@ -366,6 +378,7 @@ class ReplicaStore:
             version = _check_int("version", version, 1, MAX_VERSION)
             checked = _check_patches(replica, patches)
             await self._accept_epoch(replica, epoch)
+            _check_fence(replica, version)
             left = await trio.to_thread.run_sync(replica.patch_blocks, version, checked)
         log.debug(
             "volume %s: patched %d of %d blocks at version %x",
@@ -382,7 +395,21 @@ class ReplicaStore:
             checked = _check_blocknos(replica, blocknos, MAX_TRIMS_PER_CALL)
             version = _check_int("version", version, 0, MAX_VERSION)
             await self._accept_epoch(replica, epoch)
+            _check_fence(replica, version)
             await trio.to_thread.run_sync(replica.trim_blocks, checked, version)
+
+    async def fence(self, vol_id: str, epoch: int, floor: int) -> None:
+        """Reject writes, patches and trims below version `floor` from now on.
+
+        A resync calls it once every later write reaches the target, and before it compares
+        versions. A write from before the resync that reaches the replica after this call
+        could otherwise undo a block that the resync copied. The fence never moves down.
+        """
+        async with self._locked(vol_id) as replica:
+            floor = _check_int("floor", floor, 0, MAX_VERSION)
+            await self._accept_epoch(replica, epoch)
+            replica.fence = max(replica.fence, floor)
+        log.debug("volume %s: writes below version %x are rejected from now on", vol_id, floor)
 
     async def versions(self, vol_id: str, first: int, count: int) -> bytes:
         """Return the versions of blocks [first, first + count), 8 little-endian bytes each.

@@ -187,6 +187,50 @@ async def test_copy_never_overwrites_newer_write(harness):
     await assert_replicas_match([a, b])
 
 
+async def _delayed_write(harness) -> tuple[ReplicationClient, Replica, Replica, int]:
+    """Leave b out of sync after it missed two writes of block 5, and return the older version.
+
+    The frame of that older write stands for one that a network cut delayed in a socket.
+    """
+    a, b = await harness.start("a", "b")
+    device = await harness.device([a, b], ha_level=2)
+    await device.write_blocks([(5, block(5))])
+    b.stop()
+    await device.write_blocks([(5, block(50))])
+    delayed = a.version(5)
+    await device.write_blocks([(5, block(500))])
+    await b.start()
+    return device, a, b, delayed
+
+
+async def test_delayed_write_after_resync_rejected(harness):
+    device, a, b, delayed = await _delayed_write(harness)
+    assert await device.resync("b", await harness.connect(b)) == 1
+    # The delayed frame reaches b after the resync, on a connection of its own.
+    late = await b.connect()
+    try:
+        with pytest.raises(errors.StaleWrite, match="was sent before the resync"):
+            await late.call("store.write", VOL, 1, delayed, [[5, block(50)]])
+    finally:
+        await late.aclose()
+    assert await b.block(5) == block(500)
+    await assert_replicas_match([a, b])
+
+
+async def test_delayed_write_before_fence_copied_over(harness):
+    device, a, b, delayed = await _delayed_write(harness)
+    b.gates["store.fence"] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(device.resync, "b", await harness.connect(b))
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        # b stores the delayed frame before the fence, so the scan that follows finds it.
+        await b.store.write(VOL, 1, delayed, [[5, block(50)]])
+        b.gates["store.fence"].set()
+    assert device.write_set == ["a", "b"]
+    assert await b.block(5) == block(500)
+    await assert_replicas_match([a, b])
+
+
 async def test_writes_during_resync_reach_the_target(harness):
     a, b = await harness.start("a", "b")
     device = await harness.device([a, b], ha_level=2)

@@ -185,6 +185,49 @@ async def test_stale_epoch_rejected(volume):
     assert await volume.read(VOL, [0]) == [block(0)]
 
 
+async def test_fence_rejects_older_versions(volume):
+    await volume.write(VOL, 1, (1 << 32) | 3, [[5, block(5)], [6, block(6)]])
+    await volume.fence(VOL, 1, (1 << 32) | 10)
+    with pytest.raises(errors.StaleWrite, match="version 100000009 was sent before the resync"):
+        await volume.write(VOL, 1, (1 << 32) | 9, [[5, block(50)]])
+    patch, _ = _patch_of(block(5), 0, b"\x01")
+    with pytest.raises(errors.StaleWrite):
+        await volume.patch(VOL, 1, (1 << 32) | 9, [patch])
+    with pytest.raises(errors.StaleWrite):
+        await volume.trim(VOL, 1, [6], (1 << 32) | 9)
+    with pytest.raises(errors.StaleWrite):
+        await volume.trim(VOL, 1, [6])
+    assert await volume.read(VOL, [5, 6]) == [block(5), block(6)]
+    assert await volume.versions(VOL, 5, 2) == struct.pack("<QQ", (1 << 32) | 3, (1 << 32) | 3)
+
+    # A copy is how a resync stores older versions, so the fence leaves it alone.
+    assert await volume.copy(VOL, 1, [[6, (1 << 32) | 3, (1 << 32) | 4, block(60)]]) == 1
+    await volume.write(VOL, 1, (1 << 32) | 10, [[5, block(51)]])
+    assert await volume.read(VOL, [5, 6]) == [block(51), block(60)]
+
+
+async def test_fence_never_moves_down(volume):
+    await volume.fence(VOL, 1, (1 << 32) | 10)
+    await volume.fence(VOL, 1, (1 << 32) | 2)
+    with pytest.raises(errors.StaleWrite):
+        await volume.write(VOL, 1, (1 << 32) | 5, [[5, block(5)]])
+    # A later epoch writes above every version of the earlier ones.
+    await volume.write(VOL, 2, 2 << 32, [[5, block(5)]])
+    assert await volume.read(VOL, [5]) == [block(5)]
+
+
+async def test_fence_rejects_bad_arguments(volume):
+    await volume.open(VOL, 3)
+    with pytest.raises(errors.StaleEpoch):
+        await volume.fence(VOL, 2, 1)
+    for floor in (-1, "1", 2**64):
+        with pytest.raises(errors.InvalidArgument):
+            await volume.fence(VOL, 3, floor)
+    with pytest.raises(errors.NotFound):
+        await volume.fence("99", 3, 1)
+    await volume.write(VOL, 3, 1, [[0, block(0)]])
+
+
 async def test_higher_epoch_in_write_is_remembered(volume):
     await volume.open(VOL, 2)
     await volume.write(VOL, 7, (7 << 32) | 1, [[0, block(0)]])
@@ -417,6 +460,7 @@ def test_handlers_cover_the_rpc_table(tmp_path):
         "write",
         "patch",
         "trim",
+        "fence",
         "flush",
         "info",
         "resize",
