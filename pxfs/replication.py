@@ -31,8 +31,9 @@ from pxfs.errors import (
     StaleEpoch,
     Unavailable,
 )
+from pxfs.frames import PackedArgs
 from pxfs.resync import ResyncProgress
-from pxfs.rpc import PackedArgs, RpcClient
+from pxfs.rpc import RpcClient
 from pxfs.store import BLOCK_SIZE, MAX_EPOCH
 from pxfs.volume.device import BlockChange, BlockData
 

@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 #: Blocks per read or write call: 240 blocks are 15 MiB, which leaves room for the msgpack
-#: framing inside one RPC frame (pxfs.rpc.MAX_FRAME, 16 MiB).
+#: framing inside one RPC frame (pxfs.frames.MAX_FRAME, 16 MiB).
 MAX_BLOCKS_PER_CALL = 240
 #: Block numbers per trim call. A trim sends no data back, so this only bounds the work of one
 #: call; 2**20 block numbers take at most 9 MiB of msgpack.

@@ -11,7 +11,8 @@ from typing import Any
 
 import msgpack
 
-from pxfs.rpc import CHALLENGE, REQUEST, RESPONSE, WELCOME, handshake_digest
+from pxfs.frames import CHALLENGE, REQUEST, RESPONSE, WELCOME
+from pxfs.rpc import handshake_digest
 
 #: Seconds that a test socket waits for the server.
 TIMEOUT = 15.0

@@ -1,4 +1,4 @@
-"""Property and fuzz tests of the RPC frame codec of pxfs.rpc (encode_frame, FrameDecoder).
+"""Property and fuzz tests of the RPC frame codec of pxfs.frames (encode_frame, FrameDecoder).
 
 The documented errors are InvalidArgument from encode_frame and ProtocolError from
 FrameDecoder.feed, parse_request and error_from_payload. Any other exception, or a decoder that
@@ -19,7 +19,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pxfs import errors, rpc
+from pxfs import errors, frames, rpc
 
 # No example database, so a fuzz run leaves no files in the working tree and each run draws new
 # inputs. The deadline catches a decoder that loops, because a frame here takes well under 1 ms.
@@ -58,7 +58,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[start:stop] for start, stop in zip(bounds, bounds[1:], strict=False)]
 
 
-def feed_all(decoder: rpc.FrameDecoder, chunks: list[bytes]) -> list[Any]:
+def feed_all(decoder: frames.FrameDecoder, chunks: list[bytes]) -> list[Any]:
     """Feed every chunk and return all the messages that came out."""
     out: list[Any] = []
     for chunk in chunks:
@@ -70,8 +70,8 @@ def feed_all(decoder: rpc.FrameDecoder, chunks: list[bytes]) -> list[Any]:
 @given(st.lists(messages, min_size=1, max_size=5), st.lists(st.integers(0, 1 << 20), max_size=12))
 def test_round_trip_split_anywhere(batch: list[Any], cuts: list[int]) -> None:
     """150 batches of 1-5 valid messages, cut at up to 12 random points, decode unchanged."""
-    stream = b"".join(rpc.encode_frame(message) for message in batch)
-    decoder = rpc.FrameDecoder()
+    stream = b"".join(frames.encode_frame(message) for message in batch)
+    decoder = frames.FrameDecoder()
     assert feed_all(decoder, split(stream, cuts)) == batch
     assert decoder.pending == 0
 
@@ -93,7 +93,7 @@ gathered_messages = st.recursive(
 @given(gathered_messages)
 def test_pack_gather_matches_msgpack(message: Any) -> None:
     """150 messages with large byte strings at any depth pack to msgpack's bytes exactly."""
-    parts = rpc.pack_gather(message)
+    parts = frames.pack_gather(message)
     assert b"".join(parts) == msgpack.packb(message, use_bin_type=True)
 
 
@@ -101,7 +101,7 @@ def test_pack_gather_keeps_large_buffers() -> None:
     block = os.urandom(65536)
     patch = bytearray(4096)
     small = os.urandom(4095)
-    parts = rpc.pack_gather(["vol", 7, [(1, block), (2, patch)], [small]])
+    parts = frames.pack_gather(["vol", 7, [(1, block), (2, patch)], [small]])
     assert [part for part in parts if part is block or part is patch] == [block, patch]
     assert not any(part is small for part in parts)
     assert b"".join(parts) == msgpack.packb(["vol", 7, [(1, block), (2, patch)], [small]])
@@ -111,9 +111,9 @@ def test_pack_gather_keeps_large_buffers() -> None:
 @given(messages)
 def test_truncated_frame_waits(message: Any) -> None:
     """150 valid frames, each cut short at every one of its bytes, yield nothing."""
-    frame = rpc.encode_frame(message)
+    frame = frames.encode_frame(message)
     for cut in range(len(frame)):
-        decoder = rpc.FrameDecoder()
+        decoder = frames.FrameDecoder()
         assert decoder.feed(frame[:cut]) == []
         assert decoder.pending == cut
 
@@ -123,24 +123,24 @@ def test_truncated_frame_waits(message: Any) -> None:
 def test_oversized_length_rejected_at_once(max_frame: int, excess: int, tail: bytes) -> None:
     """200 length prefixes above max_frame raise ProtocolError before any body byte arrives."""
     length = min(max_frame + excess, 2**32 - 1)
-    decoder = rpc.FrameDecoder(max_frame=max_frame)
+    decoder = frames.FrameDecoder(max_frame=max_frame)
     with pytest.raises(errors.ProtocolError):
         decoder.feed(LENGTH.pack(length) + tail)
 
 
 def test_default_limit_rejects_every_prefix_above_it() -> None:
     """The default decoder rejects a prefix of MAX_FRAME + 1 and accepts MAX_FRAME as pending."""
-    decoder = rpc.FrameDecoder()
-    assert decoder.feed(LENGTH.pack(rpc.MAX_FRAME)) == []
+    decoder = frames.FrameDecoder()
+    assert decoder.feed(LENGTH.pack(frames.MAX_FRAME)) == []
     with pytest.raises(errors.ProtocolError):
-        rpc.FrameDecoder().feed(LENGTH.pack(rpc.MAX_FRAME + 1))
+        frames.FrameDecoder().feed(LENGTH.pack(frames.MAX_FRAME + 1))
 
 
 @fuzz(400)
 @given(st.binary(max_size=256), st.lists(st.integers(0, 1 << 10), max_size=6))
 def test_random_stream_only_protocol_error(stream: bytes, cuts: list[int]) -> None:
     """400 random byte streams in random chunks: messages or ProtocolError, nothing else."""
-    decoder = rpc.FrameDecoder(max_frame=1024)
+    decoder = frames.FrameDecoder(max_frame=1024)
     try:
         feed_all(decoder, split(stream, cuts))
     except errors.ProtocolError:
@@ -177,7 +177,7 @@ def test_framed_garbage_only_protocol_error(message: Any, seed: int) -> None:
     ProtocolError."""
     body = msgpack.packb(message, use_bin_type=True)
     for mutant in mutants(body, seed):
-        decoder = rpc.FrameDecoder()
+        decoder = frames.FrameDecoder()
         try:
             out = decoder.feed(LENGTH.pack(len(mutant)) + mutant)
         except errors.ProtocolError:
@@ -193,7 +193,7 @@ UNHASHABLE_KEY_BODIES = [b"\x81\x90\x00", b"\x81\x80\x00", b"\x91\x81\x91\x00\x0
 
 @pytest.mark.parametrize("body", UNHASHABLE_KEY_BODIES)
 def test_unhashable_map_key_is_protocol_error(body: bytes) -> None:
-    decoder = rpc.FrameDecoder()
+    decoder = frames.FrameDecoder()
     with pytest.raises(errors.ProtocolError):
         decoder.feed(LENGTH.pack(len(body)) + body)
 
@@ -242,14 +242,14 @@ def test_server_survives_decoder_defect(
 ) -> None:
     """An exception the decoder does not document closes that connection and is logged."""
     trigger = b"\x92\x01\x02"
-    unpack = rpc._unpack
+    unpack = frames._unpack
 
     def defective_unpack(body: bytes | memoryview) -> Any:
         if bytes(body) == trigger:
             raise RuntimeError("injected decoder defect")
         return unpack(body)
 
-    monkeypatch.setattr(rpc, "_unpack", defective_unpack)
+    monkeypatch.setattr(frames, "_unpack", defective_unpack)
     with tempfile.TemporaryDirectory(dir="/tmp") as directory:
         path = os.path.join(directory, "rpc.sock")
         reply = trio.run(call_after_bad_peer, path, secret, trigger)
@@ -268,25 +268,25 @@ def test_server_survives_decoder_defect(
 def test_parse_request_any_value(message: Any) -> None:
     """100 decoded values: parse_request returns a typed triple or raises ProtocolError."""
     try:
-        request_id, method, args = rpc.parse_request(message)
+        request_id, method, args = frames.parse_request(message)
     except errors.ProtocolError:
         return
     assert isinstance(request_id, int)
     assert isinstance(method, str)
     assert isinstance(args, list)
-    assert message[0] == rpc.REQUEST
+    assert message[0] == frames.REQUEST
 
 
 @fuzz(100)
 @given(st.integers() | messages, st.text(max_size=20) | messages, messages)
 def test_parse_request_four_items(request_id: Any, method: Any, args: Any) -> None:
     """100 four-item REQUEST lists with random fields: accepted only with the documented types."""
-    message = [rpc.REQUEST, request_id, method, args]
+    message = [frames.REQUEST, request_id, method, args]
     field_types_ok = (
         isinstance(request_id, int) and isinstance(method, str) and isinstance(args, list)
     )
     try:
-        rpc.parse_request(message)
+        frames.parse_request(message)
     except errors.ProtocolError:
         assert not field_types_ok
         return
@@ -297,7 +297,7 @@ def test_parse_request_four_items(request_id: Any, method: Any, args: Any) -> No
 @given(messages)
 def test_error_from_payload_any_value(payload: Any) -> None:
     """100 reply error payloads of any type give a PxfsError and never raise."""
-    error = rpc.error_from_payload(payload)
+    error = frames.error_from_payload(payload)
     assert isinstance(error, errors.PxfsError)
     assert isinstance(error.message, str)
 
@@ -307,12 +307,12 @@ def test_error_from_payload_any_value(payload: Any) -> None:
 def test_encode_lone_surrogate_invalid_argument(text: str) -> None:
     """200 strings of lone surrogates make encode_frame raise InvalidArgument."""
     with pytest.raises(errors.InvalidArgument):
-        rpc.encode_frame([rpc.REQUEST, 1, "volume.inspect", [text]])
+        frames.encode_frame([frames.REQUEST, 1, "volume.inspect", [text]])
 
 
 def test_encode_over_max_frame_invalid_argument() -> None:
     with pytest.raises(errors.InvalidArgument):
-        rpc.encode_frame(b"x" * rpc.MAX_FRAME)
+        frames.encode_frame(b"x" * frames.MAX_FRAME)
 
 
 # msgpack raises OverflowError or TypeError for these, which encode_frame turns into
@@ -328,4 +328,4 @@ UNPACKABLE = [
 @pytest.mark.parametrize("value", UNPACKABLE)
 def test_encode_unpackable_invalid_argument(value: Any) -> None:
     with pytest.raises(errors.InvalidArgument):
-        rpc.encode_frame([rpc.REQUEST, 1, "echo", [value]])
+        frames.encode_frame([frames.REQUEST, 1, "echo", [value]])

@@ -25,11 +25,8 @@ from nodeproc import Node, is_mountpoint
 from rawrpc import authenticate, connected, frame, receive_frame
 
 from pxfs import errors
-from pxfs.rpc import (
-    REQUEST,
-    BlockingClient,
-    read_secret,
-)
+from pxfs.frames import REQUEST
+from pxfs.rpc import BlockingClient, read_secret
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"

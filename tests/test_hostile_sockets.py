@@ -35,17 +35,8 @@ import trio
 from clusterproc import REPO, Cluster, ClusterNode, mount_on, release_on, sha256_file, wait_until
 from rawrpc import GARBAGE, TIMEOUT, frame, receive_frame
 
-from pxfs.rpc import (
-    CHALLENGE,
-    HANDSHAKE_MAX_FRAME,
-    MAX_FRAME,
-    REQUEST,
-    RESPONSE,
-    WELCOME,
-    RpcClient,
-    handshake_digest,
-    read_secret,
-)
+from pxfs.frames import CHALLENGE, MAX_FRAME, REQUEST, RESPONSE, WELCOME
+from pxfs.rpc import HANDSHAKE_MAX_FRAME, RpcClient, handshake_digest, read_secret
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"

@@ -32,7 +32,8 @@ from etcdproc import start_etcd
 from tlscerts import Ca, make_ca, make_node_cert
 
 from pxfs import errors
-from pxfs.rpc import CHALLENGE, RESPONSE, RpcClient, encode_frame, read_secret
+from pxfs.frames import CHALLENGE, RESPONSE, encode_frame
+from pxfs.rpc import RpcClient, read_secret
 from pxfs.tls import PeerTls, TlsFiles
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")

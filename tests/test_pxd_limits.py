@@ -24,7 +24,7 @@ import pytest
 from nodeproc import REPO, START_TIMEOUT, Node
 
 from pxfs import errors
-from pxfs.rpc import REPLY, REQUEST
+from pxfs.frames import REPLY, REQUEST
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="pxd runs as root")
 

@@ -1,6 +1,6 @@
 """An asyncio client of pxd's control socket, for the sidecar.
 
-It speaks the frames of pxfs.rpc over one unix-socket connection and multiplexes concurrent
+It speaks the frames of pxfs.frames over one unix-socket connection and multiplexes concurrent
 calls on it. The connection opens on the first call and again on the next call after pxd
 closes it, so the sidecar may start before pxd and outlive a pxd restart.
 """
@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any
 
-from pxfs import errors, rpc
+from pxfs import errors, frames
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class _Connection:
         self.task = asyncio.get_running_loop().create_task(self._read_replies(reader))
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
-        decoder = rpc.FrameDecoder()
+        decoder = frames.FrameDecoder()
         failure: errors.PxfsError = errors.Unavailable(f"pxd closed the connection on {self.path}")
         try:
             while data := await reader.read(_READ_SIZE):
@@ -72,14 +72,14 @@ class _Connection:
             self.fail(failure)
 
     def _deliver(self, message: Any) -> None:
-        if not (isinstance(message, list) and len(message) == 4 and message[0] == rpc.REPLY):
+        if not (isinstance(message, list) and len(message) == 4 and message[0] == frames.REPLY):
             raise errors.ProtocolError("pxd sent a frame that is not a reply")
         future = self.pending.pop(message[1], None)
         if future is None or future.done():
             # The caller gave up (timeout or cancellation) before the reply came.
             return
         if message[2] is not None:
-            future.set_exception(rpc.error_from_payload(message[2]))
+            future.set_exception(frames.error_from_payload(message[2]))
         else:
             future.set_result(message[3])
 
@@ -120,7 +120,7 @@ class ControlClient:
         timeout = self.timeout(method)
         connection = await self._connected()
         request_id = next(self._ids)
-        frame = rpc.encode_frame([rpc.REQUEST, request_id, method, list(args)])
+        frame = frames.encode_frame([frames.REQUEST, request_id, method, list(args)])
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         connection.pending[request_id] = future
         try:

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import trio
 
-from pxfs import errors, rpc
+from pxfs import errors, frames, rpc
 
 SECRET = b"s3cret"
 
@@ -40,8 +40,8 @@ async def server_path(nursery, tmp_path):
 
 
 def test_decoder_splits_and_joins_frames():
-    stream = rpc.encode_frame([1, 2]) + rpc.encode_frame({"a": b"x"})
-    decoder = rpc.FrameDecoder()
+    stream = frames.encode_frame([1, 2]) + frames.encode_frame({"a": b"x"})
+    decoder = frames.FrameDecoder()
     first = decoder.feed(stream[:3])
     rest = decoder.feed(stream[3:])
     assert first == []
@@ -50,13 +50,13 @@ def test_decoder_splits_and_joins_frames():
 
 
 def test_decoder_rejects_oversized_length():
-    decoder = rpc.FrameDecoder(max_frame=100)
+    decoder = frames.FrameDecoder(max_frame=100)
     with pytest.raises(errors.ProtocolError, match="exceeds"):
         decoder.feed(struct.pack(">I", 101))
 
 
 def test_decoder_rejects_garbage_body():
-    decoder = rpc.FrameDecoder()
+    decoder = frames.FrameDecoder()
     with pytest.raises(errors.ProtocolError, match="undecodable"):
         decoder.feed(struct.pack(">I", 1) + b"\xc1")
 
@@ -69,7 +69,7 @@ async def test_call_round_trip(server_path):
 
 @pytest.mark.parametrize("size", [10, 3 * 64 * 1024])
 async def test_packed_args_round_trip(server_path, size):
-    packed = rpc.PackedArgs("vol", 7, [(1, b"x" * size)])
+    packed = frames.PackedArgs("vol", 7, [(1, b"x" * size)])
     client = await rpc.RpcClient.connect_unix(server_path, SECRET)
     first = await client.call("echo", packed)
     second = await client.call("echo", packed)
@@ -89,7 +89,7 @@ async def test_packed_args_every_size(server_path, size):
     blocks = [(index, os.urandom(size)) for index in range(3)]
     client = await rpc.RpcClient.connect_unix(server_path, SECRET)
     with trio.fail_after(10):
-        echoed = await client.call("echo", rpc.PackedArgs("vol", blocks, bytearray(b"z" * size)))
+        echoed = await client.call("echo", frames.PackedArgs("vol", blocks, bytearray(b"z" * size)))
         assert await client.call("echo", blocks) == [[list(block) for block in blocks]]
     await client.aclose()
     assert echoed == ["vol", [list(block) for block in blocks], b"z" * size]
@@ -126,12 +126,12 @@ async def test_client_decodes_replies_cut_anywhere(seed):
     results: list[object] = [None] * len(sizes)
 
     async def serve() -> None:
-        decoder = rpc.FrameDecoder()
+        decoder = frames.FrameDecoder()
         requests = []
         while len(requests) < len(sizes):
             requests += decoder.feed(await peer.receive_some(65536))
         stream = b"".join(
-            rpc.encode_frame([rpc.REPLY, request[1], None, payloads[request[3][0]]])
+            frames.encode_frame([frames.REPLY, request[1], None, payloads[request[3][0]]])
             for request in requests
         )
         offset = 0
@@ -163,7 +163,7 @@ async def test_cancelled_receive_keeps_stream_in_step(size, cut):
     ours, theirs = trio.socket.socketpair()
     client = rpc.RpcClient(trio.SocketStream(ours), "test peer")
     peer = trio.SocketStream(theirs)
-    decoder = rpc.FrameDecoder()
+    decoder = frames.FrameDecoder()
     first_payload = os.urandom(size)
     second_payload = os.urandom(size)
 
@@ -182,7 +182,7 @@ async def test_cancelled_receive_keeps_stream_in_step(size, cut):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(cancelled_call)
         first = await next_request()
-        first_reply = rpc.encode_frame([rpc.REPLY, first[1], None, first_payload])
+        first_reply = frames.encode_frame([frames.REPLY, first[1], None, first_payload])
         await peer.send_all(first_reply[:cut])
         await trio.sleep(0.05)
         first_call.cancel()
@@ -197,7 +197,9 @@ async def test_cancelled_receive_keeps_stream_in_step(size, cut):
             nursery.start_soon(second_call)
             second = await next_request()
             await peer.send_all(first_reply[cut:])
-            await peer.send_all(rpc.encode_frame([rpc.REPLY, second[1], None, second_payload]))
+            await peer.send_all(
+                frames.encode_frame([frames.REPLY, second[1], None, second_payload])
+            )
     await client.aclose()
     await peer.aclose()
     assert result == [second_payload]
@@ -209,9 +211,9 @@ async def test_client_reports_cut_in_large_frame():
     peer = trio.SocketStream(theirs)
 
     async def serve() -> None:
-        decoder = rpc.FrameDecoder()
+        decoder = frames.FrameDecoder()
         (request,) = decoder.feed(await peer.receive_some(65536))
-        frame = rpc.encode_frame([rpc.REPLY, request[1], None, bytes(1024 * 1024)])
+        frame = frames.encode_frame([frames.REPLY, request[1], None, bytes(1024 * 1024)])
         await peer.send_all(frame[: len(frame) // 2])
         await peer.aclose()
 
@@ -224,7 +226,7 @@ async def test_client_reports_cut_in_large_frame():
 
 
 async def test_packed_args_over_frame_limit(server_path):
-    packed = rpc.PackedArgs(b"x" * rpc.MAX_FRAME)
+    packed = frames.PackedArgs(b"x" * frames.MAX_FRAME)
     client = await rpc.RpcClient.connect_unix(server_path, SECRET)
     with pytest.raises(errors.InvalidArgument, match="exceeds"):
         await client.call("echo", packed)
@@ -278,7 +280,7 @@ async def test_wrong_secret_rejected(server_path, caplog):
 
 async def test_request_before_handshake_rejected(server_path, caplog):
     stream = await trio.open_unix_socket(os.fspath(server_path))
-    await stream.send_all(rpc.encode_frame([rpc.REQUEST, 1, "echo", []]))
+    await stream.send_all(frames.encode_frame([frames.REQUEST, 1, "echo", []]))
     received = b""
     with trio.fail_after(5):
         while True:
@@ -287,7 +289,7 @@ async def test_request_before_handshake_rejected(server_path, caplog):
                 break
             received += data
     challenge = msgpack.unpackb(received[4:])
-    assert challenge[0] == rpc.CHALLENGE
+    assert challenge[0] == frames.CHALLENGE
     assert len(received) == 4 + len(msgpack.packb(challenge))
     await stream.aclose()
     caplog.clear()
@@ -349,7 +351,7 @@ async def test_stale_socket_replaced(nursery, tmp_path):
 
 def test_encode_frame_rejects_lone_surrogate():
     with pytest.raises(errors.InvalidArgument, match="not valid UTF-8"):
-        rpc.encode_frame([rpc.REQUEST, 1, "volume.inspect", ["vol\udcff"]])
+        frames.encode_frame([frames.REQUEST, 1, "volume.inspect", ["vol\udcff"]])
 
 
 def test_blocking_client_rejects_lone_surrogate(tmp_path):
@@ -368,7 +370,7 @@ async def test_large_frame_before_handshake_rejected_at_once(server_path, caplog
         while data := await stream.receive_some(65536):
             received += data
     await stream.aclose()
-    assert msgpack.unpackb(received[4:])[0] == rpc.CHALLENGE
+    assert msgpack.unpackb(received[4:])[0] == frames.CHALLENGE
     assert "failed the handshake: frame of 1025 bytes exceeds 1024" in caplog.text
     caplog.clear()
 
@@ -378,7 +380,7 @@ async def test_client_rejects_challenge_without_bytes(nursery, tmp_path):
     path = tmp_path / "fake.sock"
 
     async def fake_server(stream):
-        await stream.send_all(rpc.encode_frame([rpc.CHALLENGE, 2**40]))
+        await stream.send_all(frames.encode_frame([frames.CHALLENGE, 2**40]))
         await trio.sleep_forever()
 
     sock = trio.socket.socket(trio.socket.AF_UNIX)

@@ -13,7 +13,7 @@ import pytest
 import trio
 from tlscerts import make_ca, make_node_cert, openssl
 
-from pxfs import errors, rpc
+from pxfs import errors, frames, rpc
 from pxfs.tls import PeerTls, TlsFiles
 
 SECRET = b"tls test secret"
@@ -85,8 +85,8 @@ async def test_wrong_secret_inside_tls_rejected(nursery, certs, caplog):
 @pytest.mark.parametrize(
     "first_bytes",
     [
-        rpc.encode_frame([rpc.RESPONSE, b"x" * 32]),
-        rpc.encode_frame([rpc.REQUEST, 1, "echo", []]),
+        frames.encode_frame([frames.RESPONSE, b"x" * 32]),
+        frames.encode_frame([frames.REQUEST, 1, "echo", []]),
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
         b"\x16\x03\x01\x00\x05\x01\x00",
     ],
@@ -103,7 +103,7 @@ async def test_plain_client_rejected(nursery, certs, caplog, first_bytes):
             received += data
     await stream.aclose()
     # A TLS alert at most: no CHALLENGE, which would mean the RPC layer saw these bytes.
-    assert rpc.encode_frame([rpc.CHALLENGE, b""])[:5] not in received
+    assert frames.encode_frame([frames.CHALLENGE, b""])[:5] not in received
     assert "rejected a TLS connection from 127.0.0.1:" in await _wait_for_warning(
         caplog, "rejected a TLS connection"
     )
@@ -173,11 +173,11 @@ async def _stalled_peer(
         stream: trio.abc.Stream = tcp
         if context is not None:
             stream = trio.SSLStream(tcp, context, server_side=True)
-        await stream.send_all(rpc.encode_frame([rpc.CHALLENGE, b"n" * 32]))
-        decoder = rpc.FrameDecoder()
+        await stream.send_all(frames.encode_frame([frames.CHALLENGE, b"n" * 32]))
+        decoder = frames.FrameDecoder()
         while not decoder.feed(await stream.receive_some(4096)):
             pass
-        await stream.send_all(rpc.encode_frame([rpc.WELCOME, True]))
+        await stream.send_all(frames.encode_frame([frames.WELCOME, True]))
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:

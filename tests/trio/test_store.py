@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from pxfs import errors, replicafiles
+from pxfs.frames import MAX_FRAME
 from pxfs.replication import BLOCKS_PER_FRAME, TRIMS_PER_FRAME
-from pxfs.rpc import MAX_FRAME
 from pxfs.store import (
     BLOCK_SIZE,
     DIGEST_BLOCKS,
