@@ -173,6 +173,9 @@ class ReplicationClient:
         self._write_set = write_set
         self._out_of_sync = [replica_id for replica_id in ids if replica_id in out_of_sync]
         self._resyncing: dict[str, ResyncProgress] = {}
+        #: Replicas that a call of `resync` works on, from its start until it returns. Every
+        #: replica of `_resyncing` is among them.
+        self._resync_claims: set[str] = set()
         self._resynced: dict[str, int] = dict.fromkeys(ids, 0)
         self._full_copies: set[str] = set()
         #: Replicas added by a raise of the ha level that have not joined the write set yet.
@@ -458,13 +461,25 @@ class ReplicationClient:
         epoch, because it missed no acknowledged write. An out-of-sync replica receives every block
         whose version differs from the write set's, while writes go on and reach it too, and
         then rejoins the write set. A replica whose files are damaged or gone gets a full copy.
+        Raises Busy while another resync of the replica runs.
         """
         self._check_usable()
         replica = self._replicas.get(replica_id)
         if replica is None:
             raise NotFound(f"volume {self.vol_id}: {replica_id!r} is not one of its replicas")
-        if replica_id in self._resyncing:
+        if replica_id in self._resync_claims:
             raise Busy(f"volume {self.vol_id}: replica {replica_id} is resyncing already")
+        # Claimed before the first await. A second resync that started while the first one still
+        # prepared its target would replace the first one's connection and progress, and the
+        # one that finished last would raise KeyError at its rejoin.
+        self._resync_claims.add(replica_id)
+        try:
+            return await self._resync_claimed(replica, client)
+        finally:
+            self._resync_claims.discard(replica_id)
+
+    async def _resync_claimed(self, replica: _Replica, client: RpcClient | None) -> int:
+        replica_id = replica.id
         if client is not None:
             replica.client = client
         if replica_id in self._write_set:

@@ -322,6 +322,40 @@ async def test_resync_of_unknown_or_busy_replica(harness):
     assert device.write_set == ["a", "b"]
 
 
+async def test_resync_busy_while_target_prepares(harness):
+    # The mount child copies to a replica that a raise of the ha level added, and its periodic
+    # resync may try the same replica before that copy has started.
+    a, b = await harness.start("a", "b")
+    device = await harness.device([a], ha_level=1)
+    await device.write_blocks([(n, block(n)) for n in range(16)])
+    assert device.add_replica("b", await harness.connect(b), 2)
+    second = await harness.connect(b)
+    outcomes: list[object] = []
+
+    async def resync(client=None):
+        try:
+            outcomes.append(await device.resync("b", client))
+        except errors.Busy as exc:
+            outcomes.append(exc)
+
+    b.gates["store.open"] = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(resync)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        nursery.start_soon(resync, second)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        b.gates["store.open"].set()
+    assert len(outcomes) == 2
+    assert isinstance(outcomes[0], errors.Busy)
+    assert "resyncing already" in str(outcomes[0])
+    assert outcomes[1] == 16
+    assert b.calls["store.open"] == 1
+    assert device.write_set == ["a", "b"]
+    assert device.out_of_sync == []
+    assert device.ha_level == 2
+    await assert_replicas_match([a, b])
+
+
 async def test_volume_pwrites_during_resync(harness):
     a, b = await harness.start("a", "b")
     size = 32 * 1024 * 1024
