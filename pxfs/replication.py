@@ -484,6 +484,12 @@ class ReplicationClient:
             replica.client = client
         if replica_id in self._write_set:
             await replica.call("store.open", self.vol_id, self.epoch)
+            # Every write from the floor on goes over the new connection. The reconcile below
+            # comes after the fence, so it also sees a write that failed below the quorum and
+            # whose frame reached the replica late, over the old connection.
+            floor = (self.epoch << 32) | (self._counter + 1)
+            await self._wait_for_writes(below=floor)
+            await self._fence(replica, floor)
             try:
                 await self._settle_unsettled()
             except Unavailable as exc:

@@ -308,6 +308,30 @@ async def test_write_below_quorum_reconciled_once_reachable(harness):
     assert a.version(16) == b.version(16)
 
 
+async def test_delayed_write_after_reconnect_rejected(harness):
+    a, b = await harness.start("a", "b")
+    device = await harness.device([a, b], ha_level=2, write_quorum=2, timeout=0.3)
+    await device.write_blocks([(16, block(16))])
+    b.gates["store.write"] = trio.Event()
+    with pytest.raises(errors.Unavailable, match="timed out"):
+        await device.write_blocks([(16, block(61))])
+    failed = a.version(16)
+    del b.gates["store.write"]
+    await device.resync("b", await harness.connect(b))
+    assert device.write_set == ["a", "b"]
+
+    # The frame of the write that timed out reaches b only after the reconcile, as a network
+    # cut can delay it in a socket.
+    late = await b.connect()
+    try:
+        with pytest.raises(errors.StaleWrite):
+            await late.call("store.write", VOL, 1, failed, [[16, block(61)]])
+    finally:
+        await late.aclose()
+    assert await b.block(16) == block(16)
+    assert a.version(16) == b.version(16)
+
+
 async def test_open_reconciles_a_minority_write(harness):
     a, b, c = await harness.start("a", "b", "c")
     first = await harness.device([a, b, c], ha_level=3)
