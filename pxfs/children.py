@@ -98,6 +98,9 @@ class ChildSupervisor(StatsSampling):
         if child is not None and child.running:
             return child
         if child is None:
+            # A child numbers its writes from the bottom of its epoch, so each one gets an epoch
+            # that no earlier child of the volume wrote at, as a respawn does.
+            record = await self._catalog().update_volume(record["id"], self._raise_epoch)
             child = self._new_child(record["id"])
             await self._spawn(child, record)
         else:

@@ -637,6 +637,22 @@ def test_busy_path_is_not_unmounted(pxd: Pxd, tmp_path: Path) -> None:
 
 
 @needs_mount
+def test_mount_again_raises_epoch(pxd: Pxd, tmp_path: Path) -> None:
+    # Each mount child numbers its writes from the bottom of its epoch, so a child that
+    # reused the epoch of the last one would write versions that the replicas already hold.
+    target, epoch = mount_new(pxd, "again", tmp_path)
+    write_synced(target / "first", b"one")
+    pxd.call("volume.unmount", "again", str(target))
+
+    pxd.call("volume.mount", "again", str(target))
+    assert pxd.call("volume.inspect", "again")["epoch"] > epoch
+    write_synced(target / "second", b"two")
+    assert (target / "first").read_bytes() == b"one"
+    assert (target / "second").read_bytes() == b"two"
+    pxd.call("volume.unmount", "again", str(target))
+
+
+@needs_mount
 def test_killed_child_is_remounted(pxd: Pxd, tmp_path: Path) -> None:
     target, epoch = mount_new(pxd, "phoenix", tmp_path)
     write_synced(target / "kept", b"durable")
