@@ -156,7 +156,7 @@ class StaleEpoch(PxfsError):
 
 
 class StaleWrite(PxfsError):
-    """A write, patch or trim was sent before the resync of its replica started.
+    """A write, patch or trim was sent before a resync or reconnect of its replica started.
 
     A network cut can hold a frame in a socket until after the cut heals and the replica's resync
     has copied newer versions of its blocks, so the store rejects it.

@@ -484,12 +484,9 @@ class ReplicationClient:
             replica.client = client
         if replica_id in self._write_set:
             await replica.call("store.open", self.vol_id, self.epoch)
-            # Every write from the floor on goes over the new connection. The reconcile below
-            # comes after the fence, so it also sees a write that failed below the quorum and
-            # whose frame reached the replica late, over the old connection.
-            floor = (self.epoch << 32) | (self._counter + 1)
-            await self._wait_for_writes(below=floor)
-            await self._fence(replica, floor)
+            # The reconcile below comes after the fence, so it also finds a write that failed
+            # below the quorum and whose frame reached the replica late, on the old connection.
+            await self._fence(replica, self._floor())
             try:
                 await self._settle_unsettled()
             except Unavailable as exc:
@@ -525,11 +522,10 @@ class ReplicationClient:
     async def _run_resync(self, replica: _Replica, progress: ResyncProgress) -> int:
         # No await between taking the floor and adding the target, so every write with a version
         # from the floor on is sent to the target as well.
-        floor = (self.epoch << 32) | (self._counter + 1)
+        floor = self._floor()
         self._resyncing[replica.id] = progress
         log.info("volume %s: resync of replica %s started", self.vol_id, replica.name)
         try:
-            await self._wait_for_writes(below=floor)
             await self._fence(replica, floor)
             await resync.resync(
                 self.vol_id, self.epoch, progress.total, self._read_order, replica, floor, progress
@@ -558,13 +554,19 @@ class ReplicationClient:
             log.warning("volume %s: %s", self.vol_id, exc.message)
         return progress.copied
 
-    async def _fence(self, replica: _Replica, floor: int) -> None:
-        """Make the target reject writes below `floor`, which were sent before this resync.
+    def _floor(self) -> int:
+        """Return the version that the next write will take."""
+        return (self.epoch << 32) | (self._counter + 1)
 
-        A frame that a network cut held back could otherwise reach the target after the resync
+    async def _fence(self, replica: _Replica, floor: int) -> None:
+        """Wait for the writes below `floor`, then make the target reject any later one.
+
+        Every write from `floor` on goes over the target's new connection. A frame below it that
+        a network cut delayed on the old one could otherwise reach the target after the resync
         copied newer versions of its blocks. The scan that follows finds one that arrived
         before the fence, and copies the block over.
         """
+        await self._wait_for_writes(below=floor)
         try:
             await replica.call("store.fence", self.vol_id, self.epoch, floor)
         except NotSupported:

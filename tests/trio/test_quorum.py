@@ -80,6 +80,14 @@ class Replica:
     async def block(self, blockno: int) -> bytes | None:
         return (await self.store.read(VOL, [blockno]))[0]
 
+    async def call_apart(self, method: str, *args: object) -> object:
+        """Call `method` over a connection of its own, as a frame delayed on another arrives."""
+        client = await self.connect()
+        try:
+            return await client.call(method, *args)
+        finally:
+            await client.aclose()
+
 
 class Catalog:
     """Records the write set changes that the client reports, as the node's catalog would."""
@@ -295,39 +303,37 @@ async def test_write_below_quorum_leaves_no_trace(harness):
     assert device.write_set == ["a", "b", "c"]
 
 
-async def test_write_below_quorum_reconciled_once_reachable(harness):
+async def _write_failed_below_quorum(harness) -> tuple[ReplicationClient, Replica, Replica, int]:
+    """Time out a write of block 16 on b, which keeps b in the write set of quorum 2.
+
+    Returns the device, a, b and the version of the failed write, which a stored.
+    """
     a, b = await harness.start("a", "b")
     device = await harness.device([a, b], ha_level=2, write_quorum=2, timeout=0.3)
     await device.write_blocks([(16, block(16))])
     b.gates["store.write"] = trio.Event()
     with pytest.raises(errors.Unavailable, match="timed out"):
         await device.write_blocks([(16, block(61))])
-    b.gates.clear()
+    del b.gates["store.write"]
+    return device, a, b, a.version(16)
+
+
+async def test_write_below_quorum_reconciled_once_reachable(harness):
+    device, a, b, _ = await _write_failed_below_quorum(harness)
     await device.resync("b", await harness.connect(b))
     assert await device.read_blocks([16]) == [block(16)]
     assert a.version(16) == b.version(16)
 
 
 async def test_delayed_write_after_reconnect_rejected(harness):
-    a, b = await harness.start("a", "b")
-    device = await harness.device([a, b], ha_level=2, write_quorum=2, timeout=0.3)
-    await device.write_blocks([(16, block(16))])
-    b.gates["store.write"] = trio.Event()
-    with pytest.raises(errors.Unavailable, match="timed out"):
-        await device.write_blocks([(16, block(61))])
-    failed = a.version(16)
-    del b.gates["store.write"]
+    device, a, b, failed = await _write_failed_below_quorum(harness)
     await device.resync("b", await harness.connect(b))
     assert device.write_set == ["a", "b"]
 
     # The frame of the write that timed out reaches b only after the reconcile, as a network
     # cut can delay it in a socket.
-    late = await b.connect()
-    try:
-        with pytest.raises(errors.StaleWrite):
-            await late.call("store.write", VOL, 1, failed, [[16, block(61)]])
-    finally:
-        await late.aclose()
+    with pytest.raises(errors.StaleWrite):
+        await b.call_apart("store.write", VOL, 1, failed, [[16, block(61)]])
     assert await b.block(16) == block(16)
     assert a.version(16) == b.version(16)
 

@@ -207,12 +207,8 @@ async def test_delayed_write_after_resync_rejected(harness):
     device, a, b, delayed = await _delayed_write(harness)
     assert await device.resync("b", await harness.connect(b)) == 1
     # The delayed frame reaches b after the resync, on a connection of its own.
-    late = await b.connect()
-    try:
-        with pytest.raises(errors.StaleWrite, match="was sent before the resync"):
-            await late.call("store.write", VOL, 1, delayed, [[5, block(50)]])
-    finally:
-        await late.aclose()
+    with pytest.raises(errors.StaleWrite, match="was sent before the resync"):
+        await b.call_apart("store.write", VOL, 1, delayed, [[5, block(50)]])
     assert await b.block(5) == block(500)
     await assert_replicas_match([a, b])
 
