@@ -30,6 +30,7 @@ import pyfuse3
 import trio
 
 from pxfs.errors import FileTooLarge, NoSpace, NotFound, PxfsError
+from pxfs.fusepoll import RequestPoller
 from pxfs.hostmounts import mount_devices
 from pxfs.stats import IoMeter
 from pxfs.volume.device import BLOCK_SIZE
@@ -47,6 +48,9 @@ STALE_QUEUE = 1024
 #: With 4 MiB, reads arrived as 256 KiB requests, up to two at once (libfuse 3.14).
 READ_AHEAD_KB = 4096
 
+#: pyfuse3 serves one FUSE session per process, so one poller serves every handler.
+POLLER = RequestPoller()
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -54,10 +58,11 @@ R = TypeVar("R")
 def _fuse_errors(
     handler: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Translate what a handler raises into FUSEError."""
+    """Translate what a handler raises into FUSEError, and tell POLLER about the request."""
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        POLLER.request_started()
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -68,6 +73,8 @@ def _fuse_errors(
         except Exception:
             log.exception("unexpected error in FUSE handler %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            POLLER.request_replied()
 
     return wrapper
 

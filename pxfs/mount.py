@@ -50,7 +50,7 @@ import trio
 from pxfs.cachesize import fit_cache_to_memory
 from pxfs.config import parse_listen
 from pxfs.errors import Busy, Corrupted, InvalidArgument, NotFound, PxfsError, Unavailable
-from pxfs.fuseops import MOUNT_OPTIONS, Operations
+from pxfs.fuseops import MOUNT_OPTIONS, POLLER, Operations
 from pxfs.replication import ReplicationClient, WriteSetCallback
 from pxfs.rpc import RpcClient, RpcServer, read_secret
 from pxfs.stats import IoMeter
@@ -658,11 +658,12 @@ def _fuse_init(volume: Volume, mountpoint: str, meter: IoMeter) -> Operations:
 
 
 async def _serve_requests(operations: Operations) -> None:
-    """Run the FUSE loop with the task that drops stale caches beside it."""
+    """Run the FUSE loop with the tasks that drop stale caches and poll for requests beside it."""
     # The invalidation thread uses the FUSE session, so it must be done before pyfuse3.close:
     # cancelling waits for a running call, which ends once the mount is gone.
     async with trio.open_nursery() as nursery:
         nursery.start_soon(operations.invalidate_stale_caches)
+        nursery.start_soon(POLLER.run)
         try:
             await pyfuse3.main()
         except* ConnectionAbortedError:
