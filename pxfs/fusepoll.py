@@ -7,10 +7,12 @@ request. On the 2-core virtual machines of docs/benchmarks.md, polling cut a 4 K
 from the block cache from about 73 to 55 us (13,700 to 18,000 reads a second).
 
 `RequestPoller.run` keeps a task yielding to trio for `window` seconds after each reply. While a
-task is runnable, trio's loop asks epoll for events without waiting, so a request that arrives
+task is runnable, trio's loop calls epoll_wait with a timeout of 0, so a request that arrives
 in that window is read at once. Polling starts only after a request that came within `window`
 of the reply before it. So a mount whose requests come seldom spends no CPU on it, and a burst
-of requests costs at most one window of polling after its last reply.
+of requests costs at most one window of polling after its last reply. The price is CPU during a
+burst: while requests keep coming within the window, the mount child keeps one core busy, even
+where each request needs only a fraction of the time between two of them.
 """
 
 from __future__ import annotations
