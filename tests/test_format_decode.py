@@ -9,16 +9,9 @@ import msgpack
 import pytest
 
 from pxfs.errors import Corrupted
-from pxfs.volume.format import (
-    MAP_BLOCKS,
-    NAME_MAX,
-    ROOT_INO,
-    SET_ENTRY,
-    SET_XATTR,
-    Geometry,
-    Tree,
-    new_inode_record,
-)
+from pxfs.volume.format import NAME_MAX, ROOT_INO, Geometry
+from pxfs.volume.inodes import MAP_BLOCKS, SET_ENTRY, SET_XATTR, new_inode_record
+from pxfs.volume.tree import Tree
 
 GEOMETRY = Geometry.for_size(1 << 30)
 FIELD_NAMES = ["ino", "mode", "nlink", "uid", "gid", "rdev", "size", "atime_ns", "mtime_ns",

@@ -23,16 +23,8 @@ from hypothesis import strategies as st
 
 from pxfs.errors import Corrupted, NotFound
 from pxfs.volume.device import BLOCK_SIZE, MemoryDevice
-from pxfs.volume.format import (
-    MAP_BLOCKS,
-    ROOT_INO,
-    SET_ENTRY,
-    SET_XATTR,
-    Geometry,
-    Superblock,
-    Tree,
-    new_inode_record,
-)
+from pxfs.volume.format import ROOT_INO, Geometry, Superblock
+from pxfs.volume.inodes import MAP_BLOCKS, SET_ENTRY, SET_XATTR, new_inode_record
 from pxfs.volume.journal import (
     CHECKPOINT_MAGIC,
     RECORD_HEADER,
@@ -41,6 +33,7 @@ from pxfs.volume.journal import (
     format_volume,
     load_metadata,
 )
+from pxfs.volume.tree import Tree
 
 # No example database, so a run leaves no files behind. The deadline catches a decoder that loops.
 FUZZ = settings(database=None, deadline=2000, suppress_health_check=[HealthCheck.too_slow])

@@ -17,8 +17,10 @@ from collections.abc import Iterator
 
 from pxfs.errors import ChecksumMismatch, Corrupted, NotFound
 from pxfs.volume.device import BLOCK_SIZE, BlockDevice
-from pxfs.volume.format import NAME_MAX, ROOT_INO, Geometry, Inode, Tree
+from pxfs.volume.format import NAME_MAX, ROOT_INO, Geometry
+from pxfs.volume.inodes import Inode
 from pxfs.volume.journal import newest_checkpoint, read_superblock, replay_journal
+from pxfs.volume.tree import Tree
 
 log = logging.getLogger(__name__)
 

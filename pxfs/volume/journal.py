@@ -27,7 +27,9 @@ import msgpack
 
 from pxfs.errors import ChecksumMismatch, Corrupted, InvalidArgument, NoSpace
 from pxfs.volume.device import BLOCK_SIZE, BlockDevice
-from pxfs.volume.format import FORMAT_ID_BYTES, Change, Geometry, Superblock, Tree
+from pxfs.volume.format import FORMAT_ID_BYTES, Geometry, Superblock
+from pxfs.volume.inodes import Change
+from pxfs.volume.tree import Tree
 
 log = logging.getLogger(__name__)
 

@@ -35,29 +35,30 @@ from pxfs.errors import (
     TooManyLinks,
 )
 from pxfs.volume import journal as journal_io
+from pxfs.volume.allocator import Allocator
 from pxfs.volume.blockcache import DEFAULT_CACHE_BYTES, DEFAULT_DIRTY_BYTES, BlockCache
 from pxfs.volume.device import BLOCK_SIZE, ZERO_BLOCK, BlockDevice
 from pxfs.volume.format import (
     DEFAULT_CHECKPOINT_BYTES,
     DEFAULT_JOURNAL_BYTES,
-    DROP_INODE,
-    MAP_BLOCKS,
     NAME_MAX,
     ROOT_INO,
+    SYMLINK_MAX,
+    Geometry,
+    Superblock,
+)
+from pxfs.volume.inodes import (
+    DROP_INODE,
+    MAP_BLOCKS,
     SET_ENTRY,
     SET_XATTR,
-    SYMLINK_MAX,
     UNMAP_FROM,
-    Allocator,
     Change,
-    Geometry,
     Inode,
-    Superblock,
-    Tree,
-    encode_runs,
     new_inode_record,
 )
 from pxfs.volume.journal import Journal
+from pxfs.volume.tree import Tree, encode_runs
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,11 @@ import pytest
 
 from pxfs.volume.check import check_volume
 from pxfs.volume.device import BLOCK_SIZE, MemoryDevice
-from pxfs.volume.format import ROOT_INO, SET_ENTRY, Geometry, Tree
+from pxfs.volume.format import ROOT_INO, Geometry
+from pxfs.volume.inodes import SET_ENTRY
 from pxfs.volume.journal import Journal, load_metadata, write_checkpoint
 from pxfs.volume.namespace import Volume
+from pxfs.volume.tree import Tree
 
 SIZE = 4 * 1024 * 1024
 JOURNAL = 8 * BLOCK_SIZE

@@ -1,4 +1,4 @@
-"""Tests of pxfs.volume.format: geometry, superblock, the metadata tree and the allocator."""
+"""Tests of geometry, superblock, inodes, the metadata tree and the allocator."""
 
 from __future__ import annotations
 
@@ -7,22 +7,18 @@ import stat
 import pytest
 
 from pxfs.errors import Corrupted, InvalidArgument, NoSpace, NotFound
+from pxfs.volume.allocator import Allocator
 from pxfs.volume.device import BLOCK_SIZE, ZERO_BLOCK
-from pxfs.volume.format import (
+from pxfs.volume.format import ROOT_INO, Geometry, Superblock, device_blocks
+from pxfs.volume.inodes import (
     DROP_INODE,
     MAP_BLOCKS,
-    ROOT_INO,
     SET_ENTRY,
     SET_XATTR,
     UNMAP_FROM,
-    Allocator,
-    Geometry,
-    Superblock,
-    Tree,
-    device_blocks,
-    encode_runs,
     new_inode_record,
 )
+from pxfs.volume.tree import Tree, encode_runs
 
 GIB = 1024**3
 

@@ -10,7 +10,8 @@ import pytest
 
 from pxfs.errors import Corrupted, InvalidArgument, NoSpace, NotFound
 from pxfs.volume.device import BLOCK_SIZE, MemoryDevice
-from pxfs.volume.format import ROOT_INO, SET_ENTRY, SET_XATTR, Geometry, new_inode_record
+from pxfs.volume.format import ROOT_INO, Geometry
+from pxfs.volume.inodes import SET_ENTRY, SET_XATTR, new_inode_record
 from pxfs.volume.journal import (
     RECORD_HEADER,
     Journal,
