@@ -258,7 +258,7 @@ class VolumeBase:
             raise
 
     async def _write_data(self, ordered: bool) -> None:
-        """Write every dirty block before the metadata that refers to it (invariant 1).
+        """Write every dirty block before the metadata that refers to it.
 
         A device may persist unflushed writes in any order. So when the metadata maps newly
         allocated blocks or shrinks a file, the data is flushed first. Otherwise a crash could
