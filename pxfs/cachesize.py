@@ -11,9 +11,12 @@ reads most keeps most.
 The marks are fractions of MemTotal. The kernel counts its page cache as available, so the
 block cache gives way to processes, not to the page cache of pxd's data files.
 
-NOTE: the figures are the host's. A mount child in a cgroup with a memory limit below them
-can grow its cache past that limit. The children of one host also grow by the same surplus
-at once, so together they can overshoot the high mark before the low mark shrinks them.
+A mount child in a cgroup with a memory limit (a container, a systemd slice) uses the tighter of
+the host's figures and the cgroup's: the limit counts as MemTotal and the room below it as
+MemAvailable (pxfs/cgroups.py).
+
+NOTE: the children of one host grow by the same surplus at once, so together they can
+overshoot the high mark before the low mark shrinks them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 
 import trio
 
+from pxfs.cgroups import CgroupMemory
 from pxfs.volume.blockcache import MIB, BlockCache
 
 log = logging.getLogger(__name__)
@@ -111,24 +115,32 @@ def give_back_freed_memory() -> None:
 
 
 async def fit_cache_to_memory(
-    cache: BlockCache, *, meminfo: str = MEMINFO, interval: float = INTERVAL
+    cache: BlockCache,
+    *,
+    meminfo: str = MEMINFO,
+    cgroup: CgroupMemory | None = None,
+    interval: float = INTERVAL,
 ) -> None:
-    """Resize `cache` to the host's available memory every `interval` seconds, until cancelled."""
+    """Resize `cache` to the available memory every `interval` seconds, until cancelled.
+
+    The figures are the host's from `meminfo`, or those of `cgroup` where they are tighter.
+    """
     try:
-        total, _ = read_meminfo(meminfo)
+        read_meminfo(meminfo)
     except (OSError, KeyError, ValueError) as exc:
         log.warning(
             "block cache stays at %d MiB: failed to read %s: %s",
             cache.capacity_bytes // MIB, meminfo, exc,
         )  # fmt: skip
         return
-    policy = CachePolicy.for_host(total)
+    _log_cgroup_limit(cgroup)
     while True:
         try:
-            _, available = read_meminfo(meminfo)
+            total, available = _memory_now(meminfo, cgroup)
         except (OSError, KeyError, ValueError) as exc:
-            log.debug("block cache size unchanged: failed to read %s: %s", meminfo, exc)
+            log.debug("block cache size unchanged: failed to read the memory figures: %s", exc)
         else:
+            policy = CachePolicy.for_host(total)
             capacity = cache.capacity_bytes
             target = policy.next_capacity(capacity, cache.cached_bytes, available)
             if target != capacity:
@@ -136,3 +148,27 @@ async def fit_cache_to_memory(
                 if target < capacity:
                     give_back_freed_memory()
         await trio.sleep(interval)
+
+
+def _log_cgroup_limit(cgroup: CgroupMemory | None) -> None:
+    if cgroup is None:
+        return
+    try:
+        limit = cgroup.read()
+    except (OSError, ValueError) as exc:
+        log.warning("failed to read the memory limit of cgroup %s: %s", cgroup.directories[0], exc)
+        return
+    if limit is not None:
+        log.info(
+            "block cache follows the memory limit of cgroup %s: %d MiB",
+            cgroup.directories[0], limit.limit // MIB,
+        )  # fmt: skip
+
+
+def _memory_now(meminfo: str, cgroup: CgroupMemory | None) -> tuple[int, int]:
+    """Return the total and available bytes: the host's, or the cgroup's where they are lower."""
+    total, available = read_meminfo(meminfo)
+    limit = cgroup.read() if cgroup is not None else None
+    if limit is None:
+        return total, available
+    return min(total, limit.limit), min(available, limit.available)

@@ -48,6 +48,7 @@ import pyfuse3
 import trio
 
 from pxfs.cachesize import fit_cache_to_memory
+from pxfs.cgroups import find_cgroup_memory
 from pxfs.config import parse_listen
 from pxfs.errors import Busy, Corrupted, InvalidArgument, NotFound, PxfsError, Unavailable
 from pxfs.fuseops import MOUNT_OPTIONS, POLLER, Operations
@@ -508,7 +509,10 @@ async def _serve(
             raise
         try:
             nursery.start_soon(_stop_on_signal, signals, session)
-            nursery.start_soon(fit_cache_to_memory, volume.block_cache)
+            cgroup = find_cgroup_memory()
+            nursery.start_soon(
+                functools.partial(fit_cache_to_memory, volume.block_cache, cgroup=cgroup)
+            )
             print("ready", flush=True)
             log.info("volume %s mounted at %s", volume.superblock.uuid, mountpoint)
             await _serve_requests(operations)

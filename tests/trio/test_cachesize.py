@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from pxfs.cachesize import FLOOR, CachePolicy, fit_cache_to_memory, read_meminfo
+from pxfs.cgroups import find_cgroup_memory
 from pxfs.volume.blockcache import BlockCache
 from pxfs.volume.device import BLOCK_SIZE, MemoryDevice
 
@@ -118,5 +119,29 @@ async def test_malformed_meminfo_keeps_size(tmp_path: Path, autojump_clock: trio
         assert cache.capacity_bytes == 256 * MIB
         _write_meminfo(meminfo, 8 * GIB, 0)
         await trio.sleep(3)
+        assert cache.capacity_bytes == FLOOR
+        nursery.cancel_scope.cancel()
+
+
+async def test_cgroup_limit_shrinks_cache(tmp_path: Path) -> None:
+    # The host has 6 of 8 GiB free, but the cgroup has 50 MiB of its 1 GiB left.
+    meminfo = tmp_path / "meminfo"
+    _write_meminfo(meminfo, 8 * GIB, 6 * GIB)
+    root = tmp_path / "fs"
+    (root / "a").mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("memory\n")
+    (root / "a" / "memory.max").write_text(f"{GIB}\n")
+    (root / "a" / "memory.current").write_text(f"{GIB - 50 * MIB}\n")
+    (root / "a" / "memory.stat").write_text("inactive_file 0\n")
+    proc_cgroup = tmp_path / "cgroup"
+    proc_cgroup.write_text("0::/a\n")
+    cgroup = find_cgroup_memory(str(proc_cgroup), str(root))
+    cache = BlockCache(MemoryDevice(64), capacity_bytes=256 * MIB)
+    fit = functools.partial(
+        fit_cache_to_memory, cache, meminfo=str(meminfo), cgroup=cgroup, interval=0.01
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fit)
+        await trio.sleep(0.05)
         assert cache.capacity_bytes == FLOOR
         nursery.cancel_scope.cancel()
