@@ -88,6 +88,12 @@ class ReplicaResync(WriteSetControl):
         await self._grow_replica(replica, self.nblocks)
 
     async def _run_resync(self, replica: _Replica, progress: ResyncProgress) -> int:
+        if self._replicas.get(replica.id) is not replica:
+            # remove_replica ran while the target was prepared. As a target it would make every
+            # write look up a replica that is gone.
+            raise Unavailable(
+                f"volume {self.vol_id}: replica {replica.name} was dropped during its resync"
+            )
         # No await between taking the floor and adding the target, so every write with a version
         # from the floor on is sent to the target as well.
         floor = self._floor()

@@ -352,6 +352,39 @@ async def test_resync_busy_while_target_prepares(harness):
     await assert_replicas_match([a, b])
 
 
+async def test_resync_stops_for_replica_dropped_while_preparing(harness, monkeypatch):
+    # Lowering the ha level drops a replica that may still be preparing for its resync.
+    a, b = await harness.start("a", "b")
+    device = await harness.device([a], ha_level=1)
+    await device.write_blocks([(n, block(n)) for n in range(16)])
+    assert device.add_replica("b", await harness.connect(b), 2)
+    prepared = trio.Event()
+
+    async def parked_grow(replica, nblocks):
+        await prepared.wait()
+
+    monkeypatch.setattr(device, "_grow_replica", parked_grow)
+    outcomes: list[object] = []
+
+    async def resync():
+        try:
+            outcomes.append(await device.resync("b"))
+        except errors.PxfsError as exc:
+            outcomes.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(resync)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        await device.remove_replica("b", 1)
+        prepared.set()
+    assert len(outcomes) == 1
+    assert isinstance(outcomes[0], errors.Unavailable)
+    assert "dropped during its resync" in str(outcomes[0])
+    assert device.resync_progress() == {}
+    await device.write_blocks([(0, block(100))])
+    assert device.write_set == ["a"]
+
+
 async def test_volume_pwrites_during_resync(harness):
     a, b = await harness.start("a", "b")
     size = 32 * 1024 * 1024
