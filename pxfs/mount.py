@@ -386,6 +386,10 @@ async def _resync_periodically(
             if replica_id not in addresses:
                 # Dropped by mount.remove_replica while this loop waited.
                 continue
+            if device.resyncing(replica_id):
+                # A resync runs already, such as the copy to a replica just added. Another one
+                # would raise Busy after opening a connection for nothing.
+                continue
             try:
                 copied = await _resync_one(
                     device, replica_id, addresses[replica_id], peer_socket, secret

@@ -14,7 +14,7 @@ import trio
 import trio.testing
 from test_quorum import NBLOCKS, SECRET, VOL, Harness, Replica, block
 
-from pxfs import errors, replicafiles
+from pxfs import errors, mount, replicafiles
 from pxfs.replication import ReplicationClient
 from pxfs.rpc import RpcClient, RpcServer
 from pxfs.store import BLOCK_SIZE, DIGEST_BLOCKS, ReplicaStore
@@ -352,7 +352,7 @@ async def test_resync_busy_while_target_prepares(harness):
     await assert_replicas_match([a, b])
 
 
-async def test_resync_stops_for_replica_dropped_while_preparing(harness, monkeypatch):
+async def test_resync_of_dropped_replica_stops(harness, monkeypatch):
     # Lowering the ha level drops a replica that may still be preparing for its resync.
     a, b = await harness.start("a", "b")
     device = await harness.device([a], ha_level=1)
@@ -383,6 +383,37 @@ async def test_resync_stops_for_replica_dropped_while_preparing(harness, monkeyp
     assert device.resync_progress() == {}
     await device.write_blocks([(0, block(100))])
     assert device.write_set == ["a"]
+
+
+async def test_periodic_resync_skips_replica_being_copied(harness, monkeypatch):
+    # A replica just added gets its full copy from the mount child, which also tries every
+    # out-of-sync replica once a second.
+    a, b = await harness.start("a", "b")
+    device = await harness.device([a], ha_level=1)
+    await device.write_blocks([(n, block(n)) for n in range(16)])
+    assert device.add_replica("b", await harness.connect(b), 2)
+    b.gates["store.copy"] = trio.Event()
+    connections = []
+
+    async def open_connection(address, peer_socket, secret):
+        connections.append(address)
+        return await harness.connect(b)
+
+    monkeypatch.setattr(mount, "_open_connection", open_connection)
+    monkeypatch.setattr(mount, "RESYNC_INTERVAL", 0.02)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mount._resync_added, device, "b")
+        nursery.start_soon(mount._resync_periodically, device, {"b": "b"}, "", SECRET)
+        await trio.sleep(0.3)
+        assert device.resyncing("b")
+        assert connections == []
+        b.gates["store.copy"].set()
+        with trio.fail_after(10):
+            while device.write_set != ["a", "b"]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert connections == []
+    await assert_replicas_match([a, b])
 
 
 async def test_volume_pwrites_during_resync(harness):
