@@ -79,6 +79,29 @@ def _fuse_errors(
     return wrapper
 
 
+class DroppedReplyFilter(logging.Filter):
+    """Lowers pyfuse3's error for a reply that the kernel no longer waited for to DEBUG.
+
+    Writing a reply fails with ENOENT when the kernel has dropped the request: it was
+    interrupted, or it was a RELEASE sent while the mount went away. The handler has run and
+    the kernel no longer needs its reply, so an ERROR line would only alarm. Install it on the
+    "pyfuse3" logger.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Return whether to emit the record, after lowering it if it is such an error."""
+        dropped = (
+            record.levelno == logging.ERROR
+            and isinstance(record.msg, str)
+            and record.msg.endswith("fuse_reply_* failed with %s")
+            and record.args == (os.strerror(errno.ENOENT),)
+        )
+        if not dropped:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
     """Return the pyfuse3 form of an Attr."""
     entry = pyfuse3.EntryAttributes()

@@ -51,7 +51,7 @@ from pxfs.cachesize import fit_cache_to_memory
 from pxfs.cgroups import find_cgroup_memory
 from pxfs.config import parse_listen
 from pxfs.errors import Busy, Corrupted, InvalidArgument, NotFound, PxfsError, Unavailable
-from pxfs.fuseops import MOUNT_OPTIONS, POLLER, Operations
+from pxfs.fuseops import MOUNT_OPTIONS, POLLER, DroppedReplyFilter, Operations
 from pxfs.replication import ReplicationClient, WriteSetCallback
 from pxfs.rpc import RpcClient, RpcServer, read_secret
 from pxfs.stats import IoMeter
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("pyfuse3").addFilter(DroppedReplyFilter())
     try:
         return trio.run(_run, args)
     except PxfsError as exc:
