@@ -23,7 +23,7 @@ import trio
 from nodeproc import Node
 
 from pxfs import errors
-from pxfs.api.docker import RefStore
+from pxfs.api.dockerrefs import RefStore
 from pxfs.errors import NoSpace
 from pxfs.volume.check import check_volume
 from pxfs.volume.device import FileDevice

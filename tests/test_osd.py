@@ -1,4 +1,4 @@
-"""pxfs.api.osd: volume records to OSD Volume JSON, and parsing of OSD request bodies."""
+"""pxfs.api.osd and pxfs.api.osdrequests: records to OSD Volume JSON, and OSD request bodies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pxfs import errors
-from pxfs.api import osd
+from pxfs.api import osd, osdrequests
 
 GIB = 1 << 30
 NODE = "node-a"
@@ -264,25 +264,25 @@ def test_write_quorum(ha_level: int, quorum: int) -> None:
 
 def test_create_request_basic() -> None:
     body = {"locator": {"name": "v1"}, "spec": {"size": GIB, "ha_level": 2}}
-    request = osd.parse_create_request(body)
+    request = osdrequests.parse_create_request(body)
     assert request.to_rpc() == {"name": "v1", "size": GIB, "ha_level": 2, "labels": {}}
 
 
 def test_create_request_defaults_and_rounding() -> None:
-    request = osd.parse_create_request({"locator": {"name": "v1"}, "spec": {"size": 1}})
+    request = osdrequests.parse_create_request({"locator": {"name": "v1"}, "spec": {"size": 1}})
     assert request.ha_level == 1
     assert request.size == 65536
 
 
 def test_create_request_case_insensitive() -> None:
     body = {"LOCATOR": {"Name": "v1"}, "Spec": {"SIZE": GIB, "Ha_Level": 3}}
-    request = osd.parse_create_request(body)
+    request = osdrequests.parse_create_request(body)
     assert (request.name, request.size, request.ha_level) == ("v1", GIB, 3)
 
 
 def test_create_request_exact_key_wins() -> None:
     body = {"locator": {"NAME": "upper", "name": "exact"}, "spec": {"size": GIB}}
-    assert osd.parse_create_request(body).name == "exact"
+    assert osdrequests.parse_create_request(body).name == "exact"
 
 
 def test_create_request_ignores_unknown_and_null() -> None:
@@ -292,7 +292,7 @@ def test_create_request_ignores_unknown_and_null() -> None:
         "source": None,
         "extra": [1, 2, 3],
     }
-    assert osd.parse_create_request(body).name == "v1"
+    assert osdrequests.parse_create_request(body).name == "v1"
 
 
 def test_create_request_merges_labels() -> None:
@@ -300,12 +300,12 @@ def test_create_request_merges_labels() -> None:
         "locator": {"name": "v1", "volume_labels": {"a": "locator"}},
         "spec": {"size": GIB, "volume_labels": {"a": "spec", "b": "spec"}},
     }
-    assert osd.parse_create_request(body).labels == {"a": "locator", "b": "spec"}
+    assert osdrequests.parse_create_request(body).labels == {"a": "locator", "b": "spec"}
 
 
 def test_create_request_accepts_fuse_format() -> None:
     body = {"locator": {"name": "v1"}, "spec": {"size": GIB, "format": 3}}
-    assert osd.parse_create_request(body).name == "v1"
+    assert osdrequests.parse_create_request(body).name == "v1"
 
 
 @pytest.mark.parametrize(
@@ -345,21 +345,21 @@ def test_create_request_accepts_fuse_format() -> None:
 )
 def test_create_request_rejects(body: dict[str, Any], expected: str) -> None:
     with pytest.raises(errors.InvalidArgument) as caught:
-        osd.parse_create_request(body)
+        osdrequests.parse_create_request(body)
     assert expected in caught.value.message
 
 
 def test_create_request_replica_nodes() -> None:
     spec = {"size": GIB, "ha_level": 2, "replica_set": {"nodes": ["node-b", "10.0.0.3"]}}
     body = {"locator": {"name": "v1"}, "spec": spec}
-    request = osd.parse_create_request(body)
+    request = osdrequests.parse_create_request(body)
     assert request.nodes == ["node-b", "10.0.0.3"]
     assert request.to_rpc()["nodes"] == ["node-b", "10.0.0.3"]
 
 
 def test_create_request_without_nodes() -> None:
     body = {"locator": {"name": "v1"}, "spec": {"size": GIB, "replica_set": {"nodes": []}}}
-    request = osd.parse_create_request(body)
+    request = osdrequests.parse_create_request(body)
     assert request.nodes is None
     assert "nodes" not in request.to_rpc()
 
@@ -375,7 +375,7 @@ def test_node_ids_from_ips() -> None:
 
 
 def test_set_request_only_present_keys() -> None:
-    request = osd.parse_set_request({"spec": {"size": 2 * GIB}})
+    request = osdrequests.parse_set_request({"spec": {"size": 2 * GIB}})
     assert request.size == 2 * GIB
     assert request.ha_level is None
     assert request.labels is None
@@ -390,7 +390,7 @@ def test_set_request_actions() -> None:
         "Action": {"Attach": 2, "Mount": 2, "Mount_Path": "/mnt/x"},
         "options": {"FORCE_DETACH": "true"},
     }
-    request = osd.parse_set_request(body)
+    request = osdrequests.parse_set_request(body)
     assert request.attach == osd.ACTION_ON
     assert request.mount == osd.ACTION_ON
     assert request.mount_path == "/mnt/x"
@@ -399,7 +399,7 @@ def test_set_request_actions() -> None:
 
 
 def test_set_request_empty_body() -> None:
-    request = osd.parse_set_request({})
+    request = osdrequests.parse_set_request({})
     assert not request.updates_volume
     assert request.attach == osd.ACTION_NONE
     assert request.mount == osd.ACTION_NONE
@@ -420,7 +420,7 @@ def test_set_request_empty_body() -> None:
 )
 def test_set_request_rejects(body: dict[str, Any], expected: str) -> None:
     with pytest.raises(errors.InvalidArgument) as caught:
-        osd.parse_set_request(body)
+        osdrequests.parse_set_request(body)
     assert expected in caught.value.message
 
 
@@ -434,7 +434,7 @@ def test_check_set_request_same_values_pass() -> None:
             "replica_set": {"nodes": ["node-c", "node-a", "node-b"]},
         },
     }
-    osd.check_set_request(osd.parse_set_request(body), record)
+    osdrequests.check_set_request(osdrequests.parse_set_request(body), record)
 
 
 @pytest.mark.parametrize(
@@ -446,7 +446,7 @@ def test_check_set_request_same_values_pass() -> None:
 )
 def test_check_set_request_changes_unsupported(body: dict[str, Any], expected: str) -> None:
     with pytest.raises(errors.NotSupported) as caught:
-        osd.check_set_request(osd.parse_set_request(body), make_record())
+        osdrequests.check_set_request(osdrequests.parse_set_request(body), make_record())
     assert expected in caught.value.message
 
 
@@ -459,18 +459,20 @@ def test_check_set_request_changes_unsupported(body: dict[str, Any], expected: s
     ],
 )
 def test_check_set_request_leaves_updates_to_pxd(body: dict[str, Any]) -> None:
-    osd.check_set_request(osd.parse_set_request(body), make_record())
+    osdrequests.check_set_request(osdrequests.parse_set_request(body), make_record())
 
 
 def test_set_request_changes_only_present_keys() -> None:
-    assert osd.parse_set_request({"spec": {"size": GIB + 1}}).changes() == {"size": GIB + 65536}
-    assert osd.parse_set_request({"spec": {"ha_level": 2}}).changes() == {"ha_level": 2}
-    assert osd.parse_set_request({"action": {"attach": 2}}).changes() == {}
-    assert osd.parse_set_request({"locator": {"name": "px7vol"}}).changes() == {}
+    assert osdrequests.parse_set_request({"spec": {"size": GIB + 1}}).changes() == {
+        "size": GIB + 65536
+    }
+    assert osdrequests.parse_set_request({"spec": {"ha_level": 2}}).changes() == {"ha_level": 2}
+    assert osdrequests.parse_set_request({"action": {"attach": 2}}).changes() == {}
+    assert osdrequests.parse_set_request({"locator": {"name": "px7vol"}}).changes() == {}
 
 
 def test_set_request_zero_size_is_no_change() -> None:
-    request = osd.parse_set_request({"spec": {"size": 0, "ha_level": 0}})
+    request = osdrequests.parse_set_request({"spec": {"size": 0, "ha_level": 0}})
     assert request.changes() == {}
     assert not request.updates_volume
 
@@ -480,17 +482,19 @@ def test_set_request_labels_merged_locator_wins() -> None:
         "locator": {"volume_labels": {"app": "db"}},
         "spec": {"volume_labels": {"app": "old", "tier": "gold"}},
     }
-    assert osd.parse_set_request(body).changes() == {"labels": {"app": "db", "tier": "gold"}}
+    assert osdrequests.parse_set_request(body).changes() == {
+        "labels": {"app": "db", "tier": "gold"}
+    }
 
 
 def test_set_request_spec_labels_alone() -> None:
     body = {"spec": {"volume_labels": {"tier": "gold"}}}
-    assert osd.parse_set_request(body).changes() == {"labels": {"tier": "gold"}}
+    assert osdrequests.parse_set_request(body).changes() == {"labels": {"tier": "gold"}}
 
 
 def test_set_request_empty_labels_clear() -> None:
     body: dict[str, Any] = {"locator": {"volume_labels": {}}}
-    assert osd.parse_set_request(body).changes() == {"labels": {}}
+    assert osdrequests.parse_set_request(body).changes() == {"labels": {}}
 
 
 # --- stats --------------------------------------------------------------------------------------
@@ -635,23 +639,23 @@ def test_rfc3339(ns: int, text: str) -> None:
 )
 def test_decode_body_rejects(body: bytes, expected: str) -> None:
     with pytest.raises(errors.InvalidArgument) as caught:
-        osd.decode_body(body)
+        osdrequests.decode_body(body)
     assert expected in caught.value.message
 
 
 def test_decode_body_object() -> None:
-    assert osd.decode_body(b'{"a": 1}') == {"a": 1}
+    assert osdrequests.decode_body(b'{"a": 1}') == {"a": 1}
 
 
 def test_label_query_merges() -> None:
     values = [json.dumps({"a": "1"}), json.dumps({"b": "2"})]
-    assert osd.parse_label_query(values, "Label") == {"a": "1", "b": "2"}
+    assert osdrequests.parse_label_query(values, "Label") == {"a": "1", "b": "2"}
 
 
 @pytest.mark.parametrize("value", ["a=1", "[1]", json.dumps({"a": 1}), "[" * 100_000])
 def test_label_query_rejects(value: str) -> None:
     with pytest.raises(errors.InvalidArgument) as caught:
-        osd.parse_label_query([value], "Label")
+        osdrequests.parse_label_query([value], "Label")
     assert "Label" in caught.value.message
 
 

@@ -28,6 +28,7 @@ from aiohttp import web
 from pxfs import errors
 from pxfs.api import auth, docker, metrics, rest, server
 from pxfs.api.control import ControlClient
+from pxfs.api.dockerrefs import RefStore
 from pxfs.api.server import ConnectionGate, ConnectionLimits, SidecarRunner
 from pxfs.config import Config
 
@@ -277,7 +278,7 @@ async def run_sidecar(
     listen and with "STOPPING=1" when a signal starts the shutdown (the sd_notify states).
     """
     stop = _stop_on_signals()
-    refs = docker.RefStore.load(Path(settings.state_dir) / docker.REFS_FILE)
+    refs = RefStore.load(Path(settings.state_dir) / docker.REFS_FILE)
     control = ControlClient(settings.control_socket)
     plugin = docker.DockerPlugin(control, Path(settings.mount_base), refs)
     rest_app = make_app(control, token=settings.token, max_requests=settings.max_requests)

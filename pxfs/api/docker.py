@@ -9,6 +9,8 @@ and Unmount carry the ID of the container, and the plugin counts the containers 
 first Mount attaches and mounts, the last Unmount unmounts and detaches. pxd's catalog has no
 field for these counts, so the sidecar keeps them in a small file in its state directory,
 replaced atomically at each change, and they survive a crash or restart of the sidecar.
+
+pxfs.api.dockeropts parses the options of Create, and pxfs.api.dockerrefs keeps the counts.
 """
 
 from __future__ import annotations
@@ -16,15 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import errno
 import json
 import logging
 import os
-import re
 import stat
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,9 @@ from aiohttp import web
 from pxfs import errors, units
 from pxfs.api import osd
 from pxfs.api.control import ControlClient
+from pxfs.api.dockeropts import parse_create, volume_name
+from pxfs.api.dockerrefs import RefStore
 from pxfs.api.server import oversized_body
-from pxfs.datadir import write_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -42,346 +42,8 @@ DRIVER_NAME = "pxd"
 DEFAULT_MOUNT_BASE = Path("/var/lib/osd/mounts")
 DEFAULT_STATE_DIR = Path("/var/lib/pxfs/sidecar")
 REFS_FILE = "docker-refs.json"
-#: A volume created without a size option gets pxctl's default size.
-DEFAULT_SIZE = 1 << 30
-MAX_HA_LEVEL = 3
 #: The media type of Docker's plugin protocol; dockerd sends it in Accept.
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
-
-_REFS_VERSION = 1
-_INLINE_NAME = re.compile(r"[0-9A-Za-z_-]+")
-_INLINE_SEPARATORS = re.compile(r"[,;]")
-_TRUE = {"1", "t", "true"}
-_FALSE = {"0", "f", "false"}
-
-#: Options that switch on a feature pxfs lacks, mapped to the feature. Creating the volume
-#: without it would mislead the caller (an unencrypted volume where encryption was asked for),
-#: so a true value is rejected.
-_FEATURE_FLAGS = {
-    "shared": "shared access from several nodes",
-    "sharedv4": "shared access from several nodes",
-    "secure": "encryption",
-    "sticky": "sticky volumes",
-    "compressed": "compression",
-    "dedupe": "deduplication",
-}
-#: Options that pxfs rejects whenever they carry a value.
-_UNSUPPORTED_VALUES = {
-    "secret_key": "pxfs volumes have no encryption",
-    "parent": "pxfs cannot clone volumes",
-}
-#: Authentication options of openstorage; they describe the caller, not the volume.
-_DROPPED = {"token", "token_secret"}
-
-
-# --- DriverOpts and inline names ----------------------------------------------------------------
-
-
-@dataclass
-class CreateSpec:
-    """A volume to create, parsed from a Create request."""
-
-    name: str
-    size: int = DEFAULT_SIZE
-    ha_level: int = 1
-    labels: dict[str, str] = field(default_factory=dict)
-    #: True when size or repl was given, so an existing volume of this name must match them.
-    explicit: bool = False
-    #: The ids or IPs of the nodes to place the replicas on; None lets pxd choose them.
-    nodes: list[str] | None = None
-
-    def to_rpc(self) -> dict[str, Any]:
-        """Return the argument of pxd's volume.create."""
-        request: dict[str, Any] = {
-            "name": self.name,
-            "size": self.size,
-            "ha_level": self.ha_level,
-            "labels": self.labels,
-        }
-        if self.nodes is not None:
-            request["nodes"] = list(self.nodes)
-        return request
-
-
-def parse_inline(text: str) -> dict[str, str] | None:
-    """Parse an inline spec such as "name=vol,size=10G,repl=2", or return None for a plain name.
-
-    A name is inline when one of its `,`- or `;`-separated parts is name=<letters, digits, _ or
-    ->. Keys are lower-cased. Raises InvalidArgument for a part that is not KEY=VALUE and for a
-    key given twice.
-    """
-    parts = [part for part in _INLINE_SEPARATORS.split(text) if part]
-    pairs = [part.partition("=") for part in parts]
-    names = [value for key, sep, value in pairs if sep and key.strip().lower() == "name"]
-    if len(names) != 1 or not _INLINE_NAME.fullmatch(names[0]):
-        return None
-    options: dict[str, str] = {}
-    for part, (key, sep, value) in zip(parts, pairs, strict=True):
-        key = key.strip().lower()
-        if not sep or not key:
-            raise errors.InvalidArgument(
-                f"invalid inline volume spec {text!r}: {part!r} is not KEY=VALUE"
-            )
-        if key in options:
-            raise errors.InvalidArgument(f"invalid inline volume spec {text!r}: {key} given twice")
-        options[key] = value
-    return options
-
-
-def volume_name(docker_name: Any) -> str:
-    """Return the pxd volume name of a Docker volume name, which may be an inline spec."""
-    if not isinstance(docker_name, str):
-        raise errors.InvalidArgument(f"Name must be a string, got {json.dumps(docker_name)}")
-    inline = parse_inline(docker_name)
-    name = inline["name"] if inline is not None else docker_name
-    return units.validate_name(name)
-
-
-def parse_create(docker_name: Any, opts: Any) -> CreateSpec:
-    """Parse the Name and Opts of a Create request; raises InvalidArgument or NotSupported.
-
-    An inline spec in the name wins and Opts is ignored, as openstorage does. Keys match
-    case-insensitively: size (a bare number is GiB), repl (1 to 3), labels ("k1=v1,k2=v2"),
-    nodes ("ID;ID", node ids or IPs), fs (only "fuse"), and every key that pxfs does not
-    interpret becomes a volume label.
-    """
-    name = volume_name(docker_name)
-    inline = parse_inline(docker_name)
-    if inline is not None:
-        if opts:
-            log.info("volume %s: Opts ignored because the name contains the spec", name)
-        options = {key: value for key, value in inline.items() if key != "name"}
-    else:
-        options = _check_opts(opts)
-    spec = CreateSpec(name)
-    labels: dict[str, str] = {}
-    for key, value in options.items():
-        _apply_option(spec, labels, key, value)
-    spec.labels = units.validate_labels({**labels, **spec.labels})
-    return spec
-
-
-def _check_opts(opts: Any) -> dict[str, str]:
-    if opts is None:
-        return {}
-    if not isinstance(opts, dict):
-        raise errors.InvalidArgument("Opts must be a JSON object of strings")
-    checked: dict[str, str] = {}
-    for key, value in opts.items():
-        if not isinstance(value, str):
-            raise errors.InvalidArgument(f"option {key} must be a string, got {json.dumps(value)}")
-        lowered = key.strip().lower()
-        if lowered in checked:
-            raise errors.InvalidArgument(f"option {lowered} given twice")
-        checked[lowered] = value
-    return checked
-
-
-def _apply_option(spec: CreateSpec, labels: dict[str, str], key: str, value: str) -> None:
-    """Apply one DriverOpts key to `spec`; keys without a meaning for pxfs go to `labels`."""
-    if key == "size":
-        spec.size = units.parse_size(value)
-        spec.explicit = True
-    elif key == "repl":
-        spec.ha_level = _parse_repl(value)
-        spec.explicit = True
-    elif key == "labels":
-        spec.labels.update(_parse_labels(value))
-    elif key == "nodes":
-        spec.nodes = _parse_nodes(value)
-    elif key == "fs":
-        if value.strip().lower() != "fuse":
-            raise errors.NotSupported(
-                f"option fs={value} is not supported: pxfs volumes are FUSE filesystems; "
-                "leave fs out or set fs=fuse"
-            )
-    elif key == "name":
-        if value != spec.name:
-            raise errors.InvalidArgument(
-                f"option name={value} does not match the volume name {spec.name}"
-            )
-    elif key in _FEATURE_FLAGS:
-        if parse_bool(key, value):
-            raise errors.NotSupported(
-                f"option {key}={value} is not supported: pxfs has no {_FEATURE_FLAGS[key]}"
-            )
-    elif key in _UNSUPPORTED_VALUES:
-        if value:
-            raise errors.NotSupported(f"option {key} is not supported: {_UNSUPPORTED_VALUES[key]}")
-    elif key not in _DROPPED:
-        labels[key] = value
-
-
-def _parse_repl(value: str) -> int:
-    text = value.strip()
-    if not text.isdigit() or not 1 <= int(text) <= MAX_HA_LEVEL:
-        raise errors.InvalidArgument(
-            f"invalid repl {value!r}: expected a replica count from 1 to {MAX_HA_LEVEL}"
-        )
-    return int(text)
-
-
-def _parse_nodes(value: str) -> list[str] | None:
-    """Parse nodes=ID;ID, the ids or IPs of the replica nodes; an empty value sets none."""
-    nodes = [node.strip() for node in value.split(";") if node.strip()]
-    return nodes or None
-
-
-def _parse_labels(value: str) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for item in value.split(","):
-        if not item.strip():
-            continue
-        key, sep, label = item.partition("=")
-        if not sep or not key.strip():
-            raise errors.InvalidArgument(
-                f"invalid labels {value!r}: expected KEY=VALUE pairs separated by commas"
-            )
-        labels[key.strip()] = label.strip()
-    return labels
-
-
-def parse_bool(key: str, value: str) -> bool:
-    """Parse a boolean option the way Go's strconv.ParseBool does."""
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE or not lowered:
-        return False
-    raise errors.InvalidArgument(f"invalid {key} {value!r}: expected true or false")
-
-
-# --- reference counts ---------------------------------------------------------------------------
-
-
-class RefStore:
-    """The containers that use each volume, keyed by volume id, kept in a JSON file.
-
-    The file is {"version": 1, "volumes": {ID: {"name": NAME, "containers": [ID, ...]}}} and is
-    replaced by write-fsync-rename, so a crash leaves either the old or the new counts.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._volumes: dict[str, dict[str, Any]] = {}
-        self._write_lock = asyncio.Lock()
-
-    @classmethod
-    def load(cls, path: Path) -> RefStore:
-        """Read the counts from `path`; a missing file means no volume is in use.
-
-        Raises InvalidArgument for a file that cannot be read as counts: starting from zero
-        would unmount volumes under running containers.
-        """
-        store = cls(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return store
-        except OSError as exc:
-            raise errors.InvalidArgument(f"cannot read {path}: {exc.strerror}") from None
-        store._volumes = _decode_refs(path, text)
-        return store
-
-    def containers(self, vol_id: str) -> list[str]:
-        """Return the IDs of the containers that use volume `vol_id`."""
-        entry = self._volumes.get(vol_id)
-        return list(entry["containers"]) if entry else []
-
-    async def add(self, vol_id: str, name: str, container: str) -> None:
-        """Record that `container` uses the volume; a repeated ID counts once."""
-        entry = self._volumes.setdefault(vol_id, {"name": name, "containers": []})
-        if container in entry["containers"]:
-            return
-        entry["containers"].append(container)
-        try:
-            await self._save()
-        except errors.PxfsError:
-            entry["containers"].remove(container)
-            self._drop_empty(vol_id)
-            raise
-
-    async def remove(self, vol_id: str, container: str) -> int | None:
-        """Forget that `container` uses the volume; return how many are left, None if unknown."""
-        entry = self._volumes.get(vol_id)
-        if entry is None or container not in entry["containers"]:
-            return None
-        entry["containers"].remove(container)
-        left = len(entry["containers"])
-        self._drop_empty(vol_id)
-        await self._save()
-        return left
-
-    async def forget(self, vol_id: str) -> None:
-        """Drop every count of volume `vol_id`, once the volume is deleted."""
-        if self._volumes.pop(vol_id, None) is not None:
-            await self._save()
-
-    def volume_ids(self, name: str | None = None) -> set[str]:
-        """Return the ids of the volumes with counts, only those named `name` when given."""
-        return {
-            vol_id
-            for vol_id, entry in self._volumes.items()
-            if name is None or entry["name"] == name
-        }
-
-    async def drop_deleted(self, vol_ids: set[str]) -> None:
-        """Drop the counts of volumes that no longer exist, so that none stays stuck.
-
-        The caller collects `vol_ids` before it asks pxd which volumes exist, so a volume
-        created and mounted meanwhile is never among them.
-        """
-        dropped = [vol_id for vol_id in sorted(vol_ids) if vol_id in self._volumes]
-        if not dropped:
-            return
-        for vol_id in dropped:
-            entry = self._volumes.pop(vol_id)
-            log.info(
-                "dropping the Docker counts of deleted volume %s (%s): containers %s",
-                entry["name"], vol_id, ", ".join(c[:12] for c in entry["containers"]),
-            )  # fmt: skip
-        await self._save()
-
-    def _drop_empty(self, vol_id: str) -> None:
-        entry = self._volumes.get(vol_id)
-        if entry is not None and not entry["containers"]:
-            del self._volumes[vol_id]
-
-    async def _save(self) -> None:
-        async with self._write_lock:
-            data = json.dumps({"version": _REFS_VERSION, "volumes": self._volumes}, indent=1)
-            try:
-                await asyncio.to_thread(_write_refs, self.path, data.encode())
-            except OSError as exc:
-                log.error("cannot save the Docker reference counts to %s: %s", self.path, exc)
-                message = f"cannot save the reference counts to {self.path}: {exc.strerror}"
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise errors.NoSpace(message) from None
-                raise errors.InternalError(message) from None
-
-
-def _decode_refs(path: Path, text: str) -> dict[str, dict[str, Any]]:
-    problem = f"{path} does not contain Docker reference counts; fix or remove it"
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        raise errors.InvalidArgument(problem) from None
-    if not isinstance(data, dict) or data.get("version") != _REFS_VERSION:
-        raise errors.InvalidArgument(problem)
-    volumes = data.get("volumes")
-    if not isinstance(volumes, dict):
-        raise errors.InvalidArgument(problem)
-    for entry in volumes.values():
-        containers = entry.get("containers") if isinstance(entry, dict) else None
-        valid = isinstance(containers, list) and all(isinstance(c, str) for c in containers)
-        if not valid or not isinstance(entry.get("name"), str):
-            raise errors.InvalidArgument(problem)
-    return {vol_id: entry for vol_id, entry in volumes.items() if entry["containers"]}
-
-
-def _write_refs(path: Path, data: bytes) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_file_atomically(path, data, temporary=path.with_name(f".{path.name}.tmp"))
 
 
 # --- the driver ---------------------------------------------------------------------------------

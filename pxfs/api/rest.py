@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from pxfs import errors
-from pxfs.api import osd
+from pxfs.api import osd, osdrequests
 from pxfs.api.control import ControlClient
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ async def list_versions(request: web.Request) -> web.Response:
 @routes.post("/v1/osd-volumes")
 async def create_volume(request: web.Request) -> web.Response:
     """Create a volume, or return the existing one of the same name, size and HA level."""
-    create = osd.parse_create_request(osd.decode_body(await request.read()))
+    create = osdrequests.parse_create_request(osdrequests.decode_body(await request.read()))
     control = _control(request)
     if create.nodes is not None:
         create.nodes = osd.node_ids_from_ips(await control.call("cluster.nodes"), create.nodes)
@@ -65,8 +65,8 @@ async def create_volume(request: web.Request) -> web.Response:
 async def list_volumes(request: web.Request) -> web.Response:
     """List the volumes, filtered by the Name, Label, ConfigLabel and VolumeID parameters."""
     query = request.query
-    labels = osd.parse_label_query(query.getall("Label", []), "Label")
-    labels.update(osd.parse_label_query(query.getall("ConfigLabel", []), "ConfigLabel"))
+    labels = osdrequests.parse_label_query(query.getall("Label", []), "Label")
+    labels.update(osdrequests.parse_label_query(query.getall("ConfigLabel", []), "ConfigLabel"))
     filters: dict[str, Any] = {}
     if query.get("Name"):
         filters["name"] = query["Name"]
@@ -92,7 +92,7 @@ async def inspect_volume(request: web.Request) -> web.Response:
 @routes.put("/v1/osd-volumes/{id}")
 async def set_volume(request: web.Request) -> web.Response:
     """Apply a VolumeSetRequest: size, HA level and labels, then attach or detach, then mount."""
-    update = osd.parse_set_request(osd.decode_body(await request.read()))
+    update = osdrequests.parse_set_request(osdrequests.decode_body(await request.read()))
     control = _control(request)
     ref = request.match_info["id"]
 
@@ -152,7 +152,9 @@ async def volume_usage(request: web.Request) -> web.Response:
 @routes.post("/v1/osd-volumes/bytesused")
 async def volumes_bytes_used(request: web.Request) -> web.Response:
     """Return the stored bytes of the volumes in `ids`, or of every volume when it is empty."""
-    requested_node, ids = osd.parse_bytes_used_request(osd.decode_body(await request.read()))
+    requested_node, ids = osdrequests.parse_bytes_used_request(
+        osdrequests.decode_body(await request.read())
+    )
     control = _control(request)
     node_id = await _node_id(control)
     if requested_node and requested_node != node_id:
@@ -256,9 +258,9 @@ async def _inspect(control: ControlClient, ref: str) -> dict[str, Any] | None:
     return osd.volume_to_osd(record, await _node_id(control))
 
 
-async def _update_volume(control: ControlClient, ref: str, update: osd.SetRequest) -> None:
+async def _update_volume(control: ControlClient, ref: str, update: osdrequests.SetRequest) -> None:
     """Apply the spec and locator keys of a PUT; a failure is a hard error, as in openstorage."""
-    osd.check_set_request(update, await control.call("volume.inspect", ref))
+    osdrequests.check_set_request(update, await control.call("volume.inspect", ref))
     changes = update.changes()
     if not changes:
         return
@@ -306,7 +308,7 @@ def _single_query(request: web.Request, key: str) -> str:
     return values[0]
 
 
-async def _apply_attach(control: ControlClient, ref: str, update: osd.SetRequest) -> str:
+async def _apply_attach(control: ControlClient, ref: str, update: osdrequests.SetRequest) -> str:
     if update.attach == osd.ACTION_ON:
         return await _soft(control.call("volume.attach", ref))
     if update.attach != osd.ACTION_OFF:
@@ -318,7 +320,7 @@ async def _apply_attach(control: ControlClient, ref: str, update: osd.SetRequest
     return await _soft(control.call("volume.detach", ref))
 
 
-async def _apply_mount(control: ControlClient, ref: str, update: osd.SetRequest) -> str:
+async def _apply_mount(control: ControlClient, ref: str, update: osdrequests.SetRequest) -> str:
     if update.mount == osd.ACTION_NONE:
         return ""
     if not update.mount_path:
@@ -352,7 +354,7 @@ async def _soft(call: Awaitable[Any]) -> str:
     return ""
 
 
-def _is_release(update: osd.SetRequest) -> bool:
+def _is_release(update: osdrequests.SetRequest) -> bool:
     """True when the request detaches or unmounts and attaches or mounts nothing."""
     actions = {update.attach, update.mount}
     return osd.ACTION_OFF in actions and osd.ACTION_ON not in actions

@@ -22,7 +22,8 @@ from pxfs import errors
 from pxfs.api import docker
 from pxfs.api.app import MAX_BODY, make_plugin_app
 from pxfs.api.control import ControlClient
-from pxfs.api.docker import DockerPlugin, RefStore
+from pxfs.api.docker import DockerPlugin
+from pxfs.api.dockerrefs import RefStore
 
 pytestmark = pytest.mark.asyncio
 

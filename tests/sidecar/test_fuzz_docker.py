@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pxfs import errors, units
-from pxfs.api import docker
+from pxfs.api import docker, dockeropts
 from pxfs.api.app import make_plugin_app
 from pxfs.api.control import ControlClient
-from pxfs.api.docker import DockerPlugin, RefStore
+from pxfs.api.docker import DockerPlugin
+from pxfs.api.dockerrefs import RefStore
 
 # No example database, so a run leaves no files behind. The fixtures are created once per test
 # function and shared by its examples, so volumes and counts from earlier examples stay.
@@ -124,12 +125,12 @@ def inline_specs(draw: st.DrawFn) -> str:
 docker_names = plain_names | inline_specs()
 
 
-def check_spec(spec: docker.CreateSpec) -> None:
+def check_spec(spec: dockeropts.CreateSpec) -> None:
     """Assert that an accepted Create spec obeys the volume rules."""
     assert units.validate_name(spec.name) == spec.name
     assert spec.size % units.BLOCK_SIZE == 0
     assert units.MIN_VOLUME_SIZE <= spec.size <= units.MAX_VOLUME_SIZE
-    assert 1 <= spec.ha_level <= docker.MAX_HA_LEVEL
+    assert 1 <= spec.ha_level <= dockeropts.MAX_HA_LEVEL
     assert units.validate_labels(spec.labels) == spec.labels
 
 
@@ -138,12 +139,12 @@ def check_spec(spec: docker.CreateSpec) -> None:
 def test_parse_inline_any_text(text: str) -> None:
     """300 strings: None, an option map with a valid inline name, or InvalidArgument."""
     try:
-        options = docker.parse_inline(text)
+        options = dockeropts.parse_inline(text)
     except errors.InvalidArgument:
         return
     if options is None:
         return
-    assert docker._INLINE_NAME.fullmatch(options["name"])
+    assert dockeropts._INLINE_NAME.fullmatch(options["name"])
     for key in options:
         assert key
         assert key == key.strip().lower()
@@ -154,11 +155,11 @@ def test_parse_inline_any_text(text: str) -> None:
 def test_parse_create_any_opts(name: str, opts: dict[str, str] | None) -> None:
     """300 Names and DriverOpts: a spec within the volume rules or InvalidArgument/NotSupported."""
     try:
-        spec = docker.parse_create(name, opts)
+        spec = dockeropts.parse_create(name, opts)
     except (errors.InvalidArgument, errors.NotSupported):
         return
     check_spec(spec)
-    inline = docker.parse_inline(name)
+    inline = dockeropts.parse_inline(name)
     options = (
         inline if inline is not None else {k.strip().lower(): v for k, v in (opts or {}).items()}
     )
@@ -182,7 +183,7 @@ json_values = st.recursive(
 def test_parse_create_wrong_types(name: Any, opts: Any) -> None:
     """200 Names and Opts of any JSON type: a valid spec or InvalidArgument/NotSupported."""
     try:
-        spec = docker.parse_create(name, opts)
+        spec = dockeropts.parse_create(name, opts)
     except (errors.InvalidArgument, errors.NotSupported):
         return
     check_spec(spec)
