@@ -52,25 +52,26 @@ class CgroupMemory:
 
         Raises OSError or ValueError when a file of a limited directory cannot be read.
         """
-        limits = [self._read_v2(d) if self.version == 2 else _read_v1(d) for d in self.directories]
+        read_level = _read_v2 if self.version == 2 else _read_v1
+        limits = [read_level(directory) for directory in self.directories]
         found = [limit for limit in limits if limit is not None]
         if not found:
             return None
         return min(found, key=lambda limit: limit.available)
 
-    @staticmethod
-    def _read_v2(directory: Path) -> MemoryLimit | None:
-        try:
-            text = (directory / "memory.max").read_text().strip()
-        except FileNotFoundError:
-            # The root cgroup, or a level where the memory controller is not enabled.
-            return None
-        if text == "max":
-            return None
-        limit = int(text)
-        current = int((directory / "memory.current").read_text())
-        inactive = _stat_value(directory / "memory.stat", "inactive_file")
-        return MemoryLimit(limit, max(0, limit - current + inactive))
+
+def _read_v2(directory: Path) -> MemoryLimit | None:
+    try:
+        text = (directory / "memory.max").read_text().strip()
+    except FileNotFoundError:
+        # The root cgroup, or a level where the memory controller is not enabled.
+        return None
+    if text == "max":
+        return None
+    limit = int(text)
+    current = int((directory / "memory.current").read_text())
+    inactive = _stat_value(directory / "memory.stat", "inactive_file")
+    return MemoryLimit(limit, max(0, limit - current + inactive))
 
 
 def _read_v1(directory: Path) -> MemoryLimit | None:

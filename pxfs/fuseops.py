@@ -58,7 +58,7 @@ R = TypeVar("R")
 def _fuse_errors(
     handler: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Translate what a handler raises into FUSEError, and tell POLLER about the request."""
+    """Translate what a handler raises into FUSEError, and record the request in POLLER."""
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -80,7 +80,7 @@ def _fuse_errors(
 
 
 class DroppedReplyFilter(logging.Filter):
-    """Lowers pyfuse3's error for a reply that the kernel no longer waited for to DEBUG.
+    """A log filter that lowers to DEBUG pyfuse3's error for a reply the kernel dropped.
 
     Writing a reply fails with ENOENT when the kernel has dropped the request: it was
     interrupted, or it was a RELEASE sent while the mount went away. The handler has run and

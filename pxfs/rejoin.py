@@ -23,7 +23,7 @@ class ReplicaResync(WriteSetControl):
     """The layer of ReplicationClient that resyncs a returning replica."""
 
     def resyncing(self, replica_id: str) -> bool:
-        """Whether a resync of the replica runs now, from its claim to its end."""
+        """Return whether a resync of the replica runs now, from its claim to its end."""
         return replica_id in self._resync_claims
 
     async def resync(self, replica_id: str, client: RpcClient | None = None) -> int:
