@@ -5,6 +5,7 @@ tests/sidecar runs it in front of the fake pxd of tests/sidecar/conftest.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -23,6 +24,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def signal_child(process: asyncio.subprocess.Process, signum: int) -> None:
+    """Send `signum` to an asyncio child process unless it has exited, without reaping it.
+
+    asyncio's Process.send_signal, kill and terminate poll the child first (bpo-38630), and
+    that poll reaps a child that has just exited. asyncio's child watcher thread then finds no
+    child to wait for, and reports exit status 255 instead of the real one.
+    """
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
 
 
 def open_fds(pid: int) -> int:

@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient
 from nodeproc import free_port
+from sidecarproc import signal_child
 
 from pxfs import errors
 from pxfs.api import docker
@@ -836,8 +837,7 @@ async def wait_for_socket(path: Path, process: asyncio.subprocess.Process) -> No
 
 async def stop(process: asyncio.subprocess.Process, signum: int = signal.SIGTERM) -> int:
     """Send `signum` to the process and return its exit status."""
-    if process.returncode is None:
-        process.send_signal(signum)
+    signal_child(process, signum)
     return await asyncio.wait_for(process.wait(), START_TIMEOUT)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from sidecarproc import signal_child
 
 from pxfs.api.app import MAX_BODY
 
@@ -227,8 +229,7 @@ class Sidecar:
     async def stop(self) -> bytes:
         """Stop the process with SIGTERM and return what it wrote to stderr."""
         assert self.process is not None and self.process.stderr is not None
-        if self.process.returncode is None:
-            self.process.terminate()
+        signal_child(self.process, signal.SIGTERM)
         stderr = await asyncio.wait_for(self.process.stderr.read(), START_TIMEOUT)
         await asyncio.wait_for(self.process.wait(), START_TIMEOUT)
         return stderr

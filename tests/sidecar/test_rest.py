@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from sidecarproc import signal_child
 
 from pxfs import errors
 from pxfs.api.app import MAX_BODY, make_app
@@ -629,7 +630,7 @@ async def wait_for_rest(session: aiohttp.ClientSession, url: str) -> None:
 async def stop_process(process: asyncio.subprocess.Process) -> None:
     """Kill `process` if it still runs and reap it."""
     if process.returncode is None:
-        process.kill()
+        signal_child(process, signal.SIGKILL)
         await process.wait()
 
 
@@ -647,7 +648,7 @@ async def test_sidecar_serves_until_signal(
                 assert reply.status == 200
                 assert (await reply.json())["volume_response"] == {}
         assert [record["name"] for record in fake_pxd.volumes.values()] == ["proc"]
-        process.send_signal(signum)
+        signal_child(process, signum)
         assert await asyncio.wait_for(process.wait(), START_TIMEOUT) == 0
     finally:
         await stop_process(process)
@@ -664,10 +665,9 @@ async def test_sidecar_second_signal_exit_0(
     try:
         async with aiohttp.ClientSession() as session:
             await wait_for_rest(session, f"http://127.0.0.1:{port}/osd-volumes/versions")
-        process.send_signal(signal.SIGINT)
+        signal_child(process, signal.SIGINT)
         await asyncio.sleep(delay)
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
+        signal_child(process, signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), START_TIMEOUT) == 0
         assert process.stderr is not None
         assert b"Traceback" not in await process.stderr.read()
@@ -687,7 +687,7 @@ async def test_sidecar_without_pxd_503(tmp_path: Path) -> None:
             async with session.get(f"{base}/v1/osd-volumes") as reply:
                 assert reply.status == 503
                 assert f"pxd is not running: no socket at {socket_path}" in await reply.text()
-        process.send_signal(signal.SIGTERM)
+        signal_child(process, signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), START_TIMEOUT) == 0
     finally:
         await stop_process(process)
