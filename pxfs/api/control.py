@@ -11,7 +11,8 @@ import asyncio
 import itertools
 import logging
 import os
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from pxfs import errors, frames
 
@@ -37,6 +38,39 @@ READ_METHODS = frozenset(
     }
 )
 _READ_SIZE = 1024 * 1024
+
+
+class NewVolume(Protocol):
+    """A parsed Create request of the REST API or of the Docker plugin."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def ha_level(self) -> int: ...
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+    @property
+    def nodes(self) -> Sequence[str] | None: ...
+
+
+def volume_create_argument(volume: NewVolume) -> dict[str, Any]:
+    """Build the argument of pxd's volume.create from a parsed Create request.
+
+    The argument gets its own copies of the labels and nodes, so a change to it leaves the
+    request unchanged. Without nodes in the request it has no `nodes` key, and pxd places
+    the replicas.
+    """
+    argument: dict[str, Any] = {
+        "name": volume.name,
+        "size": volume.size,
+        "ha_level": volume.ha_level,
+        "labels": dict(volume.labels),
+    }
+    if volume.nodes is not None:
+        argument["nodes"] = list(volume.nodes)
+    return argument
 
 
 class _Connection:

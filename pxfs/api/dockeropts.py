@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pxfs import errors, units
+from pxfs.api.control import volume_create_argument
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,7 @@ class CreateSpec:
 
     def to_rpc(self) -> dict[str, Any]:
         """Return the argument of pxd's volume.create."""
-        request: dict[str, Any] = {
-            "name": self.name,
-            "size": self.size,
-            "ha_level": self.ha_level,
-            "labels": self.labels,
-        }
-        if self.nodes is not None:
-            request["nodes"] = list(self.nodes)
-        return request
+        return volume_create_argument(self)
 
 
 def parse_inline(text: str) -> dict[str, str] | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pxfs import errors, units
+from pxfs.api.control import volume_create_argument
 from pxfs.api.osd import ACTION_NONE, ACTION_OFF, ACTION_ON, FS_TYPE_FUSE
 
 #: Largest replica count pxfs places (one replica per node, at most three).
@@ -38,15 +39,7 @@ class CreateRequest:
 
     def to_rpc(self) -> dict[str, Any]:
         """Return the argument of volume.create."""
-        request: dict[str, Any] = {
-            "name": self.name,
-            "size": self.size,
-            "ha_level": self.ha_level,
-            "labels": dict(self.labels),
-        }
-        if self.nodes is not None:
-            request["nodes"] = list(self.nodes)
-        return request
+        return volume_create_argument(self)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from nodeproc import free_port
 from sidecarproc import signal_child
 
 from pxfs import errors
-from pxfs.api import docker
+from pxfs.api import docker, dockeropts
 from pxfs.api.app import MAX_BODY, make_plugin_app
 from pxfs.api.control import ControlClient
 from pxfs.api.docker import DockerPlugin
@@ -232,6 +232,13 @@ async def test_create_labels_and_unknown_keys(plugin: Plugin) -> None:
 async def test_create_labels_key_wins_over_unknown_key(plugin: Plugin) -> None:
     await create(plugin, "lab", labels="env=prod", env="dev")
     assert plugin.record("lab")["labels"] == {"env": "prod"}
+
+
+async def test_create_argument_copies_labels() -> None:
+    spec = dockeropts.parse_create("lab", {"env": "prod"})
+    argument = spec.to_rpc()
+    argument["labels"]["env"] = "dev"
+    assert spec.labels == {"env": "prod"}
 
 
 async def test_create_keys_case_insensitive(plugin: Plugin) -> None:
