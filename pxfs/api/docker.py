@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import json
 import logging
 import os
 import stat
@@ -30,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from pxfs import errors, units
-from pxfs.api import osd
+from pxfs.api import osd, osdrequests
 from pxfs.api.control import ControlClient
 from pxfs.api.dockeropts import parse_create, volume_name
 from pxfs.api.dockerrefs import RefStore
@@ -440,16 +439,4 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
         raise errors.InvalidArgument(
             "request body is incomplete: the client closed the connection"
         ) from None
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise errors.InvalidArgument(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise errors.InvalidArgument("request body is not valid JSON: nested too deeply") from None
-    if body is None:
-        return {}
-    if not isinstance(body, dict):
-        raise errors.InvalidArgument("request body must be a JSON object")
-    return body
+    return osdrequests.decode_body(raw, allow_empty=True)

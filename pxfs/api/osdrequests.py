@@ -1,7 +1,8 @@
 """OSD REST request bodies and query parameters, parsed into the arguments of control calls.
 
 Request bodies are decoded the way Go's encoding/json decodes them: key matching is
-case-insensitive, unknown keys are ignored and a JSON null counts as absent.
+case-insensitive, unknown keys are ignored and a JSON null counts as absent. decode_body
+also decodes the bodies of Docker's plugin protocol.
 """
 
 from __future__ import annotations
@@ -74,9 +75,16 @@ class SetRequest:
         return changes
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
-    """Decode a JSON request body that must be an object; raises InvalidArgument."""
+def decode_body(body: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
+    """Decode a JSON request body that must be an object; raises InvalidArgument.
+
+    With `allow_empty`, an empty body and a JSON null decode to an empty object, because
+    Docker's plugin protocol sends some requests, such as Plugin.Activate, without a body.
+    Without it both raise, as the REST routes that read a body need a JSON object.
+    """
     if not body.strip():
+        if allow_empty:
+            return {}
         raise errors.InvalidArgument("request body is empty: expected a JSON object")
     try:
         value = json.loads(body)
@@ -84,8 +92,10 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise errors.InvalidArgument(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         # The json module recurses once per nested array or object, so a body of many "["
-        # exhausts the stack; an OSD request never nests more than a few levels.
-        raise errors.InvalidArgument("invalid JSON in request body: nested too deeply") from None
+        # exhausts the stack. No request of either API nests more than a few levels.
+        raise errors.InvalidArgument("request body is not valid JSON: nested too deeply") from None
+    if value is None and allow_empty:
+        return {}
     if not isinstance(value, dict):
         raise errors.InvalidArgument("request body must be a JSON object")
     return value

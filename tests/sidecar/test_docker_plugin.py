@@ -762,6 +762,14 @@ async def test_bad_body_is_err(plugin: Plugin, data: bytes, message: str) -> Non
     assert plugin.names() == []
 
 
+@pytest.mark.parametrize("data", [b"", b" \n", b"null"])
+async def test_empty_body_is_empty_request(plugin: Plugin, data: bytes) -> None:
+    response = await plugin.client.post("/VolumeDriver.List", data=data)
+    assert response.status == 200
+    reply = json.loads(await response.read())
+    assert reply == {"Volumes": [], "Err": ""}
+
+
 async def test_body_too_large_is_err(make_plugin: PluginFactory) -> None:
     plugin = await make_plugin(max_body=1024)
     body = {"Name": "big", "Opts": {"note": "x" * 4096}}

@@ -161,7 +161,7 @@ async def test_deeply_nested_body_400(rest_client: Client, fake_pxd: FakePxd) ->
     assert len(body) < MAX_BODY
     response = await rest_client.post("/v1/osd-volumes", data=body)
     assert response.status == 400
-    assert await response.text() == "invalid JSON in request body: nested too deeply\n"
+    assert await response.text() == "request body is not valid JSON: nested too deeply\n"
     assert fake_pxd.volumes == {}
 
 
