@@ -97,7 +97,8 @@ def decode_body(body: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
     if value is None and allow_empty:
         return {}
     if not isinstance(value, dict):
-        raise errors.InvalidArgument("request body must be a JSON object")
+        preview = _shorten(_kind(value))
+        raise errors.InvalidArgument(f"request body must be a JSON object, got {preview}")
     return value
 
 
@@ -212,10 +213,9 @@ def parse_bytes_used_request(body: Mapping[str, Any]) -> tuple[str, list[int]]:
         isinstance(item, int) and not isinstance(item, bool) and 0 <= item < 1 << 64 for item in ids
     )
     if not valid:
-        shown = json.dumps(ids)
-        shown = shown if len(shown) <= 80 else shown[:80] + "..."
+        preview = _shorten(json.dumps(ids))
         raise errors.InvalidArgument(
-            f"ids must be a list of volume ids (unsigned integers), got {shown}"
+            f"ids must be a list of volume ids (unsigned integers), got {preview}"
         )
     return node_id, list(ids)
 
@@ -344,6 +344,11 @@ def _check_unsupported(spec: Mapping[str, Any]) -> None:
             raise errors.InvalidArgument(f"spec.{flag} is not supported by pxfs")
     if _string(spec, "passphrase", "spec.passphrase"):
         raise errors.InvalidArgument("spec.passphrase is not supported: pxfs cannot encrypt")
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """Cut `text` to `limit` characters and mark the cut with "...", for an error message."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _kind(value: Any) -> str:

@@ -749,7 +749,7 @@ async def test_list_all_volumes(plugin: Plugin) -> None:
     ("data", "message"),
     [
         (b"{not json", "not valid JSON"),
-        (b"[1, 2]", "must be a JSON object"),
+        (b"[1, 2]", "request body must be a JSON object, got a list"),
         (b"\xff", "JSON"),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ],

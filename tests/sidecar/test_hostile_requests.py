@@ -57,8 +57,8 @@ async def assert_still_serving(client: Client, name: str) -> None:
     [
         (b"{not json", "request body is not valid JSON"),
         (b"", "request body is empty"),
-        (b"[]", "request body must be a JSON object"),
-        (b'"spec"', "request body must be a JSON object"),
+        (b"[]", "request body must be a JSON object, got a list"),
+        (b'"spec"', 'request body must be a JSON object, got "spec"'),
         (b"\xff\xfe{}", "request body is not valid JSON"),
         (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
         (b'{"spec": []}', "spec must be a JSON object, got a list"),

@@ -165,6 +165,14 @@ async def test_deeply_nested_body_400(rest_client: Client, fake_pxd: FakePxd) ->
     assert fake_pxd.volumes == {}
 
 
+async def test_long_string_body_400(rest_client: Client, fake_pxd: FakePxd) -> None:
+    response = await rest_client.post("/v1/osd-volumes", data=b'"' + b"x" * 1000 + b'"')
+    assert response.status == 400
+    expected = 'request body must be a JSON object, got "' + "x" * 79 + "...\n"
+    assert await response.text() == expected
+    assert fake_pxd.volumes == {}
+
+
 async def test_body_limit_413(rest_client: Client, fake_pxd: FakePxd) -> None:
     body = create_body("big", padding="x" * (MAX_BODY + 1))
     response = await rest_client.post("/v1/osd-volumes", json=body)
