@@ -8,6 +8,7 @@ also decodes the bodies of Docker's plugin protocol.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,13 @@ def decode_body(body: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
         # The json module recurses once per nested array or object, so a body of many "["
         # exhausts the stack. No request of either API nests more than a few levels.
         raise errors.InvalidArgument("request body is not valid JSON: nested too deeply") from None
+    except ValueError:
+        # int() rejects a literal of more digits than sys.get_int_max_str_digits() (4300 by
+        # default in CPython 3.11), and json.loads raises that ValueError unchanged.
+        limit = sys.get_int_max_str_digits()
+        raise errors.InvalidArgument(
+            f"request body is not valid JSON: a number has more than {limit} digits"
+        ) from None
     if value is None and allow_empty:
         return {}
     if not isinstance(value, dict):

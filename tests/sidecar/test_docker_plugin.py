@@ -752,6 +752,10 @@ async def test_list_all_volumes(plugin: Plugin) -> None:
         (b"[1, 2]", "request body must be a JSON object, got a list"),
         (b"\xff", "JSON"),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (
+            b'{"Name": ' + b"1" * (sys.get_int_max_str_digits() + 1) + b"}",
+            f"a number has more than {sys.get_int_max_str_digits()} digits",
+        ),
     ],
 )
 async def test_bad_body_is_err(plugin: Plugin, data: bytes, message: str) -> None:

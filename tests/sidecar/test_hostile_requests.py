@@ -61,6 +61,10 @@ async def assert_still_serving(client: Client, name: str) -> None:
         (b'"spec"', 'request body must be a JSON object, got "spec"'),
         (b"\xff\xfe{}", "request body is not valid JSON"),
         (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+        (
+            b'{"spec": {"size": ' + b"1" * (sys.get_int_max_str_digits() + 1) + b"}}",
+            f"a number has more than {sys.get_int_max_str_digits()} digits",
+        ),
         (b'{"spec": []}', "spec must be a JSON object, got a list"),
         (b'{"locator": "vol1"}', 'locator must be a JSON object, got "vol1"'),
         (b'{"spec": {"size": "1G"}}', 'spec.size must be a non-negative integer, got "1G"'),
