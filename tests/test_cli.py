@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from pxfs import cli as pxfs_cli
-from pxfs import errors
+from pxfs import cliparser, errors
 from pxfs.api.osd import volume_to_osd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -651,7 +650,7 @@ def test_new_commands_unknown_volume(pxd: Any, args: list[str]) -> None:
 
 
 def test_stats_default_interval_one_second() -> None:
-    args = pxfs_cli.build_parser().parse_args(["volume", "stats", "vol1"])
+    args = cliparser.build_parser().parse_args(["volume", "stats", "vol1"])
     assert args.interval == 1.0
 
 
