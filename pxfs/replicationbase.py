@@ -123,15 +123,34 @@ class ReplicationBase:
         self.epoch = epoch
         self.nblocks = nblocks
         self.ha_level = ha_level or min(len(replicas), 3)
+        self._init_write_set(ids, out_of_sync, write_quorum)
+        self._init_replicas(ids, replicas, local, timeout)
+        self._init_resync_state(ids)
+        self._init_reports(on_write_set_change)
+        self._init_io_state()
+
+    def _init_write_set(
+        self, ids: Sequence[str], out_of_sync: Sequence[str], write_quorum: int | None
+    ) -> None:
         minimum = MIN_WRITE_SET[self.ha_level] if write_quorum is None else write_quorum
         write_set = [replica_id for replica_id in ids if replica_id not in out_of_sync]
         if not 1 <= minimum <= len(write_set):
             raise InvalidArgument(
-                f"volume {vol_id}: write quorum {minimum} is not between 1 and the "
+                f"volume {self.vol_id}: write quorum {minimum} is not between 1 and the "
                 f"{len(write_set)} replicas of the write set"
             )
         self.write_quorum = minimum
         self._quorum_given = write_quorum is not None
+        self._write_set = write_set
+        self._out_of_sync = [replica_id for replica_id in ids if replica_id in out_of_sync]
+
+    def _init_replicas(
+        self,
+        ids: Sequence[str],
+        replicas: Sequence[RpcClient],
+        local: str | None,
+        timeout: float | None,
+    ) -> None:
         self._timeout = timeout
         if len(replicas) == 1:
             timeout = None
@@ -141,9 +160,11 @@ class ReplicationBase:
         }
         self._local = ids[0] if local is None else local
         if self._local not in self._replicas:
-            raise InvalidArgument(f"volume {vol_id}: local replica {local!r} is not a replica")
-        self._write_set = write_set
-        self._out_of_sync = [replica_id for replica_id in ids if replica_id in out_of_sync]
+            raise InvalidArgument(f"volume {self.vol_id}: local replica {local!r} is not a replica")
+        #: Replicas whose store has no store.patch (a pxd of an older version), by id.
+        self._without_patch: set[str] = set()
+
+    def _init_resync_state(self, ids: Sequence[str]) -> None:
         self._resyncing: dict[str, ResyncProgress] = {}
         #: Replicas that a call of `resync` works on, from its start until it returns. Every
         #: replica of `_resyncing` is among them.
@@ -154,16 +175,20 @@ class ReplicationBase:
         self._adding: set[str] = set()
         #: The ha level that the client takes once every replica of `_adding` has joined.
         self._next_ha_level = self.ha_level
+
+    def _init_reports(self, on_write_set_change: WriteSetCallback | None) -> None:
+        """Set up the count of write-set changes and of those sent to `on_write_set_change`."""
         self._on_change = on_write_set_change
         self._changes = 0
         self._reported = 0
         self._report_lock = trio.Lock()
+
+    def _init_io_state(self) -> None:
+        """Set up the I/O path's state: unsettled writes, write versions, the stale epoch."""
         self._reconcile_lock = trio.Lock()
         self._pause: trio.Event | None = None
         self._unsettled: set[int] = set()
         self._in_flight: dict[int, trio.Event] = {}
-        #: Replicas whose store has no store.patch (a pxd of an older version), by id.
-        self._without_patch: set[str] = set()
         self._stale: StaleEpoch | None = None
         self._counter = 0
         self.repaired_blocks = 0
