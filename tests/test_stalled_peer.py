@@ -30,7 +30,7 @@ import pytest
 from clusterproc import Cluster, ClusterNode, mount_on, release_on, wait_until
 
 from pxfs import errors
-from pxfs.mount import CONNECT_TIMEOUT
+from pxfs.mountdevice import CONNECT_TIMEOUT
 from pxfs.replication import DEFAULT_TIMEOUT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")

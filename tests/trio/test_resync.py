@@ -14,7 +14,7 @@ import trio
 import trio.testing
 from test_quorum import NBLOCKS, SECRET, VOL, Harness, Replica, block
 
-from pxfs import errors, mount, replicafiles
+from pxfs import errors, mountdevice, replicafiles
 from pxfs.replication import ReplicationClient
 from pxfs.rpc import RpcClient, RpcServer
 from pxfs.store import BLOCK_SIZE, DIGEST_BLOCKS, ReplicaStore
@@ -399,11 +399,11 @@ async def test_periodic_resync_skips_replica_being_copied(harness, monkeypatch):
         connections.append(address)
         return await harness.connect(b)
 
-    monkeypatch.setattr(mount, "_open_connection", open_connection)
-    monkeypatch.setattr(mount, "RESYNC_INTERVAL", 0.02)
+    monkeypatch.setattr(mountdevice, "open_connection", open_connection)
+    monkeypatch.setattr(mountdevice, "RESYNC_INTERVAL", 0.02)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(mount._resync_added, device, "b")
-        nursery.start_soon(mount._resync_periodically, device, {"b": "b"}, "", SECRET)
+        nursery.start_soon(mountdevice.resync_added, device, "b")
+        nursery.start_soon(mountdevice._resync_periodically, device, {"b": "b"}, "", SECRET)
         await trio.sleep(0.3)
         assert device.resyncing("b")
         assert connections == []
