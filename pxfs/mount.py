@@ -62,14 +62,41 @@ UNMOUNT_GRACE = 10.0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line of the mount child."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    # The order of the add_argument calls is the order of the options in --help.
     parser = argparse.ArgumentParser(prog="python -m daemon.mount", description=__doc__)
     parser.add_argument("--mountpoint", help="directory to mount the volume on")
+    _add_source_options(parser)
+    _add_replica_options(parser)
+    _add_size_options(parser)
+    parser.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="unix socket on which to serve pxd's mount.stats and mount.grow (needs --secret-file)",
+    )
+    _add_tls_options(parser)
+    parser.add_argument("--check", action="store_true", help="check the volume, mount nothing")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    """Add --device-file and --peer-socket, the two sources of blocks, and what the socket needs."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--device-file", help="sparse file that stores the volume's blocks")
     source.add_argument("--peer-socket", help="unix socket of the replica store of pxd")
     parser.add_argument("--secret-file", help="cluster secret for --peer-socket")
     parser.add_argument("--volume-id", help="volume id for --peer-socket")
     parser.add_argument("--epoch", type=int, help="attach epoch for --peer-socket")
+
+
+def _add_replica_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replica",
         action="append",
@@ -92,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the volume's ha level, which sets the write quorum (default: the number of "
         "replicas, at most 3)",
     )
+
+
+def _add_size_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format-size",
         type=int,
@@ -104,11 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="BYTES",
         help="grow the volume to this many bytes at open if it is smaller",
     )
-    parser.add_argument(
-        "--control-socket",
-        metavar="PATH",
-        help="unix socket on which to serve pxd's mount.stats and mount.grow (needs --secret-file)",
-    )
+
+
+def _add_tls_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ssl-cert",
         metavar="FILE",
@@ -119,9 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ssl-ca", metavar="FILE", help="the CA (PEM) that signed the certificate of every node"
     )
-    parser.add_argument("--check", action="store_true", help="check the volume, mount nothing")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    args = parser.parse_args(argv)
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error for the combinations of options that argparse cannot express."""
     if args.peer_socket and None in (args.secret_file, args.volume_id, args.epoch):
         parser.error("--peer-socket needs --secret-file, --volume-id and --epoch")
     if not args.check and not args.mountpoint:
@@ -133,7 +162,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--ssl-cert, --ssl-key and --ssl-ca go together")
     if args.size is not None and args.size <= 0:
         parser.error(f"--size must be a positive number of bytes, not {args.size}")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
