@@ -1,10 +1,10 @@
 """The replica store: the blocks of every volume replica that this node hosts.
 
-The files of a replica and the blocking I/O on them are in pxfs/replicafiles.py. This module
-serves them to mount children and peers: it checks every argument and runs the I/O in worker
-threads. Each replica has one trio lock that every operation on its files holds, so one
-volume's operations run one at a time, in the order they took the lock. docs/store-format.md
-describes each call.
+The files of a replica are in pxfs/replicaformat.py and pxfs/replicafiles.py, and the blocking
+I/O on them in pxfs/replica.py. This module serves them to mount children and peers: it checks
+every argument and runs the I/O in worker threads. Each replica has one trio lock that every
+operation on its files holds, so one volume's operations run one at a time, in the order they
+took the lock. docs/store-format.md describes each call.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from pxfs.errors import (
     StaleWrite,
     Unavailable,
 )
-from pxfs.replicafiles import (
+from pxfs.replica import Patch, Replica, sync_and_close
+from pxfs.replicafiles import check_reset_epoch, create_replica, delete_replica, open_replica
+from pxfs.replicaformat import (
     BLOCK_SIZE,
     DATA_BAD,
     DIGEST_BLOCKS,
@@ -39,13 +41,6 @@ from pxfs.replicafiles import (
     MAX_VERSION,
     RECORD_SIZE,
     TRIMMED,
-    Patch,
-    Replica,
-    check_reset_epoch,
-    create_replica,
-    delete_replica,
-    open_replica,
-    sync_and_close,
     write_meta,
 )
 from pxfs.rpc import RpcClient

@@ -1,4 +1,4 @@
-"""Property and fuzz tests of the catalog file (pxfs.catalog) and replica meta file (pxfs.store).
+"""Property and fuzz tests of the catalog and replica meta files (pxfs.catalog, pxfs.replicaformat).
 
 A catalog file that `_load` cannot trust must raise Corrupted, and one that it returns must
 satisfy the checks that `_load` promises. A replica meta file must parse into (nblocks, epoch)
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pxfs import catalog, replicafiles
+from pxfs import catalog, replicaformat
 from pxfs.errors import Corrupted
 
 # No example database, so a run leaves no files behind. The deadline catches a parser that loops.
@@ -220,7 +220,7 @@ VOL_ID = "4242"
 def valid_meta(nblocks: int, epoch: int) -> bytes:
     """Return a meta file as the store writes it."""
     meta = {
-        "format": replicafiles.FORMAT_VERSION,
+        "format": replicaformat.FORMAT_VERSION,
         "vol_id": VOL_ID,
         "nblocks": nblocks,
         "epoch": epoch,
@@ -231,7 +231,7 @@ def valid_meta(nblocks: int, epoch: int) -> bytes:
 def parse_meta(raw: bytes) -> tuple[int, int] | None:
     """Parse `raw` as the meta of VOL_ID; return None when it is Corrupted."""
     try:
-        return replicafiles.parse_meta(raw, VOL_ID, Path("/replicas") / VOL_ID / "meta")
+        return replicaformat.parse_meta(raw, VOL_ID, Path("/replicas") / VOL_ID / "meta")
     except Corrupted:
         return None
 
@@ -241,14 +241,14 @@ def check_meta(parsed: tuple[int, int]) -> None:
     nblocks, epoch = parsed
     assert isinstance(nblocks, int)
     assert isinstance(epoch, int)
-    assert 0 < nblocks <= replicafiles.MAX_NBLOCKS
-    assert 0 <= epoch <= replicafiles.MAX_EPOCH
+    assert 0 < nblocks <= replicaformat.MAX_NBLOCKS
+    assert 0 <= epoch <= replicaformat.MAX_EPOCH
 
 
 @fuzz(300)
 @given(
-    st.integers(1, replicafiles.MAX_NBLOCKS),
-    st.integers(0, replicafiles.MAX_EPOCH),
+    st.integers(1, replicaformat.MAX_NBLOCKS),
+    st.integers(0, replicaformat.MAX_EPOCH),
     st.integers(0, 2**32),
 )
 def test_mutated_meta_parses_or_corrupted(nblocks: int, epoch: int, seed: int) -> None:

@@ -14,7 +14,8 @@ import trio
 import trio.testing
 from test_quorum import NBLOCKS, SECRET, VOL, Harness, Replica, block
 
-from pxfs import errors, mountdevice, replicafiles
+from pxfs import errors, mountdevice
+from pxfs.replicaformat import pwrite_all
 from pxfs.replication import ReplicationClient
 from pxfs.rpc import RpcClient, RpcServer
 from pxfs.store import BLOCK_SIZE, DIGEST_BLOCKS, ReplicaStore
@@ -715,7 +716,6 @@ async def test_patch_without_space_then_resync(harness, monkeypatch):
     device = await harness.device([a, b], ha_level=2)
     await device.write_blocks([(n, block(n)) for n in range(4)])
     full_data_file = os.path.realpath(b.store.root / VOL / "data")
-    pwrite_all = replicafiles._pwrite_all
 
     def disk_full_on_b(fd: int, data: bytes, offset: int) -> None:
         if len(data) < BLOCK_SIZE and os.readlink(f"/proc/self/fd/{fd}") == full_data_file:
@@ -725,7 +725,7 @@ async def test_patch_without_space_then_resync(harness, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         pwrite_all(fd, data, offset)
 
-    monkeypatch.setattr(replicafiles, "_pwrite_all", disk_full_on_b)
+    monkeypatch.setattr("pxfs.replica.pwrite_all", disk_full_on_b)
     new = block(1)[:100] + b"\x55" * 4000 + block(1)[4100:]
     change = BlockChange(100, 4100, zlib.crc32(block(1)), zlib.crc32(new))
     await device.write_blocks([(1, new)], {1: change})

@@ -9,8 +9,9 @@ import msgpack
 import pytest
 import trio
 
-from pxfs import errors, replicafiles
+from pxfs import errors, replicaformat
 from pxfs.frames import MAX_FRAME
+from pxfs.replica import Replica
 from pxfs.replication import BLOCKS_PER_FRAME, TRIMS_PER_FRAME
 from pxfs.store import (
     BLOCK_SIZE,
@@ -842,7 +843,7 @@ async def test_writes_go_on_during_flush(volume, monkeypatch):
         released.wait(timeout=10)
         synced.append(fd)
 
-    monkeypatch.setattr(replicafiles.os, "fdatasync", slow_fdatasync)
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(volume.flush, VOL)
         await trio.to_thread.run_sync(syncing.wait, 10)
@@ -862,16 +863,16 @@ async def test_cancelled_flush_closes_descriptors(volume, monkeypatch):
     entered = threading.Event()
     released = threading.Event()
     handed_out: list[int] = []
-    flush_handles = replicafiles.Replica.flush_handles
+    flush_handles = Replica.flush_handles
 
-    def slow_flush_handles(replica: replicafiles.Replica) -> tuple[int, int]:
+    def slow_flush_handles(replica: Replica) -> tuple[int, int]:
         entered.set()
         released.wait(timeout=10)
         handles = flush_handles(replica)
         handed_out.extend(handles)
         return handles
 
-    monkeypatch.setattr(replicafiles.Replica, "flush_handles", slow_flush_handles)
+    monkeypatch.setattr(Replica, "flush_handles", slow_flush_handles)
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(volume.flush, VOL)
@@ -973,7 +974,7 @@ def test_failed_meta_write_leaves_no_temporary(tmp_path, monkeypatch):
     def no_space(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(replicafiles, "_pwrite_all", no_space)
+    monkeypatch.setattr(replicaformat, "pwrite_all", no_space)
     with pytest.raises(OSError):
-        replicafiles.write_meta(tmp_path, VOL, 64, 3)
+        replicaformat.write_meta(tmp_path, VOL, 64, 3)
     assert list(tmp_path.iterdir()) == []
