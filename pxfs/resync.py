@@ -33,7 +33,8 @@ from pxfs.errors import (
     StaleEpoch,
     Unavailable,
 )
-from pxfs.store import DIGEST_BLOCKS, DIGEST_SIZE, MAX_DIGESTS_PER_CALL, Entry, check_entries
+from pxfs.store import DIGEST_BLOCKS, DIGEST_SIZE
+from pxfs.storeargs import MAX_DIGESTS_PER_CALL, Entry, check_entries
 
 log = logging.getLogger(__name__)
 

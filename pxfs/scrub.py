@@ -37,7 +37,8 @@ from pxfs.catalog import Catalog, VolumeRecord
 from pxfs.errors import Busy, InvalidArgument, PxfsError, StaleEpoch, Unavailable
 from pxfs.membership import Peers
 from pxfs.rpc import RpcClient
-from pxfs.store import BLOCK_SIZE, DATA_BAD, MAX_CHECKED_PER_CALL, TRIMMED
+from pxfs.store import BLOCK_SIZE, DATA_BAD, TRIMMED
+from pxfs.storeargs import MAX_CHECKED_PER_CALL
 
 log = logging.getLogger(__name__)
 

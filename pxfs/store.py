@@ -2,16 +2,15 @@
 
 The files of a replica are in pxfs/replicaformat.py and pxfs/replicafiles.py, and the blocking
 I/O on them in pxfs/replica.py. This module serves them to mount children and peers: it checks
-every argument and runs the I/O in worker threads. Each replica has one trio lock that every
-operation on its files holds, so one volume's operations run one at a time, in the order they
-took the lock. docs/store-format.md describes each call.
+every argument with pxfs/storeargs.py and runs the I/O in worker threads. Each replica has one
+trio lock that every operation on its files holds, so one volume's operations run one at a time,
+in the order they took the lock. docs/store-format.md describes each call.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -19,17 +18,8 @@ from typing import Any, Protocol
 
 import trio
 
-from pxfs.errors import (
-    InvalidArgument,
-    NotFound,
-    NotSupported,
-    ProtocolError,
-    PxfsError,
-    StaleEpoch,
-    StaleWrite,
-    Unavailable,
-)
-from pxfs.replica import Patch, Replica, sync_and_close
+from pxfs.errors import InvalidArgument, NotFound, NotSupported, PxfsError, StaleEpoch, Unavailable
+from pxfs.replica import Replica, sync_and_close
 from pxfs.replicafiles import check_reset_epoch, create_replica, delete_replica, open_replica
 from pxfs.replicaformat import (
     BLOCK_SIZE,
@@ -44,6 +34,23 @@ from pxfs.replicaformat import (
     write_meta,
 )
 from pxfs.rpc import RpcClient
+from pxfs.storeargs import (
+    MAX_BLOCKS_PER_CALL,
+    MAX_CHECKED_PER_CALL,
+    MAX_CHECKSUMS_PER_CALL,
+    MAX_DIGESTS_PER_CALL,
+    MAX_TRIMS_PER_CALL,
+    MAX_VERSIONS_PER_CALL,
+    check_blocknos,
+    check_blocks,
+    check_copies,
+    check_entries,
+    check_fence,
+    check_int,
+    check_patches,
+    check_pulls,
+    check_vol_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,60 +64,16 @@ __all__ = [
     "MAX_EPOCH",
     "RECORD_SIZE",
     "TRIMMED",
-    "Entry",
     "PeerConnector",
     "ReplicaStore",
-    "check_entries",
 ]
 
-#: Blocks per read or write call: 240 blocks are 15 MiB, which leaves room for the msgpack
-#: framing inside one RPC frame (pxfs.frames.MAX_FRAME, 16 MiB).
-MAX_BLOCKS_PER_CALL = 240
-#: Block numbers per trim call. A trim sends no data back, so this only bounds the work of one
-#: call; 2**20 block numbers take at most 9 MiB of msgpack.
-MAX_TRIMS_PER_CALL = 2**20
-#: Blocks per versions call: 2**20 versions are an 8 MiB reply, half of an RPC frame.
-MAX_VERSIONS_PER_CALL = 2**20
-#: Blocks per checksums call that reads only the table: 2**19 records are an 8 MiB reply.
-MAX_CHECKSUMS_PER_CALL = 2**19
-#: Blocks per checksums call that also reads the data: 1024 blocks are 64 MiB read from disk
-#: under the replica's lock, as one slice of a verify scan is.
-MAX_CHECKED_PER_CALL = 1024
-#: Digests per digests call: 16384 digests are a 256 KiB reply and cover 1 TiB of volume.
-MAX_DIGESTS_PER_CALL = 16384
 #: Seconds that one `store.pull` may spend connecting to the source node and reading from it.
 #: It stays below the 5 s after which a replication client drops a replica that has not
 #: replied, so a pull from a slow source fails alone and the resync copies through the client.
 PULL_TIMEOUT = 4.0
 
-_VOL_ID = re.compile(r"[0-9]{1,20}")
 _VERIFY_BLOCKS = 1024
-
-
-#: A block as `store.read_versioned` returns it: (version, data). data is None for an unwritten
-#: block and False for a copy that fails its checksum.
-Entry = tuple[int, bytes | None | bool]
-
-
-def check_entries(reply: object, count: int, source: str) -> list[Entry]:
-    """Check the shape of a `store.read_versioned` reply of `count` blocks from `source`.
-
-    Raises ProtocolError naming `source` for a reply of another shape.
-    """
-    if not isinstance(reply, list) or len(reply) != count:
-        raise ProtocolError(f"replica {source} sent a malformed read reply")
-    entries: list[Entry] = []
-    for item in reply:
-        if not isinstance(item, (list, tuple)) or len(item) != 2:
-            raise ProtocolError(f"replica {source} sent a malformed block entry")
-        version, data = item
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise ProtocolError(f"replica {source} sent a malformed block version")
-        good_data = isinstance(data, bytes) and len(data) == BLOCK_SIZE
-        if not (good_data or data is None or data is False):
-            raise ProtocolError(f"replica {source} sent a malformed block")
-        entries.append((version, data))
-    return entries
 
 
 class PeerConnector(Protocol):
@@ -119,124 +82,6 @@ class PeerConnector(Protocol):
     def connect(self, node_ids: Sequence[str]) -> AbstractAsyncContextManager[list[RpcClient]]:
         """Return a context that opens one client per node id and closes them at its exit."""
         ...
-
-
-def _check_vol_id(vol_id: object) -> str:
-    if not isinstance(vol_id, str) or not _VOL_ID.fullmatch(vol_id):
-        raise InvalidArgument(f"invalid volume id {vol_id!r}: expected a decimal string")
-    return vol_id
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"invalid {name} {value!r}: expected an integer")
-    if not low <= value <= high:
-        raise InvalidArgument(f"invalid {name} {value}: expected {low} to {high}")
-    return value
-
-
-def _check_list(name: str, value: object) -> list[Any] | tuple[Any, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise InvalidArgument(f"invalid {name}: expected a list, got {type(value).__name__}")
-    return value
-
-
-def _check_count(name: str, items: list[Any] | tuple[Any, ...], limit: int) -> None:
-    if len(items) > limit:
-        raise InvalidArgument(f"too many {name}: {len(items)}, at most {limit} per call")
-
-
-def _check_blocknos(replica: Replica, blocknos: object, limit: int) -> list[int]:
-    items = _check_list("block numbers", blocknos)
-    _check_count("block numbers", items, limit)
-    checked = []
-    for blockno in items:
-        checked.append(_check_int("block number", blockno, 0, replica.nblocks - 1))
-    return checked
-
-
-def _check_blocks(replica: Replica, blocks: object) -> list[tuple[int, bytes]]:
-    items = _check_list("blocks", blocks)
-    _check_count("blocks", items, MAX_BLOCKS_PER_CALL)
-    checked = []
-    for entry in items:
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-            raise InvalidArgument("invalid block entry: expected [block number, data]")
-        blockno = _check_int("block number", entry[0], 0, replica.nblocks - 1)
-        checked.append((blockno, _check_data(blockno, entry[1])))
-    return checked
-
-
-def _check_data(blockno: int, data: object) -> bytes:
-    if not isinstance(data, (bytes, bytearray)):
-        raise InvalidArgument(f"invalid data for block {blockno}: expected bytes")
-    if len(data) != BLOCK_SIZE:
-        raise InvalidArgument(
-            f"invalid data for block {blockno}: {len(data)} bytes, expected {BLOCK_SIZE}"
-        )
-    return bytes(data)
-
-
-def _check_patches(replica: Replica, patches: object) -> list[Patch]:
-    items = _check_list("patches", patches)
-    _check_count("patches", items, MAX_BLOCKS_PER_CALL)
-    checked = []
-    for entry in items:
-        if not isinstance(entry, (list, tuple)) or len(entry) != 5:
-            raise InvalidArgument(
-                "invalid patch entry: expected [block number, offset, data, base crc32, crc32]"
-            )
-        blockno = _check_int("block number", entry[0], 0, replica.nblocks - 1)
-        offset = _check_int("patch offset", entry[1], 0, BLOCK_SIZE - 1)
-        data = entry[2]
-        if not isinstance(data, (bytes, bytearray)) or not 0 < len(data) <= BLOCK_SIZE - offset:
-            raise InvalidArgument(
-                f"invalid patch data for block {blockno}: expected 1 to {BLOCK_SIZE - offset} bytes"
-            )
-        base = _check_int("base crc32", entry[3], 0, 0xFFFFFFFF)
-        crc = _check_int("crc32", entry[4], 0, 0xFFFFFFFF)
-        checked.append(Patch(blockno, offset, bytes(data), base, crc))
-    return checked
-
-
-def _check_pulls(replica: Replica, blocks: object) -> list[tuple[int, int]]:
-    items = _check_list("blocks", blocks)
-    _check_count("blocks", items, MAX_BLOCKS_PER_CALL)
-    checked = []
-    for entry in items:
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-            raise InvalidArgument("invalid pull entry: expected [block number, expected version]")
-        blockno = _check_int("block number", entry[0], 0, replica.nblocks - 1)
-        checked.append((blockno, _check_int("expected version", entry[1], 0, MAX_VERSION)))
-    return checked
-
-
-def _check_copies(replica: Replica, blocks: object) -> list[tuple[int, int, int, bytes | None]]:
-    items = _check_list("blocks", blocks)
-    _check_count("blocks", items, MAX_BLOCKS_PER_CALL)
-    checked: list[tuple[int, int, int, bytes | None]] = []
-    for entry in items:
-        if not isinstance(entry, (list, tuple)) or len(entry) != 4:
-            raise InvalidArgument(
-                "invalid copy entry: expected [block number, expected version, version, data]"
-            )
-        blockno = _check_int("block number", entry[0], 0, replica.nblocks - 1)
-        expected = _check_int("expected version", entry[1], 0, MAX_VERSION)
-        version = _check_int("version", entry[2], 0, MAX_VERSION)
-        data = None if entry[3] is None else _check_data(blockno, entry[3])
-        if data is not None and version == 0:
-            raise InvalidArgument(f"invalid copy of block {blockno}: data needs a version")
-        checked.append((blockno, expected, version, data))
-    return checked
-
-
-def _check_fence(replica: Replica, version: int) -> None:
-    """Raise StaleWrite for a version below the replica's fence (ReplicaStore.fence)."""
-    if version < replica.fence:
-        raise StaleWrite(
-            f"volume {replica.vol_id}: version {version:x} was sent before the resync of this "
-            f"replica from version {replica.fence:x} started"
-        )
 
 
 class ReplicaStore:
@@ -299,7 +144,7 @@ class ReplicaStore:
 
     @asynccontextmanager
     async def _locked(self, vol_id: object) -> AsyncIterator[Replica]:
-        replica = await self._replica(_check_vol_id(vol_id))
+        replica = await self._replica(check_vol_id(vol_id))
         async with replica.lock:
             if replica.closed:
                 raise NotFound(f"volume {replica.vol_id} has no replica on this node")
@@ -307,7 +152,7 @@ class ReplicaStore:
 
     async def _accept_epoch(self, replica: Replica, epoch: object) -> None:
         """Raise StaleEpoch for an epoch below the highest seen, and persist a higher one."""
-        epoch = _check_int("epoch", epoch, 0, MAX_EPOCH)
+        epoch = check_int("epoch", epoch, 0, MAX_EPOCH)
         if epoch < replica.epoch:
             raise StaleEpoch(
                 f"volume {replica.vol_id}: epoch {epoch} is older than epoch {replica.epoch} "
@@ -319,15 +164,15 @@ class ReplicaStore:
 
     async def create(self, vol_id: str, nblocks: int) -> None:
         """Create an empty replica of `nblocks` blocks, or raise AlreadyExists."""
-        vol_id = _check_vol_id(vol_id)
-        nblocks = _check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
+        vol_id = check_vol_id(vol_id)
+        nblocks = check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
         async with self._lock:
             await trio.to_thread.run_sync(create_replica, self.root, vol_id, nblocks)
         log.info("created replica of volume %s with %d blocks", vol_id, nblocks)
 
     async def delete(self, vol_id: str) -> None:
         """Delete the replica of `vol_id`, if there is one."""
-        vol_id = _check_vol_id(vol_id)
+        vol_id = check_vol_id(vol_id)
         async with self._lock:
             replica = self._replicas.pop(vol_id, None)
             if replica is not None:
@@ -346,7 +191,7 @@ class ReplicaStore:
     async def read(self, vol_id: str, blocknos: list[int]) -> list[bytes | None]:
         """Read blocks, with None for each block never written."""
         async with self._locked(vol_id) as replica:
-            checked = _check_blocknos(replica, blocknos, MAX_BLOCKS_PER_CALL)
+            checked = check_blocknos(replica, blocknos, MAX_BLOCKS_PER_CALL)
             return await trio.to_thread.run_sync(replica.read_blocks, checked)
 
     async def write(
@@ -354,10 +199,10 @@ class ReplicaStore:
     ) -> None:
         """Write [blockno, data] pairs, in order, under `epoch` and `version`."""
         async with self._locked(vol_id) as replica:
-            version = _check_int("version", version, 1, MAX_VERSION)
-            checked = _check_blocks(replica, blocks)
+            version = check_int("version", version, 1, MAX_VERSION)
+            checked = check_blocks(replica, blocks)
             await self._accept_epoch(replica, epoch)
-            _check_fence(replica, version)
+            check_fence(replica, version)
             await trio.to_thread.run_sync(replica.write_blocks, version, checked)
         log.debug("volume %s: wrote %d blocks at version %x", vol_id, len(checked), version)
 
@@ -370,10 +215,10 @@ class ReplicaStore:
         which the writer then sends whole.
         """
         async with self._locked(vol_id) as replica:
-            version = _check_int("version", version, 1, MAX_VERSION)
-            checked = _check_patches(replica, patches)
+            version = check_int("version", version, 1, MAX_VERSION)
+            checked = check_patches(replica, patches)
             await self._accept_epoch(replica, epoch)
-            _check_fence(replica, version)
+            check_fence(replica, version)
             left = await trio.to_thread.run_sync(replica.patch_blocks, version, checked)
         log.debug(
             "volume %s: patched %d of %d blocks at version %x",
@@ -387,10 +232,10 @@ class ReplicaStore:
         A non-zero `version` stays in the table as the version of the trim; 0 clears the records.
         """
         async with self._locked(vol_id) as replica:
-            checked = _check_blocknos(replica, blocknos, MAX_TRIMS_PER_CALL)
-            version = _check_int("version", version, 0, MAX_VERSION)
+            checked = check_blocknos(replica, blocknos, MAX_TRIMS_PER_CALL)
+            version = check_int("version", version, 0, MAX_VERSION)
             await self._accept_epoch(replica, epoch)
-            _check_fence(replica, version)
+            check_fence(replica, version)
             await trio.to_thread.run_sync(replica.trim_blocks, checked, version)
 
     async def fence(self, vol_id: str, epoch: int, floor: int) -> None:
@@ -401,7 +246,7 @@ class ReplicaStore:
         could otherwise undo a block that the resync copied. The fence never moves down.
         """
         async with self._locked(vol_id) as replica:
-            floor = _check_int("floor", floor, 0, MAX_VERSION)
+            floor = check_int("floor", floor, 0, MAX_VERSION)
             await self._accept_epoch(replica, epoch)
             replica.fence = max(replica.fence, floor)
         log.debug("volume %s: writes below version %x are rejected from now on", vol_id, floor)
@@ -412,9 +257,9 @@ class ReplicaStore:
         Raises Corrupted when the data file is missing or shorter than the replica.
         """
         async with self._locked(vol_id) as replica:
-            first = _check_int("first block", first, 0, replica.nblocks - 1)
+            first = check_int("first block", first, 0, replica.nblocks - 1)
             limit = min(MAX_VERSIONS_PER_CALL, replica.nblocks - first)
-            count = _check_int("block count", count, 0, limit)
+            count = check_int("block count", count, 0, limit)
             return await trio.to_thread.run_sync(replica.versions, first, count)
 
     async def digests(self, vol_id: str, first: int, count: int) -> bytes:
@@ -428,9 +273,9 @@ class ReplicaStore:
         data file is missing or shorter than the replica.
         """
         async with self._locked(vol_id) as replica:
-            first = _check_int("first block", first, 0, replica.nblocks - 1)
+            first = check_int("first block", first, 0, replica.nblocks - 1)
             limit = min(MAX_DIGESTS_PER_CALL * DIGEST_BLOCKS, replica.nblocks - first)
-            count = _check_int("block count", count, 1, limit)
+            count = check_int("block count", count, 1, limit)
             end = first + count
             if first % DIGEST_BLOCKS or (end % DIGEST_BLOCKS and end != replica.nblocks):
                 raise InvalidArgument(
@@ -452,10 +297,10 @@ class ReplicaStore:
         if not isinstance(check_data, bool):
             raise InvalidArgument(f"check_data must be true or false, not {check_data!r}")
         async with self._locked(vol_id) as replica:
-            first = _check_int("first block", first, 0, replica.nblocks - 1)
+            first = check_int("first block", first, 0, replica.nblocks - 1)
             maximum = MAX_CHECKED_PER_CALL if check_data else MAX_CHECKSUMS_PER_CALL
             limit = min(maximum, replica.nblocks - first)
-            count = _check_int("block count", count, 0, limit)
+            count = check_int("block count", count, 0, limit)
             return await trio.to_thread.run_sync(replica.checksums, first, count, check_data)
 
     async def read_versioned(
@@ -463,7 +308,7 @@ class ReplicaStore:
     ) -> list[tuple[int, bytes | None | bool]]:
         """Read blocks as [version, data]: data None when unwritten, False when it is damaged."""
         async with self._locked(vol_id) as replica:
-            checked = _check_blocknos(replica, blocknos, MAX_BLOCKS_PER_CALL)
+            checked = check_blocknos(replica, blocknos, MAX_BLOCKS_PER_CALL)
             return await trio.to_thread.run_sync(replica.read_versioned, checked)
 
     async def copy(self, vol_id: str, epoch: int, blocks: list[Any]) -> int:
@@ -473,7 +318,7 @@ class ReplicaStore:
         left alone. data None trims the block under `version`. Returns the blocks stored.
         """
         async with self._locked(vol_id) as replica:
-            checked = _check_copies(replica, blocks)
+            checked = check_copies(replica, blocks)
             await self._accept_epoch(replica, epoch)
             return await trio.to_thread.run_sync(replica.copy_blocks, checked)
 
@@ -491,9 +336,9 @@ class ReplicaStore:
             raise NotSupported("this node's store cannot connect to other nodes to pull blocks")
         if not isinstance(source, str) or not source:
             raise InvalidArgument(f"invalid source node {source!r}: expected a node id")
-        replica = await self._replica(_check_vol_id(vol_id))
-        wanted = _check_pulls(replica, blocks)
-        epoch = _check_int("epoch", epoch, 0, MAX_EPOCH)
+        replica = await self._replica(check_vol_id(vol_id))
+        wanted = check_pulls(replica, blocks)
+        epoch = check_int("epoch", epoch, 0, MAX_EPOCH)
         if epoch < replica.epoch:
             # This raises StaleEpoch before the read from the source. The copy below checks
             # the epoch again, under the lock.
@@ -509,7 +354,7 @@ class ReplicaStore:
         ]
         bad = [index for index, (_, data) in enumerate(entries) if data is False]
         async with self._locked(vol_id) as replica:
-            checked = _check_copies(replica, copies)
+            checked = check_copies(replica, copies)
             await self._accept_epoch(replica, epoch)
             stored = await trio.to_thread.run_sync(replica.copy_blocks, checked)
         return {"stored": stored, "bad": bad}
@@ -563,9 +408,9 @@ class ReplicaStore:
         A resync calls it before a full copy, for a replica whose files are damaged or gone.
         Raises StaleEpoch when the old replica's meta file names a higher epoch.
         """
-        vol_id = _check_vol_id(vol_id)
-        epoch = _check_int("epoch", epoch, 0, MAX_EPOCH)
-        nblocks = _check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
+        vol_id = check_vol_id(vol_id)
+        epoch = check_int("epoch", epoch, 0, MAX_EPOCH)
+        nblocks = check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
         async with self._lock:
             await trio.to_thread.run_sync(check_reset_epoch, self.root, vol_id, epoch)
             replica = self._replicas.pop(vol_id, None)
@@ -607,7 +452,7 @@ class ReplicaStore:
 
     async def resize(self, vol_id: str, nblocks: int) -> None:
         """Grow or shrink the replica, dropping the blocks past a smaller end."""
-        nblocks = _check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
+        nblocks = check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
         async with self._locked(vol_id) as replica:
             old = replica.nblocks
             await trio.to_thread.run_sync(replica.resize, nblocks)
@@ -619,7 +464,7 @@ class ReplicaStore:
         Unlike `resize`, it never drops blocks, and it checks the epoch as a write does, so a
         client that a newer attach replaced cannot change the replica.
         """
-        nblocks = _check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
+        nblocks = check_int("nblocks", nblocks, 1, MAX_NBLOCKS)
         async with self._locked(vol_id) as replica:
             if nblocks < replica.nblocks:
                 raise InvalidArgument(

@@ -22,7 +22,8 @@ from pxfs.scrub import (
     verify_replicas,
     written_count,
 )
-from pxfs.store import BLOCK_SIZE, DATA_BAD, MAX_CHECKED_PER_CALL, TRIMMED, ReplicaStore
+from pxfs.store import BLOCK_SIZE, DATA_BAD, TRIMMED, ReplicaStore
+from pxfs.storeargs import MAX_CHECKED_PER_CALL
 
 SECRET = b"scrub-test-secret"
 VOL = "4711"

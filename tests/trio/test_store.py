@@ -13,16 +13,12 @@ from pxfs import errors, replicaformat
 from pxfs.frames import MAX_FRAME
 from pxfs.replica import Replica
 from pxfs.replication import BLOCKS_PER_FRAME, TRIMS_PER_FRAME
-from pxfs.store import (
-    BLOCK_SIZE,
-    DIGEST_BLOCKS,
-    DIGEST_SIZE,
+from pxfs.store import BLOCK_SIZE, DIGEST_BLOCKS, DIGEST_SIZE, RECORD_SIZE, ReplicaStore
+from pxfs.storeargs import (
     MAX_BLOCKS_PER_CALL,
     MAX_DIGESTS_PER_CALL,
     MAX_TRIMS_PER_CALL,
     MAX_VERSIONS_PER_CALL,
-    RECORD_SIZE,
-    ReplicaStore,
 )
 
 VOL = "4817263540921"
