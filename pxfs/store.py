@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
-from pxfs.errors import InvalidArgument, NotFound, NotSupported, PxfsError, StaleEpoch, Unavailable
+from pxfs.errors import InvalidArgument, NotFound, NotSupported, StaleEpoch
+from pxfs.pullsources import PeerConnector, PullSources
 from pxfs.replica import Replica, sync_and_close
 from pxfs.replicafiles import check_reset_epoch, create_replica, delete_replica, open_replica
 from pxfs.replicaformat import (
@@ -33,7 +34,6 @@ from pxfs.replicaformat import (
     TRIMMED,
     write_meta,
 )
-from pxfs.rpc import RpcClient
 from pxfs.storeargs import (
     MAX_BLOCKS_PER_CALL,
     MAX_CHECKED_PER_CALL,
@@ -64,24 +64,10 @@ __all__ = [
     "MAX_EPOCH",
     "RECORD_SIZE",
     "TRIMMED",
-    "PeerConnector",
     "ReplicaStore",
 ]
 
-#: Seconds that one `store.pull` may spend connecting to the source node and reading from it.
-#: It stays below the 5 s after which a replication client drops a replica that has not
-#: replied, so a pull from a slow source fails alone and the resync copies through the client.
-PULL_TIMEOUT = 4.0
-
 _VERIFY_BLOCKS = 1024
-
-
-class PeerConnector(Protocol):
-    """Opens authenticated peer RPC connections to the stores of other nodes, by node id."""
-
-    def connect(self, node_ids: Sequence[str]) -> AbstractAsyncContextManager[list[RpcClient]]:
-        """Return a context that opens one client per node id and closes them at its exit."""
-        ...
 
 
 class ReplicaStore:
@@ -98,11 +84,8 @@ class ReplicaStore:
         self._replicas: dict[str, Replica] = {}
         # Guards opening, creating and deleting replicas, so a volume is never open twice.
         self._lock = trio.Lock()
-        self._peers = peers
-        #: Open connections to the stores of other nodes for `pull`, by node id, each with the
-        #: exit stack that closes it.
-        self._sources: dict[str, tuple[RpcClient, AsyncExitStack]] = {}
-        self._sources_lock = trio.Lock()
+        #: The connections to other nodes that `pull` reads from, None without `peers`.
+        self._sources = PullSources(peers) if peers is not None else None
 
     def handlers(self) -> dict[str, Callable[..., Awaitable[Any]]]:
         """Return the RPC handlers of the store, by method name, for the peer server."""
@@ -332,7 +315,7 @@ class ReplicaStore:
         Raises NotSupported when this store has no connections to other nodes, and Unavailable
         when the source cannot be read.
         """
-        if self._peers is None:
+        if self._sources is None:
             raise NotSupported("this node's store cannot connect to other nodes to pull blocks")
         if not isinstance(source, str) or not source:
             raise InvalidArgument(f"invalid source node {source!r}: expected a node id")
@@ -345,7 +328,7 @@ class ReplicaStore:
             await self._accept_epoch(replica, epoch)
         blocknos = [blockno for blockno, _ in wanted]
         entries = check_entries(
-            await self._read_source(source, vol_id, blocknos), len(wanted), source
+            await self._sources.read_versioned(source, vol_id, blocknos), len(wanted), source
         )
         copies = [
             [blockno, expected, version, data]
@@ -358,49 +341,6 @@ class ReplicaStore:
             await self._accept_epoch(replica, epoch)
             stored = await trio.to_thread.run_sync(replica.copy_blocks, checked)
         return {"stored": stored, "bad": bad}
-
-    async def _read_source(self, source: str, vol_id: str, blocknos: list[int]) -> Any:
-        """Call `store.read_versioned` on node `source`; raises Unavailable when it fails."""
-        client = None
-        try:
-            with trio.fail_after(PULL_TIMEOUT):
-                client = await self._source_client(source)
-                return await client.call("store.read_versioned", vol_id, blocknos)
-        except trio.TooSlowError:
-            await self._drop_source(source)
-            raise Unavailable(
-                f"pull of volume {vol_id}: node {source} did not reply within {PULL_TIMEOUT:g} s"
-            ) from None
-        except PxfsError as exc:
-            if client is None or client.broken:
-                await self._drop_source(source)
-            raise Unavailable(
-                f"pull of volume {vol_id} from node {source} failed: {exc.message}"
-            ) from None
-
-    async def _source_client(self, source: str) -> RpcClient:
-        assert self._peers is not None
-        async with self._sources_lock:
-            opened = self._sources.get(source)
-            if opened is not None and not opened[0].broken:
-                return opened[0]
-            if opened is not None:
-                await opened[1].aclose()
-            stack = AsyncExitStack()
-            try:
-                (client,) = await stack.enter_async_context(self._peers.connect([source]))
-            except BaseException:
-                await stack.aclose()
-                raise
-            self._sources[source] = (client, stack)
-            log.info("connected to the store of node %s to pull blocks", source)
-            return client
-
-    async def _drop_source(self, source: str) -> None:
-        opened = self._sources.pop(source, None)
-        if opened is not None:
-            with trio.CancelScope(shield=True):
-                await opened[1].aclose()
 
     async def reset(self, vol_id: str, epoch: int, nblocks: int) -> None:
         """Replace the replica of `vol_id` with an empty one of `nblocks` blocks at `epoch`.
@@ -497,8 +437,8 @@ class ReplicaStore:
 
     async def aclose(self) -> None:
         """Close the files of every open replica and the connections to other nodes."""
-        for source in list(self._sources):
-            await self._drop_source(source)
+        if self._sources is not None:
+            await self._sources.aclose()
         async with self._lock:
             for replica in self._replicas.values():
                 async with replica.lock:
