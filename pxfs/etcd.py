@@ -1,9 +1,8 @@
 """A trio client for the JSON gateway of etcd v3 (the `/v3/` paths of etcd 3.4).
 
-etcd's own clients speak gRPC. Its gateway accepts the same requests as JSON over HTTP POST, with
-bytes fields in base64 and 64-bit integers as decimal strings, and leaves out every field that
-has its zero value. This client covers what the catalog needs: ranges, puts, deletes,
-transactions, leases and watches.
+etcd's own clients speak gRPC. Its gateway accepts the same requests as JSON over HTTP POST, and
+pxfs/etcdmessages.py encodes the requests and decodes the replies. This client covers what the
+catalog needs: ranges, puts, deletes, transactions, leases and watches.
 
 Every call is bounded by the client's timeout and tries the endpoints in turn, starting with the
 one that responded last. A request that never reached a server (connection refused, connect
@@ -14,10 +13,8 @@ unknown, so the call raises Unavailable instead of risking a second application.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,99 +22,38 @@ from typing import Any
 import httpx
 import trio
 
-from pxfs.errors import (
-    AuthenticationFailed,
-    InternalError,
-    InvalidArgument,
-    NoSpace,
-    NotFound,
-    PermissionDenied,
-    ProtocolError,
-    PxfsError,
-    Unavailable,
+from pxfs.errors import InvalidArgument, NotFound, ProtocolError, Unavailable
+from pxfs.etcdmessages import (
+    Compare,
+    DeleteResult,
+    Get,
+    KeyValue,
+    Lease,
+    Op,
+    PutResult,
+    RangeResult,
+    TxnResult,
+    decode_delete_response,
+    decode_key_value,
+    decode_put_response,
+    decode_range_response,
+    decode_reply,
+    decode_revision,
+    decode_txn_response,
+    describe_transport_error,
+    encode_delete_request,
+    encode_put_request,
+    encode_range_request,
+    error_from_body,
+    error_from_response,
+    prefix_range,
 )
-
-log = logging.getLogger(__name__)
 
 #: Seconds that one call may take in all, over every endpoint it tries.
 DEFAULT_TIMEOUT = 5.0
 #: Seconds to wait for a TCP connection to one endpoint before trying the next.
 DEFAULT_CONNECT_TIMEOUT = 2.0
-
-#: gRPC status codes in the gateway's error bodies, and the pxfs error for each.
-_GRPC_ERRORS: dict[int, type[PxfsError]] = {
-    1: Unavailable,  # CANCELLED: "the client connection is closing" while etcd shuts down
-    3: InvalidArgument,  # INVALID_ARGUMENT, such as a duplicate key in a transaction
-    4: Unavailable,  # DEADLINE_EXCEEDED
-    5: NotFound,  # NOT_FOUND: an unknown or expired lease
-    7: PermissionDenied,  # PERMISSION_DENIED
-    8: NoSpace,  # RESOURCE_EXHAUSTED: "mvcc: database space exceeded"
-    11: InvalidArgument,  # OUT_OF_RANGE: a compacted or future revision
-    14: Unavailable,  # UNAVAILABLE: no leader, or the request timed out inside etcd
-    16: AuthenticationFailed,  # UNAUTHENTICATED
-}
-#: The codes that mean this member cannot serve now, though another member may.
-_GRPC_TRY_ANOTHER_MEMBER = {1, 14}
 _MAX_LINES_AFTER_CLOSE = 1000
-
-
-@dataclass(frozen=True)
-class KeyValue:
-    """One key as etcd stores it, with its revisions and lease."""
-
-    key: bytes
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
-    lease: int
-
-
-@dataclass(frozen=True)
-class RangeResult:
-    """The keys of a range read and the store revision it was served at."""
-
-    kvs: list[KeyValue]
-    revision: int
-    count: int
-    more: bool
-
-
-@dataclass(frozen=True)
-class PutResult:
-    """The store revision after a put, and the previous value when it was requested."""
-
-    revision: int
-    prev_kv: KeyValue | None
-
-
-@dataclass(frozen=True)
-class DeleteResult:
-    """The number of keys a delete removed, and their values when they were requested."""
-
-    revision: int
-    deleted: int
-    prev_kvs: list[KeyValue]
-
-
-OpResult = RangeResult | PutResult | DeleteResult
-
-
-@dataclass(frozen=True)
-class TxnResult:
-    """Whether a transaction's comparisons held, and the result of each operation it ran."""
-
-    succeeded: bool
-    revision: int
-    responses: list[OpResult]
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A granted lease, with its id and the TTL in seconds that etcd chose."""
-
-    id: int
-    ttl: int
 
 
 @dataclass(frozen=True)
@@ -135,98 +71,6 @@ class RevisionCompacted(NotFound):
     def __init__(self, message: str, compact_revision: int) -> None:
         super().__init__(message)
         self.compact_revision = compact_revision
-
-
-@dataclass(frozen=True)
-class Compare:
-    """One comparison of a transaction: `target` of `key` compared with `value`.
-
-    `target` is "VERSION", "CREATE", "MOD", "VALUE" or "LEASE" (which revision or field of the
-    key). `result` is "EQUAL", "NOT_EQUAL", "GREATER" or "LESS".
-    """
-
-    key: bytes
-    target: str
-    result: str
-    value: int | bytes
-
-    def to_json(self) -> dict[str, Any]:
-        """Encode the comparison for the gateway."""
-        fields = {"VERSION": "version", "CREATE": "create_revision", "MOD": "mod_revision"}
-        body: dict[str, Any] = {"key": _b64(self.key), "target": self.target}
-        body["result"] = self.result
-        if self.target == "VALUE":
-            assert isinstance(self.value, bytes)
-            body["value"] = _b64(self.value)
-        elif self.target == "LEASE":
-            body["lease"] = str(self.value)
-        else:
-            body[fields[self.target]] = str(self.value)
-        return body
-
-
-def mod_revision_is(key: bytes, revision: int) -> Compare:
-    """Build a comparison that `key` was last modified at `revision` (0 matches a missing key)."""
-    return Compare(key, "MOD", "EQUAL", revision)
-
-
-def key_missing(key: bytes) -> Compare:
-    """Build a comparison that `key` does not exist, which etcd tests as create revision 0."""
-    return Compare(key, "CREATE", "EQUAL", 0)
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """Return the range end that selects every key starting with `prefix`."""
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    # For an empty prefix or one of only 0xff bytes, the range end "\0" makes etcd select every
-    # key from the start key on.
-    return b"\0"
-
-
-@dataclass(frozen=True)
-class Get:
-    """A range read inside a transaction: `key`, or [key, range_end) when range_end is set."""
-
-    key: bytes
-    range_end: bytes | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """Encode the operation for the gateway."""
-        return {"request_range": _range_body(self.key, self.range_end)}
-
-
-@dataclass(frozen=True)
-class Put:
-    """A put inside a transaction, attached to `lease` unless it is 0."""
-
-    key: bytes
-    value: bytes
-    lease: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """Encode the operation for the gateway."""
-        return {"request_put": _put_body(self.key, self.value, self.lease, False)}
-
-
-@dataclass(frozen=True)
-class Delete:
-    """A delete inside a transaction, returning the removed values when `prev_kv` is set."""
-
-    key: bytes
-    range_end: bytes | None = None
-    prev_kv: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        """Encode the operation for the gateway."""
-        return {"request_delete_range": _delete_body(self.key, self.range_end, self.prev_kv)}
-
-
-Op = Get | Put | Delete
 
 
 class EtcdClient:
@@ -271,11 +115,11 @@ class EtcdClient:
     ) -> RangeResult:
         """Read `key`, the keys in [key, range_end), or with `prefix` every key under `key`."""
         if prefix:
-            key, range_end = _prefix_range(key)
-        body = _range_body(key, range_end)
+            key, range_end = prefix_range(key)
+        body = encode_range_request(key, range_end)
         if limit:
             body["limit"] = str(limit)
-        return _range_result(await self._post("/v3/kv/range", body, idempotent=True))
+        return decode_range_response(await self._post("/v3/kv/range", body, idempotent=True))
 
     async def get(self, key: bytes) -> KeyValue | None:
         """Return `key`, or None if it does not exist."""
@@ -286,8 +130,8 @@ class EtcdClient:
         self, key: bytes, value: bytes, *, lease: int = 0, prev_kv: bool = False
     ) -> PutResult:
         """Set `key` to `value`, attached to `lease` unless it is 0."""
-        body = _put_body(key, value, lease, prev_kv)
-        return _put_result(await self._post("/v3/kv/put", body, idempotent=False))
+        body = encode_put_request(key, value, lease, prev_kv)
+        return decode_put_response(await self._post("/v3/kv/put", body, idempotent=False))
 
     async def delete(
         self,
@@ -299,10 +143,10 @@ class EtcdClient:
     ) -> DeleteResult:
         """Delete `key`, the keys in [key, range_end), or with `prefix` every key under `key`."""
         if prefix:
-            key, range_end = _prefix_range(key)
-        body = _delete_body(key, range_end, prev_kv)
+            key, range_end = prefix_range(key)
+        body = encode_delete_request(key, range_end, prev_kv)
         reply = await self._post("/v3/kv/deleterange", body, idempotent=False)
-        return _delete_result(reply)
+        return decode_delete_response(reply)
 
     async def txn(
         self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
@@ -315,8 +159,7 @@ class EtcdClient:
         }
         reads_only = all(isinstance(op, Get) for op in (*success, *failure))
         reply = await self._post("/v3/kv/txn", body, idempotent=reads_only)
-        responses = [_op_result(item) for item in reply.get("responses", [])]
-        return TxnResult(bool(reply.get("succeeded")), _revision(reply), responses)
+        return decode_txn_response(reply)
 
     async def lease_grant(self, ttl: int) -> Lease:
         """Grant a lease of `ttl` seconds. etcd may raise the TTL to its minimum."""
@@ -333,7 +176,7 @@ class EtcdClient:
         reply = await self._post("/v3/lease/keepalive", {"ID": str(lease_id)}, idempotent=True)
         result = reply.get("result", {})
         if "error" in reply:
-            raise _error_from_body(reply["error"], "/v3/lease/keepalive")
+            raise error_from_body(reply["error"], "/v3/lease/keepalive")
         return int(result.get("TTL", 0))
 
     async def lease_revoke(self, lease_id: int) -> None:
@@ -356,16 +199,10 @@ class EtcdClient:
         change is delivered. Without `start_revision`, only those later changes are.
         """
         if prefix:
-            key, range_end = _prefix_range(key)
-        request: dict[str, Any] = {"key": _b64(key)}
-        if range_end is not None:
-            request["range_end"] = _b64(range_end)
-        if start_revision:
-            request["start_revision"] = str(start_revision)
-        if prev_kv:
-            request["prev_kv"] = True
+            key, range_end = prefix_range(key)
+        body = encode_create_request(key, range_end, start_revision, prev_kv)
         async with contextlib.AsyncExitStack() as stack:
-            endpoint, response = await self._open_stream({"create_request": request})
+            endpoint, response = await self._open_stream(body)
             watch = Watch(endpoint, response)
             stack.push_async_callback(watch.aclose)
             with trio.move_on_after(self.timeout):
@@ -385,14 +222,16 @@ class EtcdClient:
                 try:
                     response = await self._http.post(endpoint + path, json=body)
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                    tried.append(f"{endpoint} ({_describe(exc)})")
+                    tried.append(f"{endpoint} ({describe_transport_error(exc)})")
                     continue
                 except httpx.TransportError as exc:
                     if not idempotent:
-                        raise _unknown_outcome(path, endpoint, _describe(exc)) from None
-                    tried.append(f"{endpoint} ({_describe(exc)})")
+                        raise _unknown_outcome(
+                            path, endpoint, describe_transport_error(exc)
+                        ) from None
+                    tried.append(f"{endpoint} ({describe_transport_error(exc)})")
                     continue
-                reply = _decode_reply(response, path, endpoint)
+                reply = decode_reply(response, path, endpoint)
                 if reply is None:
                     # etcd reported that it cannot serve now, for example without a leader.
                     # Another member may serve it, but a write that failed this way may still
@@ -422,12 +261,12 @@ class EtcdClient:
                 try:
                     response = await self._http.send(request, stream=True)
                 except httpx.TransportError as exc:
-                    tried.append(f"{endpoint} ({_describe(exc)})")
+                    tried.append(f"{endpoint} ({describe_transport_error(exc)})")
                     continue
                 if response.status_code != 200:
                     await response.aread()
                     await response.aclose()
-                    raise _error_from_response(response, "/v3/watch", endpoint)
+                    raise error_from_response(response, "/v3/watch", endpoint)
                 self._preferred = index
                 return endpoint, response
             raise Unavailable(f"etcd is unavailable: /v3/watch failed on {', '.join(tried)}")
@@ -502,7 +341,7 @@ class Watch:
                 )
             reason = result.get("cancel_reason") or "no reason given"
             raise Unavailable(f"etcd at {self.endpoint} canceled the watch: {reason}")
-        events = [_watch_event(item) for item in result.get("events", [])]
+        events = [_decode_event(item) for item in result.get("events", [])]
         # While a watch catches up on old revisions, etcd sends them in batches whose header
         # carries the current store revision (syncWatchers in etcd's mvcc/watchable_store.go),
         # so only the events show how far delivery has come. A response without events is
@@ -510,7 +349,7 @@ class Watch:
         if events:
             self.revision = max(self.revision, events[-1].kv.mod_revision)
         else:
-            self.revision = max(self.revision, _revision(result))
+            self.revision = max(self.revision, decode_revision(result))
         return events
 
     async def _next_result(self) -> dict[str, Any]:
@@ -519,7 +358,7 @@ class Watch:
         except StopAsyncIteration:
             raise self._broken("the server closed it") from None
         except httpx.TransportError as exc:
-            raise self._broken(_describe(exc)) from None
+            raise self._broken(describe_transport_error(exc)) from None
         try:
             message = json.loads(line)
         except ValueError:
@@ -527,7 +366,7 @@ class Watch:
                 f"etcd at {self.endpoint} sent invalid JSON: {line!r:.200}"
             ) from None
         if "error" in message:
-            error = _error_from_body(message["error"], "/v3/watch")
+            error = error_from_body(message["error"], "/v3/watch")
             if isinstance(error, Unavailable):
                 raise self._broken(error.message)
             raise error
@@ -543,11 +382,6 @@ class Watch:
         )
 
 
-def _prefix_range(prefix: bytes) -> tuple[bytes, bytes]:
-    # etcd rejects an empty key, so an empty prefix becomes the range of every key from "\0" on.
-    return (prefix or b"\0"), prefix_end(prefix)
-
-
 def _check_endpoints(endpoints: Sequence[str]) -> list[str]:
     if isinstance(endpoints, str) or not endpoints:
         raise InvalidArgument(f"invalid etcd endpoints {endpoints!r}: expected a list of URLs")
@@ -561,61 +395,6 @@ def _check_endpoints(endpoints: Sequence[str]) -> list[str]:
     return checked
 
 
-def _decode_reply(response: httpx.Response, path: str, endpoint: str) -> dict[str, Any] | None:
-    """Return the JSON body of a success, or None when another member may serve it.
-
-    Raises the matching PxfsError for any other failure.
-    """
-    if response.status_code == 200:
-        try:
-            reply = response.json()
-        except ValueError:
-            raise ProtocolError(
-                f"etcd at {endpoint} sent invalid JSON for {path}: {response.text!r:.200}"
-            ) from None
-        if not isinstance(reply, dict):
-            raise ProtocolError(f"etcd at {endpoint} sent {reply!r:.200} for {path}")
-        return reply
-    error = _error_from_response(response, path, endpoint)
-    if _grpc_code(response) in _GRPC_TRY_ANOTHER_MEMBER:
-        log.warning("etcd at %s: %s", endpoint, error.message)
-        return None
-    raise error
-
-
-def _grpc_code(response: httpx.Response) -> int | None:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    code = body.get("code") if isinstance(body, dict) else None
-    return code if isinstance(code, int) else None
-
-
-def _error_from_response(response: httpx.Response, path: str, endpoint: str) -> PxfsError:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict) or not isinstance(body.get("code"), int):
-        return ProtocolError(
-            f"etcd at {endpoint} returned HTTP {response.status_code} for {path}: "
-            f"{response.text!r:.200}"
-        )
-    return _error_from_body(body, path)
-
-
-def _error_from_body(body: dict[str, Any], path: str) -> PxfsError:
-    # Unary calls report {"code": ..., "message": ...}. Streams report their error as
-    # {"grpc_code": ..., "http_code": ..., "message": ...}.
-    code = body.get("code", body.get("grpc_code"))
-    message = body.get("message") or body.get("error") or "no message"
-    cls = _GRPC_ERRORS.get(code, InternalError) if isinstance(code, int) else InternalError
-    if cls is InternalError:
-        log.error("etcd failed %s with gRPC code %r: %s", path, code, message)
-    return cls(f"etcd failed {path}: {message}")
-
-
 def _unknown_outcome(path: str, endpoint: str, reason: str) -> Unavailable:
     return Unavailable(
         f"etcd at {endpoint} sent no response to {path} ({reason}); "
@@ -623,85 +402,23 @@ def _unknown_outcome(path: str, endpoint: str, reason: str) -> Unavailable:
     )
 
 
-def _describe(exc: httpx.TransportError) -> str:
-    return str(exc) or type(exc).__name__
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str | None) -> bytes:
-    return base64.b64decode(text) if text else b""
-
-
-def _revision(reply: dict[str, Any]) -> int:
-    return int(reply.get("header", {}).get("revision", 0))
-
-
-def _range_body(key: bytes, range_end: bytes | None) -> dict[str, Any]:
-    body = {"key": _b64(key)}
-    if range_end is not None:
-        body["range_end"] = _b64(range_end)
-    return body
-
-
-def _put_body(key: bytes, value: bytes, lease: int, prev_kv: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-    if lease:
-        body["lease"] = str(lease)
+def encode_create_request(
+    key: bytes, range_end: bytes | None, start_revision: int, prev_kv: bool
+) -> dict[str, Any]:
+    """Encode the WatchCreateRequest of `key`, or of [key, range_end) when range_end is set."""
+    request = encode_range_request(key, range_end)
+    if start_revision:
+        request["start_revision"] = str(start_revision)
     if prev_kv:
-        body["prev_kv"] = True
-    return body
+        request["prev_kv"] = True
+    return {"create_request": request}
 
 
-def _delete_body(key: bytes, range_end: bytes | None, prev_kv: bool) -> dict[str, Any]:
-    body: dict[str, Any] = _range_body(key, range_end)
-    if prev_kv:
-        body["prev_kv"] = True
-    return body
-
-
-def _key_value(item: dict[str, Any]) -> KeyValue:
-    return KeyValue(
-        key=_unb64(item.get("key")),
-        value=_unb64(item.get("value")),
-        create_revision=int(item.get("create_revision", 0)),
-        mod_revision=int(item.get("mod_revision", 0)),
-        version=int(item.get("version", 0)),
-        lease=int(item.get("lease", 0)),
-    )
-
-
-def _range_result(reply: dict[str, Any]) -> RangeResult:
-    kvs = [_key_value(item) for item in reply.get("kvs", [])]
-    count = int(reply.get("count", 0))
-    return RangeResult(kvs, _revision(reply), count, bool(reply.get("more")))
-
-
-def _put_result(reply: dict[str, Any]) -> PutResult:
-    prev = reply.get("prev_kv")
-    return PutResult(_revision(reply), _key_value(prev) if prev else None)
-
-
-def _delete_result(reply: dict[str, Any]) -> DeleteResult:
-    prev_kvs = [_key_value(item) for item in reply.get("prev_kvs", [])]
-    return DeleteResult(_revision(reply), int(reply.get("deleted", 0)), prev_kvs)
-
-
-def _op_result(item: dict[str, Any]) -> OpResult:
-    if "response_range" in item:
-        return _range_result(item["response_range"])
-    if "response_put" in item:
-        return _put_result(item["response_put"])
-    if "response_delete_range" in item:
-        return _delete_result(item["response_delete_range"])
-    raise ProtocolError(f"etcd sent an unknown transaction response: {item!r:.200}")
-
-
-def _watch_event(item: dict[str, Any]) -> WatchEvent:
+def _decode_event(item: dict[str, Any]) -> WatchEvent:
     prev = item.get("prev_kv")
     # The gateway leaves out the type of a PUT event, because PUT is the enum's zero value.
     return WatchEvent(
-        item.get("type", "PUT"), _key_value(item["kv"]), _key_value(prev) if prev else None
+        item.get("type", "PUT"),
+        decode_key_value(item["kv"]),
+        decode_key_value(prev) if prev else None,
     )

@@ -39,11 +39,10 @@ from pxfs.errors import (
     NotFound,
     PxfsError,
 )
-from pxfs.etcd import (
-    DEFAULT_TIMEOUT,
+from pxfs.etcd import DEFAULT_TIMEOUT, EtcdClient
+from pxfs.etcdmessages import (
     Compare,
     Delete,
-    EtcdClient,
     Get,
     KeyValue,
     Put,

@@ -25,7 +25,8 @@ import trio
 from pxfs.catalog import Catalog, NodeRecord
 from pxfs.config import parse_listen
 from pxfs.errors import AuthenticationFailed, InvalidArgument, PxfsError, Unavailable
-from pxfs.etcd import EtcdClient, Get, Put, RangeResult, key_missing
+from pxfs.etcd import EtcdClient
+from pxfs.etcdmessages import Get, Put, RangeResult, key_missing
 from pxfs.rpc import RpcClient
 
 log = logging.getLogger(__name__)

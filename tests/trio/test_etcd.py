@@ -11,15 +11,14 @@ import trio
 from etcdproc import EtcdProcess, free_port
 
 from pxfs.errors import InvalidArgument, NotFound, ProtocolError, Unavailable
-from pxfs.etcd import (
+from pxfs.etcd import EtcdClient, RevisionCompacted
+from pxfs.etcdmessages import (
     Compare,
     Delete,
-    EtcdClient,
     Get,
     Put,
     PutResult,
     RangeResult,
-    RevisionCompacted,
     key_missing,
     mod_revision_is,
     prefix_end,
