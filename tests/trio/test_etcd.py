@@ -11,7 +11,7 @@ import trio
 from etcdproc import EtcdProcess, free_port
 
 from pxfs.errors import InvalidArgument, NotFound, ProtocolError, Unavailable
-from pxfs.etcd import EtcdClient, RevisionCompacted
+from pxfs.etcd import EtcdClient
 from pxfs.etcdmessages import (
     Compare,
     Delete,
@@ -23,6 +23,7 @@ from pxfs.etcdmessages import (
     mod_revision_is,
     prefix_end,
 )
+from pxfs.etcdwatch import RevisionCompacted
 
 TIMEOUT = 2.0
 
