@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from etcdproc import ETCD, EtcdProcess, start_etcd
+from etcdproc import ETCD, EtcdProcess, start_etcd, wait_until_stopped
 from nodeproc import is_mountpoint, mount_child_pids
 
 from pxfs import errors
@@ -423,6 +423,7 @@ class ClusterNode:
         """SIGSTOP pxd: it keeps its connections open but replies to nothing, like a hung node."""
         assert self.pxd is not None
         self.pxd.send_signal(signal.SIGSTOP)
+        wait_until_stopped(self.pxd.pid)
 
     def resume(self) -> None:
         """SIGCONT a paused pxd."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
@@ -23,6 +24,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_until_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Wait until every thread of process `pid` is stopped by a signal.
+
+    kill(SIGSTOP) returns before each thread has stopped, and a thread still running may send
+    one more response.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                # The state follows the command name, which is in parentheses.
+                states.append(task.joinpath("stat").read_text().rpartition(")")[2].split()[0])
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop within {timeout} s of SIGSTOP")
 
 
 class EtcdProcess:
@@ -115,6 +135,7 @@ class EtcdProcess:
         """SIGSTOP etcd: its sockets still accept connections, but it sends no responses."""
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
+        wait_until_stopped(self.process.pid)
         self.paused = True
 
     def resume(self) -> None:
