@@ -16,10 +16,10 @@ import sys
 from collections.abc import Sequence
 
 from pxfs import errors
+from pxfs.blockingclient import BlockingClient
 from pxfs.clicommands import Command
 from pxfs.cliparser import SOCKET_ENV, build_parser
 from pxfs.config import Config
-from pxfs.rpc import BlockingClient
 
 
 def socket_path(args: argparse.Namespace) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 from pxfs import errors
 from pxfs.api import osd
 from pxfs.api.osd import volume_to_osd
+from pxfs.blockingclient import BlockingClient
 from pxfs.cliformat import (
     format_rfc3339,
     inspect_lines,
@@ -25,7 +26,6 @@ from pxfs.cliformat import (
     status_lines,
     verify_lines,
 )
-from pxfs.rpc import BlockingClient
 
 #: Exit code of `volume check` when the check found problems.
 CHECK_FAILED_EXIT = errors.Corrupted.exit_code

@@ -29,7 +29,7 @@ from etcdproc import ETCD, EtcdProcess, start_etcd, wait_until_stopped
 from nodeproc import is_mountpoint, mount_child_pids
 
 from pxfs import errors
-from pxfs.rpc import BlockingClient
+from pxfs.blockingclient import BlockingClient
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pxfs import errors
-from pxfs.rpc import BlockingClient
+from pxfs.blockingclient import BlockingClient
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0

@@ -18,8 +18,9 @@ from clusterproc import REPO, Cluster, ClusterNode, sha256_file, write_secret
 from nodeproc import is_mountpoint
 
 from pxfs import errors
+from pxfs.blockingclient import BlockingClient
 from pxfs.etcdcatalog import DEFAULT_NODE_TTL
-from pxfs.rpc import BlockingClient, RpcClient, read_secret
+from pxfs.rpc import RpcClient, read_secret
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
 

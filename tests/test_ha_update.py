@@ -31,7 +31,7 @@ from clusterproc import (
 )
 
 from pxfs import errors
-from pxfs.rpc import BlockingClient
+from pxfs.blockingclient import BlockingClient
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
 

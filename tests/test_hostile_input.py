@@ -25,8 +25,9 @@ from nodeproc import Node, is_mountpoint
 from rawrpc import authenticate, connected, frame, receive_frame
 
 from pxfs import errors
+from pxfs.blockingclient import BlockingClient
 from pxfs.frames import REQUEST
-from pxfs.rpc import BlockingClient, read_secret
+from pxfs.rpc import read_secret
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"

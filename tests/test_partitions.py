@@ -45,11 +45,12 @@ from clusterproc import (
 )
 
 from pxfs import errors
+from pxfs.blockingclient import BlockingClient
 from pxfs.children import STOP_TIMEOUT
 from pxfs.etcd import DEFAULT_TIMEOUT as ETCD_TIMEOUT
 from pxfs.etcdcatalog import DEFAULT_NODE_TTL
 from pxfs.replication import BLOCKS_PER_FRAME, DEFAULT_TIMEOUT, MAX_IN_FLIGHT
-from pxfs.rpc import BlockingClient, RpcClient, read_secret
+from pxfs.rpc import RpcClient, read_secret
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE mounts")
 

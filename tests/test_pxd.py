@@ -17,8 +17,8 @@ import pytest
 from nodeproc import mount_child_pids
 
 from pxfs import errors
+from pxfs.blockingclient import BlockingClient
 from pxfs.config import Config, load_config
-from pxfs.rpc import BlockingClient
 from pxfs.volume.format import device_blocks
 
 REPO = Path(__file__).resolve().parent.parent

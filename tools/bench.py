@@ -53,7 +53,7 @@ from benchcommon import (
 )
 
 from pxfs import errors
-from pxfs.rpc import BlockingClient
+from pxfs.blockingclient import BlockingClient
 
 GIB = 1024**3
 START_TIMEOUT = 30.0

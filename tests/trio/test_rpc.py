@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import trio
 
-from pxfs import errors, frames, rpc
+from pxfs import blockingclient, errors, frames, rpc
 
 SECRET = b"s3cret"
 
@@ -324,7 +324,7 @@ async def test_lost_connection_fails_pending_calls(nursery, tmp_path):
 
 
 def test_blocking_client_reports_missing_socket(tmp_path):
-    client = rpc.BlockingClient(tmp_path / "absent.sock")
+    client = blockingclient.BlockingClient(tmp_path / "absent.sock")
     with pytest.raises(errors.Unavailable, match="pxd is not running"):
         client.call("node.status")
 
@@ -356,7 +356,7 @@ def test_encode_frame_rejects_lone_surrogate():
 
 def test_blocking_client_rejects_lone_surrogate(tmp_path):
     # The argument is checked before the client connects, so no server is needed.
-    client = rpc.BlockingClient(tmp_path / "absent.sock")
+    client = blockingclient.BlockingClient(tmp_path / "absent.sock")
     with pytest.raises(errors.InvalidArgument, match="not valid UTF-8"):
         client.call("volume.inspect", "\udcff")
 
