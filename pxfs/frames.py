@@ -9,8 +9,9 @@ A frame is a 4-byte big-endian length followed by that many bytes of msgpack. Me
     [RESPONSE, hmac]                     client -> server, HMAC-SHA256 of the nonce with the secret
     [WELCOME, True]                      server -> client, the handshake succeeded
 
-The codec (encode_frame, FrameDecoder) does no I/O, so the trio classes of pxfs.rpc and the
-asyncio client of the sidecar share it. FrameStream sends and receives frames on a trio stream.
+The codec (encode_frame, FrameDecoder) does no I/O, so the trio server and client (pxfs.rpcserver,
+pxfs.rpc), the blocking client (pxfs.blockingclient) and the asyncio client of the sidecar share
+it. FrameStream sends and receives frames on a trio stream.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import trio
 from pxfs.errors import InvalidArgument
 from pxfs.mountdevice import Replicas, open_connection, resync_added
 from pxfs.replication import ReplicationClient
-from pxfs.rpc import RpcServer, read_secret
+from pxfs.rpc import read_secret
+from pxfs.rpcserver import RpcServer
 from pxfs.stats import IoMeter
 from pxfs.volume.device import BlockDevice
 from pxfs.volume.namespace import Volume

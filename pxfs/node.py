@@ -34,7 +34,8 @@ from pxfs.etcdcatalog import EtcdCatalog
 from pxfs.leftovers import LeftoverReplicas
 from pxfs.membership import STATUS_INTERVAL, Peers, check_secret_fingerprint, fence_margin
 from pxfs.nodebase import now_ns
-from pxfs.rpc import RpcServer, read_secret
+from pxfs.rpc import read_secret
+from pxfs.rpcserver import RpcServer
 from pxfs.stats import StatsStore
 from pxfs.store import ReplicaStore
 from pxfs.tls import PeerTls, TlsFiles

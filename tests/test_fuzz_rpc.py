@@ -19,7 +19,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pxfs import errors, frames, rpc
+from pxfs import errors, frames, rpc, rpcserver
 
 # No example database, so a fuzz run leaves no files in the working tree and each run draws new
 # inputs. The deadline catches a decoder that loops, because a frame here takes well under 1 ms.
@@ -208,7 +208,7 @@ async def echo(*args: Any) -> list[Any]:
 
 async def call_after_bad_peer(path: str, secret: bytes | None, bad_body: bytes) -> Any:
     """Let one peer send `bad_body` as a frame, then return a second peer's echo reply."""
-    server = rpc.RpcServer({"echo": echo}, secret=secret, name="fuzz")
+    server = rpcserver.RpcServer({"echo": echo}, secret=secret, name="fuzz")
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve_unix, path)
         with trio.fail_after(5):

@@ -36,7 +36,8 @@ from clusterproc import REPO, Cluster, ClusterNode, mount_on, release_on, sha256
 from rawrpc import GARBAGE, TIMEOUT, frame, receive_frame
 
 from pxfs.frames import CHALLENGE, MAX_FRAME, REQUEST, RESPONSE, WELCOME
-from pxfs.rpc import HANDSHAKE_MAX_FRAME, RpcClient, handshake_digest, read_secret
+from pxfs.rpc import RpcClient, handshake_digest, read_secret
+from pxfs.rpcserver import HANDSHAKE_MAX_FRAME
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"

@@ -1,7 +1,7 @@
 """Fixtures of the sidecar tests: a fake pxd on a unix socket and the REST app in front of it.
 
 FakePxd keeps volume records in memory and serves the control RPC methods with the real
-RpcServer of pxfs.rpc. The server runs in a trio event loop on a thread of its own, so the
+RpcServer of pxfs.rpcserver. The server runs in a trio event loop on a thread of its own, so the
 sidecar and pxctl under test speak the real frame protocol. It follows the semantics that
 docs/internals.md fixes for each method but stores no data. The end-to-end tests run the real
 pxd.
@@ -30,7 +30,7 @@ from sidecarproc import SidecarProcess, short_socket_path
 from pxfs import errors, units
 from pxfs.api.app import make_app
 from pxfs.api.control import ControlClient
-from pxfs.rpc import RpcServer
+from pxfs.rpcserver import RpcServer
 
 NODE_ID = "node-a1"
 STATS_KEYS = (

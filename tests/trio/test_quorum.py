@@ -11,7 +11,8 @@ import trio.testing
 
 from pxfs import errors
 from pxfs.replication import ReplicationClient
-from pxfs.rpc import RpcClient, RpcServer
+from pxfs.rpc import RpcClient
+from pxfs.rpcserver import RpcServer
 from pxfs.store import BLOCK_SIZE, RECORD_SIZE, ReplicaStore
 
 SECRET = b"quorum-test-secret"

@@ -10,7 +10,8 @@ import trio.testing
 
 from pxfs import errors
 from pxfs.replication import BLOCKS_PER_FRAME, ZERO_BLOCK, ReplicationClient
-from pxfs.rpc import RpcClient, RpcServer
+from pxfs.rpc import RpcClient
+from pxfs.rpcserver import RpcServer
 from pxfs.store import BLOCK_SIZE, RECORD_SIZE, ReplicaStore
 from pxfs.volume.device import BlockChange
 

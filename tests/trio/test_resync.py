@@ -17,7 +17,8 @@ from test_quorum import NBLOCKS, SECRET, VOL, Harness, Replica, block
 from pxfs import errors, mountdevice
 from pxfs.replicaformat import pwrite_all
 from pxfs.replication import ReplicationClient
-from pxfs.rpc import RpcClient, RpcServer
+from pxfs.rpc import RpcClient
+from pxfs.rpcserver import RpcServer
 from pxfs.store import BLOCK_SIZE, DIGEST_BLOCKS, ReplicaStore
 from pxfs.volume.device import BlockChange
 from pxfs.volume.format import Geometry

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import trio
 
-from pxfs import blockingclient, errors, frames, rpc
+from pxfs import blockingclient, errors, frames, rpc, rpcserver
 
 SECRET = b"s3cret"
 
@@ -34,7 +34,7 @@ HANDLERS = {"echo": _echo, "missing": _fail_not_found, "crash": _crash, "slow": 
 @pytest.fixture
 async def server_path(nursery, tmp_path):
     path = tmp_path / "rpc.sock"
-    server = rpc.RpcServer(HANDLERS, secret=SECRET, name="test")
+    server = rpcserver.RpcServer(HANDLERS, secret=SECRET, name="test")
     await nursery.start(server.serve_unix, path)
     return path
 
@@ -311,7 +311,7 @@ async def test_lost_connection_fails_pending_calls(nursery, tmp_path):
 
     async def serve(task_status=trio.TASK_STATUS_IGNORED):
         with cancel:
-            await rpc.RpcServer(HANDLERS).serve_unix(path, task_status=task_status)
+            await rpcserver.RpcServer(HANDLERS).serve_unix(path, task_status=task_status)
 
     await nursery.start(serve)
     client = await rpc.RpcClient.connect_unix(path)
@@ -330,7 +330,7 @@ def test_blocking_client_reports_missing_socket(tmp_path):
 
 
 async def test_socket_of_live_server_not_replaced(server_path):
-    second = rpc.RpcServer(HANDLERS, name="second")
+    second = rpcserver.RpcServer(HANDLERS, name="second")
     with pytest.raises(errors.Busy, match="another server is listening"):
         await second.serve_unix(server_path)
 
@@ -342,7 +342,7 @@ async def test_stale_socket_replaced(nursery, tmp_path):
     stale = socket_module.socket(socket_module.AF_UNIX)
     stale.bind(str(path))
     stale.close()
-    await nursery.start(rpc.RpcServer(HANDLERS).serve_unix, path)
+    await nursery.start(rpcserver.RpcServer(HANDLERS).serve_unix, path)
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     client = await rpc.RpcClient.connect_unix(path)
     assert await client.call("echo", 2) == [2]
@@ -364,7 +364,7 @@ def test_blocking_client_rejects_lone_surrogate(tmp_path):
 async def test_large_frame_before_handshake_rejected_at_once(server_path, caplog):
     # Without the secret a client may not make the server buffer more than a handshake frame.
     stream = await trio.open_unix_socket(os.fspath(server_path))
-    await stream.send_all(struct.pack(">I", rpc.HANDSHAKE_MAX_FRAME + 1) + b"x" * 100)
+    await stream.send_all(struct.pack(">I", rpcserver.HANDSHAKE_MAX_FRAME + 1) + b"x" * 100)
     received = b""
     with trio.fail_after(2):
         while data := await stream.receive_some(65536):

@@ -13,7 +13,7 @@ import pytest
 import trio
 from tlscerts import make_ca, make_node_cert, openssl
 
-from pxfs import errors, frames, rpc
+from pxfs import errors, frames, rpc, rpcserver
 from pxfs.tls import PeerTls, TlsFiles
 
 SECRET = b"tls test secret"
@@ -40,8 +40,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 async def _serve(
     nursery: trio.Nursery, files: TlsFiles, **kwargs: Any
-) -> tuple[rpc.RpcServer, int]:
-    server = rpc.RpcServer({"echo": _echo}, secret=SECRET, name="tls test", **kwargs)
+) -> tuple[rpcserver.RpcServer, int]:
+    server = rpcserver.RpcServer({"echo": _echo}, secret=SECRET, name="tls test", **kwargs)
     serve = functools.partial(
         server.serve_tcp, "127.0.0.1", 0, ssl_context=PeerTls.load(files).server
     )
@@ -111,7 +111,9 @@ async def test_plain_client_rejected(nursery, certs, caplog, first_bytes):
 
 
 async def test_plain_rpc_client_times_out(nursery, certs, monkeypatch, caplog):
+    # The client reads the timeout from pxfs.rpc, and the server its copy in pxfs.rpcserver.
     monkeypatch.setattr(rpc, "HANDSHAKE_TIMEOUT", 0.5)
+    monkeypatch.setattr(rpcserver, "HANDSHAKE_TIMEOUT", 0.5)
     _, port = await _serve(nursery, certs["server"])
     # Each side waits for the other's first message. The server's timeout started first, so
     # it usually closes the connection just before the client's own timeout ends the wait.
@@ -264,7 +266,7 @@ def test_load_refuses_encrypted_key(tmp_path, certs):
 
 
 async def test_rejections_logged_once_per_interval(nursery, certs, caplog, monkeypatch):
-    monkeypatch.setattr(rpc, "REJECTION_LOG_INTERVAL", 1.0)
+    monkeypatch.setattr(rpcserver, "REJECTION_LOG_INTERVAL", 1.0)
     server, port = await _serve(nursery, certs["server"])
 
     async def reject_one() -> None:

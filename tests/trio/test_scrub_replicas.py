@@ -6,7 +6,8 @@ import pytest
 import trio
 
 from pxfs import errors
-from pxfs.rpc import RpcClient, RpcServer
+from pxfs.rpc import RpcClient
+from pxfs.rpcserver import RpcServer
 from pxfs.scrub import (
     BAD,
     UNWRITTEN,

@@ -12,7 +12,8 @@ import trio
 
 from pxfs.errors import InvalidArgument, NoSpace, StaleEpoch
 from pxfs.replication import ReplicationClient
-from pxfs.rpc import RpcClient, RpcServer
+from pxfs.rpc import RpcClient
+from pxfs.rpcserver import RpcServer
 from pxfs.store import ReplicaStore
 from pxfs.volume.check import check_volume
 from pxfs.volume.device import BLOCK_SIZE, BlockChange, BlockDevice, FileDevice, MemoryDevice
