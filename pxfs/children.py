@@ -2,9 +2,11 @@
 
 Each mount child serves its volume's FUSE filesystem at a private mountpoint, DIR/mnt/<id>, and
 pxd bind-mounts that onto every host path where the volume is mounted. So one child serves any
-number of paths, and unmounting one path never disturbs the others. When a child dies, pxd
-lazily unmounts every path of the volume, raises the epoch and starts a new child, with bounded
-retries and backoff.
+number of paths, and unmounting one path never disturbs the others. When a child dies, its
+binds stay, so that every access to the volume's paths fails with ENOTCONN instead of reaching
+the directories under them. pxd raises the epoch and starts a new child, with bounded retries
+and backoff, and puts a bind of the new child's mount beneath each old bind before it unmounts
+the old one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pxfs.hostmounts import (
     leads_to_mount,
     mount_devices,
     mountinfo,
+    replace_with_bind,
     syncfs,
     unmount,
 )
@@ -110,7 +113,7 @@ class ChildSupervisor(StatsSampling):
     async def _respawn(self, child: MountChild) -> None:
         """Replace a dead child: raise the epoch, start a new one, bind its paths again."""
         paths = list(child.paths)
-        await self._detach_dead_paths(child)
+        await self._detach_dead_mount(child)
         child.paths.clear()
         try:
             record = await self._catalog().update_volume(child.vol_id, self._raise_epoch)
@@ -119,6 +122,7 @@ class ChildSupervisor(StatsSampling):
             child.paths[:] = paths
             raise
         await self._bind_paths(child, paths)
+        child.dead_device = None
 
     async def _spawn(self, child: MountChild, record: VolumeRecord) -> None:
         """Start the child at its private mountpoint and wait until it prints "ready"."""
@@ -228,7 +232,7 @@ class ChildSupervisor(StatsSampling):
             status,
             ", ".join(child.paths),
         )
-        await self._detach_dead_paths(child)
+        await self._detach_dead_mount(child)
         if trio.current_time() - child.started_at > STABLE_AFTER:
             child.failures = 0
         await self._recover(child)
@@ -267,8 +271,8 @@ class ChildSupervisor(StatsSampling):
             )
             return
         log.error(
-            "volume %s: the mount child failed %d times in a row; not restarting it, so "
-            "%s stay unmounted until pxd restarts, or until they are unmounted and mounted again",
+            "volume %s: the mount child failed %d times in a row; not restarting it, so every "
+            "access to %s fails until pxd restarts, or until they are unmounted and mounted again",
             child.vol_id,
             MAX_RESTARTS,
             ", ".join(child.paths) or "its paths",
@@ -391,6 +395,26 @@ class ChildSupervisor(StatsSampling):
         await self._detach_moved_binds(child)
         await lazy_unmount(child.mountpoint)
 
+    async def _detach_dead_mount(self, child: MountChild) -> None:
+        """Unmount a dead child's private mount and its moved binds, and keep its other binds.
+
+        Until a new child's binds replace them, the kept binds fail every access with ENOTCONN,
+        so that no write lands in the directory under a path.
+        """
+        device = mount_devices().get(os.path.realpath(child.mountpoint))
+        if device is not None:
+            child.dead_device = device
+        await self._detach_moved_binds(child)
+        await lazy_unmount(child.mountpoint)
+
+    def _leads_to_volume(self, child: MountChild, path: str) -> bool:
+        """True if `path` is a bind of the child's mount, or of the mount of a dead child."""
+        if leads_to_mount(path, child.mountpoint):
+            return True
+        if os.path.realpath(path) != path or child.dead_device is None:
+            return False
+        return mount_devices().get(path) == child.dead_device
+
     async def _bind_paths(self, child: MountChild, paths: list[str]) -> None:
         for path in paths:
             try:
@@ -401,11 +425,14 @@ class ChildSupervisor(StatsSampling):
                 )
 
     async def _bind_path(self, child: MountChild, path: str) -> None:
-        await bind(child.mountpoint, path)
+        if child.dead_device is not None and self._leads_to_volume(child, path):
+            await replace_with_bind(child.mountpoint, path)
+        else:
+            await bind(child.mountpoint, path)
         child.paths.append(path)
 
     async def _unbind(self, child: MountChild, path: str, *, lazy_if_busy: bool) -> None:
-        if not leads_to_mount(path, child.mountpoint):
+        if not self._leads_to_volume(child, path):
             # Unmounting `path` now could unmount another filesystem. The volume's bind is
             # found by its device instead, at the place it was moved to.
             log.warning(

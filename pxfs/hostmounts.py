@@ -20,6 +20,16 @@ from pxfs.errors import Busy, InvalidArgument, NotFound, Unavailable
 log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# The new mount API of Linux 5.2 and MOVE_MOUNT_BENEATH of Linux 6.5, which glibc does not wrap.
+# System calls added since Linux 5.1 (number 424 and up) have one number on every architecture.
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_AT_FDCWD = -100
+_OPEN_TREE_CLONE = 1
+_MOVE_MOUNT_F_EMPTY_PATH = 0x04
+_MOVE_MOUNT_BENEATH = 0x200
 
 
 def mountinfo() -> dict[str, str]:
@@ -101,6 +111,45 @@ def syncfs(path: str) -> None:
             raise OSError(code, os.strerror(code), path)
     finally:
         os.close(fd)
+
+
+def _mount_beneath(source: str, target: str) -> None:
+    """Bind `source` beneath the mount on top of `target`: open_tree(2) and move_mount(2)."""
+    fd = _libc.syscall(
+        _SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(source), _OPEN_TREE_CLONE | os.O_CLOEXEC
+    )
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), source)
+    try:
+        flags = _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_BENEATH
+        if _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, os.fsencode(target), flags) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), target)
+    finally:
+        os.close(fd)
+
+
+async def replace_with_bind(source: str, target: str) -> None:
+    """Replace the mount on top of `target` with a bind of `source`; raises Unavailable.
+
+    The bind goes beneath the old mount before that one is unmounted, so `target` is never a
+    plain directory on the way. A kernel older than Linux 6.5, or one that rejects the move
+    for the mount propagation of `target`, gets a lazy unmount and then a bind instead, and
+    the directory under the mount shows for as long as that takes.
+    """
+    try:
+        _mount_beneath(source, target)
+    except OSError as exc:
+        log.warning(
+            "cannot mount beneath the mount at %s (%s); unmounting it before the bind",
+            target,
+            exc.strerror,
+        )
+        await lazy_unmount(target)
+        await bind(source, target)
+        return
+    await lazy_unmount(target)
 
 
 async def bind(source: str, target: str) -> None:

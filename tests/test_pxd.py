@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import stat
@@ -772,6 +773,52 @@ def test_child_start_failure_reported(pxd: Pxd, tmp_path: Path) -> None:
     pxd.call("volume.unmount", "nostart", str(target))
 
 
+def kernel_version() -> tuple[int, int]:
+    """Return the major and minor version of the running Linux kernel."""
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int(minor.split("-")[0])
+
+
+def entries_under_mount(parent: Path, name: str, peek: Path) -> list[str]:
+    """List the directory `name` of `parent` as it is under whatever is mounted on it."""
+    # A bind that is not recursive shows `parent` without the mounts below it.
+    subprocess.run(["mount", "--bind", str(parent), str(peek)], check=True)
+    try:
+        return os.listdir(peek / name)
+    finally:
+        subprocess.run(["umount", str(peek)], check=True)
+
+
+@needs_mount
+def test_dead_child_path_fails_until_remount(pxd: Pxd, tmp_path: Path) -> None:
+    # Between the death of a child and its replacement, a write to the path must fail, not
+    # land in the directory under the mount with a successful fsync.
+    target, _ = mount_new(pxd, "guarded", tmp_path)
+    secret = pxd.data_dir / "cluster.secret"
+    hidden = secret.rename(secret.with_name("hidden"))
+    try:
+        [pid] = pxd.child_pids()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: "restart 1 of the mount child failed" in pxd.log(), "a failed restart")
+        with pytest.raises(OSError) as failure:
+            write_synced(target / "lost", b"x")
+        assert failure.value.errno == errno.ENOTCONN
+    finally:
+        hidden.rename(secret)
+
+    wait_until(lambda: alive_mount(target), "pxd to mount the volume again")
+    assert not (target / "lost").exists()
+    peek = tmp_path / "peek"
+    peek.mkdir()
+    assert entries_under_mount(tmp_path, "mnt", peek) == []
+    assert mounted_paths().isdisjoint({str(peek)})
+    assert pxd.call("volume.inspect", "guarded")["mounted"] == [str(target)]
+    if kernel_version() >= (6, 5):
+        assert "cannot mount beneath" not in pxd.log()
+    pxd.call("volume.unmount", "guarded", str(target))
+    assert str(target) not in mounted_paths()
+
+
 @needs_mount
 def test_restarts_are_bounded(pxd: Pxd, tmp_path: Path) -> None:
     target, _ = mount_new(pxd, "doomed", tmp_path)
@@ -785,13 +832,18 @@ def test_restarts_are_bounded(pxd: Pxd, tmp_path: Path) -> None:
     finally:
         hidden.rename(secret)
     assert pxd.log().count("restart") >= 5
-    assert not os.path.ismount(target)
-    assert str(target) not in mounted_paths()
+    # The dead child's bind stays, so the path fails every access instead of showing the
+    # directory under it.
+    assert str(target) in mounted_paths()
+    with pytest.raises(OSError) as failure:
+        os.listdir(target)
+    assert failure.value.errno == errno.ENOTCONN
     record = pxd.call("volume.inspect", "doomed")
     assert record["mount_paths"] == [str(target)], "the path stays for the next start"
     assert record["mounted"] == []
 
     pxd.call("volume.unmount", "doomed", str(target))
+    assert str(target) not in mounted_paths()
     pxd.call("volume.mount", "doomed", str(target))
     assert alive_mount(target)
     pxd.call("volume.unmount", "doomed", str(target))
