@@ -4,8 +4,8 @@ Each mount child serves its volume's FUSE filesystem at a private mountpoint, DI
 pxd bind-mounts that onto every host path where the volume is mounted. So one child serves any
 number of paths, and unmounting one path never disturbs the others. When a child dies, its
 binds stay, so that every access to the volume's paths fails with ENOTCONN instead of reaching
-the directories under them. pxd raises the epoch and starts a new child, with bounded retries
-and backoff, and puts a bind of the new child's mount beneath each old bind before it unmounts
+the directories under them. pxd raises the epoch and starts a new child, with retries and
+backoff, and puts a bind of the new child's mount beneath each old bind before it unmounts
 the old one.
 """
 
@@ -48,7 +48,7 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 #: How long the kernel may take to write a volume's dirty pages to its child before it stops.
 SYNC_TIMEOUT = 30.0
-#: Restarts of a dying mount child before pxd gives up on the volume, and the backoff.
+#: Failed restarts in a row before pxd logs an error, and the backoff between restarts.
 MAX_RESTARTS = 5
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
@@ -238,9 +238,22 @@ class ChildSupervisor(StatsSampling):
         await self._recover(child)
 
     async def _recover(self, child: MountChild) -> None:
-        """Restart a dead child with exponential backoff, at most MAX_RESTARTS times in a row."""
-        while child.failures < MAX_RESTARTS:
+        """Restart a dead child with exponential backoff until it starts or the volume goes.
+
+        The delay doubles from FIRST_BACKOFF to MAX_BACKOFF and stays there, so a child that
+        cannot start for a while, on a full disk for instance, comes back once it can.
+        """
+        while True:
             child.failures += 1
+            if child.failures == MAX_RESTARTS + 1:
+                log.error(
+                    "volume %s: the mount child failed %d times in a row; trying again every "
+                    "%g s, and every access to %s fails until then",
+                    child.vol_id,
+                    MAX_RESTARTS,
+                    MAX_BACKOFF,
+                    ", ".join(child.paths) or "its paths",
+                )
             await trio.sleep(min(FIRST_BACKOFF * 2 ** (child.failures - 1), MAX_BACKOFF))
             generation = child.generation
             async with self._volume_locks[child.vol_id]:
@@ -270,13 +283,6 @@ class ChildSupervisor(StatsSampling):
                 ", ".join(child.paths) or "no path",
             )
             return
-        log.error(
-            "volume %s: the mount child failed %d times in a row; not restarting it, so every "
-            "access to %s fails until pxd restarts, or until they are unmounted and mounted again",
-            child.vol_id,
-            MAX_RESTARTS,
-            ", ".join(child.paths) or "its paths",
-        )
 
     async def _fence_lost_volumes(self) -> None:
         """Stop the mount children of volumes that a newer attach took away from this node.
