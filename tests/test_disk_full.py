@@ -37,6 +37,9 @@ VOLUME_SIZE = 1024 * MIB
 DISK_SIZE = "32m"
 #: Enough small files that their records need ring blocks the journal never wrote before.
 METADATA_FILES = 1500
+#: Files with long names whose unlink records need more ring blocks than the journal keeps
+#: written ahead of its head.
+DELETED_FILES = 8000
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
 
@@ -116,6 +119,50 @@ async def _fill_then_recover(path: Path) -> None:
 
 def test_volume_recovers_after_the_disk_fills(small_disk: Path) -> None:
     trio.run(_fill_then_recover, small_disk / "vol.dev")
+
+
+async def _delete_on_a_full_disk(path: Path) -> None:
+    device = FileDevice.open(str(path), create_blocks=device_blocks(VOLUME_SIZE))
+    try:
+        await Volume.format(device, "delete-on-full", VOLUME_SIZE)
+        async with trio.open_nursery() as nursery:
+            volume = await Volume.open(device, nursery=nursery)
+            directory = volume.mkdir(ROOT_INO, b"dir", 0o755, 0, 0).ino
+            names = [b"file-%05d-" % index + b"n" * 200 for index in range(DELETED_FILES)]
+            for name in names:
+                volume.create(directory, name, 0o644, 0, 0)
+            fill = volume.create(ROOT_INO, b"fill", 0o644, 0, 0).ino
+            assert await _fill(volume, fill) > 8 * MIB
+
+            volume.unlink(ROOT_INO, b"fill")
+            for name in names:
+                volume.unlink(directory, name)
+            # Each failed sync writes the records that fit, and the next one finds the space.
+            for _ in range(3):
+                try:
+                    await volume.sync()
+                    break
+                except NoSpace:
+                    pass
+            else:
+                raise AssertionError("the delete never became durable on the full disk")
+            assert _used_bytes(path.parent) < 8 * MIB
+            await volume.close()
+            nursery.cancel_scope.cancel()
+        assert await check_volume(device) == []
+        async with trio.open_nursery() as nursery:
+            volume = await Volume.open(device, nursery=nursery)
+            assert [name for name, _ in volume.opendir(directory)] == [b".", b".."]
+            with pytest.raises(errors.NotFound):
+                volume.lookup(ROOT_INO, b"fill")
+            await volume.close()
+            nursery.cancel_scope.cancel()
+    finally:
+        device.close()
+
+
+def test_delete_on_a_full_disk_frees_space(small_disk: Path) -> None:
+    trio.run(_delete_on_a_full_disk, small_disk / "vol.dev")
 
 
 def _fill_disk(disk: Path, leave: int = 0) -> Path:

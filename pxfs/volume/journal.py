@@ -483,6 +483,21 @@ class Journal:
                 self._allocated[blockno - self._start] = 1
         self.durable_seq = max(self.durable_seq, last_seq)
 
+    def allocated_prefix(self, records: list[bytes]) -> int:
+        """Return how many of `records`, from the first, fit in ring blocks already written.
+
+        Writing them takes no new space on the device, so they can be written on a full disk.
+        """
+        position = self._head
+        for count, record in enumerate(records):
+            if position + len(record) > self._ring_bytes:
+                position = 0
+            end = position + len(record)
+            if not all(self._allocated[position // BLOCK_SIZE : (end - 1) // BLOCK_SIZE + 1]):
+                return count
+            position = end
+        return len(records)
+
     async def reserve(self) -> None:
         """Write zeros into the ring blocks past the head that were never written.
 

@@ -239,7 +239,26 @@ class VolumeBase:
         ordered, self._ordered = self._ordered, False
         try:
             await self._write_data(ordered)
-            await self._journal.write_records(records, last_seq)
+            try:
+                await self._journal.write_records(records, last_seq)
+            except NoSpace as exc:
+                # On a full disk, the records of a delete may need ring blocks that take new
+                # space, and the delete frees its blocks only once its records are written.
+                # The records that fit in ring blocks already written break that circle.
+                count = self._journal.allocated_prefix(records)
+                if count:
+                    prefix_seq = last_seq - len(records) + count
+                    await self._journal.write_records(records[:count], prefix_seq)
+                    records = records[count:]
+                    log.debug(
+                        "wrote %d of %d metadata records on a full disk (%s)",
+                        count,
+                        count + len(records),
+                        exc.message,
+                    )
+                    await self._release_freed()
+                    await self._journal.reserve()
+                raise
         except BaseException:
             self._journal.restore_records(records)
             self._ordered = self._ordered or ordered
