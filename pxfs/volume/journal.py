@@ -43,7 +43,9 @@ _IMAGE_DIGEST = 16
 _CHECKPOINT_CHUNK = 64
 #: Ring blocks past the head kept written, so that records still fit when the disk under a
 #: thin device is full: the record that frees space must never need new space itself.
-RESERVE_BLOCKS = 16
+#: NOTE: more than this many blocks of records that free nothing, queued on a full disk ahead of
+#: a delete, still hold the delete back.
+RESERVE_BLOCKS = 64
 
 
 def _chain(previous: bytes, header: bytes, body: bytes) -> bytes:
