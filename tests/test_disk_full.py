@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -84,12 +84,21 @@ async def _fill(volume: Volume, ino: int) -> int:
     raise AssertionError("the disk never filled")
 
 
+@contextlib.asynccontextmanager
+async def _opened(device: FileDevice) -> AsyncIterator[Volume]:
+    """Open the volume on `device` for the block, and close it at the end."""
+    async with trio.open_nursery() as nursery:
+        volume = await Volume.open(device, nursery=nursery)
+        yield volume
+        await volume.close()
+        nursery.cancel_scope.cancel()
+
+
 async def _fill_then_recover(path: Path) -> None:
     device = FileDevice.open(str(path), create_blocks=device_blocks(VOLUME_SIZE))
     try:
         await Volume.format(device, "disk-full", VOLUME_SIZE)
-        async with trio.open_nursery() as nursery:
-            volume = await Volume.open(device, nursery=nursery)
+        async with _opened(device) as volume:
             fill = volume.create(ROOT_INO, b"fill", 0o644, 0, 0).ino
             assert await _fill(volume, fill) > 8 * MIB
             directory = volume.mkdir(ROOT_INO, b"dir", 0o755, 0, 0).ino
@@ -105,16 +114,11 @@ async def _fill_then_recover(path: Path) -> None:
             data = os.urandom(4 * MIB)
             await volume.write(again, 0, data)
             await volume.sync()
-            await volume.close()
-            nursery.cancel_scope.cancel()
         assert await check_volume(device) == []
-        async with trio.open_nursery() as nursery:
-            volume = await Volume.open(device, nursery=nursery)
+        async with _opened(device) as volume:
             again = volume.lookup(ROOT_INO, b"again").ino
             assert await volume.read(again, 0, len(data)) == data
             assert volume.lookup(ROOT_INO, b"renamed").ino
-            await volume.close()
-            nursery.cancel_scope.cancel()
     finally:
         device.close()
 
@@ -127,8 +131,7 @@ async def _delete_on_a_full_disk(path: Path) -> None:
     device = FileDevice.open(str(path), create_blocks=device_blocks(VOLUME_SIZE))
     try:
         await Volume.format(device, "delete-on-full", VOLUME_SIZE)
-        async with trio.open_nursery() as nursery:
-            volume = await Volume.open(device, nursery=nursery)
+        async with _opened(device) as volume:
             directory = volume.mkdir(ROOT_INO, b"dir", 0o755, 0, 0).ino
             names = [b"file-%05d-" % index + b"n" * 200 for index in range(DELETED_FILES)]
             for name in names:
@@ -157,16 +160,11 @@ async def _delete_on_a_full_disk(path: Path) -> None:
             again = volume.create(ROOT_INO, b"again", 0o644, 0, 0).ino
             await volume.write(again, 0, os.urandom(4 * MIB))
             await volume.sync()
-            await volume.close()
-            nursery.cancel_scope.cancel()
         assert await check_volume(device) == []
-        async with trio.open_nursery() as nursery:
-            volume = await Volume.open(device, nursery=nursery)
+        async with _opened(device) as volume:
             assert [name for name, _ in volume.opendir(directory)] == [b".", b".."]
             with pytest.raises(errors.NotFound):
                 volume.lookup(ROOT_INO, b"fill")
-            await volume.close()
-            nursery.cancel_scope.cancel()
     finally:
         device.close()
 

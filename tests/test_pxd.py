@@ -176,6 +176,23 @@ def write_synced(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def children_cannot_start(pxd: Pxd) -> Iterator[None]:
+    """Hide the cluster secret for the block, so that every mount child pxd starts fails."""
+    secret = pxd.data_dir / "cluster.secret"
+    hidden = secret.rename(secret.with_name("hidden"))
+    try:
+        yield
+    finally:
+        hidden.rename(secret)
+
+
+def kill_child(pxd: Pxd) -> None:
+    """SIGKILL the one mount child of `pxd`."""
+    [pid] = pxd.child_pids()
+    os.kill(pid, signal.SIGKILL)
+
+
 def test_help_describes_flags() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "daemon.pxd", "--help"],
@@ -755,13 +772,8 @@ def test_child_start_failure_reported(pxd: Pxd, tmp_path: Path) -> None:
     pxd.call("volume.attach", "nostart")
     target = tmp_path / "mnt"
     target.mkdir()
-    secret = pxd.data_dir / "cluster.secret"
-    hidden = secret.rename(secret.with_name("hidden"))
-    try:
-        with pytest.raises(errors.Unavailable, match="failed to start"):
-            pxd.call("volume.mount", "nostart", str(target))
-    finally:
-        hidden.rename(secret)
+    with children_cannot_start(pxd), pytest.raises(errors.Unavailable, match="failed to start"):
+        pxd.call("volume.mount", "nostart", str(target))
     record = pxd.call("volume.inspect", "nostart")
     assert record["mount_paths"] == []
     assert record["mounted"] == []
@@ -794,24 +806,19 @@ def test_dead_child_path_fails_until_remount(pxd: Pxd, tmp_path: Path) -> None:
     # Between the death of a child and its replacement, a write to the path must fail, not
     # land in the directory under the mount with a successful fsync.
     target, _ = mount_new(pxd, "guarded", tmp_path)
-    secret = pxd.data_dir / "cluster.secret"
-    hidden = secret.rename(secret.with_name("hidden"))
-    try:
-        [pid] = pxd.child_pids()
-        os.kill(pid, signal.SIGKILL)
+    with children_cannot_start(pxd):
+        kill_child(pxd)
         wait_until(lambda: "restart 1 of the mount child failed" in pxd.log(), "a failed restart")
         with pytest.raises(OSError) as failure:
             write_synced(target / "lost", b"x")
         assert failure.value.errno == errno.ENOTCONN
-    finally:
-        hidden.rename(secret)
 
     wait_until(lambda: alive_mount(target), "pxd to mount the volume again")
     assert not (target / "lost").exists()
     peek = tmp_path / "peek"
     peek.mkdir()
     assert entries_under_mount(tmp_path, "mnt", peek) == []
-    assert mounted_paths().isdisjoint({str(peek)})
+    assert str(peek) not in mounted_paths()
     assert pxd.call("volume.inspect", "guarded")["mounted"] == [str(target)]
     if kernel_version() >= (6, 5):
         assert "cannot mount beneath" not in pxd.log()
@@ -822,11 +829,8 @@ def test_dead_child_path_fails_until_remount(pxd: Pxd, tmp_path: Path) -> None:
 @needs_mount
 def test_restarts_slow_down_and_go_on(pxd: Pxd, tmp_path: Path) -> None:
     target, _ = mount_new(pxd, "doomed", tmp_path)
-    secret = pxd.data_dir / "cluster.secret"
-    hidden = secret.rename(secret.with_name("hidden"))
-    try:
-        [pid] = pxd.child_pids()
-        os.kill(pid, signal.SIGKILL)
+    with children_cannot_start(pxd):
+        kill_child(pxd)
         # Five attempts with backoff 0.5, 1, 2, 4 and 8 s.
         wait_until(lambda: "failed 5 times in a row" in pxd.log(), "five restarts", timeout=40)
         assert "trying again every 30 s" in pxd.log()
@@ -839,8 +843,6 @@ def test_restarts_slow_down_and_go_on(pxd: Pxd, tmp_path: Path) -> None:
         record = pxd.call("volume.inspect", "doomed")
         assert record["mount_paths"] == [str(target)]
         assert record["mounted"] == []
-    finally:
-        hidden.rename(secret)
 
     # The sixth attempt comes 16 s after the fifth, with no call to pxd.
     wait_until(lambda: alive_mount(target), "the sixth restart", timeout=40)
@@ -852,17 +854,12 @@ def test_restarts_slow_down_and_go_on(pxd: Pxd, tmp_path: Path) -> None:
 @needs_mount
 def test_unmount_while_child_is_dead(pxd: Pxd, tmp_path: Path) -> None:
     target, _ = mount_new(pxd, "unmounted", tmp_path)
-    secret = pxd.data_dir / "cluster.secret"
-    hidden = secret.rename(secret.with_name("hidden"))
-    try:
-        [pid] = pxd.child_pids()
-        os.kill(pid, signal.SIGKILL)
+    with children_cannot_start(pxd):
+        kill_child(pxd)
         wait_until(lambda: "restart 1 of the mount child failed" in pxd.log(), "a failed restart")
         pxd.call("volume.unmount", "unmounted", str(target))
         assert str(target) not in mounted_paths()
         assert pxd.call("volume.inspect", "unmounted")["mount_paths"] == []
-    finally:
-        hidden.rename(secret)
 
     pxd.call("volume.mount", "unmounted", str(target))
     assert alive_mount(target)
