@@ -398,8 +398,7 @@ class ChildSupervisor(StatsSampling):
         for path in child.paths:
             if leads_to_mount(path, child.mountpoint):
                 await lazy_unmount(path)
-        await self._detach_moved_binds(child)
-        await lazy_unmount(child.mountpoint)
+        await self._detach_dead_mount(child)
 
     async def _detach_dead_mount(self, child: MountChild) -> None:
         """Unmount a dead child's private mount and its moved binds, and keep its other binds.

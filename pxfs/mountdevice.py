@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 #: Seconds between two attempts to resync the replicas that are out of sync. A returning replica
 #: waits up to this long before its resync starts, and an attempt at a node that is down costs
-#: one refused connection, or one CONNECT_TIMEOUT when no host answers.
+#: one refused connection, or one CONNECT_TIMEOUT when no host responds.
 RESYNC_INTERVAL = 1.0
 #: Seconds between two attempts to reconnect the write-set replicas whose connection was lost.
 #: The first one back lets a reconcile run, which drops from the write set every replica still
