@@ -179,6 +179,7 @@ class ChildSupervisor(StatsSampling):
         child.process, child.epoch, child.stopping = process, epoch, False
         child.replica_nodes = replica_set(record)
         child.exited, child.stderr_closed = trio.Event(), trio.Event()
+        child.exit_status = None
         child.started_at = trio.current_time()
         assert process.stderr is not None
         self._live_nursery().start_soon(self._forward_stderr, child, process.stderr)
@@ -221,6 +222,7 @@ class ChildSupervisor(StatsSampling):
     async def _supervise(self, child: MountChild, process: trio.Process) -> None:
         """Wait for the child to exit; start a new one unless pxd stopped it on purpose."""
         status = await process.wait()
+        child.exit_status = status
         child.exited.set()
         if child.stopping or child.process is not process:
             return

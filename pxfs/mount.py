@@ -19,9 +19,10 @@ client.
 `--size` grows a volume whose superblock is smaller to that many bytes when it opens. With
 `--control-socket` the child serves pxd's calls on that unix socket (mode 0600, behind the
 cluster secret handshake of --secret-file): `mount.stats` returns the I/O counters of the FUSE
-handlers, `mount.grow(size)` grows the mounted volume online, and `mount.runtime_state`
-returns the replication client's runtime state. `mount.add_replica` and `mount.remove_replica`
-change the replica set of a volume mounted with replica ids, for a change of its ha level.
+handlers, `mount.sync` makes every write so far durable, `mount.grow(size)` grows the mounted
+volume online, and `mount.runtime_state` returns the replication client's runtime state.
+`mount.add_replica` and `mount.remove_replica` change the replica set of a volume mounted with
+replica ids, for a change of its ha level.
 
 The mount uses allow_other and default_permissions (fuseops.MOUNT_OPTIONS), and FUSE's own
 defaults nosuid and nodev: device nodes on a volume can be created but not opened.

@@ -1,7 +1,8 @@
 """The mount child's control socket: the mount.* methods that pxd calls on it.
 
 pxd connects with the cluster secret handshake. The methods return the I/O counters and the
-replication state, grow the mounted volume, and add or remove a replica for a change of ha level.
+replication state, make the volume durable, grow it, and add or remove a replica for a change of
+ha level.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class _Control:
         """Return the handlers by method name."""
         return {
             "mount.stats": self.stats,
+            "mount.sync": self.sync,
             "mount.grow": self.grow,
             "mount.runtime_state": self.runtime_state,
             "mount.resync_progress": self.resync_progress,
@@ -48,6 +50,11 @@ class _Control:
     async def stats(self) -> dict[str, Any]:
         """Return the I/O counters of this process and the requests in flight."""
         return self._meter.snapshot()
+
+    async def sync(self) -> dict[str, Any]:
+        """Make every write and its metadata durable; NoSpace leaves them to a later try."""
+        await self._volume.sync()
+        return {}
 
     async def runtime_state(self) -> dict[str, str]:
         """Return the replication runtime state (docs/replication.md), empty for a file device."""

@@ -116,6 +116,8 @@ class MountChild:
     #: Number of processes started, so a waiting restart notices that another one ran.
     generation: int = 0
     stopping: bool = False
+    #: The exit status of the last process, once it exited.
+    exit_status: int | None = None
     #: The device of a dead child's mount while its binds wait for the next child's.
     dead_device: str | None = None
     exited: trio.Event = field(default_factory=trio.Event)

@@ -22,14 +22,16 @@ from pxfs import errors
 from pxfs.catalog import VolumeRecord
 from pxfs.errors import (
     Busy,
+    InternalError,
     InvalidArgument,
+    NoSpace,
     NotFound,
     PxfsError,
     Unavailable,
 )
 from pxfs.hostmounts import check_mount_path, normalize_path, resolve_path
 from pxfs.membership import choose_replica_nodes, parse_requested_nodes
-from pxfs.nodebase import now_ns
+from pxfs.nodebase import MountChild, now_ns
 from pxfs.replicaset import ReplicaSetControl, check_ha_range
 from pxfs.replication import ReplicationClient
 from pxfs.scrub import Scrubber
@@ -46,6 +48,8 @@ UPDATE_FIELDS = {"size", "ha_level", "labels", "nodes"}
 LIST_FIELDS = {"name", "labels", "ids"}
 #: How long a mount child may take to grow its volume online.
 GROW_TIMEOUT = 30.0
+#: How long a mount child may take to make its writes durable before its last path goes.
+WRITE_BACK_TIMEOUT = 60.0
 
 
 class VolumeControl(ReplicaSetControl):
@@ -351,15 +355,43 @@ class VolumeControl(ReplicaSetControl):
             if path not in record["mount_paths"]:
                 raise NotFound(f"volume {record['name']} is not mounted at {path}")
             child = self._mounts.get(vol_id)
+            if child is not None and child.running and child.paths == [path]:
+                await self._write_back_before_stop(child, record, path)
             if child is not None and path in child.paths:
                 await self._unbind(child, path, lazy_if_busy=not child.running)
             else:
                 await self._clear_stale_mount(path)
             record = await self._catalog().update_volume(vol_id, _remove_path(path))
             if child is not None and not child.paths:
+                running = child.running
                 await self._stop_child(child)
+                if running:
+                    _check_clean_exit(child, record, path)
         log.info("volume %s: unmounted from %s", vol_id, path)
         return await self._public(record)
+
+    async def _write_back_before_stop(
+        self, child: MountChild, record: VolumeRecord, path: str
+    ) -> None:
+        """Have a child whose last path goes make its writes durable, or keep it mounted.
+
+        A child that stops holding writes it cannot store loses them. So when they do not fit
+        (NoSpace), the unmount fails and the volume stays mounted at `path`, to be unmounted
+        again once there is space. A child that fails the call otherwise, or times out, is stopped
+        as before, and its close writes what it can.
+        """
+        await self._sync_kernel_cache(child)
+        try:
+            await self._call_child(child, WRITE_BACK_TIMEOUT, "mount.sync")
+        except NoSpace as exc:
+            raise NoSpace(
+                f"cannot unmount volume {record['name']} from {path}: {exc.message}; it stays "
+                "mounted with its unwritten data, unmount it again once there is space"
+            ) from None
+        except PxfsError as exc:
+            log.warning(
+                "volume %s: write-back before the unmount failed: %s", record["id"], exc.message
+            )
 
     async def check_volume(self, ref: Any) -> dict[str, Any]:
         """Check the metadata of a detached volume; return clean and the problems found."""
@@ -459,6 +491,18 @@ class VolumeControl(ReplicaSetControl):
         log.info("volume %s: mounted volume is now %d bytes", record["id"], reply["size"])
 
     # Changes of the ha level
+
+
+def _check_clean_exit(child: MountChild, record: VolumeRecord, path: str) -> None:
+    """Raise when a child that pxd stopped failed to close its volume, after the unmount."""
+    status = child.exit_status
+    if not status:
+        return
+    error = NoSpace if status == NoSpace.exit_code else InternalError
+    raise error(
+        f"volume {record['name']} is unmounted from {path}, but its mount child exited with "
+        f"status {status}, so its last writes may be lost: {child.last_error()}"
+    )
 
 
 def _mark_deleting(record: VolumeRecord) -> VolumeRecord:

@@ -303,6 +303,41 @@ def _run_pxd_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
         node.call("volume.delete", name)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_unmount_on_a_full_disk_keeps_unwritten_data(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    with _tmpfs(tmp_path / "disk", "64m") as disk:
+        node = Node(tmp_path / "node")
+        node.data_dir = disk / "data"
+        try:
+            _unmount_on_a_full_disk(node, disk, mountpoint)
+        finally:
+            node.cleanup([mountpoint])
+
+
+def _unmount_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
+    node.root.mkdir()
+    node.start()
+    node.mount_volume("full-u", mountpoint, size=GIB)
+    filler = _fill_disk(disk)
+    # Not fsync'd: the data waits in the mount child, which cannot store it.
+    data = os.urandom(4 * MIB)
+    (mountpoint / "unsaved").write_bytes(data)
+
+    failed = node.pxctl("host", "unmount", "full-u", str(mountpoint))
+    assert failed.returncode == errors.NoSpace.exit_code, failed.stdout
+    assert "it stays mounted" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert (mountpoint / "unsaved").read_bytes() == data
+
+    filler.unlink()
+    unmounted = node.pxctl("host", "unmount", "full-u", str(mountpoint))
+    assert unmounted.returncode == 0, unmounted.stderr
+    node.call("volume.mount", "full-u", str(mountpoint))
+    assert (mountpoint / "unsaved").read_bytes() == data
+    node.call("volume.unmount", "full-u", str(mountpoint))
+
+
 def _only_volume_id(catalog: dict[str, object]) -> str:
     volumes = catalog["volumes"]
     assert isinstance(volumes, dict) and len(volumes) == 1
