@@ -49,7 +49,7 @@ LIST_FIELDS = {"name", "labels", "ids"}
 #: How long a mount child may take to grow its volume online.
 GROW_TIMEOUT = 30.0
 #: How long a mount child may take to make its writes durable before its last path goes.
-WRITE_BACK_TIMEOUT = 60.0
+WRITE_BACK_TIMEOUT = 20.0
 
 
 class VolumeControl(ReplicaSetControl):
