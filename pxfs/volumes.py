@@ -498,7 +498,9 @@ def _check_clean_exit(child: MountChild, record: VolumeRecord, path: str) -> Non
     status = child.exit_status
     if not status:
         return
-    error = NoSpace if status == NoSpace.exit_code else InternalError
+    error = {NoSpace.exit_code: NoSpace, Unavailable.exit_code: Unavailable}.get(
+        status, InternalError
+    )
     raise error(
         f"volume {record['name']} is unmounted from {path}, but its mount child exited with "
         f"status {status}, so its last writes may be lost: {child.last_error()}"

@@ -9,6 +9,7 @@ the outage, and the resync rate. Run with `-s` to see it.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -652,8 +653,16 @@ def test_full_stores_leave_write_set_then_enospc(cluster: Cluster, tmp_path: Pat
             == hashlib.sha256(_writer_payload(path / "stream", length)).hexdigest()
         )
         print(f"\nfull stores: ENOSPC after {length // MIB} MiB fsync'd")
+
+        # The blocks of the failed write wait in the mount child, so the volume stays mounted.
+        with pytest.raises(errors.NoSpace, match="it stays mounted"):
+            third.call("volume.unmount", "full", str(path))
+        assert os.path.ismount(path)
     finally:
         if vol_id:
+            # Deleting the file drops those blocks and frees the stores, so the unmount works.
+            with contextlib.suppress(OSError):
+                (path / "stream").unlink()
             release_on(third, "full", path)
             first.call("volume.delete", "full")
         _unmount_tmpfs(second, small)
