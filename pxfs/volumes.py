@@ -29,7 +29,7 @@ from pxfs.errors import (
     PxfsError,
     Unavailable,
 )
-from pxfs.hostmounts import check_mount_path, normalize_path, resolve_path
+from pxfs.hostmounts import check_mount_path, is_mounted, normalize_path, resolve_path
 from pxfs.membership import choose_replica_nodes, parse_requested_nodes
 from pxfs.nodebase import MountChild, now_ns
 from pxfs.replicaset import ReplicaSetControl, check_ha_range
@@ -357,11 +357,7 @@ class VolumeControl(ReplicaSetControl):
             child = self._mounts.get(vol_id)
             if child is not None and child.running and child.paths == [path]:
                 await self._write_back_before_stop(child, record, path)
-            if child is not None and path in child.paths:
-                await self._unbind(child, path, lazy_if_busy=not child.running)
-            else:
-                await self._clear_stale_mount(path)
-            record = await self._catalog().update_volume(vol_id, _remove_path(path))
+            record = await self._unmount_path(child, vol_id, path)
             if child is not None and not child.paths:
                 running = child.running
                 await self._stop_child(child)
@@ -369,6 +365,21 @@ class VolumeControl(ReplicaSetControl):
                     _check_clean_exit(child, record, path)
         log.info("volume %s: unmounted from %s", vol_id, path)
         return await self._public(record)
+
+    async def _unmount_path(self, child: MountChild | None, vol_id: str, path: str) -> VolumeRecord:
+        """Unmount `path` and drop it from the catalog; a failed catalog write mounts it again."""
+        if child is not None and path in child.paths:
+            await self._unbind(child, path, lazy_if_busy=not child.running)
+        else:
+            await self._clear_stale_mount(path)
+        try:
+            return await self._catalog().update_volume(vol_id, _remove_path(path))
+        except PxfsError:
+            # The catalog still lists the path, so it gets the volume back, or writes to it would
+            # land on the directory under it.
+            if child is not None and child.running and not is_mounted(path):
+                await self._bind_paths(child, [path])
+            raise
 
     async def _write_back_before_stop(
         self, child: MountChild, record: VolumeRecord, path: str
@@ -384,6 +395,10 @@ class VolumeControl(ReplicaSetControl):
         try:
             await self._call_child(child, WRITE_BACK_TIMEOUT, "mount.sync")
         except NoSpace as exc:
+            log.warning(
+                "volume %s: not unmounting %s, its writes do not fit: %s",
+                record["id"], path, exc.message,
+            )  # fmt: skip
             raise NoSpace(
                 f"cannot unmount volume {record['name']} from {path}: {exc.message}; it stays "
                 "mounted with its unwritten data, unmount it again once there is space"

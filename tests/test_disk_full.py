@@ -319,7 +319,17 @@ def _unmount_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
     node.root.mkdir()
     node.start()
     node.mount_volume("full-u", mountpoint, size=GIB)
+    durable = os.urandom(MIB)
+    _write_and_fsync(mountpoint / "durable", durable)
     filler = _fill_disk(disk)
+
+    # Every write is durable, so only the catalog write fails, and the path keeps the volume.
+    catalog_full = node.pxctl("host", "unmount", "full-u", str(mountpoint))
+    assert catalog_full.returncode == errors.NoSpace.exit_code, catalog_full.stdout
+    assert "catalog" in catalog_full.stderr
+    assert os.path.ismount(mountpoint)
+    assert (mountpoint / "durable").read_bytes() == durable
+
     # Not fsync'd: the data waits in the mount child, which cannot store it.
     data = os.urandom(4 * MIB)
     (mountpoint / "unsaved").write_bytes(data)
@@ -335,6 +345,7 @@ def _unmount_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
     assert unmounted.returncode == 0, unmounted.stderr
     node.call("volume.mount", "full-u", str(mountpoint))
     assert (mountpoint / "unsaved").read_bytes() == data
+    assert (mountpoint / "durable").read_bytes() == durable
     node.call("volume.unmount", "full-u", str(mountpoint))
 
 
