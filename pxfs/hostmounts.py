@@ -99,7 +99,13 @@ async def unmount(path: str) -> None:
     """Unmount `path`; raises Busy when a process still uses it."""
     failure = await run_tool("umount", path)
     if failure is not None and is_mounted(path):
-        raise Busy(f"cannot unmount {path}: {failure}")
+        hint = ""
+        if "busy" in failure:
+            hint = (
+                "; close the files open under it, or end the processes whose working directory "
+                "is there, and unmount again"
+            )
+        raise Busy(f"cannot unmount {path}: {failure}{hint}")
 
 
 def syncfs(path: str) -> None:

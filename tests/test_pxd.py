@@ -644,8 +644,9 @@ def test_busy_path_is_not_unmounted(pxd: Pxd, tmp_path: Path) -> None:
     target, _ = mount_new(pxd, "busy", tmp_path)
     holder = open(target / "open-file", "w")
     try:
-        with pytest.raises(errors.Busy, match="cannot unmount"):
+        with pytest.raises(errors.Busy, match="cannot unmount") as failure:
             pxd.call("volume.unmount", "busy", str(target))
+        assert "close the files open under it" in failure.value.message
         assert alive_mount(target)
         assert pxd.call("volume.inspect", "busy")["mount_paths"] == [str(target)]
     finally:
