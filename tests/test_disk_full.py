@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -244,21 +244,26 @@ def _wait_for_log(node: Node, text: str, timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-def test_pxd_data_dir_on_a_full_disk(tmp_path: Path) -> None:
+def _run_pxd_on_a_small_disk(tmp_path: Path, scenario: Callable[[Node, Path, Path], None]) -> None:
+    """Run `scenario(node, disk, mountpoint)` with pxd started on a 64 MiB tmpfs at `disk`."""
     mountpoint = tmp_path / "mnt"
     with _tmpfs(tmp_path / "disk", "64m") as disk:
         node = Node(tmp_path / "node")
         node.data_dir = disk / "data"
         try:
-            _run_pxd_on_a_full_disk(node, disk, mountpoint)
+            node.root.mkdir()
+            node.start()
+            scenario(node, disk, mountpoint)
         finally:
             node.cleanup([mountpoint])
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_pxd_data_dir_on_a_full_disk(tmp_path: Path) -> None:
+    _run_pxd_on_a_small_disk(tmp_path, _run_pxd_on_a_full_disk)
+
+
 def _run_pxd_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
-    node.root.mkdir()
-    node.start()
     node.mount_volume("full-a", mountpoint, size=GIB)
     _write_and_fsync(mountpoint / "kept", os.urandom(2 * MIB))
     kept_digest = _sha256(mountpoint / "kept")
@@ -305,19 +310,10 @@ def _run_pxd_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
 
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 def test_unmount_on_a_full_disk_keeps_unwritten_data(tmp_path: Path) -> None:
-    mountpoint = tmp_path / "mnt"
-    with _tmpfs(tmp_path / "disk", "64m") as disk:
-        node = Node(tmp_path / "node")
-        node.data_dir = disk / "data"
-        try:
-            _unmount_on_a_full_disk(node, disk, mountpoint)
-        finally:
-            node.cleanup([mountpoint])
+    _run_pxd_on_a_small_disk(tmp_path, _unmount_on_a_full_disk)
 
 
 def _unmount_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
-    node.root.mkdir()
-    node.start()
     node.mount_volume("full-u", mountpoint, size=GIB)
     durable = os.urandom(MIB)
     _write_and_fsync(mountpoint / "durable", durable)
