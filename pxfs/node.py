@@ -28,17 +28,18 @@ import trio
 from pxfs.catalog import Catalog, LocalCatalog, VolumeRecord
 from pxfs.children import ATTACHMENT_CHECK_INTERVAL
 from pxfs.datadir import MOUNTS_DIR, REPLICAS_DIR, ensure_secret, load_node_id, lock_data_dir
-from pxfs.errors import Busy, PxfsError, Unavailable
+from pxfs.errors import Busy, NoSpace, PxfsError, Unavailable
 from pxfs.etcd import EtcdClient
 from pxfs.etcdcatalog import EtcdCatalog
 from pxfs.leftovers import LeftoverReplicas
 from pxfs.membership import STATUS_INTERVAL, Peers, check_secret_fingerprint, fence_margin
-from pxfs.nodebase import now_ns
+from pxfs.nodebase import MountChild, now_ns
 from pxfs.rpc import read_secret
 from pxfs.rpcserver import RpcServer
 from pxfs.stats import StatsStore
 from pxfs.store import ReplicaStore
 from pxfs.tls import PeerTls, TlsFiles
+from pxfs.volumes import WRITE_BACK_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -351,10 +352,31 @@ class Node(LeftoverReplicas):
         for child in children:
             async with self._volume_locks[child.vol_id]:
                 paths = ", ".join(child.paths) or "no path"
+                await self._report_unwritten(child)
                 for path in sorted(child.paths, key=lambda path: -_deepest([path])):
                     await self._unbind(child, path, lazy_if_busy=True)
                 await self._stop_child(child)
             log.info("volume %s: unmounted from %s until the next start", child.vol_id, paths)
+
+    async def _report_unwritten(self, child: MountChild) -> None:
+        """Log an error for a child that stops holding writes it cannot store."""
+        # NOTE: pxd cannot keep such a volume mounted once it stops, so those writes are lost.
+        # An unmount keeps the volume mounted instead (VolumeControl.unmount_volume).
+        if not child.running:
+            return
+        await self._sync_kernel_cache(child)
+        try:
+            await self._call_child(child, WRITE_BACK_TIMEOUT, "mount.sync")
+        except NoSpace as exc:
+            log.error(
+                "volume %s: stopping with writes that do not fit, so the changes since the last "
+                "fsync of its files are lost: %s",
+                child.vol_id, exc.message,
+            )  # fmt: skip
+        except PxfsError as exc:
+            log.warning(
+                "volume %s: write-back before the stop failed: %s", child.vol_id, exc.message
+            )
 
     # Control methods
 

@@ -345,6 +345,23 @@ def _unmount_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
     node.call("volume.unmount", "full-u", str(mountpoint))
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_stop_on_full_disk_logs_error(tmp_path: Path) -> None:
+    _run_pxd_on_a_small_disk(tmp_path, _stop_on_a_full_disk)
+
+
+def _stop_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
+    node.mount_volume("full-s", mountpoint, size=GIB)
+    filler = _fill_disk(disk)
+    (mountpoint / "unsaved").write_bytes(os.urandom(4 * MIB))
+
+    assert node.stop() == 0
+    lines = [line for line in node.log_text().splitlines() if "writes that do not fit" in line]
+    assert len(lines) == 1, node.log_text()
+    assert " ERROR " in lines[0]
+    filler.unlink()
+
+
 def _only_volume_id(catalog: dict[str, object]) -> str:
     volumes = catalog["volumes"]
     assert isinstance(volumes, dict) and len(volumes) == 1
