@@ -52,7 +52,7 @@ class _Control:
         return self._meter.snapshot()
 
     async def sync(self) -> dict[str, Any]:
-        """Make every write and its metadata durable; NoSpace leaves them to a later try."""
+        """Make every write and its metadata durable. After NoSpace, a later call tries again."""
         await self._volume.sync()
         return {}
 

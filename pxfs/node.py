@@ -39,7 +39,6 @@ from pxfs.rpcserver import RpcServer
 from pxfs.stats import StatsStore
 from pxfs.store import ReplicaStore
 from pxfs.tls import PeerTls, TlsFiles
-from pxfs.volumes import WRITE_BACK_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -364,19 +363,14 @@ class Node(LeftoverReplicas):
         # An unmount keeps the volume mounted instead (VolumeControl.unmount_volume).
         if not child.running:
             return
-        await self._sync_kernel_cache(child)
         try:
-            await self._call_child(child, WRITE_BACK_TIMEOUT, "mount.sync")
+            await self._write_back(child)
         except NoSpace as exc:
             log.error(
                 "volume %s: stopping with writes that do not fit, so the changes since the last "
                 "fsync of its files are lost: %s",
                 child.vol_id, exc.message,
             )  # fmt: skip
-        except PxfsError as exc:
-            log.warning(
-                "volume %s: write-back before the stop failed: %s", child.vol_id, exc.message
-            )
 
     # Control methods
 

@@ -388,12 +388,10 @@ class VolumeControl(VolumeUpdates):
 
         A child that stops holding writes it cannot store loses them. So when they do not fit
         (NoSpace), the unmount fails and the volume stays mounted at `path`, to be unmounted
-        again once there is space. A child that fails the call otherwise, or times out, is stopped
-        as before, and its close writes what it can.
+        again once there is space.
         """
-        await self._sync_kernel_cache(child)
         try:
-            await self._call_child(child, WRITE_BACK_TIMEOUT, "mount.sync")
+            await self._write_back(child)
         except NoSpace as exc:
             log.warning(
                 "volume %s: not unmounting %s, its writes do not fit: %s",
@@ -403,9 +401,21 @@ class VolumeControl(VolumeUpdates):
                 f"cannot unmount volume {record['name']} from {path}: {exc.message}; it stays "
                 "mounted with its unwritten data, unmount it again once there is space"
             ) from None
+
+    async def _write_back(self, child: MountChild) -> None:
+        """Have the kernel and then the child write every change, before the child stops.
+
+        Raises NoSpace when the changes do not fit. Any other failure, a timeout included, is
+        logged, and the caller stops the child as it would have anyway.
+        """
+        await self._sync_kernel_cache(child)
+        try:
+            await self._call_child(child, WRITE_BACK_TIMEOUT, "mount.sync")
+        except NoSpace:
+            raise
         except PxfsError as exc:
             log.warning(
-                "volume %s: write-back before the unmount failed: %s", record["id"], exc.message
+                "volume %s: write-back before the stop failed: %s", child.vol_id, exc.message
             )
 
     async def check_volume(self, ref: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """volume.update: a new size, ha level or labels for a volume, applied while it is in use.
 
 A new size is written to the catalog first and then given to a running mount child, which grows
-the volume online; a child started later grows it at open. A change of the ha level goes to
+the volume online. A child started later grows it at open. A change of the ha level goes to
 ReplicaSetControl (pxfs/replicaset.py).
 """
 

@@ -309,7 +309,7 @@ def _run_pxd_on_a_full_disk(node: Node, disk: Path, mountpoint: Path) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-def test_unmount_on_a_full_disk_keeps_unwritten_data(tmp_path: Path) -> None:
+def test_full_disk_unmount_keeps_data(tmp_path: Path) -> None:
     _run_pxd_on_a_small_disk(tmp_path, _unmount_on_a_full_disk)
 
 

@@ -193,6 +193,12 @@ def kill_child(pxd: Pxd) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def kill_child_until_restart_fails(pxd: Pxd) -> None:
+    """SIGKILL the one mount child of `pxd` and wait for pxd to log its failed first restart."""
+    kill_child(pxd)
+    wait_until(lambda: "restart 1 of the mount child failed" in pxd.log(), "a failed restart")
+
+
 def test_help_describes_flags() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "daemon.pxd", "--help"],
@@ -808,8 +814,7 @@ def test_dead_child_path_fails_until_remount(pxd: Pxd, tmp_path: Path) -> None:
     # land in the directory under the mount with a successful fsync.
     target, _ = mount_new(pxd, "guarded", tmp_path)
     with children_cannot_start(pxd):
-        kill_child(pxd)
-        wait_until(lambda: "restart 1 of the mount child failed" in pxd.log(), "a failed restart")
+        kill_child_until_restart_fails(pxd)
         with pytest.raises(OSError) as failure:
             write_synced(target / "lost", b"x")
         assert failure.value.errno == errno.ENOTCONN
@@ -856,8 +861,7 @@ def test_restarts_slow_down_and_go_on(pxd: Pxd, tmp_path: Path) -> None:
 def test_unmount_while_child_is_dead(pxd: Pxd, tmp_path: Path) -> None:
     target, _ = mount_new(pxd, "unmounted", tmp_path)
     with children_cannot_start(pxd):
-        kill_child(pxd)
-        wait_until(lambda: "restart 1 of the mount child failed" in pxd.log(), "a failed restart")
+        kill_child_until_restart_fails(pxd)
         pxd.call("volume.unmount", "unmounted", str(target))
         assert str(target) not in mounted_paths()
         assert pxd.call("volume.inspect", "unmounted")["mount_paths"] == []
