@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import trio
 
+from pxfs.directwrite import MIN_RUN_BLOCKS, DirectWriter
 from pxfs.errors import ChecksumMismatch, Corrupted, InvalidArgument, NoSpace
 from pxfs.replicaformat import (
     BLOCK_SIZE,
@@ -113,6 +114,8 @@ class Replica:
         #: The digest of each region of DIGEST_BLOCKS blocks, by region index, as computed from
         #: the table. Every change of a record drops the digest of its region.
         self._digests: dict[int, bytes] = {}
+        #: Opened by the first write of a run of blocks (pxfs/directwrite.py).
+        self._direct: DirectWriter | None = None
 
     def count_used(self, first: int, stop: int) -> int:
         """Count the written blocks in [first, stop) by scanning the table."""
@@ -254,6 +257,9 @@ class Replica:
         """
         # Read ahead only for a run: a block given twice must see its first write's record.
         records = self._consecutive_records([blockno for blockno, _ in blocks])
+        if records is not None and len(blocks) >= MIN_RUN_BLOCKS:
+            if self._write_direct(version, blocks, records):
+                return
         for index, (blockno, data) in enumerate(blocks):
             old = records[index] if records is not None else self._read_record(blockno)
             try:
@@ -262,6 +268,35 @@ class Replica:
                 raise NoSpace(
                     f"{exc.message} ({index} of the {len(blocks)} blocks of the write were stored)"
                 ) from None
+
+    def _write_direct(
+        self,
+        version: int,
+        blocks: Sequence[tuple[int, bytes]],
+        records: Sequence[tuple[int, int, int]],
+    ) -> bool:
+        """Write consecutive blocks with O_DIRECT and then their records in one pwrite.
+
+        Returns False when that is not possible, so that the caller writes them one by one. A
+        full disk returns False as well: the writes one by one then store the blocks that fit
+        and raise NoSpace at the first one that does not.
+        """
+        if self._direct is None:
+            # The file of data_fd opened again, even if the path now names another file.
+            self._direct = DirectWriter.open(Path(f"/proc/self/fd/{self.data_fd}"), BLOCK_SIZE)
+        first = blocks[0][0]
+        try:
+            if not self._direct.write(first, [data for _, data in blocks]):
+                return False
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            return False
+        table = b"".join(RECORD.pack(version, zlib.crc32(data), 0) for _, data in blocks)
+        self._changed(first, len(blocks))
+        pwrite_all(self.table_fd, table, first * RECORD_SIZE)
+        self.used_blocks += sum(1 for old, _, flags in records if is_unwritten(old, flags))
+        return True
 
     def patch_blocks(self, version: int, patches: Sequence[Patch]) -> list[int]:
         """Write parts of blocks in order, and return the blocks left alone.
@@ -457,6 +492,8 @@ class Replica:
         """Close the files, so that later operations raise NotFound."""
         if not self.closed:
             self.closed = True
+            if self._direct is not None:
+                self._direct.close()
             os.close(self.data_fd)
             os.close(self.table_fd)
 
