@@ -365,11 +365,12 @@ class Node(LeftoverReplicas):
             return
         try:
             await self._write_back(child)
-        except NoSpace as exc:
+        except (NoSpace, Unavailable) as exc:
+            reason = "do not fit" if isinstance(exc, NoSpace) else "cannot reach its replicas"
             log.error(
-                "volume %s: stopping with writes that do not fit, so the changes since the last "
-                "fsync of its files are lost: %s",
-                child.vol_id, exc.message,
+                "volume %s: stopping with writes that %s, so the changes since the last fsync "
+                "of its files are lost: %s",
+                child.vol_id, reason, exc.message,
             )  # fmt: skip
 
     # Control methods

@@ -96,6 +96,14 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+class ChildUnreachable(Unavailable):
+    """An Unavailable raised because a mount child did not reply: no connection, or a timeout.
+
+    It travels over RPC as Unavailable. Within pxd it separates a child that did not reply from
+    one that replied with Unavailable.
+    """
+
+
 @dataclass
 class MountChild:
     """The mount child process of one volume and the host paths it is bound to."""
@@ -284,13 +292,13 @@ class NodeBase:
     async def _call_child(self, child: MountChild, timeout: float, method: str, *args: Any) -> Any:
         """Call `method` on the child's control socket.
 
-        Raises Unavailable when the connection fails or the call takes over `timeout` s.
+        Raises ChildUnreachable when the connection fails or the call takes over `timeout` s.
         """
         with trio.move_on_after(timeout):
             try:
                 client = await RpcClient.connect_unix(child.control_socket, self.secret)
             except OSError as exc:
-                raise Unavailable(
+                raise ChildUnreachable(
                     f"cannot connect to the mount child of volume {child.vol_id}: {exc}"
                 ) from None
             try:
@@ -298,7 +306,7 @@ class NodeBase:
             finally:
                 with trio.CancelScope(shield=True):
                     await client.aclose()
-        raise Unavailable(
+        raise ChildUnreachable(
             f"{method} to the mount child of volume {child.vol_id} timed out after {timeout} s"
         )
 

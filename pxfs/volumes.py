@@ -33,7 +33,7 @@ from pxfs.errors import (
 )
 from pxfs.hostmounts import check_mount_path, is_mounted, normalize_path, resolve_path
 from pxfs.membership import choose_replica_nodes, parse_requested_nodes
-from pxfs.nodebase import MountChild, now_ns
+from pxfs.nodebase import ChildUnreachable, MountChild, now_ns
 from pxfs.replicaset import check_ha_range
 from pxfs.replication import ReplicationClient
 from pxfs.scrub import Scrubber
@@ -387,8 +387,8 @@ class VolumeControl(VolumeUpdates):
         """Have a child whose last path goes make its writes durable, or keep it mounted.
 
         A child that stops holding writes it cannot store loses them. So when they do not fit
-        (NoSpace), the unmount fails and the volume stays mounted at `path`, to be unmounted
-        again once there is space.
+        (NoSpace) or cannot reach a write quorum of replicas (Unavailable), the unmount fails
+        and the volume stays mounted at `path`, to be unmounted again once they can be stored.
         """
         try:
             await self._write_back(child)
@@ -401,18 +401,38 @@ class VolumeControl(VolumeUpdates):
                 f"cannot unmount volume {record['name']} from {path}: {exc.message}; it stays "
                 "mounted with its unwritten data, unmount it again once there is space"
             ) from None
+        except Unavailable as exc:
+            log.warning(
+                "volume %s: not unmounting %s, its writes cannot reach its replicas: %s",
+                record["id"], path, exc.message,
+            )  # fmt: skip
+            raise Unavailable(
+                f"cannot unmount volume {record['name']} from {path}: {exc.message}; it stays "
+                "mounted with its unwritten data, unmount it again once the nodes of its "
+                "replicas are back"
+            ) from None
 
     async def _write_back(self, child: MountChild) -> None:
         """Have the kernel and then the child write every change, before the child stops.
 
-        Raises NoSpace when the changes do not fit. Any other failure, a timeout included, is
-        logged, and the caller stops the child as it would have anyway.
+        Raises NoSpace when the changes do not fit, and Unavailable when the child replies that
+        they could not reach a write quorum. Other failures are logged, and the caller then
+        stops the child, as it does for a child that does not reply within WRITE_BACK_TIMEOUT
+        or that exits during the call.
         """
         await self._sync_kernel_cache(child)
         try:
             await self._call_child(child, WRITE_BACK_TIMEOUT, "mount.sync")
-        except NoSpace:
-            raise
+        except ChildUnreachable as exc:
+            log.warning(
+                "volume %s: write-back before the stop failed: %s", child.vol_id, exc.message
+            )
+        except (NoSpace, Unavailable) as exc:
+            if child.running:
+                raise
+            log.warning(
+                "volume %s: mount child exited during the write-back: %s", child.vol_id, exc.message
+            )
         except PxfsError as exc:
             log.warning(
                 "volume %s: write-back before the stop failed: %s", child.vol_id, exc.message

@@ -567,6 +567,46 @@ def test_below_quorum_write_rolled_back(cluster: Cluster, tmp_path: Path) -> Non
     first.call("volume.delete", "quorum")
 
 
+def test_unmount_below_quorum_keeps_writes(cluster: Cluster, tmp_path: Path) -> None:
+    first, second, third = cluster.nodes[:3]
+    vol_id = create_volume(first, "unsynced", 3, [first, second, third])
+    path = tmp_path / "mnt"
+    payload = os.urandom(3 * MIB)
+    try:
+        mount_on(first, "unsynced", path)
+        assert second.stop() == 0
+        assert third.stop() == 0
+        # Without an fsync the write lands in the mount child's cache, which cannot store it.
+        (path / "unsynced").write_bytes(payload)
+        with pytest.raises(errors.Unavailable, match="it stays mounted with its unwritten data"):
+            first.call("volume.unmount", "unsynced", str(path))
+        assert os.path.ismount(path)
+        assert (path / "unsynced").read_bytes() == payload
+
+        second.start()
+        third.start()
+
+        # The unmount works once the mount child has reconnected the two nodes.
+        def unmounted() -> bool:
+            try:
+                first.call("volume.unmount", "unsynced", str(path))
+            except errors.Unavailable:
+                return False
+            return True
+
+        wait_until(unmounted, RESYNC_DEADLINE, "the unmount still failed after the nodes returned")
+        assert not os.path.ismount(path)
+        first.call("volume.mount", "unsynced", str(path))
+        assert (path / "unsynced").read_bytes() == payload
+    finally:
+        for node in (second, third):
+            if node.pxd is None:
+                node.start()
+        release_on(first, "unsynced", path)
+    assert_replicas_identical([first, second, third], vol_id)
+    first.call("volume.delete", "unsynced")
+
+
 # A replica's data file removed or truncated under a mounted volume
 
 
