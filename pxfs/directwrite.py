@@ -7,8 +7,8 @@ each pxd. With O_DIRECT the data goes from pxd's buffer to the disk without the 
 the same write took 0.2 to 0.4 s.
 
 Only runs of at least MIN_RUN_BLOCKS consecutive blocks are written this way, because a direct
-write waits for the disk and a buffered write of one scattered block does not. Reads stay
-buffered. Before a direct write, the kernel writes back and drops the cached pages of its range,
+write waits for the disk and a buffered write of one scattered block does not. The replica
+gives it only unwritten blocks (pxfs/replica.py). Reads stay buffered. Before a direct write, the kernel writes back and drops the cached pages of its range,
 so a later buffered read returns the new bytes. An fdatasync through any descriptor of the file
 makes the direct writes durable too.
 

@@ -257,9 +257,16 @@ class Replica:
         """
         # Read ahead only for a run: a block given twice must see its first write's record.
         records = self._consecutive_records([blockno for blockno, _ in blocks])
-        if records is not None and len(blocks) >= MIN_RUN_BLOCKS:
-            if self._write_direct(version, blocks, records):
-                return
+        # Only a run of unwritten blocks goes direct. Its data is on the disk before any of its
+        # records, and a crash in between must not leave written blocks with new data under
+        # their old records, which would read as checksum failures.
+        if (
+            records is not None
+            and len(blocks) >= MIN_RUN_BLOCKS
+            and all(is_unwritten(old, flags) for old, _, flags in records)
+            and self._write_direct(version, blocks)
+        ):
+            return
         for index, (blockno, data) in enumerate(blocks):
             old = records[index] if records is not None else self._read_record(blockno)
             try:
@@ -269,13 +276,8 @@ class Replica:
                     f"{exc.message} ({index} of the {len(blocks)} blocks of the write were stored)"
                 ) from None
 
-    def _write_direct(
-        self,
-        version: int,
-        blocks: Sequence[tuple[int, bytes]],
-        records: Sequence[tuple[int, int, int]],
-    ) -> bool:
-        """Write consecutive blocks with O_DIRECT and then their records in one pwrite.
+    def _write_direct(self, version: int, blocks: Sequence[tuple[int, bytes]]) -> bool:
+        """Write consecutive unwritten blocks with O_DIRECT and then their records in one pwrite.
 
         Returns False when that is not possible, so that the caller writes them one by one. A
         full disk returns False as well: the writes one by one then store the blocks that fit
@@ -295,7 +297,7 @@ class Replica:
         table = b"".join(RECORD.pack(version, zlib.crc32(data), 0) for _, data in blocks)
         self._changed(first, len(blocks))
         pwrite_all(self.table_fd, table, first * RECORD_SIZE)
-        self.used_blocks += sum(1 for old, _, flags in records if is_unwritten(old, flags))
+        self.used_blocks += len(blocks)
         return True
 
     def patch_blocks(self, version: int, patches: Sequence[Patch]) -> list[int]:
