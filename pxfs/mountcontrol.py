@@ -51,9 +51,17 @@ class _Control:
         """Return the I/O counters of this process and the requests in flight."""
         return self._meter.snapshot()
 
-    async def sync(self) -> dict[str, Any]:
-        """Make every write and its metadata durable. After NoSpace, a later call tries again."""
+    async def sync(self, before_close: Any = False) -> dict[str, Any]:
+        """Make every write and its metadata durable. After NoSpace, a later call tries again.
+
+        With `before_close`, also raise Unavailable unless a write quorum of replicas is
+        connected, because closing the volume writes to them.
+        """
+        if not isinstance(before_close, bool):
+            raise InvalidArgument("mount.sync takes true or false for before_close")
         await self._volume.sync()
+        if before_close and isinstance(self._device, ReplicationClient):
+            await self._device.check_write_quorum()
         return {}
 
     async def runtime_state(self) -> dict[str, str]:

@@ -292,14 +292,16 @@ class NodeBase:
     async def _call_child(self, child: MountChild, timeout: float, method: str, *args: Any) -> Any:
         """Call `method` on the child's control socket.
 
-        Raises ChildUnreachable when the connection fails or the call takes over `timeout` s.
+        Raises ChildUnreachable when the connection or its handshake fails, or when the call
+        takes over `timeout` s.
         """
         with trio.move_on_after(timeout):
             try:
                 client = await RpcClient.connect_unix(child.control_socket, self.secret)
-            except OSError as exc:
+            except (OSError, PxfsError) as exc:
+                reason = exc.message if isinstance(exc, PxfsError) else str(exc)
                 raise ChildUnreachable(
-                    f"cannot connect to the mount child of volume {child.vol_id}: {exc}"
+                    f"cannot connect to the mount child of volume {child.vol_id}: {reason}"
                 ) from None
             try:
                 return await client.call(method, *args)

@@ -391,7 +391,7 @@ class VolumeControl(VolumeUpdates):
         and the volume stays mounted at `path`, to be unmounted again once they can be stored.
         """
         try:
-            await self._write_back(child)
+            await self._write_back(child, before_close=True)
         except NoSpace as exc:
             log.warning(
                 "volume %s: not unmounting %s, its writes do not fit: %s",
@@ -408,21 +408,22 @@ class VolumeControl(VolumeUpdates):
             )  # fmt: skip
             raise Unavailable(
                 f"cannot unmount volume {record['name']} from {path}: {exc.message}; it stays "
-                "mounted with its unwritten data, unmount it again once the nodes of its "
-                "replicas are back"
+                "mounted, because its writes or its close need those replicas; unmount it again "
+                "once the nodes of its replicas are back"
             ) from None
 
-    async def _write_back(self, child: MountChild) -> None:
+    async def _write_back(self, child: MountChild, *, before_close: bool = False) -> None:
         """Have the kernel and then the child write every change, before the child stops.
 
         Raises NoSpace when the changes do not fit, and Unavailable when the child replies that
-        they could not reach a write quorum. Other failures are logged, and the caller then
-        stops the child, as it does for a child that does not reply within WRITE_BACK_TIMEOUT
-        or that exits during the call.
+        they could not reach a write quorum. With `before_close`, the child also raises
+        Unavailable when no write quorum is connected for the writes of its close. Other
+        failures are logged, and the caller then stops the child, as it does for a child that
+        does not reply within WRITE_BACK_TIMEOUT or that exits during the call.
         """
         await self._sync_kernel_cache(child)
         try:
-            await self._call_child(child, WRITE_BACK_TIMEOUT, "mount.sync")
+            await self._call_child(child, WRITE_BACK_TIMEOUT, "mount.sync", before_close)
         except ChildUnreachable as exc:
             log.warning(
                 "volume %s: write-back before the stop failed: %s", child.vol_id, exc.message

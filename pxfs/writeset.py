@@ -93,6 +93,16 @@ class WriteSetControl(ReplicationBase):
                     if not replica.client.broken:
                         nursery.start_soon(probe, replica)
 
+    async def check_write_quorum(self) -> None:
+        """Raise Unavailable unless a write quorum of the write set is connected now."""
+        await self.probe_write_set()
+        connected = len(self._write_set) - len(self.disconnected)
+        if connected < self.write_quorum_now():
+            raise Unavailable(
+                f"volume {self.vol_id}: {connected} replicas of the write set are connected, "
+                f"{self.write_quorum_now()} needed"
+            )
+
     async def drop_unreachable(self, replica_id: str, exc: PxfsError) -> bool:
         """Drop a write-set replica whose lost connection could not be opened again.
 

@@ -574,11 +574,17 @@ def test_unmount_below_quorum_keeps_writes(cluster: Cluster, tmp_path: Path) -> 
     payload = os.urandom(3 * MIB)
     try:
         mount_on(first, "unsynced", path)
+        write_synced(path / "synced", b"durable")
         assert second.stop() == 0
         assert third.stop() == 0
+        # Every write is durable, but closing the volume writes to a quorum, which is gone.
+        with pytest.raises(errors.Unavailable, match="it stays mounted"):
+            first.call("volume.unmount", "unsynced", str(path))
+        assert os.path.ismount(path)
+
         # Without an fsync the write lands in the mount child's cache, which cannot store it.
         (path / "unsynced").write_bytes(payload)
-        with pytest.raises(errors.Unavailable, match="it stays mounted with its unwritten data"):
+        with pytest.raises(errors.Unavailable, match="it stays mounted"):
             first.call("volume.unmount", "unsynced", str(path))
         assert os.path.ismount(path)
         assert (path / "unsynced").read_bytes() == payload
@@ -598,6 +604,7 @@ def test_unmount_below_quorum_keeps_writes(cluster: Cluster, tmp_path: Path) -> 
         assert not os.path.ismount(path)
         first.call("volume.mount", "unsynced", str(path))
         assert (path / "unsynced").read_bytes() == payload
+        assert (path / "synced").read_bytes() == b"durable"
     finally:
         for node in (second, third):
             if node.pxd is None:
