@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from pxfs.hostmounts import (
     unmount,
 )
 from pxfs.nodebase import FencedVolume, MountChild, child_replica_order, replica_set
+from pxfs.orphanchild import stop_orphan_child
 from pxfs.sampling import StatsSampling
 from pxfs.tls import TlsFiles
 
@@ -152,6 +154,7 @@ class ChildSupervisor(StatsSampling):
     async def _start_process(self, child: MountChild, record: VolumeRecord) -> trio.Process:
         epoch = record["epoch"]
         await lazy_unmount(child.mountpoint)
+        await stop_orphan_child(child.vol_id, child.control_socket)
         if len(os.fsencode(child.control_socket)) > MAX_SOCKET_PATH:
             raise Unavailable(
                 f"cannot start the mount child of volume {child.vol_id}: its control socket "
@@ -422,17 +425,20 @@ class ChildSupervisor(StatsSampling):
             return False
         return mount_devices().get(path) == child.dead_device
 
-    async def _bind_paths(self, child: MountChild, paths: list[str]) -> None:
+    async def _bind_paths(
+        self, child: MountChild, paths: list[str], over_stale: Collection[str] = ()
+    ) -> None:
+        """Bind the child's mount at `paths`, beneath the stale mounts at `over_stale`."""
         for path in paths:
             try:
-                await self._bind_path(child, path)
+                await self._bind_path(child, path, over_stale=path in over_stale)
             except PxfsError as exc:
                 log.error(
                     "volume %s: cannot mount at %s again: %s", child.vol_id, path, exc.message
                 )
 
-    async def _bind_path(self, child: MountChild, path: str) -> None:
-        if child.dead_device is not None and self._leads_to_volume(child, path):
+    async def _bind_path(self, child: MountChild, path: str, *, over_stale: bool = False) -> None:
+        if over_stale or (child.dead_device is not None and self._leads_to_volume(child, path)):
             await replace_with_bind(child.mountpoint, path)
         else:
             await bind(child.mountpoint, path)
@@ -566,16 +572,21 @@ class ChildSupervisor(StatsSampling):
             for path in binds:
                 await lazy_unmount(path)
 
-    async def _clear_stale_mount(self, path: str) -> None:
+    def _stale_mount_at(self, path: str) -> bool:
+        """Return whether a FUSE mount is on `path`; raise Busy where pxd must not mount."""
         if os.path.realpath(path) != path:
             raise Busy(f"{path} now leads through a symbolic link; not remounting there")
         fstype = mountinfo().get(path)
         if fstype is None:
-            return
+            return False
         if not fstype.startswith("fuse"):
             raise Busy(f"{path} has a {fstype} filesystem mounted on it; not remounting there")
-        log.warning("lazily unmounting the stale mount at %s", path)
-        await lazy_unmount(path)
+        return True
+
+    async def _clear_stale_mount(self, path: str) -> None:
+        if self._stale_mount_at(path):
+            log.warning("lazily unmounting the stale mount at %s", path)
+            await lazy_unmount(path)
 
 
 class _Lines:

@@ -322,10 +322,12 @@ class Node(LeftoverReplicas):
         log.info("volume %s: re-attached with epoch %d", record["id"], record["epoch"])
         if not paths:
             return
-        usable = []
+        usable: list[str] = []
+        stale: list[str] = []
         for path in paths:
             try:
-                await self._clear_stale_mount(path)
+                if self._stale_mount_at(path):
+                    stale.append(path)
                 usable.append(path)
             except Busy as exc:
                 log.error("volume %s: %s", record["id"], exc.message)
@@ -335,10 +337,14 @@ class Node(LeftoverReplicas):
         except PxfsError as exc:
             # Handled as a child that died, so the usual restarts with backoff follow.
             log.error("volume %s: mount child failed at start: %s", record["id"], exc.message)
+            for path in stale:
+                await self._clear_stale_mount(path)
             child.paths[:] = usable
             self._live_nursery().start_soon(self._recover, child)
             return
-        await self._bind_paths(child, usable)
+        # The mount of the last run stays at its paths until the new bind is beneath it, so a
+        # path never shows the directory under it on the way.
+        await self._bind_paths(child, usable, over_stale=stale)
         log.info("volume %s: remounted at %s", record["id"], ", ".join(child.paths) or "no path")
 
     async def _shutdown(self) -> None:

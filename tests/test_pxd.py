@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -753,6 +754,37 @@ def test_pxd_killed_then_restart_remounts(pxd: Pxd, tmp_path: Path) -> None:
     assert record["epoch"] > epoch
     assert record["mounted"] == [str(target)]
     # The old child lost its mount and its peer connection, so it ends by itself.
+    wait_until(lambda: len(pxd.child_pids()) == 1, "the orphaned mount child to exit")
+
+
+@needs_mount
+def test_pxd_restart_never_unmounts_path(pxd: Pxd, tmp_path: Path) -> None:
+    target, _ = mount_new(pxd, "steady", tmp_path)
+    write_synced(target / "f", b"kept")
+    pxd.kill()
+
+    # Watch the path while the new pxd starts: it must stay a mountpoint all along.
+    gaps = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal gaps
+        while not done.is_set():
+            if str(target) not in mounted_paths():
+                gaps += 1
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        pxd.start()
+        wait_until(lambda: alive_mount(target), "the volume to be served again")
+    finally:
+        done.set()
+        watcher.join()
+    assert gaps == 0
+    assert (target / "f").read_bytes() == b"kept"
+    assert "lazily unmounting the stale mount" not in pxd.log()
     wait_until(lambda: len(pxd.child_pids()) == 1, "the orphaned mount child to exit")
 
 
