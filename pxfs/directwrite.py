@@ -8,9 +8,10 @@ the same write took 0.2 to 0.4 s.
 
 Only runs of at least MIN_RUN_BLOCKS consecutive blocks are written this way, because a direct
 write waits for the disk and a buffered write of one scattered block does not. The replica
-gives it only unwritten blocks (pxfs/replica.py). Reads stay buffered. Before a direct write, the kernel writes back and drops the cached pages of its range,
-so a later buffered read returns the new bytes. An fdatasync through any descriptor of the file
-makes the direct writes durable too.
+gives it only unwritten blocks (pxfs/replica.py). Reads stay buffered. Before a direct write,
+the kernel writes back and drops the cached pages of its range, so a later buffered read
+returns the new bytes. An fdatasync through any descriptor of the file makes the direct writes
+durable too.
 
 O_DIRECT needs the buffer, the offset and the length aligned to the disk's logical block size.
 Offsets and lengths are multiples of the 64 KiB block, and the buffer is an anonymous mmap,

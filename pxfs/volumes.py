@@ -392,24 +392,22 @@ class VolumeControl(VolumeUpdates):
         """
         try:
             await self._write_back(child, before_close=True)
-        except NoSpace as exc:
+        except (NoSpace, Unavailable) as exc:
+            if isinstance(exc, NoSpace):
+                reason = "its writes do not fit"
+                advice = "mounted with its unwritten data, unmount it again once there is space"
+            else:
+                reason = "its writes or its close cannot reach its replicas"
+                advice = (
+                    "mounted, because its writes or its close need those replicas; unmount it "
+                    "again once the nodes of its replicas are back"
+                )
             log.warning(
-                "volume %s: not unmounting %s, its writes do not fit: %s",
-                record["id"], path, exc.message,
-            )  # fmt: skip
-            raise NoSpace(
+                "volume %s: not unmounting %s, %s: %s", record["id"], path, reason, exc.message
+            )
+            raise type(exc)(
                 f"cannot unmount volume {record['name']} from {path}: {exc.message}; it stays "
-                "mounted with its unwritten data, unmount it again once there is space"
-            ) from None
-        except Unavailable as exc:
-            log.warning(
-                "volume %s: not unmounting %s, its writes cannot reach its replicas: %s",
-                record["id"], path, exc.message,
-            )  # fmt: skip
-            raise Unavailable(
-                f"cannot unmount volume {record['name']} from {path}: {exc.message}; it stays "
-                "mounted, because its writes or its close need those replicas; unmount it again "
-                "once the nodes of its replicas are back"
+                f"{advice}"
             ) from None
 
     async def _write_back(self, child: MountChild, *, before_close: bool = False) -> None:
