@@ -97,7 +97,7 @@ def now_ns() -> int:
 
 
 class ChildUnreachable(Unavailable):
-    """An Unavailable raised because a mount child did not reply: no connection, or a timeout.
+    """An Unavailable for a mount child that cannot be reached: no connection, or no reply in time.
 
     It travels over RPC as Unavailable. Within pxd it separates a child that did not reply from
     one that replied with Unavailable.
