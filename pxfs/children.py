@@ -574,6 +574,8 @@ class ChildSupervisor(StatsSampling):
 
     def _stale_mount_at(self, path: str) -> bool:
         """Return whether a FUSE mount is on `path`; raise Busy where pxd must not mount."""
+        # NOTE: realpath stats `path` in the event loop. A mount child stopped with SIGSTOP
+        # blocks that stat, and all of pxd with it, until the child runs again.
         if os.path.realpath(path) != path:
             raise Busy(f"{path} now leads through a symbolic link; not remounting there")
         fstype = mountinfo().get(path)

@@ -302,6 +302,11 @@ class Node(LeftoverReplicas):
         records = await self._catalog().list_volumes()
         here = {record["id"] for record in records if record["attached_on"] == self.node_id}
         await self._clear_orphan_mounts(here)
+        # The shallowest paths go first: a volume mounted inside another one's mount needs that
+        # mount in place first, and replacing the outer mount later would take the inner one
+        # with it. NOTE: the order is by each volume's shallowest path, so a volume with a
+        # shallow path elsewhere can still come before the volume that one of its paths is in.
+        records.sort(key=lambda record: _shallowest(record["mount_paths"]))
         for record in records:
             if record["attached_on"] != self.node_id or record.get("deleting"):
                 continue
@@ -452,6 +457,11 @@ async def _serve_unix(
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await server.serve_unix(path, mode=0o600, task_status=task_status)
+
+
+def _shallowest(paths: list[str]) -> int:
+    """Return the number of components of the shortest of `paths`, 0 without any."""
+    return min((len(Path(path).parts) for path in paths), default=0)
 
 
 def _deepest(paths: list[str]) -> int:

@@ -789,6 +789,35 @@ def test_pxd_restart_never_unmounts_path(pxd: Pxd, tmp_path: Path) -> None:
 
 
 @needs_mount
+@pytest.mark.parametrize("stop", ["kill", "sigterm"])
+def test_restart_remounts_nested_volume(pxd: Pxd, tmp_path: Path, stop: str) -> None:
+    # The inner volume is created first, so the catalog lists it before the outer one.
+    create(pxd, "nested-in")
+    outer, _ = mount_new(pxd, "nested-out", tmp_path)
+    inner = outer / "in"
+    inner.mkdir()
+    # The directory must survive the kill of pxd, which takes unsynced changes with it.
+    directory = os.open(outer, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    pxd.call("volume.attach", "nested-in")
+    pxd.call("volume.mount", "nested-in", str(inner))
+    write_synced(inner / "f", b"inner")
+
+    if stop == "kill":
+        pxd.kill()
+    else:
+        assert pxd.stop() == 0
+    pxd.start()
+    wait_until(lambda: alive_mount(inner), "the inner volume to be served again")
+    assert (inner / "f").read_bytes() == b"inner"
+    assert pxd.call("volume.inspect", "nested-in")["mounted"] == [str(inner)]
+    wait_until(lambda: len(pxd.child_pids()) == 2, "the orphaned mount children to exit")
+
+
+@needs_mount
 def test_check_detached_volume(pxd: Pxd, tmp_path: Path) -> None:
     create(pxd, "fsck")
     result = pxd.call("volume.check", "fsck")
