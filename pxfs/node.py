@@ -304,9 +304,10 @@ class Node(LeftoverReplicas):
         await self._clear_orphan_mounts(here)
         # The shallowest paths go first: a volume mounted inside another one's mount needs that
         # mount in place first, and replacing the outer mount later would take the inner one
-        # with it. NOTE: the order is by each volume's shallowest path, so a volume with a
-        # shallow path elsewhere can still come before the volume that one of its paths is in.
-        records.sort(key=lambda record: _shallowest(record["mount_paths"]))
+        # with it. NOTE: the order is by each volume's shallowest path and then its deepest, so
+        # a volume with a shallower path elsewhere still comes before the volume that one of
+        # its paths is in.
+        records.sort(key=lambda record: _depths(record["mount_paths"]))
         for record in records:
             if record["attached_on"] != self.node_id or record.get("deleting"):
                 continue
@@ -459,9 +460,9 @@ async def _serve_unix(
     await server.serve_unix(path, mode=0o600, task_status=task_status)
 
 
-def _shallowest(paths: list[str]) -> int:
-    """Return the number of components of the shortest of `paths`, 0 without any."""
-    return min((len(Path(path).parts) for path in paths), default=0)
+def _depths(paths: list[str]) -> tuple[int, int]:
+    """Return the number of components of the shortest and of the longest of `paths`."""
+    return min((len(Path(path).parts) for path in paths), default=0), _deepest(paths)
 
 
 def _deepest(paths: list[str]) -> int:

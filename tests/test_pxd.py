@@ -789,7 +789,7 @@ def test_pxd_restart_never_unmounts_path(pxd: Pxd, tmp_path: Path) -> None:
 
 
 @needs_mount
-@pytest.mark.parametrize("stop", ["kill", "sigterm"])
+@pytest.mark.parametrize("stop", ["kill", "sigterm", "kill-tie"])
 def test_restart_remounts_nested_volume(pxd: Pxd, tmp_path: Path, stop: str) -> None:
     # The inner volume is created first, so the catalog lists it before the outer one.
     create(pxd, "nested-in")
@@ -805,15 +805,21 @@ def test_restart_remounts_nested_volume(pxd: Pxd, tmp_path: Path, stop: str) -> 
     pxd.call("volume.attach", "nested-in")
     pxd.call("volume.mount", "nested-in", str(inner))
     write_synced(inner / "f", b"inner")
+    if stop == "kill-tie":
+        # A second path of the inner volume as shallow as the outer volume's path.
+        beside = outer.parent / "beside"
+        beside.mkdir()
+        pxd.call("volume.mount", "nested-in", str(beside))
 
-    if stop == "kill":
+    if stop.startswith("kill"):
         pxd.kill()
     else:
         assert pxd.stop() == 0
     pxd.start()
     wait_until(lambda: alive_mount(inner), "the inner volume to be served again")
     assert (inner / "f").read_bytes() == b"inner"
-    assert pxd.call("volume.inspect", "nested-in")["mounted"] == [str(inner)]
+    assert str(inner) in pxd.call("volume.inspect", "nested-in")["mounted"]
+    assert str(inner) in mounted_paths()
     wait_until(lambda: len(pxd.child_pids()) == 2, "the orphaned mount children to exit")
 
 
