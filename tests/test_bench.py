@@ -24,6 +24,7 @@ FIGURES = [
     "seq_write", "seq_read", "rand_read_4k", "rand_write_4k", "create", "stat_warm",
     "stat_cold", "unlink", "copy_tree", "git_commit", "git_status",
 ]  # fmt: skip
+FIO_FIGURES = ["seq_write", "seq_read", "rand_read_4k", "rand_write_4k"]
 
 
 def _missing_prerequisite() -> str | None:
@@ -123,6 +124,10 @@ def test_smoke_run_measures_every_system(tmp_path: Path) -> None:
         assert sorted(systems[system]) == sorted(FIGURES), system
         for name in FIGURES:
             assert systems[system][name] > 0, (system, name)
+    # The floor stores nothing, so only the fio jobs run on it.
+    assert sorted(systems["fuse_floor"]) == sorted(FIO_FIGURES)
+    assert all(systems["fuse_floor"][name] > 0 for name in FIO_FIGURES)
+    assert "fuse_floor" not in report["not_measured"]
     if with_ha3:
         assert "pxfs_ha3" not in report["not_measured"]
     else:
@@ -146,12 +151,19 @@ def test_smoke_run_measures_every_system(tmp_path: Path) -> None:
             assert ratios["pxfs_ha3_glusterfs"][name] == pytest.approx(expected), name
         else:
             assert ratios["pxfs_ha3_glusterfs"][name] is None, name
+        if name in FIO_FIGURES:
+            expected = systems["pxfs_ha1"][name] / systems["fuse_floor"][name]
+            assert ratios["pxfs_floor"][name] == pytest.approx(expected), name
+        else:
+            assert ratios["pxfs_floor"][name] is None, name
     assert report["parameters"]["smoke"] is True
     assert report["units"]["seq_write"] == "MiB/s"
     assert report["units"]["git_status"] == "s"
 
     assert "pxfs/GlusterFS" in result.stdout
     assert "ha3/GlusterFS" in result.stdout
+    assert "pxfs/floor" in result.stdout
+    assert "[FUSE floor] random 4 KiB writes" in result.stderr
     assert "[raw] git status" in result.stderr
     assert "[pxfs ha 1] sequential write" in result.stderr
     if with_ha3:
@@ -211,7 +223,7 @@ def test_systems_limits_the_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["systems"]["raw"]["create"] > 0
-    for system in ("pxfs_ha1", "pxfs_ha3", "glusterfs_r3"):
+    for system in ("pxfs_ha1", "pxfs_ha3", "glusterfs_r3", "fuse_floor"):
         assert report["systems"][system] is None
         assert report["not_measured"][system] == "not chosen with --systems"
     assert report["parameters"]["systems"] == ["raw"]

@@ -1,7 +1,8 @@
 """Measure pxfs beside the raw filesystem and GlusterFS replica 3 on the same disk, in one run.
 
     python tools/bench.py [--work-dir DIR] [--size-mib 1024] [--seconds 30] [--files 10000]
-                          [--tree DIR] [--systems raw,pxfs_ha1,pxfs_ha3,glusterfs_r3]
+                          [--tree DIR]
+                          [--systems raw,pxfs_ha1,pxfs_ha3,glusterfs_r3,fuse_floor]
                           [--json FILE] [--smoke]
 
 Every system gets the same jobs in a directory under DIR: fio (psync engine) sequential write of
@@ -14,12 +15,15 @@ The systems are raw (DIR/raw), pxfs ha 1 (a private pxd on DIR/node, so it never
 running node), pxfs ha 3 (a private cluster of etcd and three pxd nodes started by tools/cluster
 in DIR/cluster, the volume mounted on node 1 at DIR/mnt-pxfs3), and GlusterFS replica 3: a
 private glusterd on DIR/gluster with three bricks in DIR/gluster/bricks, FUSE-mounted on
-DIR/mnt-gluster. --systems picks some of them. Everything the tool starts is stopped and
-unmounted at the end, even after a failure, Ctrl-C or SIGTERM. It prints a table with the
-pxfs/raw, pxfs/GlusterFS and pxfs ha 3/GlusterFS ratios, writes the same figures as JSON, and
-reports progress on stderr. --smoke runs tiny sizes so the test suite can check that the tool
-still works. Needs root (drop_caches, FUSE), fio and git. pxfs ha 3 needs etcd; GlusterFS is
-measured when glusterd is installed (Debian: glusterfs-server, glusterfs-client).
+DIR/mnt-gluster. The FUSE floor (tools/fusefloor.py on DIR/mnt-floor, a pyfuse3 filesystem
+that drops every write) gets the fio jobs only: its rates are an upper bound for pxfs's request
+loop on pyfuse3 on this machine. --systems picks some of them. Everything the tool starts
+is stopped and unmounted at the end, even after a failure, Ctrl-C or SIGTERM. It prints a table
+with the pxfs/raw, pxfs/GlusterFS, pxfs ha 3/GlusterFS and pxfs/floor ratios, writes the same
+figures as JSON, and reports progress on stderr. --smoke runs tiny sizes so the test suite can
+check that the tool still works. Needs root (drop_caches, FUSE), fio and git. pxfs ha 3 needs
+etcd; GlusterFS is measured when glusterd is installed (Debian: glusterfs-server,
+glusterfs-client).
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ SYSTEMS = {
     "pxfs_ha1": "pxfs ha 1",
     "pxfs_ha3": "pxfs ha 3",
     "glusterfs_r3": "GlusterFS r3",
+    "fuse_floor": "FUSE floor",
 }
 
 Figures = dict[str, float]
@@ -162,8 +167,13 @@ def time_call(action: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def fio_rates(system: str, directory: Path, size_mib: int, seconds: int) -> Figures:
-    """Run the four fio jobs in `directory` and return their bandwidths."""
+def fio_rates(
+    system: str, directory: Path, size_mib: int, seconds: int, *, remove: bool = True
+) -> Figures:
+    """Run the four fio jobs in `directory` and return their bandwidths.
+
+    With `remove`, fio's file is deleted afterwards.
+    """
     progress(system, f"sequential write, {size_mib} MiB")
     figures = {"seq_write": run_fio(directory, "seqwrite", "write", "1M", size_mib, seconds)}
     drop_caches()
@@ -173,7 +183,8 @@ def fio_rates(system: str, directory: Path, size_mib: int, seconds: int) -> Figu
     figures["rand_read_4k"] = run_fio(directory, "randread", "randread", "4k", size_mib, seconds)
     progress(system, f"random 4 KiB writes, {seconds} s")
     figures["rand_write_4k"] = run_fio(directory, "randwrite", "randwrite", "4k", size_mib, seconds)
-    os.unlink(directory / "fio.data")
+    if remove:
+        os.unlink(directory / "fio.data")
     return figures
 
 
@@ -677,9 +688,12 @@ def measure_glusterfs(work: Path, args: argparse.Namespace) -> Figures:
 def ratio(numerator: Figures | None, denominator: Figures | None, name: str) -> float | None:
     """Return numerator[name] / denominator[name].
 
-    Returns None when either set of figures is missing, or the denominator is missing or 0.
+    Returns None when either set of figures or either figure is missing, or the denominator
+    is 0.
     """
     if numerator is None or denominator is None or not denominator.get(name):
+        return None
+    if name not in numerator:
         return None
     return numerator[name] / denominator[name]
 
@@ -694,6 +708,7 @@ RATIOS = (
     ("pxfs_raw", "pxfs/raw", "pxfs_ha1", "raw"),
     ("pxfs_glusterfs", "pxfs/GlusterFS", "pxfs_ha1", "glusterfs_r3"),
     ("pxfs_ha3_glusterfs", "ha3/GlusterFS", "pxfs_ha3", "glusterfs_r3"),
+    ("pxfs_floor", "pxfs/floor", "pxfs_ha1", "fuse_floor"),
 )
 
 
@@ -708,15 +723,16 @@ def print_table(results: dict[str, Figures | None], not_measured: dict[str, str]
         for system in SYSTEMS:
             figures = results[system]
             digits = 2 if unit == "s" else 1
-            line += format_cell(None if figures is None else figures[name], 14, digits)
+            line += format_cell(None if figures is None else figures.get(name), 14, digits)
         for _, _, numerator, denominator in RATIOS:
             line += format_cell(ratio(results[numerator], results[denominator], name), 16, 2)
         print(line)
     for system, reason in not_measured.items():
         print(f"{SYSTEMS[system]}: not measured: {reason}")
     print(
-        "pxfs/raw and pxfs/GlusterFS divide the pxfs ha 1 figure by the other one, ha3/GlusterFS "
-        "the pxfs ha 3 one; for figures in s, lower is better."
+        "pxfs/raw, pxfs/GlusterFS and pxfs/floor divide the pxfs ha 1 figure by the other one, "
+        "ha3/GlusterFS the pxfs ha 3 one; for figures in s, lower is better. The FUSE floor "
+        "stores nothing, so it runs the fio jobs only."
     )
 
 
@@ -830,6 +846,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "pxfs_ha1": measure_pxfs_ha1,
         "pxfs_ha3": measure_pxfs_ha3,
         "glusterfs_r3": measure_glusterfs,
+        "fuse_floor": measure_fuse_floor,
     }
     for system, measurer in measurers.items():
         if system in not_measured:
@@ -846,6 +863,35 @@ def measure_raw(work: Path, args: argparse.Namespace) -> Figures:
     raw_dir = work / "raw"
     raw_dir.mkdir(exist_ok=True)
     return measure("raw", raw_dir, args)
+
+
+FLOOR_TOOL = Path(__file__).resolve().parent / "fusefloor.py"
+
+
+def measure_fuse_floor(work: Path, args: argparse.Namespace) -> Figures:
+    """Mount tools/fusefloor.py, run the fio jobs on it, then unmount it and stop it."""
+    mountpoint = work / "mnt-floor"
+    mountpoint.mkdir(exist_ok=True)
+    log_path = work / "fusefloor.log"
+    command = [sys.executable, str(FLOOR_TOOL), str(mountpoint), "--size-mib", str(args.size_mib)]
+    with contextlib.ExitStack() as stack, log_path.open("wb") as log:
+        progress("fuse_floor", f"mount {FLOOR_TOOL.name} on {mountpoint}")
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        register_teardown(stack, "stop the FUSE floor", lambda: stop_process(process.pid, "floor"))
+        register_teardown(stack, "unmount the FUSE floor", lambda: unmount(mountpoint))
+        deadline = time.monotonic() + START_TIMEOUT
+        while not is_mounted(mountpoint):
+            if process.poll() is not None:
+                output = log_path.read_text(errors="replace").strip()
+                raise BenchError(
+                    f"the FUSE floor failed to mount, exit status {process.returncode}: {output}"
+                )
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"timed out after {START_TIMEOUT:.0f} s waiting for the FUSE floor to mount"
+                )
+            time.sleep(0.05)
+        return fio_rates("fuse_floor", mountpoint, args.size_mib, args.seconds, remove=False)
 
 
 def main(argv: list[str] | None = None) -> int:
