@@ -145,7 +145,19 @@ class DockerPlugin:
             if left is None:
                 log.info("Unmount of %s: container %s was not using it", name, container[:12])
             elif left == 0:
-                await self._release(record)
+                try:
+                    await self._release(record)
+                except errors.PxfsError:
+                    # The volume stays mounted, so the container keeps its count. A later
+                    # Unmount for it then releases the volume, and Remove still finds it in use.
+                    try:
+                        await _shielded(self.refs.add(record["id"], name, container))
+                    except errors.PxfsError as exc:
+                        log.error(
+                            "volume %s stays mounted, and the count of container %s is lost: %s",
+                            name, container[:12], exc.message,
+                        )  # fmt: skip
+                    raise
             else:
                 log.info("volume %s stays mounted for %d container(s)", name, left)
 

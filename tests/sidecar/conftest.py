@@ -52,6 +52,8 @@ class FakePxd:
         self.socket = Path()
         #: When set, the next call raises this instead of running.
         self.fail_next: Exception | None = None
+        #: Per method name: the next call of that method raises this instead of running.
+        self.fail_method: dict[str, Exception] = {}
         #: Per volume id: the cumulative counters, the live window and the history that the
         #: stats methods return. Tests set them, and a missing one is zero or empty.
         self.totals: dict[str, dict[str, int]] = {}
@@ -91,6 +93,8 @@ class FakePxd:
             if self.fail_next is not None:
                 failure, self.fail_next = self.fail_next, None
                 raise failure
+            if name in self.fail_method:
+                raise self.fail_method.pop(name)
             return method(*args)
 
         # RpcServer checks the arguments against the signature of the handler.
