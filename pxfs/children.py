@@ -34,6 +34,7 @@ from pxfs.hostmounts import (
     leads_to_mount,
     mount_devices,
     mountinfo,
+    parent_resolved,
     replace_with_bind,
     syncfs,
     unmount,
@@ -411,7 +412,7 @@ class ChildSupervisor(StatsSampling):
         Until a new child's binds replace them, the kept binds fail every access with ENOTCONN,
         so that no write lands in the directory under a path.
         """
-        device = mount_devices().get(os.path.realpath(child.mountpoint))
+        device = mount_devices().get(parent_resolved(child.mountpoint))
         if device is not None:
             child.dead_device = device
         await self._detach_moved_binds(child)
@@ -421,7 +422,7 @@ class ChildSupervisor(StatsSampling):
         """True if `path` is a bind of the child's mount, or of the mount of a dead child."""
         if leads_to_mount(path, child.mountpoint):
             return True
-        if os.path.realpath(path) != path or child.dead_device is None:
+        if parent_resolved(path) != path or child.dead_device is None:
             return False
         return mount_devices().get(path) == child.dead_device
 
@@ -494,6 +495,8 @@ class ChildSupervisor(StatsSampling):
             await self._sample(child)
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
+                # A stopped child handles SIGTERM only once it runs again.
+                process.send_signal(signal.SIGCONT)
             with trio.move_on_after(STOP_TIMEOUT) as scope:
                 await child.exited.wait()
             if scope.cancelled_caught:
@@ -527,8 +530,26 @@ class ChildSupervisor(StatsSampling):
         if self._mounts.get(child.vol_id) is child:
             del self._mounts[child.vol_id]
 
+    def _continue_if_stopped(self, child: MountChild) -> None:
+        """Send SIGCONT to a child that a signal stopped, so that it can write back and exit.
+
+        A stopped child would block the syncfs, the write-back and the SIGTERM of its stop, and
+        its unwritten data would be lost when it is killed.
+        """
+        process = child.process
+        if process is None or not child.running or _process_state(process.pid) != "T":
+            return
+        log.warning(
+            "volume %s: mount child pid %d is stopped; sending SIGCONT to stop it cleanly",
+            child.vol_id,
+            process.pid,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)
+
     async def _sync_kernel_cache(self, child: MountChild) -> None:
         """Have the kernel write the volume's dirty pages to the child before it is stopped."""
+        self._continue_if_stopped(child)
         # The kernel's writeback cache can hold writes to files that are still open. A child
         # stopped before they reach it loses them, even on a clean shutdown.
         with trio.move_on_after(SYNC_TIMEOUT) as scope:
@@ -574,12 +595,15 @@ class ChildSupervisor(StatsSampling):
 
     def _stale_mount_at(self, path: str) -> bool:
         """Return whether a FUSE mount is on `path`; raise Busy where pxd must not mount."""
-        # NOTE: realpath stats `path` in the event loop. A mount child stopped with SIGSTOP
-        # blocks that stat, and all of pxd with it, until the child runs again.
-        if os.path.realpath(path) != path:
-            raise Busy(f"{path} now leads through a symbolic link; not remounting there")
+        # The stat of a mountpoint waits on a stopped mount child, so `path` itself is
+        # resolved only when it is not a mountpoint.
+        link = Busy(f"{path} now leads through a symbolic link; not remounting there")
+        if parent_resolved(path) != path:
+            raise link
         fstype = mountinfo().get(path)
         if fstype is None:
+            if os.path.realpath(path) != path:
+                raise link
             return False
         if not fstype.startswith("fuse"):
             raise Busy(f"{path} has a {fstype} filesystem mounted on it; not remounting there")
@@ -589,6 +613,16 @@ class ChildSupervisor(StatsSampling):
         if self._stale_mount_at(path):
             log.warning("lazily unmounting the stale mount at %s", path)
             await lazy_unmount(path)
+
+
+def _process_state(pid: int) -> str:
+    """Return the state letter of `pid` in /proc ("T" for stopped by a signal), or ""."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name in parentheses may contain spaces, so the fields start after its ")".
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 class _Lines:

@@ -61,10 +61,21 @@ def _unescape_mount_path(raw: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), raw))
 
 
+def parent_resolved(path: str) -> str:
+    """Return `path` with the symbolic links of its parent directories resolved.
+
+    Unlike os.path.realpath, it does not stat `path` itself. On a FUSE mount that stat waits
+    for the mount's process, and for as long as that process is stopped (SIGSTOP).
+    """
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name)
+
+
 def is_mounted(path: str) -> bool:
     """True if `path` is a mountpoint, also when it is a FUSE mount whose daemon died."""
-    # os.path.ismount stats the path, which fails on a dead FUSE mount.
-    return os.path.realpath(path) in mountinfo() or os.path.ismount(path)
+    # os.path.ismount stats the path, which fails on a dead FUSE mount and waits on a stopped
+    # one, so mountinfo is read first.
+    return parent_resolved(path) in mountinfo() or os.path.ismount(path)
 
 
 async def run_tool(*argv: str) -> str | None:
@@ -90,14 +101,15 @@ async def lazy_unmount(path: str) -> None:
         return
     failure = await run_tool("fusermount3", "-u", "-z", path)
     if failure is not None and is_mounted(path):
-        failure = await run_tool("umount", "-l", path)
+        failure = await run_tool("umount", "-l", "--no-canonicalize", path)
     if failure is not None and is_mounted(path):
         log.error("lazy unmount of %s failed: %s", path, failure)
 
 
 async def unmount(path: str) -> None:
     """Unmount `path`; raises Busy when a process still uses it."""
-    failure = await run_tool("umount", path)
+    # Without --no-canonicalize, umount stats `path`, which waits on a stopped FUSE daemon.
+    failure = await run_tool("umount", "--no-canonicalize", path)
     if failure is not None and is_mounted(path):
         hint = ""
         if "busy" in failure:
@@ -191,15 +203,17 @@ def leads_to_mount(path: str, mountpoint: str) -> bool:
     A directory on the way that was moved or replaced by a link since the mount makes `path`
     lead to another directory, and unmounting it would unmount whatever is mounted there.
     """
-    if os.path.realpath(path) != path:
+    # A path that mountinfo lists is a mountpoint, not a link, so only its parents need
+    # resolving.
+    if parent_resolved(path) != path:
         return False
     devices = mount_devices()
-    return path in devices and devices[path] == devices.get(os.path.realpath(mountpoint))
+    return path in devices and devices[path] == devices.get(parent_resolved(mountpoint))
 
 
 def binds_of(mountpoint: str) -> list[str]:
     """Return every other mountpoint of the filesystem mounted at `mountpoint`, newest first."""
-    mountpoint = os.path.realpath(mountpoint)
+    mountpoint = parent_resolved(mountpoint)
     devices = mount_devices()
     device = devices.get(mountpoint)
     if device is None:

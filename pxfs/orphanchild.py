@@ -92,6 +92,8 @@ async def stop_orphan_child(vol_id: str, control_socket: str) -> None:
         for signum in (signal.SIGTERM, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, signum)
+                # A stopped child handles SIGTERM only once it runs again (systemd does the same).
+                signal.pidfd_send_signal(pidfd, signal.SIGCONT)
             with trio.move_on_after(ORPHAN_STOP_TIMEOUT):
                 # A pidfd becomes readable when its process exits.
                 await trio.lowlevel.wait_readable(pidfd)

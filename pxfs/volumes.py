@@ -31,7 +31,13 @@ from pxfs.errors import (
     PxfsError,
     Unavailable,
 )
-from pxfs.hostmounts import check_mount_path, is_mounted, normalize_path, resolve_path
+from pxfs.hostmounts import (
+    check_mount_path,
+    is_mounted,
+    normalize_path,
+    parent_resolved,
+    resolve_path,
+)
 from pxfs.membership import choose_replica_nodes, parse_requested_nodes
 from pxfs.nodebase import ChildUnreachable, MountChild, now_ns
 from pxfs.replicaset import check_ha_range
@@ -351,7 +357,11 @@ class VolumeControl(VolumeUpdates):
                 )
             if path not in record["mount_paths"]:
                 # A path given through a symbolic link names the resolved path in the record.
-                path = os.path.realpath(path)
+                # Resolving the parents first spares the stat of the mountpoint, which waits
+                # on a stopped mount child.
+                path = parent_resolved(path)
+                if path not in record["mount_paths"]:
+                    path = os.path.realpath(path)
             if path not in record["mount_paths"]:
                 raise NotFound(f"volume {record['name']} is not mounted at {path}")
             child = self._mounts.get(vol_id)

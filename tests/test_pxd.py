@@ -789,6 +789,46 @@ def test_pxd_restart_never_unmounts_path(pxd: Pxd, tmp_path: Path) -> None:
 
 
 @needs_mount
+def test_unmount_continues_stopped_child(pxd: Pxd, tmp_path: Path) -> None:
+    target, _ = mount_new(pxd, "paused", tmp_path)
+    # Not synced: the data reaches the replica only if the child still writes it back.
+    data = os.urandom(3 << 20)
+    (target / "f").write_bytes(data)
+    [child] = pxd.child_pids()
+    os.kill(child, signal.SIGSTOP)
+    try:
+        pxd.call("volume.unmount", "paused", str(target))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+
+    assert f"mount child pid {child} is stopped; sending SIGCONT" in pxd.log()
+    assert "killing it" not in pxd.log()
+    assert str(target) not in mounted_paths()
+    pxd.call("volume.mount", "paused", str(target))
+    assert (target / "f").read_bytes() == data
+
+
+@needs_mount
+def test_restart_stops_stopped_orphan_child(pxd: Pxd, tmp_path: Path) -> None:
+    target, _ = mount_new(pxd, "paused", tmp_path)
+    write_synced(target / "f", b"kept")
+    [orphan] = pxd.child_pids()
+    os.kill(orphan, signal.SIGSTOP)
+    pxd.kill()
+
+    try:
+        pxd.start()
+        wait_until(lambda: alive_mount(target), "the volume to be served again")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGCONT)
+    assert (target / "f").read_bytes() == b"kept"
+    assert orphan not in pxd.child_pids()
+    assert "still runs" not in pxd.log()
+
+
+@needs_mount
 @pytest.mark.parametrize("stop", ["kill", "sigterm", "kill-tie"])
 def test_restart_remounts_nested_volume(pxd: Pxd, tmp_path: Path, stop: str) -> None:
     # The inner volume is created first, so the catalog lists it before the outer one.
