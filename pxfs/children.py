@@ -1,4 +1,4 @@
-"""Mount children: starting, supervising and stopping them, and their bind mounts.
+"""Mount children: starting, supervising and stopping them (their binds: pxfs/binds.py).
 
 Each mount child serves its volume's FUSE filesystem at a private mountpoint, DIR/mnt/<id>, and
 pxd bind-mounts that onto every host path where the volume is mounted. So one child serves any
@@ -17,31 +17,22 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from pxfs.binds import VolumeBinds
 from pxfs.catalog import VolumeRecord
 from pxfs.datadir import MOUNTS_DIR
 from pxfs.errors import Busy, PxfsError, Unavailable
 from pxfs.hostmounts import (
-    bind,
-    binds_of,
     is_mounted,
     lazy_unmount,
-    leads_to_mount,
-    mount_devices,
-    mountinfo,
-    parent_resolved,
-    replace_with_bind,
     syncfs,
-    unmount,
 )
 from pxfs.nodebase import FencedVolume, MountChild, child_replica_order, replica_set
 from pxfs.orphanchild import stop_orphan_child
-from pxfs.sampling import StatsSampling
 from pxfs.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -64,7 +55,7 @@ MAX_SOCKET_PATH = 107
 ATTACHMENT_CHECK_INTERVAL = 3.0
 
 
-class ChildSupervisor(StatsSampling):
+class ChildSupervisor(VolumeBinds):
     """Starts one mount child per mounted volume, restarts it when it dies, binds its paths."""
 
     def _new_child(self, vol_id: str) -> MountChild:
@@ -400,85 +391,6 @@ class ChildSupervisor(StatsSampling):
         record["epoch"] += 1
         return record
 
-    async def _detach_dead_paths(self, child: MountChild) -> None:
-        for path in child.paths:
-            if leads_to_mount(path, child.mountpoint):
-                await lazy_unmount(path)
-        await self._detach_dead_mount(child)
-
-    async def _detach_dead_mount(self, child: MountChild) -> None:
-        """Unmount a dead child's private mount and its moved binds, and keep its other binds.
-
-        Until a new child's binds replace them, the kept binds fail every access with ENOTCONN,
-        so that no write lands in the directory under a path.
-        """
-        device = mount_devices().get(parent_resolved(child.mountpoint))
-        if device is not None:
-            child.dead_device = device
-        await self._detach_moved_binds(child)
-        await lazy_unmount(child.mountpoint)
-
-    def _leads_to_volume(self, child: MountChild, path: str) -> bool:
-        """True if `path` is a bind of the child's mount, or of the mount of a dead child."""
-        if leads_to_mount(path, child.mountpoint):
-            return True
-        if parent_resolved(path) != path or child.dead_device is None:
-            return False
-        return mount_devices().get(path) == child.dead_device
-
-    async def _bind_paths(
-        self, child: MountChild, paths: list[str], over_stale: Collection[str] = ()
-    ) -> None:
-        """Bind the child's mount at `paths`, beneath the stale mounts at `over_stale`."""
-        for path in paths:
-            try:
-                await self._bind_path(child, path, over_stale=path in over_stale)
-            except PxfsError as exc:
-                log.error(
-                    "volume %s: cannot mount at %s again: %s", child.vol_id, path, exc.message
-                )
-
-    async def _bind_path(self, child: MountChild, path: str, *, over_stale: bool = False) -> None:
-        if over_stale or (child.dead_device is not None and self._leads_to_volume(child, path)):
-            await replace_with_bind(child.mountpoint, path)
-        else:
-            await bind(child.mountpoint, path)
-        child.paths.append(path)
-
-    async def _unbind(self, child: MountChild, path: str, *, lazy_if_busy: bool) -> None:
-        if not self._leads_to_volume(child, path):
-            # Unmounting `path` now could unmount another filesystem. The volume's bind is
-            # found by its device instead, at the place it was moved to.
-            log.warning(
-                "volume %s: %s no longer leads to the volume's mount (a directory on the way "
-                "was moved or replaced by a symbolic link); not unmounting that path",
-                child.vol_id,
-                path,
-            )
-            with contextlib.suppress(ValueError):
-                child.paths.remove(path)
-            await self._detach_moved_binds(child)
-            return
-        if is_mounted(path):
-            try:
-                await unmount(path)
-            except Busy:
-                if not lazy_if_busy:
-                    raise
-                log.warning("volume %s: %s is busy; unmounting it lazily", child.vol_id, path)
-                await lazy_unmount(path)
-        with contextlib.suppress(ValueError):
-            child.paths.remove(path)
-
-    async def _detach_moved_binds(self, child: MountChild) -> None:
-        """Lazily unmount the binds of the volume's mount that are at none of its paths."""
-        # NOTE: a directory that is moved again between reading mountinfo and the unmount
-        # still redirects it; the window is that of one umount(8) run.
-        for path in binds_of(child.mountpoint):
-            if path not in child.paths:
-                log.warning("volume %s: lazily unmounting its moved bind at %s", child.vol_id, path)
-                await lazy_unmount(path)
-
     async def _stop_child(self, child: MountChild, *, sync: bool = True) -> None:
         """SIGTERM the child, wait for it to exit and make sure its mountpoint is gone.
 
@@ -569,50 +481,6 @@ class ChildSupervisor(StatsSampling):
                 child.mountpoint,
                 SYNC_TIMEOUT,
             )
-
-    async def _clear_orphan_mounts(self, attached_here: set[str]) -> None:
-        """Lazily unmount the FUSE mounts, and their binds, of volumes not attached here.
-
-        A crash of pxd leaves them behind, for instance when another node took the volume over
-        meanwhile. A mount child that survived ends once the kernel drops its mount, and it
-        cannot write before that, because the replicas reject its old epoch.
-        """
-        mounts_dir = os.path.realpath(self.data_dir / MOUNTS_DIR)
-        devices = mount_devices()
-        for mountpoint, device in devices.items():
-            vol_id = os.path.basename(mountpoint)
-            if os.path.dirname(mountpoint) != mounts_dir or vol_id in attached_here:
-                continue
-            # The binds are listed after the mount they bind, and they go first.
-            binds = [path for path, other in devices.items() if other == device][::-1]
-            log.warning(
-                "volume %s is not attached here; lazily unmounting its stale mounts %s",
-                vol_id,
-                ", ".join(binds),
-            )
-            for path in binds:
-                await lazy_unmount(path)
-
-    def _stale_mount_at(self, path: str) -> bool:
-        """Return whether a FUSE mount is on `path`; raise Busy where pxd must not mount."""
-        # The stat of a mountpoint waits on a stopped mount child, so `path` itself is
-        # resolved only when it is not a mountpoint.
-        link = Busy(f"{path} now leads through a symbolic link; not remounting there")
-        if parent_resolved(path) != path:
-            raise link
-        fstype = mountinfo().get(path)
-        if fstype is None:
-            if os.path.realpath(path) != path:
-                raise link
-            return False
-        if not fstype.startswith("fuse"):
-            raise Busy(f"{path} has a {fstype} filesystem mounted on it; not remounting there")
-        return True
-
-    async def _clear_stale_mount(self, path: str) -> None:
-        if self._stale_mount_at(path):
-            log.warning("lazily unmounting the stale mount at %s", path)
-            await lazy_unmount(path)
 
 
 def _process_state(pid: int) -> str:

@@ -307,8 +307,16 @@ class VolumeControl(VolumeUpdates):
             record = (await self._catalog().require_volume(vol_id)).record
             self._require_attached_here(record)
             path = resolve_path(path)
+            child = self._mounts.get(vol_id)
             if path in record["mount_paths"]:
-                raise Busy(f"volume {record['name']} is already mounted at {path}")
+                if child is None or not child.running or path in child.paths:
+                    raise Busy(f"volume {record['name']} is already mounted at {path}")
+                # The catalog lists the path, but its bind failed or was lost, for instance inside
+                # another volume whose mount child was down or was replaced.
+                check_mount_path(path)
+                await self._bind_path(child, path)
+                log.info("volume %s: mounted at %s again", vol_id, path)
+                return await self._public(record)
             check_mount_path(path)
             # A child and pxd must not copy to the same replicas at the same time.
             await self._stop_offline_copy(vol_id)

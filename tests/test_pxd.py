@@ -863,6 +863,56 @@ def test_restart_remounts_nested_volume(pxd: Pxd, tmp_path: Path, stop: str) -> 
     wait_until(lambda: len(pxd.child_pids()) == 2, "the orphaned mount children to exit")
 
 
+def mount_nested(pxd: Pxd, tmp_path: Path, *, synced: bool) -> tuple[Path, Path]:
+    """Mount volume "outer" on tmp_path/mnt and volume "inner" on its directory "in"."""
+    outer, _ = mount_new(pxd, "outer", tmp_path)
+    inner = outer / "in"
+    inner.mkdir()
+    if synced:
+        directory = os.open(outer, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    create(pxd, "inner")
+    pxd.call("volume.attach", "inner")
+    pxd.call("volume.mount", "inner", str(inner))
+    write_synced(inner / "f", b"inner")
+    return outer, inner
+
+
+def outer_child_pid(pxd: Pxd) -> int:
+    """Return the pid of the mount child of volume "outer"."""
+    vol_id = pxd.call("volume.inspect", "outer")["id"]
+    [pid] = mount_child_pids(str(pxd.data_dir / "mnt" / vol_id), whole_argument=True)
+    return pid
+
+
+@needs_mount
+def test_outer_child_restart_keeps_inner(pxd: Pxd, tmp_path: Path) -> None:
+    outer, inner = mount_nested(pxd, tmp_path, synced=True)
+    os.kill(outer_child_pid(pxd), signal.SIGKILL)
+
+    wait_until(lambda: "mounting at" in pxd.log(), "the inner volume to be mounted again")
+    wait_until(lambda: alive_mount(inner), "the inner volume to be served again")
+    assert (inner / "f").read_bytes() == b"inner"
+    assert pxd.call("volume.inspect", "inner")["mounted"] == [str(inner)]
+
+
+@needs_mount
+def test_mount_again_binds_lost_path(pxd: Pxd, tmp_path: Path) -> None:
+    # The kill of the outer child loses the unsynced directory that the inner path is in.
+    outer, inner = mount_nested(pxd, tmp_path, synced=False)
+    os.kill(outer_child_pid(pxd), signal.SIGKILL)
+    wait_until(lambda: "cannot mount at" in pxd.log(), "the failed bind of the inner volume")
+    assert pxd.call("volume.inspect", "inner")["mounted"] == []
+
+    inner.mkdir()
+    pxd.call("volume.mount", "inner", str(inner))
+    assert (inner / "f").read_bytes() == b"inner"
+    assert pxd.call("volume.inspect", "inner")["mounted"] == [str(inner)]
+
+
 @needs_mount
 def test_check_detached_volume(pxd: Pxd, tmp_path: Path) -> None:
     create(pxd, "fsck")
