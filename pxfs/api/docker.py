@@ -142,22 +142,23 @@ class DockerPlugin:
                 log.info("Unmount of %s: no such volume, nothing to release", name)
                 return
             left = await self.refs.remove(record["id"], container)
-            if left is None:
+            if (
+                left is None
+                and self._mounted_path(record)
+                and not self.refs.containers(record["id"])
+            ):
+                # No container is counted, yet the volume is mounted here: an earlier last
+                # Unmount failed after dropping its count. This one releases it.
+                log.info(
+                    "Unmount of %s by container %s releases its leftover mount",
+                    name,
+                    container[:12],
+                )
+                await self._release(record)
+            elif left is None:
                 log.info("Unmount of %s: container %s was not using it", name, container[:12])
             elif left == 0:
-                try:
-                    await self._release(record)
-                except errors.PxfsError:
-                    # The volume stays mounted, so the container keeps its count. A later
-                    # Unmount for it then releases the volume, and Remove still finds it in use.
-                    try:
-                        await _shielded(self.refs.add(record["id"], name, container))
-                    except errors.PxfsError as exc:
-                        log.error(
-                            "volume %s stays mounted, and the count of container %s is lost: %s",
-                            name, container[:12], exc.message,
-                        )  # fmt: skip
-                    raise
+                await self._release(record)
             else:
                 log.info("volume %s stays mounted for %d container(s)", name, left)
 

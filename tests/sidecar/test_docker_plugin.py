@@ -452,23 +452,30 @@ async def test_two_containers_last_unmount_releases(plugin: Plugin) -> None:
         errors.Busy("volume web is in use at its mountpoint"),
     ],
 )
-async def test_failed_unmount_keeps_count(plugin: Plugin, failure: errors.PxfsError) -> None:
+async def test_failed_unmount_retried(plugin: Plugin, failure: errors.PxfsError) -> None:
     await create(plugin, "web")
     path = str(plugin.mount_base / "web")
     await plugin.ok("Mount", {"Name": "web", "ID": "c1"})
-    volume_id = plugin.record("web")["id"]
     plugin.fake.fail_method["volume.unmount"] = failure
 
     assert await plugin.error("Unmount", {"Name": "web", "ID": "c1"}) == failure.message
     assert plugin.record("web")["mount_paths"] == [path]
-    assert plugin.refs()["volumes"][volume_id]["containers"] == ["c1"]
-    assert "in use by 1 container" in await plugin.error("Remove", {"Name": "web"})
+    assert plugin.refs()["volumes"] == {}
 
-    # A second Unmount for the same container releases the volume.
+    # Any later Unmount releases the volume, which no container uses any more.
     await plugin.ok("Unmount", {"Name": "web", "ID": "c1"})
     assert plugin.record("web")["mount_paths"] == []
     assert plugin.record("web")["attached_on"] == ""
-    assert plugin.refs()["volumes"] == {}
+
+
+async def test_remove_after_failed_unmount(plugin: Plugin) -> None:
+    await create(plugin, "web")
+    await plugin.ok("Mount", {"Name": "web", "ID": "c1"})
+    plugin.fake.fail_method["volume.unmount"] = errors.Busy("target is busy")
+    await plugin.error("Unmount", {"Name": "web", "ID": "c1"})
+
+    await plugin.ok("Remove", {"Name": "web"})
+    assert plugin.names() == []
 
 
 async def test_repeated_mount_same_id_counts_once(plugin: Plugin) -> None:
