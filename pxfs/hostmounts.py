@@ -10,6 +10,7 @@ import ctypes
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -61,14 +62,53 @@ def _unescape_mount_path(raw: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), raw))
 
 
-def parent_resolved(path: str) -> str:
-    """Return `path` with the symbolic links of its parent directories resolved.
+#: Seconds that pxd waits for the stat of a path given by a user, in a thread of its own.
+PATH_TIMEOUT = 10.0
+#: Threads that may wait on such stats at once, apart from the threads of other work. So
+#: threads left waiting on a stopped mount never hold up a syncfs.
+PATH_THREADS = 4
+_PATH_THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("path_threads")
 
-    Unlike os.path.realpath, it does not stat `path` itself. On a FUSE mount that stat waits
-    for the mount's process, and for as long as that process is stopped (SIGSTOP).
+
+def parent_resolved(path: str) -> str:
+    """Return the absolute `path` with the symbolic links of its parent directories resolved.
+
+    Unlike os.path.realpath, it stats neither `path` itself nor a parent that is a mountpoint,
+    which cannot be a link. On a FUSE mount such a stat waits for the mount's process, and for
+    as long as that process is stopped (SIGSTOP).
     """
     parent, name = os.path.split(path)
-    return os.path.join(os.path.realpath(parent), name)
+    mountpoints = mountinfo()
+    resolved = "/"
+    for part in parent.split("/"):
+        if part in ("", "."):
+            continue
+        candidate = os.path.join(resolved, part)
+        if part == ".." or (candidate not in mountpoints and os.path.islink(candidate)):
+            return os.path.join(os.path.realpath(parent), name)
+        resolved = candidate
+    return os.path.join(resolved, name)
+
+
+async def resolve_in_thread(path: str, resolver: Callable[[str], str] = os.path.realpath) -> str:
+    """Return resolver(path) from a thread; raise Unavailable when it takes over PATH_TIMEOUT.
+
+    A thread that waits on a stopped FUSE mount is left behind until that mount's process runs
+    again or dies.
+    """
+    try:
+        limiter = _PATH_THREADS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(PATH_THREADS)
+        _PATH_THREADS.set(limiter)
+    with trio.move_on_after(PATH_TIMEOUT):
+        return await trio.to_thread.run_sync(
+            resolver, path, abandon_on_cancel=True, limiter=limiter
+        )
+    raise Unavailable(
+        f"the stat of {path} did not return within {PATH_TIMEOUT:g} s: the mount child of a "
+        "volume on that path may be stopped (SIGSTOP); send it SIGCONT and try again"
+    )
 
 
 def is_mounted(path: str) -> bool:
@@ -117,7 +157,7 @@ async def unmount(path: str) -> None:
                 "; close the files open under it, or end the processes whose working directory "
                 "is there, and unmount again"
             )
-        raise Busy(f"cannot unmount {path}: {failure}{hint}")
+        raise Busy(f"cannot unmount {path}: {failure.rstrip('.')}{hint}")
 
 
 def syncfs(path: str) -> None:

@@ -360,6 +360,9 @@ class Node(LeftoverReplicas):
         # The deepest paths go first: a volume mounted inside another one's mount must be
         # unmounted before the mount that contains its path.
         children = sorted(self._mounts.values(), key=lambda child: -_deepest(child.paths))
+        # A stopped child would block the stat of the paths inside its volume.
+        for child in children:
+            self._continue_if_stopped(child)
         for child in children:
             async with self._volume_locks[child.vol_id]:
                 paths = ", ".join(child.paths) or "no path"

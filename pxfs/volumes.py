@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import secrets
 import uuid
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from pxfs.hostmounts import (
     is_mounted,
     normalize_path,
     parent_resolved,
+    resolve_in_thread,
     resolve_path,
 )
 from pxfs.membership import choose_replica_nodes, parse_requested_nodes
@@ -366,10 +366,11 @@ class VolumeControl(VolumeUpdates):
             if path not in record["mount_paths"]:
                 # A path given through a symbolic link names the resolved path in the record.
                 # Resolving the parents first spares the stat of the mountpoint, which waits
-                # on a stopped mount child.
-                path = parent_resolved(path)
+                # on a stopped mount child, and a thread keeps such a wait out of pxd's loop.
+                requested = path
+                path = await resolve_in_thread(requested, parent_resolved)
                 if path not in record["mount_paths"]:
-                    path = os.path.realpath(path)
+                    path = await resolve_in_thread(requested)
             if path not in record["mount_paths"]:
                 raise NotFound(f"volume {record['name']} is not mounted at {path}")
             child = self._mounts.get(vol_id)

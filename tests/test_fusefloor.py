@@ -66,10 +66,19 @@ def test_floor_serves_one_file_and_drops_its_writes(tmp_path: Path) -> None:
     assert not os.path.ismount(mountpoint)
 
 
-def test_floor_rejects_a_missing_mountpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["absent"], "is not a directory"),
+        (["/"], "is already a mountpoint"),
+        (["/", "--size-mib", "0"], "--size-mib must be between 1 and"),
+        (["/", "--size-mib", str(2**43)], "--size-mib must be between 1 and"),
+    ],
+)
+def test_floor_rejects_bad_arguments(tmp_path: Path, arguments: list[str], message: str) -> None:
+    arguments = [str(tmp_path / "absent") if arg == "absent" else arg for arg in arguments]
     result = subprocess.run(
-        [sys.executable, str(FLOOR), str(tmp_path / "absent")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, str(FLOOR), *arguments], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
-    assert "is not a directory" in result.stderr
+    assert message in result.stderr

@@ -810,6 +810,21 @@ def test_unmount_continues_stopped_child(pxd: Pxd, tmp_path: Path) -> None:
 
 
 @needs_mount
+def test_unmount_wrong_path_in_stopped_volume(pxd: Pxd, tmp_path: Path) -> None:
+    target, _ = mount_new(pxd, "paused", tmp_path)
+    [child] = pxd.child_pids()
+    os.kill(child, signal.SIGSTOP)
+    try:
+        # The lookup of a name inside the volume waits on the stopped child.
+        with pytest.raises(errors.Unavailable, match="may be stopped"):
+            pxd.call("volume.unmount", "paused", str(target / "typo"))
+        assert pxd.call("node.status")["mounted"] == 1
+    finally:
+        os.kill(child, signal.SIGCONT)
+    assert alive_mount(target)
+
+
+@needs_mount
 def test_restart_stops_stopped_orphan_child(pxd: Pxd, tmp_path: Path) -> None:
     target, _ = mount_new(pxd, "paused", tmp_path)
     write_synced(target / "f", b"kept")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import stat
 import sys
@@ -31,6 +32,8 @@ from pxfs.fuseops import MOUNT_OPTIONS, POLLER  # noqa: E402
 FILE_NAME = b"fio.data"
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 TIMEOUT = 60.0
+#: The largest size whose bytes fit in a file offset (off_t, 63 bits).
+MAX_SIZE_MIB = (2**63 - 1) >> 20
 
 
 class FloorOperations(pyfuse3.Operations):
@@ -129,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.mountpoint.is_dir():
         parser.error(f"{args.mountpoint} is not a directory")
-    if args.size_mib <= 0:
-        parser.error("--size-mib must be at least 1")
+    if not 1 <= args.size_mib <= MAX_SIZE_MIB:
+        parser.error(f"--size-mib must be between 1 and {MAX_SIZE_MIB}")
+    if os.path.ismount(args.mountpoint):
+        parser.error(f"{args.mountpoint} is already a mountpoint; unmount it first")
     try:
         trio.run(serve, args.mountpoint, args.size_mib << 20, not args.no_poller)
     except RuntimeError as exc:
