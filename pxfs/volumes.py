@@ -50,6 +50,9 @@ from pxfs.volumeupdate import VolumeUpdates
 
 log = logging.getLogger(__name__)
 
+#: Volumes that volume.list describes at once, each with a call to its mount child.
+LIST_CONCURRENCY = 16
+
 #: A volume check reads all metadata of the volume; large volumes take a while.
 CHECK_TIMEOUT = 600.0
 CREATE_FIELDS = {"name", "size", "ha_level", "labels", "nodes"}
@@ -188,16 +191,26 @@ class VolumeControl(VolumeUpdates):
     async def list_volumes(self, filters: Any = None) -> list[VolumeRecord]:
         """Return the records that match every given filter: name, labels (subset), ids."""
         name, labels, ids = _parse_list_filters(filters)
-        found = []
-        for record in await self._catalog().list_volumes():
-            if name is not None and record["name"] != name:
-                continue
-            if ids is not None and record["id"] not in ids:
-                continue
-            if any(record["labels"].get(key) != value for key, value in labels.items()):
-                continue
-            found.append(await self._public(record))
-        return found
+        matching = [
+            record
+            for record in await self._catalog().list_volumes()
+            if (name is None or record["name"] == name)
+            and (ids is None or record["id"] in ids)
+            and all(record["labels"].get(key) == value for key, value in labels.items())
+        ]
+        # The mount children are asked for their state LIST_CONCURRENCY at a time, so that
+        # children that do not reply (stopped ones, say) do not cost one timeout each.
+        found: list[VolumeRecord | None] = [None] * len(matching)
+        limiter = trio.CapacityLimiter(LIST_CONCURRENCY)
+
+        async def describe(index: int, record: VolumeRecord) -> None:
+            async with limiter:
+                found[index] = await self._public(record)
+
+        async with trio.open_nursery() as nursery:
+            for index, record in enumerate(matching):
+                nursery.start_soon(describe, index, record)
+        return [record for record in found if record is not None]
 
     async def inspect_volume(self, ref: Any) -> VolumeRecord:
         """Return the record of the volume `ref` (a name or an id)."""

@@ -825,6 +825,30 @@ def test_unmount_wrong_path_in_stopped_volume(pxd: Pxd, tmp_path: Path) -> None:
 
 
 @needs_mount
+def test_list_waits_once_for_stopped_children(pxd: Pxd, tmp_path: Path) -> None:
+    for index in range(4):
+        create(pxd, f"paused{index}")
+        pxd.call("volume.attach", f"paused{index}")
+        target = tmp_path / f"mnt{index}"
+        target.mkdir()
+        pxd.call("volume.mount", f"paused{index}", str(target))
+    children = pxd.child_pids()
+    for child in children:
+        os.kill(child, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        listed = pxd.call("volume.list")
+        elapsed = time.monotonic() - started
+    finally:
+        for child in children:
+            os.kill(child, signal.SIGCONT)
+    assert len(listed) == 4
+    assert all(record["runtime_state"] == {} for record in listed)
+    # One runtime-state timeout of 2 s for the four of them; asked one by one, 8 s.
+    assert elapsed < 6
+
+
+@needs_mount
 def test_restart_stops_stopped_orphan_child(pxd: Pxd, tmp_path: Path) -> None:
     target, _ = mount_new(pxd, "paused", tmp_path)
     write_synced(target / "f", b"kept")
