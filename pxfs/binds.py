@@ -96,27 +96,33 @@ class VolumeBinds(StatsSampling):
         except PxfsError as exc:
             log.error("volume %s: cannot list the volumes inside it: %s", outer_id, exc.message)
             return
-        for record in records:
-            vol_id = record["id"]
-            inside = [path for path in record["mount_paths"] if is_inside(path, outer_paths)]
-            if vol_id == outer_id or not inside:
-                continue
+        # The shallowest paths go first: a bind of a deeper path made before the path it is
+        # in would end up under that one's bind.
+        inside = sorted(
+            (
+                (path, record["id"])
+                for record in records
+                if record["id"] != outer_id
+                for path in record["mount_paths"]
+                if is_inside(path, outer_paths)
+            ),
+            key=lambda item: item[0].count("/"),
+        )
+        for path, vol_id in inside:
             async with self._volume_locks[vol_id]:
                 child = self._mounts.get(vol_id)
                 if child is None or not child.running:
                     # Its own start or restart binds every path it has.
                     continue
-                lost = [path for path in inside if not leads_to_mount(path, child.mountpoint)]
-                if not lost:
+                if leads_to_mount(path, child.mountpoint):
                     continue
                 log.warning(
                     "volume %s: mounting at %s again, inside the mount of volume %s",
-                    vol_id, ", ".join(lost), outer_id,
+                    vol_id, path, outer_id,
                 )  # fmt: skip
-                for path in lost:
-                    with contextlib.suppress(ValueError):
-                        child.paths.remove(path)
-                await self._bind_paths(child, lost)
+                with contextlib.suppress(ValueError):
+                    child.paths.remove(path)
+                await self._bind_paths(child, [path])
 
     async def _bind_path(self, child: MountChild, path: str, *, over_stale: bool = False) -> None:
         if over_stale or (child.dead_device is not None and self._leads_to_volume(child, path)):

@@ -32,7 +32,7 @@ from pxfs.hostmounts import (
     syncfs,
 )
 from pxfs.nodebase import FencedVolume, MountChild, child_replica_order, replica_set
-from pxfs.orphanchild import stop_orphan_child
+from pxfs.orphanchild import process_state, stop_orphan_child
 from pxfs.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -449,7 +449,7 @@ class ChildSupervisor(VolumeBinds):
         its unwritten data would be lost when it is killed.
         """
         process = child.process
-        if process is None or not child.running or _process_state(process.pid) != "T":
+        if process is None or not child.running or process_state(process.pid) != "T":
             return
         log.warning(
             "volume %s: mount child pid %d is stopped; sending SIGCONT to stop it cleanly",
@@ -481,16 +481,6 @@ class ChildSupervisor(VolumeBinds):
                 child.mountpoint,
                 SYNC_TIMEOUT,
             )
-
-
-def _process_state(pid: int) -> str:
-    """Return the state letter of `pid` in /proc ("T" for stopped by a signal), or ""."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    # The command name in parentheses may contain spaces, so the fields start after its ")".
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 class _Lines:

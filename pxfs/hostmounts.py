@@ -10,6 +10,7 @@ import ctypes
 import logging
 import os
 import re
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +68,8 @@ PATH_TIMEOUT = 10.0
 #: Threads that may wait on such stats at once, apart from the threads of other work. So
 #: threads left waiting on a stopped mount never hold up a syncfs.
 PATH_THREADS = 4
+#: Seconds that a mount tool (mount, umount, fusermount3) may run.
+TOOL_TIMEOUT = 30.0
 _PATH_THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("path_threads")
 
 
@@ -119,11 +122,22 @@ def is_mounted(path: str) -> bool:
 
 
 async def run_tool(*argv: str) -> str | None:
-    """Run a mount tool; return None on success, else its error output."""
+    """Run a mount tool; return None on success, else its error output.
+
+    A tool that runs longer than TOOL_TIMEOUT is stopped and reported as failed. umount walks
+    the path, which waits on a stopped mount child of a volume that the path is in.
+    """
+    result: subprocess.CompletedProcess[bytes] | None = None
     try:
-        result = await trio.run_process(
-            list(argv), capture_stdout=True, capture_stderr=True, check=False
-        )
+        with trio.move_on_after(TOOL_TIMEOUT):
+            result = await trio.run_process(
+                list(argv), capture_stdout=True, capture_stderr=True, check=False
+            )
+        if result is None:
+            return (
+                f"{argv[0]} did not finish within {TOOL_TIMEOUT:g} s: the mount child of a "
+                "volume on the path may be stopped (SIGSTOP)"
+            )
     except FileNotFoundError:
         return f"{argv[0]} is not installed"
     except OSError as exc:

@@ -104,3 +104,13 @@ async def stop_orphan_child(vol_id: str, control_socket: str) -> None:
             )  # fmt: skip
     finally:
         os.close(pidfd)
+
+
+def process_state(pid: int) -> str:
+    """Return the state letter of `pid` in /proc ("T" for stopped by a signal), or ""."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name in parentheses may contain spaces, so the fields start after its ")".
+    return stat.rsplit(")", 1)[1].split()[0]

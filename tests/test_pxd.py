@@ -938,6 +938,42 @@ def test_outer_child_restart_keeps_inner(pxd: Pxd, tmp_path: Path) -> None:
     assert pxd.call("volume.inspect", "inner")["mounted"] == [str(inner)]
 
 
+def fsync_directory(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+@needs_mount
+def test_outer_child_restart_restores_in_depth_order(pxd: Pxd, tmp_path: Path) -> None:
+    # Volume "a" in "b" in "outer"; "a" is created first, so the catalog may list it first.
+    # "outer" has a second path, through which its own directory b/a exists too.
+    for name in ("a", "b"):
+        create(pxd, name)
+        pxd.call("volume.attach", name)
+    outer, _ = mount_new(pxd, "outer", tmp_path)
+    second = tmp_path / "second"
+    second.mkdir()
+    pxd.call("volume.mount", "outer", str(second))
+    (outer / "b").mkdir()
+    fsync_directory(outer)
+    pxd.call("volume.mount", "b", str(outer / "b"))
+    (second / "b" / "a").mkdir()
+    fsync_directory(second / "b")
+    (outer / "b" / "a").mkdir()
+    fsync_directory(outer / "b")
+    pxd.call("volume.mount", "a", str(outer / "b" / "a"))
+    write_synced(outer / "b" / "a" / "f", b"in a")
+
+    os.kill(outer_child_pid(pxd), signal.SIGKILL)
+    wait_until(lambda: pxd.log().count("mounting at") >= 2, "the nested volumes to be mounted")
+    wait_until(lambda: alive_mount(outer / "b" / "a"), "volume a to be served again")
+    assert (outer / "b" / "a" / "f").read_bytes() == b"in a"
+    assert "cannot mount at" not in pxd.log()
+
+
 @needs_mount
 def test_mount_again_binds_lost_path(pxd: Pxd, tmp_path: Path) -> None:
     # The kill of the outer child loses the unsynced directory that the inner path is in.

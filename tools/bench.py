@@ -58,6 +58,7 @@ from benchcommon import (
 
 from pxfs import errors
 from pxfs.blockingclient import BlockingClient
+from pxfs.orphanchild import process_state
 
 GIB = 1024**3
 START_TIMEOUT = 30.0
@@ -284,15 +285,6 @@ def stop_process(pid: int, label: str) -> None:
                 return
             time.sleep(0.1)
         print(f"bench: {label} (pid {pid}) did not exit after {sig.name}", file=sys.stderr)
-
-
-def process_state(pid: int) -> str:
-    """Return the one-letter state of `pid` from /proc, or "" if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def process_cmdline(pid: int) -> list[str]:
