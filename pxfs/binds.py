@@ -53,7 +53,8 @@ class VolumeBinds(StatsSampling):
         Until a new child's binds replace them, the kept binds fail every access with ENOTCONN,
         so that no write lands in the directory under a path.
         """
-        device = mount_devices().get(parent_resolved(child.mountpoint))
+        devices = mount_devices()
+        device = devices.get(parent_resolved(child.mountpoint, devices))
         if device is not None:
             child.dead_device = device
         await self._detach_moved_binds(child)
@@ -63,9 +64,10 @@ class VolumeBinds(StatsSampling):
         """True if `path` is a bind of the child's mount, or of the mount of a dead child."""
         if leads_to_mount(path, child.mountpoint):
             return True
-        if parent_resolved(path) != path or child.dead_device is None:
+        if child.dead_device is None:
             return False
-        return mount_devices().get(path) == child.dead_device
+        devices = mount_devices()
+        return parent_resolved(path, devices) == path and devices.get(path) == child.dead_device
 
     async def _bind_paths(
         self, child: MountChild, paths: list[str], over_stale: Collection[str] = ()
@@ -193,9 +195,10 @@ class VolumeBinds(StatsSampling):
         # The stat of a mountpoint waits on a stopped mount child, so `path` itself is
         # resolved only when it is not a mountpoint.
         link = Busy(f"{path} now leads through a symbolic link; not remounting there")
-        if parent_resolved(path) != path:
+        mountpoints = mountinfo()
+        if parent_resolved(path, mountpoints) != path:
             raise link
-        fstype = mountinfo().get(path)
+        fstype = mountpoints.get(path)
         if fstype is None:
             if os.path.realpath(path) != path:
                 raise link

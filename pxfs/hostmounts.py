@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import trio
@@ -73,15 +73,16 @@ TOOL_TIMEOUT = 30.0
 _PATH_THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("path_threads")
 
 
-def parent_resolved(path: str) -> str:
+def parent_resolved(path: str, mountpoints: Collection[str] | None = None) -> str:
     """Return the absolute `path` with the symbolic links of its parent directories resolved.
 
     Unlike os.path.realpath, it stats neither `path` itself nor a parent that is a mountpoint,
     which cannot be a link. On a FUSE mount such a stat waits for the mount's process, and for
-    as long as that process is stopped (SIGSTOP).
+    as long as that process is stopped (SIGSTOP). `mountpoints` spares a read of mountinfo.
     """
     parent, name = os.path.split(path)
-    mountpoints = mountinfo()
+    if mountpoints is None:
+        mountpoints = mountinfo()
     resolved = "/"
     for part in parent.split("/"):
         if part in ("", "."):
@@ -118,7 +119,8 @@ def is_mounted(path: str) -> bool:
     """True if `path` is a mountpoint, also when it is a FUSE mount whose daemon died."""
     # os.path.ismount stats the path, which fails on a dead FUSE mount and waits on a stopped
     # one, so mountinfo is read first.
-    return parent_resolved(path) in mountinfo() or os.path.ismount(path)
+    mountpoints = mountinfo()
+    return parent_resolved(path, mountpoints) in mountpoints or os.path.ismount(path)
 
 
 async def run_tool(*argv: str) -> str | None:
@@ -259,16 +261,16 @@ def leads_to_mount(path: str, mountpoint: str) -> bool:
     """
     # A path that mountinfo lists is a mountpoint, not a link, so only its parents need
     # resolving.
-    if parent_resolved(path) != path:
-        return False
     devices = mount_devices()
-    return path in devices and devices[path] == devices.get(parent_resolved(mountpoint))
+    if parent_resolved(path, devices) != path:
+        return False
+    return path in devices and devices[path] == devices.get(parent_resolved(mountpoint, devices))
 
 
 def binds_of(mountpoint: str) -> list[str]:
     """Return every other mountpoint of the filesystem mounted at `mountpoint`, newest first."""
-    mountpoint = parent_resolved(mountpoint)
     devices = mount_devices()
+    mountpoint = parent_resolved(mountpoint, devices)
     device = devices.get(mountpoint)
     if device is None:
         return []

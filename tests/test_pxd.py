@@ -177,6 +177,15 @@ def write_synced(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def fsync_directory(path: Path) -> None:
+    """Fsync the directory `path`, so that its entries survive a crash of the mount child."""
+    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 @contextlib.contextmanager
 def children_cannot_start(pxd: Pxd) -> Iterator[None]:
     """Hide the cluster secret for the block, so that every mount child pxd starts fails."""
@@ -876,11 +885,7 @@ def test_restart_remounts_nested_volume(pxd: Pxd, tmp_path: Path, stop: str) -> 
     inner = outer / "in"
     inner.mkdir()
     # The directory must survive the kill of pxd, which takes unsynced changes with it.
-    directory = os.open(outer, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_directory(outer)
     pxd.call("volume.attach", "nested-in")
     pxd.call("volume.mount", "nested-in", str(inner))
     write_synced(inner / "f", b"inner")
@@ -908,11 +913,7 @@ def mount_nested(pxd: Pxd, tmp_path: Path, *, synced: bool) -> tuple[Path, Path]
     inner = outer / "in"
     inner.mkdir()
     if synced:
-        directory = os.open(outer, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_directory(outer)
     create(pxd, "inner")
     pxd.call("volume.attach", "inner")
     pxd.call("volume.mount", "inner", str(inner))
@@ -938,16 +939,8 @@ def test_outer_child_restart_keeps_inner(pxd: Pxd, tmp_path: Path) -> None:
     assert pxd.call("volume.inspect", "inner")["mounted"] == [str(inner)]
 
 
-def fsync_directory(path: Path) -> None:
-    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 @needs_mount
-def test_outer_child_restart_restores_in_depth_order(pxd: Pxd, tmp_path: Path) -> None:
+def test_nested_restore_in_depth_order(pxd: Pxd, tmp_path: Path) -> None:
     # Volume "a" in "b" in "outer"; "a" is created first, so the catalog may list it first.
     # "outer" has a second path, through which its own directory b/a exists too.
     for name in ("a", "b"):
